@@ -1,0 +1,42 @@
+"""`shapline validate`: check config, model and data with the same steps the flow runs, without explaining."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flows.config import load_config
+from tasks.background import draw_background
+from tasks.data import feature_columns, load_data, select_explain_rows, split_features
+from tasks.explain import plan_shards, resolve_algorithm
+from tasks.models import load_predictor, probe_predictor
+from tasks.validation import validate_frame
+
+
+def check_config(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Everything `run` checks before SHAP compute; `ok` is False when the run would stop."""
+    config = load_config(config_path, overrides)
+    lines = [f"config {config_path}: valid (model {config.model.name}, kind {config.model.kind})"]
+    loaded = load_data(config.data)
+    predictor = load_predictor(config.model)
+    features = feature_columns(loaded.frame, config.data, predictor.feature_names)
+    report = validate_frame(loaded.frame, features, config.validation)
+    lines.append(f"data {loaded.uri}: {len(loaded.frame)} rows, {len(features)} features")
+    lines.append(f"validation: {report.evaluated} expectations, {len(report.failures)} failed")
+    lines += [f"  {'FAIL' if line in report.blocking else 'warn'}: {line}" for line in report.failures]
+    result: dict[str, Any] = {"ok": not report.blocking, "rows": len(loaded.frame), "features": features,
+                              "validation_success": report.success, "validation_failures": report.failures}
+    if report.blocking:
+        lines.append("validation failed: the run would stop here")
+        return {**result, "lines": lines}
+    frame, target = split_features(loaded.frame, config.data, features)
+    rows = select_explain_rows(frame, config.data.explain_rows, config.data.seed)
+    outputs = probe_predictor(predictor, rows, config.model.class_index)
+    background = draw_background(frame, target, config.background)
+    shards = plan_shards(rows.index, config.shards.size)
+    algorithm = resolve_algorithm(config.explainer.algorithm, predictor)
+    lines.append(f"model {config.model.name}: {predictor.method}() gives {outputs} output(s); explainer {algorithm}")
+    lines.append(f"plan: {len(rows)} rows to explain in {len(shards)} shards of <= {config.shards.size}, "
+                 f"background {len(background.frame)} rows ({config.background.method}), "
+                 f"{config.shards.workers} {config.shards.runner} workers")
+    return {**result, "explain_rows": len(rows), "shards": len(shards), "background_rows": len(background.frame),
+            "algorithm": algorithm, "lines": lines}

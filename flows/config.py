@@ -1,0 +1,292 @@
+"""The per-model YAML config: one strict, frozen pydantic model, validated once at the flow's door."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class _ModelBase(_Strict):
+    name: str = Field(min_length=1, description="Model name: names the MLflow experiment and tags the run.")
+    task: Literal["classification", "regression"] = Field(
+        "classification", description="classification | regression"
+    )
+    output: Literal["predict_proba", "predict", "decision_function"] | None = Field(
+        None,
+        description="Which model output to explain; default predict_proba for classification, predict otherwise.",
+    )
+    class_index: int | None = Field(
+        1, ge=0, description="Which class (output column) to explain; null explains every class."
+    )
+
+    @property
+    def effective_output(self) -> str:
+        """The output method actually called: the configured one, or the task's natural default."""
+        if self.output is not None:
+            return self.output
+        return "predict_proba" if self.task == "classification" else "predict"
+
+
+class SklearnModel(_ModelBase):
+    """Any scikit-learn estimator or Pipeline saved with joblib or pickle."""
+
+    kind: Literal["sklearn"]
+    path: str = Field(description="joblib/pickle file, relative to the YAML file's folder.")
+
+
+class XGBoostModel(_ModelBase):
+    """An XGBoost Booster (.json/.ubj) or a pickled XGBoost scikit-learn wrapper."""
+
+    kind: Literal["xgboost"]
+    path: str = Field(description=".json/.ubj booster or joblib/pickle wrapper, relative to the YAML.")
+
+
+ModelConfig = Annotated[SklearnModel | XGBoostModel, Field(discriminator="kind")]
+
+
+class DataConfig(_Strict):
+    source: str = Field(description=".csv or .parquet file, relative to the YAML file's folder.")
+    target: str | None = Field(None, description="Target column, dropped before explaining.")
+    drop: list[str] = Field(default_factory=list, description="Columns dropped before explaining.")
+    features: list[str] | None = Field(None, description="Explicit feature list, in model order.")
+    explain_rows: Annotated[int, Field(ge=1)] | Literal["all"] = Field(
+        "all", description="How many rows to explain (sampled with data.seed), or all."
+    )
+    seed: int = Field(0, description="Seed for sampling the rows to explain.")
+
+
+class ValidationConfig(_Strict):
+    on_failure: Literal["fail", "warn"] = Field("fail", description="fail stops the flow; warn goes on.")
+    expectations: list[dict[str, dict[str, Any]]] = Field(
+        default_factory=list,
+        description="Great Expectations expectations, each `- expectation_name: {kwargs}`.",
+    )
+
+    @field_validator("expectations")
+    @classmethod
+    def _one_name_each(cls, value: list[dict[str, dict[str, Any]]]) -> list[dict[str, dict[str, Any]]]:
+        for position, item in enumerate(value):
+            if len(item) != 1:
+                raise ValueError(
+                    f"item {position} must have exactly one expectation name as its key, got {sorted(item)}"
+                )
+            name = next(iter(item))
+            if not re.fullmatch(r"expect_[a-z0-9_]+", name):
+                raise ValueError(f"item {position}: {name!r} is not an expectation name (expect_...)")
+        return value
+
+
+class BackgroundConfig(_Strict):
+    method: Literal["random", "kmeans", "stratified", "all"] = Field(
+        "random", description="random | kmeans | stratified | all"
+    )
+    size: int = Field(50, ge=1, description="Rows (or k-means centres) in the background sample.")
+    seed: int = Field(0, description="Seed for drawing the background.")
+
+
+_L1_REG = re.compile(r"aic|bic|num_features\(\d+\)")
+
+
+class ExplainerConfig(_Strict):
+    algorithm: Literal["auto", "tree", "kernel", "permutation", "exact", "linear"] = Field(
+        "auto",
+        description="auto picks tree for tree models, linear for linear models, kernel otherwise.",
+    )
+    link: Literal["identity", "logit"] | None = Field(
+        None, description="Default: logit for classification probabilities, else identity."
+    )
+    nsamples: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Kernel explainer coalitions per row: auto (2M + 2048) or an int."
+    )
+    l1_reg: str | bool = Field("aic", description="Kernel feature selection: aic | bic | num_features(k) | false.")
+    seed: int = Field(0, description="Seed of the sampling explainers; each row derives its own from it.")
+    feature_perturbation: Literal["tree_path_dependent", "interventional"] = Field(
+        "tree_path_dependent",
+        description="Tree explainer only: tree_path_dependent, or interventional over the background.",
+    )
+
+    @field_validator("l1_reg")
+    @classmethod
+    def _known_l1_reg(cls, value: str | bool) -> str | bool:
+        if value is True or (isinstance(value, str) and not _L1_REG.fullmatch(value)):
+            raise ValueError(f"expected aic, bic, num_features(k) or false, got {value!r}")
+        return value
+
+
+class ShardsConfig(_Strict):
+    size: int = Field(100, ge=1, description="Rows per shard; each shard is one Prefect task.")
+    runner: Literal["thread", "process"] = Field("thread", description="thread | process")
+    workers: int = Field(2, ge=1, description="Shards explained at once.")
+
+
+Plot = Literal["bar", "beeswarm", "waterfall", "force"]
+Aggregation = Literal["mean_abs", "mean", "median", "mean_sq", "std", "max_abs"]
+
+
+class OutputConfig(_Strict):
+    tracking_uri: str | None = Field(
+        None, description="Default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working folder."
+    )
+    experiment: str | None = Field(None, description="Default: shapline/<model.name>.")
+    plots: list[Plot] = Field(
+        default_factory=lambda: ["bar", "beeswarm", "waterfall", "force"],
+        description="Plots logged under plots/: bar, beeswarm, waterfall, force.",
+    )
+    top_k: int = Field(10, ge=0, description="Waterfall plots for the top_k rows by model output.")
+    aggregations: list[Aggregation] = Field(
+        default_factory=lambda: ["mean_abs", "mean", "median", "mean_sq", "std"],
+        min_length=1,
+        description="Columns of global_importance.csv; the first one ranks the features.",
+    )
+
+
+class ExplainConfig(_Strict):
+    """Everything one explanation run needs; the YAML file's top-level keys."""
+
+    model: ModelConfig
+    data: DataConfig
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    background: BackgroundConfig = Field(default_factory=BackgroundConfig)
+    explainer: ExplainerConfig = Field(default_factory=ExplainerConfig)
+    shards: ShardsConfig = Field(default_factory=ShardsConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExplainConfig:
+        if self.background.method == "stratified" and self.data.target is None:
+            raise ValueError("background.method stratified needs data.target (the column to stratify by)")
+        if self.model.task == "regression" and self.explainer.link == "logit":
+            raise ValueError("explainer.link logit needs model.task classification")
+        return self
+
+    @property
+    def link(self) -> str:
+        """The link function: configured, or logit for classification probabilities."""
+        if self.explainer.link is not None:
+            return self.explainer.link
+        wants_logit = self.model.task == "classification" and self.model.effective_output == "predict_proba"
+        return "logit" if wants_logit else "identity"
+
+    @property
+    def experiment_name(self) -> str:
+        """The MLflow experiment: configured, or shapline/<model.name>."""
+        return self.output.experiment or f"shapline/{self.model.name}"
+
+    def to_yaml(self) -> str:
+        """The resolved config (defaults filled, paths absolute) as YAML."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def sha256(self) -> str:
+        """A stable hash of the resolved config."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({_first_line(exc)})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of the raw config with each `key.path=value` override set (value parsed as YAML)."""
+    result = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = result
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(path[: depth + 1])} is not a mapping")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _first_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def _resolve_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Make relative local paths absolute against the YAML file's folder."""
+
+    def resolve(section: str, key: str) -> None:
+        node = raw.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            value = node[key]
+            if "://" not in value and not Path(value).is_absolute():
+                node[key] = str((folder / value).resolve())
+
+    resolve("model", "path")
+    resolve("data", "source")
+    return raw
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = ".".join(
+        str(part) for part in error["loc"] if not (isinstance(part, str) and part in _KIND_TAGS)
+    )
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    elif "input" in error and error["type"] not in ("union_tag_invalid", "union_tag_not_found"):
+        message = f"{message}, got {error['input']!r}"
+    return f"{location}: {message}" if location else message
+
+
+_KIND_TAGS = {"sklearn", "xgboost", "mlflow", "sagemaker"}
+
+
+def parse_config(raw: Any, source: str = "<config>") -> ExplainConfig:
+    """Validate a raw mapping into an ExplainConfig; the error names the file and the key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (model, data, ...), got {type(raw).__name__}")
+    try:
+        return ExplainConfig.model_validate(raw)
+    except ValidationError as exc:
+        details = "; ".join(_describe(error) for error in exc.errors())
+        raise ConfigError(f"{source}: {details}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExplainConfig:
+    """Read the YAML file, apply --set overrides, resolve relative paths and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({_first_line(exc)})") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty")
+    if isinstance(raw, dict):
+        raw = apply_overrides(raw, overrides or [])
+        raw = _resolve_paths(raw, path.resolve().parent)
+    return parse_config(raw, str(path))
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON schema of the YAML config."""
+    return ExplainConfig.model_json_schema()

@@ -1,0 +1,161 @@
+"""The explanation flow: wires the steps in tasks/ together; computes nothing itself."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+from flows.config import ExplainConfig, ShardsConfig, load_config
+from tasks.aggregate import aggregate_task
+from tasks.background import draw_background_task
+from tasks.data import feature_columns, load_data_task, select_explain_rows, split_features
+from tasks.errors import ValidationFailed
+from tasks.explain import ShardJob, ShardResult, explain_shard_task, plan_shards, stage_shards
+from tasks.models import Predictor, load_predictor, probe_predictor
+from tasks.plots import render_plots_task
+from tasks.report import publish_summary_task, summary_markdown
+from tasks.tracking import TrackedRun, log_artifact, log_artifacts, log_values, mlflow_run, resolve_tracking_uri, run_url
+from tasks.validation import validate_frame_task
+
+
+def task_runner_for(shards: ShardsConfig) -> ThreadPoolTaskRunner | ProcessPoolTaskRunner:
+    """The Prefect task runner the shards run on."""
+    if shards.runner == "process":
+        return ProcessPoolTaskRunner(max_workers=shards.workers)
+    return ThreadPoolTaskRunner(max_workers=shards.workers)
+
+
+@task(name="load-model", cache_policy=NO_CACHE)
+def load_model_task(config: ExplainConfig) -> Predictor:
+    """Load the model as a Predictor."""
+    return load_predictor(config.model)
+
+
+@flow(name="shapline-shards")
+def explain_shards(jobs: list[ShardJob]) -> list[ShardResult]:
+    """Explain every shard as a mapped task; finished shards stay on disk even if another one fails."""
+    logger = get_run_logger()
+    futures = explain_shard_task.map(jobs)
+    finished: list[ShardResult] = []
+    failures: list[BaseException] = []
+    for future in as_completed(futures):
+        try:
+            result = future.result()
+        except Exception as exc:
+            failures.append(exc)
+            logger.error("shard failed (%d/%d settled): %s", len(finished) + len(failures), len(jobs), exc)
+            continue
+        finished.append(result)
+        logger.info("shards done %d/%d (shard %d: %d rows in %.1f s)", len(finished), len(jobs), result.index,
+                    result.rows, result.seconds)
+    if failures:
+        raise failures[0]
+    return sorted(finished, key=lambda r: r.index)
+
+
+def run_params(config: ExplainConfig) -> dict[str, Any]:
+    """The explainer, background and shard settings as MLflow params."""
+    params: dict[str, Any] = {"model.kind": config.model.kind, "model.output": config.model.effective_output,
+                              "model.class_index": config.model.class_index, "explainer.link": config.link}
+    for section in ("explainer", "background", "shards"):
+        for key, value in getattr(config, section).model_dump(mode="json").items():
+            params[f"{section}.{key}"] = value
+    params["data.explain_rows"] = config.data.explain_rows
+    return params
+
+
+def _record_validation(run: TrackedRun, report: Any, folder: Path) -> None:
+    path = folder / "validation.json"
+    path.write_text(report.to_json())
+    log_artifact(run, path)
+    log_values(run, metrics={"validation_success": float(report.success),
+                             "validation_failures": float(len(report.failures))})
+
+
+@flow(name="shapline-explain")
+def explain_model(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Explain one model with SHAP as its YAML config says and log everything to MLflow."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    config = load_config(config_path, overrides)
+    tracking_uri = resolve_tracking_uri(config.output.tracking_uri)
+    tags = {"shapline.model": config.model.name, "shapline.config_sha256": config.sha256(),
+            "shapline.config_path": str(Path(config_path).resolve()), "prefect.flow_run_id": str(flow_run.id or "")}
+    run_name = f"{config.model.name}-{flow_run.name or time.strftime('%Y%m%d-%H%M%S')}"
+    with tempfile.TemporaryDirectory(prefix="shapline-") as workdir, \
+            mlflow_run(tracking_uri, config.experiment_name, run_name, tags) as run:
+        logger.info("MLflow run %s in %s", run.run_id, tracking_uri)
+        artifacts = Path(workdir, "artifacts")
+        artifacts.mkdir()
+        (artifacts / "config.yaml").write_text(config.to_yaml())
+        log_artifact(run, artifacts / "config.yaml")
+        log_values(run, params=run_params(config))
+
+        loaded = load_data_task(config.data)
+        log_values(run, tags={"shapline.data_sha256": loaded.sha256, "shapline.data_source": loaded.uri})
+        predictor = load_model_task(config)
+        features = feature_columns(loaded.frame, config.data, predictor.feature_names)
+        report = validate_frame_task(loaded.frame, features, config.validation)
+        _record_validation(run, report, Path(workdir))
+        if report.blocking:
+            raise ValidationFailed(f"validation of {loaded.uri} failed: " + "; ".join(report.blocking))
+        for line in report.failures:
+            logger.warning("validation (on_failure: warn): %s", line)
+
+        frame, target = split_features(loaded.frame, config.data, features)
+        rows = select_explain_rows(frame, config.data.explain_rows, config.data.seed)
+        probe_predictor(predictor, rows, config.model.class_index)
+        background = draw_background_task(frame, target, config.background)
+        background.to_frame().to_parquet(artifacts / "background.parquet")
+        shards = plan_shards(rows.index, config.shards.size)
+        jobs = stage_shards(rows, background, shards, workdir, config.model, config.explainer, config.link)
+        logger.info("explaining %d rows in %d shards on %d %s workers", len(rows), len(shards),
+                    config.shards.workers, config.shards.runner)
+
+        explain_started = time.perf_counter()
+        results = explain_shards.with_options(task_runner=task_runner_for(config.shards))(jobs)
+        explain_s = time.perf_counter() - explain_started
+
+        values_path = str(artifacts / "shap_values.parquet")
+        combined = aggregate_task([r.path for r in results], values_path, features, config.output.aggregations)
+        combined.importance.to_csv(artifacts / "global_importance.csv", index=False)
+        render_plots_task(values_path, rows, features, combined.labels or ["0"], config.output,
+                          str(artifacts / "plots"))
+
+        duration_s = time.perf_counter() - started
+        metrics = {"rows_explained": combined.rows_explained, "shards": len(shards),
+                   "additivity_max_error": combined.additivity_max_error, "duration_s": duration_s,
+                   "explain_s": explain_s, "rows_per_s": combined.rows_explained / max(explain_s, 1e-9),
+                   "background_rows": len(background.frame)}
+        log_values(run, metrics=metrics, params={"explainer.algorithm_effective": results[0].algorithm,
+                                                 "explainer.link_effective": results[0].link})
+        log_artifacts(run, artifacts)
+        publish_summary_task(config.model.name, summary_markdown(
+            config.model.name, combined.importance, config.output.aggregations[0], run_url(run), metrics))
+
+    logger.info("MLflow run %s FINISHED: %s", run.run_id, run_url(run))
+    return {
+        "status": "FINISHED",
+        "mlflow_run_id": run.run_id,
+        "experiment_id": run.experiment_id,
+        "experiment": config.experiment_name,
+        "tracking_uri": tracking_uri,
+        "run_url": run_url(run),
+        "rows_explained": combined.rows_explained,
+        "shards": len(shards),
+        "additivity_max_error": combined.additivity_max_error,
+        "duration_s": round(time.perf_counter() - started, 3),
+        "rows_per_s": metrics["rows_per_s"],
+        "algorithm": results[0].algorithm,
+        "link": results[0].link,
+        "validation_success": report.success,
+        "top_features": combined.importance.sort_values("rank")["feature"].drop_duplicates().head(5).tolist(),
+    }

@@ -1,0 +1,78 @@
+"""The README's config reference, generated from the config models so the two cannot drift apart."""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from flows.config import ExplainConfig, SklearnModel, XGBoostModel
+
+MODEL_KINDS: list[type[BaseModel]] = [SklearnModel, XGBoostModel]
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return "null"
+    if origin is typing.Literal:
+        return " \\| ".join(str(a) for a in args)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return "mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default(field: Any) -> str:
+    if field.default_factory is not None:
+        value = field.default_factory()
+        return json.dumps(value.model_dump(mode="json") if isinstance(value, BaseModel) else value)
+    if field.default is PydanticUndefined:
+        return "required"
+    return json.dumps(field.default)
+
+
+def _rows(model: type[BaseModel], prefix: str, kinds: str = "") -> list[str]:
+    rows = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += _rows(annotation, f"{prefix}{name}.")
+            continue
+        if name == "model":
+            for kind in MODEL_KINDS:
+                rows += _rows(kind, "model.", kind.model_fields["kind"].annotation.__args__[0])
+            continue
+        description = (field.description or "").replace("|", "\\|")
+        type_name = _type_name(annotation)
+        default = _default(field).replace("|", "\\|")
+        rows.append(f"| `{prefix}{name}` | {kinds or 'all'} | {type_name} | {default} | {description} |")
+    return rows
+
+
+def config_reference() -> str:
+    """A markdown table: every key, which model kinds it applies to, its type, default and meaning."""
+    header = ["| key | model kinds | type | default | meaning |", "|---|---|---|---|---|"]
+    seen: dict[str, str] = {}
+    for row in _rows(ExplainConfig, ""):
+        key = row.split("|")[1]
+        kinds = row.split("|")[2].strip()
+        if key in seen and kinds != "all":
+            cells = seen[key].split(" | ")
+            cells[1] = f"{cells[1]}, {kinds}"
+            if key.strip() == "`model.kind`":
+                cells[2] = f"{cells[2]} \\| {kinds}"
+            seen[key] = " | ".join(cells)
+        else:
+            seen[key] = row
+    return "\n".join(header + list(seen.values()))
+

@@ -1,0 +1,137 @@
+"""Load the data to explain from a local file (or, through the same interface, remote storage)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows.config import DataConfig
+from tasks.errors import DataError
+
+ROW_ID = "row_id"
+
+
+class DataSource(ABC):
+    """Somewhere a CSV or Parquet file can be read from."""
+
+    uri: str
+
+    @abstractmethod
+    def read_bytes(self) -> bytes:
+        """The file's content."""
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.uri.split("?", 1)[0]).suffix.lower()
+
+
+class LocalFile(DataSource):
+    """A file on this machine."""
+
+    def __init__(self, path: str) -> None:
+        self.uri = path
+
+    def read_bytes(self) -> bytes:
+        path = Path(self.uri)
+        if not path.is_file():
+            raise DataError(f"data.source: file not found: {path}")
+        return path.read_bytes()
+
+
+_SCHEMES: dict[str, type[DataSource]] = {}
+
+
+def register_scheme(scheme: str, source: type[DataSource]) -> None:
+    """Plug a remote storage (e.g. s3) in under its URI scheme."""
+    _SCHEMES[scheme] = source
+
+
+def open_source(uri: str) -> DataSource:
+    """The DataSource for a path or URI."""
+    scheme, sep, _ = uri.partition("://")
+    if not sep:
+        return LocalFile(uri)
+    if scheme not in _SCHEMES:
+        raise DataError(f"data.source: unsupported scheme {scheme!r} in {uri} (expected a local path)")
+    return _SCHEMES[scheme](uri)
+
+
+@dataclass(frozen=True)
+class LoadedData:
+    """The whole table (row_id = position in the file) and a fingerprint of the file's bytes."""
+
+    frame: pd.DataFrame
+    sha256: str
+    uri: str
+
+
+def parse_table(content: bytes, suffix: str, uri: str) -> pd.DataFrame:
+    """Parse CSV or Parquet bytes into a DataFrame indexed by row position."""
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(io.BytesIO(content))
+        elif suffix in (".parquet", ".pq"):
+            frame = pd.read_parquet(io.BytesIO(content))
+        else:
+            raise DataError(f"data.source: {uri}: expected a .csv or .parquet file")
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"data.source: {uri}: cannot parse as {suffix[1:]}: {' '.join(str(exc).split())}") from None
+    frame = frame.reset_index(drop=True)
+    frame.index.name = ROW_ID
+    return frame
+
+
+def load_data(config: DataConfig) -> LoadedData:
+    """Read the configured source and fingerprint it."""
+    source = open_source(config.source)
+    content = source.read_bytes()
+    frame = parse_table(content, source.suffix, source.uri)
+    return LoadedData(frame=frame, sha256=hashlib.sha256(content).hexdigest(), uri=source.uri)
+
+
+def feature_columns(frame: pd.DataFrame, config: DataConfig, model_features: list[str] | None) -> list[str]:
+    """The features to explain, in model order: configured, else the model's own, else all but target/drop."""
+    if config.features is not None:
+        return list(config.features)
+    if model_features is not None:
+        return list(model_features)
+    excluded = set(config.drop) | ({config.target} if config.target else set())
+    return [column for column in frame.columns if column not in excluded]
+
+
+def select_explain_rows(frame: pd.DataFrame, explain_rows: int | str, seed: int) -> pd.DataFrame:
+    """The rows to explain, in row order: all of them, or a seeded sample without replacement."""
+    if explain_rows == "all" or int(explain_rows) >= len(frame):
+        return frame
+    sampled = frame.sample(n=int(explain_rows), random_state=seed)
+    return sampled.sort_index()
+
+
+@task(name="load-data", cache_policy=NO_CACHE)
+def load_data_task(config: DataConfig) -> LoadedData:
+    """Load the data to explain."""
+    return load_data(config)
+
+
+def split_features(frame: pd.DataFrame, config: DataConfig, features: list[str]) -> tuple[pd.DataFrame, pd.Series | None]:
+    """The feature columns (in model order) and the target column, if any."""
+    from tasks.schemas import reserved_feature_names
+
+    clash = reserved_feature_names(features)
+    if clash:
+        raise DataError(f"data.features: {', '.join(clash)} collide with columns of shap_values.parquet; rename them")
+    target = None
+    if config.target is not None:
+        if config.target not in frame.columns:
+            raise DataError(f"data.target: column {config.target!r} is not in {config.source}")
+        target = frame[config.target]
+    return frame[features], target

@@ -1,0 +1,455 @@
+"""Explain rows with a shap explainer, one shard at a time, each shard written to disk as it finishes."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows.config import ExplainerConfig, ModelConfig
+from tasks.background import Background
+from tasks.errors import ExplainError, ShaplineError
+from tasks.models import (
+    PROBABILITY_EPS,
+    Predictor,
+    explained_outputs,
+    is_pipeline,
+    load_predictor,
+    output_labels,
+)
+from tasks.schemas import BASE_VALUE, CLASS, MODEL_OUTPUT, ROW_ID, values_columns
+
+# shap's kernel and permutation explainers draw from numpy's global RNG. Holding this lock while
+# a row's coalitions are drawn (not while the model runs) keeps every row's draw seeded by its
+# own seed even when shards share one process as threads.
+_GLOBAL_RNG = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A contiguous slice of the rows to explain."""
+
+    index: int
+    row_ids: tuple[int, ...]
+
+
+def plan_shards(row_ids: Sequence[int], size: int) -> list[Shard]:
+    """Split the rows to explain, in row order, into shards of at most `size` rows."""
+    ids = [int(i) for i in row_ids]
+    return [Shard(index=n, row_ids=tuple(ids[start : start + size])) for n, start in enumerate(range(0, len(ids), size))]
+
+
+def row_seed(seed: int, row_id: int) -> int:
+    """A row's own seed: the same whatever shard, worker or order explains it."""
+    return int(np.random.SeedSequence([seed, row_id]).generate_state(1)[0])
+
+
+@dataclass
+class ShardValues:
+    """SHAP values of some rows for each explained output: values (rows, features, outputs)."""
+
+    row_ids: np.ndarray
+    features: list[str]
+    labels: list[str]
+    values: np.ndarray
+    base_values: np.ndarray
+    model_output: np.ndarray
+    algorithm: str
+    link: str
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long table in row order (then class): the shap_values.parquet layout."""
+        n, m, c = self.values.shape
+        several = c > 1
+        data: dict[str, Any] = {ROW_ID: np.repeat(self.row_ids.astype("int64"), c)}
+        if several:
+            data[CLASS] = np.tile(np.asarray(self.labels, dtype=object), n)
+        flat = self.values.transpose(0, 2, 1).reshape(n * c, m)
+        for j, feature in enumerate(self.features):
+            data[feature] = flat[:, j]
+        data[BASE_VALUE] = self.base_values.reshape(n * c)
+        data[MODEL_OUTPUT] = self.model_output.reshape(n * c)
+        frame = pd.DataFrame(data)
+        if several:
+            frame[CLASS] = frame[CLASS].astype(str)
+        return frame[values_columns(self.features, several)]
+
+
+class ModelFunction:
+    """The function shap sees: an array of rows in, the explained outputs out (probabilities clipped for logit)."""
+
+    def __init__(self, predictor: Predictor, template: pd.DataFrame, outputs: list[int], link: str) -> None:
+        self.predictor = predictor
+        self.columns = list(template.columns)
+        self.dtypes = template.dtypes.to_dict()
+        self.numeric = all(pd.api.types.is_numeric_dtype(t) for t in self.dtypes.values())
+        self.outputs = outputs
+        self.clip = link == "logit"
+
+    def frame(self, rows: Any) -> pd.DataFrame:
+        if isinstance(rows, pd.DataFrame):
+            return rows[self.columns]
+        array = np.asarray(rows)
+        if array.ndim == 1:
+            array = array.reshape(1, -1)
+        if self.numeric:
+            array = array.astype(float, copy=False)
+        return pd.DataFrame(array, columns=self.columns).astype(self.dtypes)
+
+    def __call__(self, rows: Any) -> np.ndarray:
+        output = self.predictor.predict(self.frame(rows))[:, self.outputs]
+        if self.clip:
+            output = np.clip(output, PROBABILITY_EPS, 1.0 - PROBABILITY_EPS)
+        return output
+
+
+def _link_f(link: str, values: np.ndarray) -> np.ndarray:
+    if link == "logit":
+        return np.log(values / (1.0 - values))
+    return values
+
+
+def _is_linear(model: Any) -> bool:
+    from sklearn.linear_model._base import LinearClassifierMixin, LinearModel
+
+    return isinstance(model, (LinearClassifierMixin, LinearModel))
+
+
+def _tree_explainer_accepts(model: Any) -> bool:
+    import shap
+
+    try:
+        shap.TreeExplainer(model)
+    except Exception:
+        return False
+    return True
+
+
+def resolve_algorithm(requested: str, predictor: Predictor) -> str:
+    """The explainer to use: the requested one after a compatibility check, or auto's choice."""
+    native = predictor.native
+    if requested in ("tree", "linear"):
+        where = "a remote model" if native is None else type(native).__name__
+        if native is None or is_pipeline(native):
+            raise ExplainError(
+                f"explainer.algorithm {requested} needs the model object itself, got {where}; use kernel"
+            )
+        if requested == "linear" and not _is_linear(native):
+            raise ExplainError(f"explainer.algorithm linear needs a linear model, got {where}")
+        if requested == "tree" and not _tree_explainer_accepts(native):
+            raise ExplainError(f"explainer.algorithm tree: shap's TreeExplainer does not support {where}")
+        return requested
+    if requested != "auto":
+        return requested
+    if native is None or is_pipeline(native):
+        return "kernel"
+    if _is_linear(native):
+        return "linear"
+    if _tree_explainer_accepts(native):
+        return "tree"
+    return "kernel"
+
+
+def _numeric_or_fail(frame: pd.DataFrame, algorithm: str) -> None:
+    non_numeric = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+    if non_numeric:
+        raise ExplainError(
+            f"explainer.algorithm {algorithm} needs numeric features; non-numeric: {', '.join(non_numeric)}; "
+            "use kernel, which passes mixed types to the model untouched"
+        )
+
+
+def _kernel_explainer_class() -> type:
+    import shap
+
+    class RowSeededKernelExplainer(shap.KernelExplainer):
+        """shap's KernelExplainer with a seed per row, drawn under the global-RNG lock."""
+
+        seed = 0
+        _holding = False
+
+        def explain(self, incoming_instance: Any, **kwargs: Any) -> Any:
+            _GLOBAL_RNG.acquire()
+            self._holding = True
+            try:
+                np.random.seed(self.seed)
+                return super().explain(incoming_instance, **kwargs)
+            finally:
+                if self._holding:
+                    self._holding = False
+                    _GLOBAL_RNG.release()
+
+        def run(self) -> None:
+            # The coalitions are drawn; the model calls need no lock.
+            if self._holding:
+                self._holding = False
+                _GLOBAL_RNG.release()
+            super().run()
+
+    return RowSeededKernelExplainer
+
+
+def _kernel_values(
+    rows: pd.DataFrame, background: Background, function: ModelFunction, config: ExplainerConfig, link: str
+) -> tuple[np.ndarray, np.ndarray]:
+    from shap.utils._legacy import DenseData
+
+    columns = list(rows.columns)
+    data = background.frame[columns].to_numpy()
+    weights = None if background.weights is None else np.asarray(background.weights, dtype=float).copy()
+    dense = DenseData(data, columns, None, weights) if weights is not None else DenseData(data, columns)
+    explainer = _kernel_explainer_class()(function, dense, link=link)
+    options: dict[str, Any] = {"nsamples": config.nsamples, "l1_reg": config.l1_reg, "silent": True}
+    values = np.empty((len(rows), len(columns), len(function.outputs)))
+    for position, (row_id, row) in enumerate(zip(rows.index, rows.to_numpy(), strict=True)):
+        explainer.seed = row_seed(config.seed, int(row_id))
+        values[position] = np.asarray(explainer.shap_values(row.reshape(1, -1), **options)).reshape(
+            len(columns), -1
+        )
+    base = np.broadcast_to(np.asarray(explainer.expected_value, dtype=float).reshape(1, -1), (len(rows), len(function.outputs)))
+    return values, base
+
+
+def _masker_values(
+    rows: pd.DataFrame,
+    background: Background,
+    function: ModelFunction,
+    config: ExplainerConfig,
+    link: str,
+    algorithm: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    import shap
+
+    _numeric_or_fail(rows, algorithm)
+    if background.weights is not None:
+        raise ExplainError(f"explainer.algorithm {algorithm} cannot use weighted k-means centres; use background.method random")
+    masker = shap.maskers.Independent(background.frame.to_numpy(dtype=float), max_samples=len(background.frame))
+    shap_link = shap.links.logit if link == "logit" else shap.links.identity
+    data = rows.to_numpy(dtype=float)
+    if algorithm == "exact":
+        explainer = shap.explainers.ExactExplainer(function, masker, link=shap_link)
+        explanation = explainer(data, silent=True)
+        values, base = explanation.values, explanation.base_values
+    else:
+        explainer = shap.PermutationExplainer(function, masker, link=shap_link)
+        max_evals = config.nsamples if config.nsamples != "auto" else max(500, 2 * data.shape[1] + 1)
+        parts, bases = [], []
+        for row_id, row in zip(rows.index, data, strict=True):
+            # Permutations are drawn between model calls, so the whole row holds the RNG lock.
+            with _GLOBAL_RNG:
+                np.random.seed(row_seed(config.seed, int(row_id)))
+                explanation = explainer(row.reshape(1, -1), max_evals=max_evals, silent=True)
+            parts.append(explanation.values)
+            bases.append(explanation.base_values)
+        values, base = np.concatenate(parts), np.concatenate(bases)
+    values = np.asarray(values, dtype=float).reshape(len(rows), data.shape[1], -1)
+    base = np.asarray(base, dtype=float).reshape(len(rows), -1)
+    return values, base
+
+
+def _as_outputs(values: Any, base: Any, n_rows: int, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    values = np.asarray(values, dtype=float).reshape(n_rows, n_features, -1)
+    base = np.asarray(base, dtype=float).reshape(-1)
+    return values, np.broadcast_to(base, (n_rows, base.size)).copy()
+
+
+def _select_binary_or_classes(
+    values: np.ndarray, base: np.ndarray, output: np.ndarray, predictor: Predictor, class_index: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """Pick the explained classes; a binary model with one log-odds output explains class 0 as its negative."""
+    labels = predictor.class_labels or []
+    if values.shape[2] == 1 and len(labels) == 2:
+        wanted = [0, 1] if class_index is None else [class_index]
+        if max(wanted) > 1:
+            raise ExplainError(f"model.class_index: {class_index} is out of range; the model has 2 classes")
+        sign = np.array([-1.0 if k == 0 else 1.0 for k in wanted])
+        return values * sign, base * sign, output * sign, wanted
+    outputs = explained_outputs(values.shape[2], class_index, labels)
+    return values[:, :, outputs], base[:, outputs], output[:, outputs], outputs
+
+
+def _model_values(
+    rows: pd.DataFrame,
+    background: Background,
+    predictor: Predictor,
+    config: ExplainerConfig,
+    algorithm: str,
+    class_index: int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], str]:
+    import shap
+
+    native = predictor.native
+    if algorithm == "tree":
+        interventional = config.feature_perturbation == "interventional"
+        data = background.frame if interventional else None
+        explainer = shap.TreeExplainer(native, data=data, feature_perturbation=config.feature_perturbation)
+        raw = explainer.shap_values(rows, check_additivity=False)
+        if isinstance(raw, list):
+            raw = np.stack(raw, axis=-1)
+        values, base = _as_outputs(raw, explainer.expected_value, len(rows), rows.shape[1])
+        space = {"log_odds": "log_odds", "probability": "probability"}.get(explainer.model.tree_output, "raw")
+        output = predictor.raw_output(rows, space)
+        link = "logit" if space == "log_odds" else "identity"
+    else:
+        _numeric_or_fail(rows, algorithm)
+        explainer = shap.LinearExplainer(native, background.frame)
+        values, base = _as_outputs(explainer.shap_values(rows), explainer.expected_value, len(rows), rows.shape[1])
+        classifier = predictor.class_labels is not None
+        output = predictor.raw_output(rows, "log_odds" if classifier else "raw")
+        link = "logit" if classifier else "identity"
+    values, base, output, outputs = _select_binary_or_classes(values, base, output, predictor, class_index)
+    return values, base, output, outputs, link
+
+
+def explain_rows(
+    rows: pd.DataFrame,
+    background: Background,
+    predictor: Predictor,
+    config: ExplainerConfig,
+    link: str,
+    class_index: int | None,
+) -> ShardValues:
+    """SHAP values of `rows` (indexed by row_id) against `background` with the configured explainer."""
+    algorithm = resolve_algorithm(config.algorithm, predictor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if algorithm in ("tree", "linear"):
+            values, base, output, outputs, link = _model_values(
+                rows, background, predictor, config, algorithm, class_index
+            )
+        else:
+            probe = predictor.predict(rows.iloc[:1])
+            outputs = explained_outputs(probe.shape[1], class_index, predictor.class_labels)
+            function = ModelFunction(predictor, rows, outputs, link)
+            if algorithm == "kernel":
+                values, base = _kernel_values(rows, background, function, config, link)
+            else:
+                values, base = _masker_values(rows, background, function, config, link, algorithm)
+            output = _link_f(link, function(rows))
+    return ShardValues(
+        row_ids=np.asarray(rows.index, dtype="int64"),
+        features=list(rows.columns),
+        labels=output_labels(outputs, predictor.class_labels),
+        values=values,
+        base_values=np.asarray(base, dtype=float),
+        model_output=np.asarray(output, dtype=float),
+        algorithm=algorithm,
+        link=link,
+    )
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything one shard task needs, as small picklable values: inputs are files, the model its config."""
+
+    index: int
+    rows_path: str
+    background_path: str
+    output_path: str
+    model: ModelConfig
+    explainer: ExplainerConfig
+    link: str
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """Where a finished shard's values are, and what it cost."""
+
+    index: int
+    path: str
+    rows: int
+    seconds: float
+    algorithm: str
+    link: str
+
+
+def stage_shards(
+    rows: pd.DataFrame,
+    background: Background,
+    shards: list[Shard],
+    folder: str | Path,
+    model: ModelConfig,
+    explainer: ExplainerConfig,
+    link: str,
+) -> list[ShardJob]:
+    """Write each shard's rows and the background to `folder` and describe one job per shard."""
+    folder = Path(folder)
+    (folder / "inputs").mkdir(parents=True, exist_ok=True)
+    (folder / "shards").mkdir(parents=True, exist_ok=True)
+    background_path = folder / "inputs" / "background.parquet"
+    background.to_frame().to_parquet(background_path)
+    jobs = []
+    for shard in shards:
+        rows_path = folder / "inputs" / f"rows-{shard.index:06d}.parquet"
+        rows.loc[list(shard.row_ids)].to_parquet(rows_path)
+        jobs.append(
+            ShardJob(
+                index=shard.index,
+                rows_path=str(rows_path),
+                background_path=str(background_path),
+                output_path=str(folder / "shards" / f"shard-{shard.index:06d}.parquet"),
+                model=model,
+                explainer=explainer,
+                link=link,
+            )
+        )
+    return jobs
+
+
+def explain_shard(job: ShardJob) -> ShardResult:
+    """Explain one shard's rows and write its values to job.output_path atomically."""
+    started = time.perf_counter()
+    predictor = load_predictor(job.model)
+    rows = pd.read_parquet(job.rows_path)
+    background = Background.from_frame(pd.read_parquet(job.background_path))
+    result = explain_rows(rows, background, predictor, job.explainer, job.link, job.model.class_index)
+    path = Path(job.output_path)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    result.to_frame().to_parquet(partial, index=False)
+    os.replace(partial, path)
+    return ShardResult(
+        index=job.index,
+        path=str(path),
+        rows=len(rows),
+        seconds=time.perf_counter() - started,
+        algorithm=result.algorithm,
+        link=result.link,
+    )
+
+
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a shard on a fault (a crashed worker, a timeout, a dropped connection), not on a bad input."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        state.result()
+    except ShaplineError:
+        return False
+    except (OSError, TimeoutError, EOFError, BrokenProcessPool):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(
+    name="explain-shard",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[1, 5],
+    retry_condition_fn=_worth_retrying,
+    task_run_name="explain-shard-{job.index}",
+)
+def explain_shard_task(job: ShardJob) -> ShardResult:
+    """Explain one shard of rows with SHAP and persist its values."""
+    return explain_shard(job)

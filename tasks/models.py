@@ -1,0 +1,224 @@
+"""Every model, wherever it lives, is a Predictor: frame in, a 2-D array of outputs out."""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import pandas as pd
+
+from flows.config import ModelConfig, SklearnModel, XGBoostModel
+from tasks.errors import ModelError
+
+# Probabilities are clipped before the logit link so a model that is certain (p = 0 or 1)
+# gives large finite log-odds instead of infinities that would poison every sum.
+PROBABILITY_EPS = 1e-7
+
+
+class Predictor(ABC):
+    """A model behind one call signature; the explainer never knows where it lives."""
+
+    name: str
+    method: str
+    feature_names: list[str] | None = None
+    class_labels: list[str] | None = None
+
+    @abstractmethod
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        """The configured output for each row, always 2-D: (rows, outputs)."""
+
+    @property
+    def native(self) -> Any | None:
+        """The in-process model object for tree and linear explainers, or None for a remote model."""
+        return None
+
+    def raw_output(self, frame: pd.DataFrame, space: str) -> np.ndarray:
+        """The model's own output in an explainer's space ('log_odds', 'probability' or 'raw'), 2-D."""
+        raise ModelError(f"model {self.name}: cannot compute {space} output for the additivity check")
+
+
+def _two_d(values: Any) -> np.ndarray:
+    array = np.asarray(values, dtype=float)
+    return array.reshape(len(array), -1) if array.ndim != 2 else array
+
+
+def final_estimator(model: Any) -> Any:
+    """The last step of a Pipeline, or the model itself."""
+    steps = getattr(model, "steps", None)
+    return steps[-1][1] if steps else model
+
+
+def is_pipeline(model: Any) -> bool:
+    return hasattr(model, "steps")
+
+
+class LocalPredictor(Predictor):
+    """A scikit-learn estimator, Pipeline or XGBoost model held in this process."""
+
+    def __init__(self, name: str, model: Any, method: str) -> None:
+        self.name = name
+        self.model = model
+        self.method = method
+        if not callable(getattr(model, method, None)):
+            raise ModelError(f"model.output: model {name} ({type(model).__name__}) has no {method}()")
+        names = getattr(model, "feature_names_in_", None)
+        self.feature_names = [str(n) for n in names] if names is not None else None
+        classes = getattr(final_estimator(model), "classes_", None)
+        self.class_labels = [str(c) for c in classes] if classes is not None else None
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        return _two_d(getattr(self.model, self.method)(frame))
+
+    @property
+    def native(self) -> Any:
+        return self.model
+
+    def raw_output(self, frame: pd.DataFrame, space: str) -> np.ndarray:
+        model = self.model
+        if space == "probability":
+            return _two_d(model.predict_proba(frame))
+        if space == "log_odds":
+            if _is_xgboost(model):
+                return _two_d(model.predict(frame, output_margin=True))
+            return _two_d(model.decision_function(frame))
+        return _two_d(model.predict(frame))
+
+
+def _is_xgboost(model: Any) -> bool:
+    return type(model).__module__.startswith("xgboost")
+
+
+class BoosterPredictor(Predictor):
+    """A raw xgboost.Booster loaded from .json or .ubj."""
+
+    def __init__(self, name: str, booster: Any, method: str) -> None:
+        self.name = name
+        self.booster = booster
+        self.method = method
+        self.feature_names = list(booster.feature_names) if booster.feature_names else None
+        objective = _booster_objective(booster)
+        self.binary = objective.startswith("binary:")
+        n_classes = int(_booster_param(booster, "num_class") or 0)
+        if self.binary:
+            self.class_labels = ["0", "1"]
+        elif n_classes > 1:
+            self.class_labels = [str(i) for i in range(n_classes)]
+
+    def _matrix(self, frame: pd.DataFrame) -> Any:
+        import xgboost
+
+        return xgboost.DMatrix(frame, enable_categorical=True)
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        if self.method == "decision_function":
+            return self.raw_output(frame, "log_odds")
+        output = _two_d(self.booster.predict(self._matrix(frame)))
+        if self.binary and self.method == "predict_proba":
+            return np.column_stack([1.0 - output[:, 0], output[:, 0]])
+        if self.binary and self.method == "predict":
+            return (output >= 0.5).astype(float)
+        return output
+
+    @property
+    def native(self) -> Any:
+        return self.booster
+
+    def raw_output(self, frame: pd.DataFrame, space: str) -> np.ndarray:
+        if space == "probability":
+            return self.predict(frame)
+        return _two_d(self.booster.predict(self._matrix(frame), output_margin=True))
+
+
+def _booster_objective(booster: Any) -> str:
+    import json
+
+    config = json.loads(booster.save_config())
+    return config["learner"]["objective"]["name"]
+
+
+def _booster_param(booster: Any, key: str) -> str | None:
+    import json
+
+    config = json.loads(booster.save_config())
+    return config["learner"]["learner_model_param"].get(key)
+
+
+def _load_pickled(path: Path, name: str) -> Any:
+    try:
+        return joblib.load(path)
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ModelError(f"model.path: {path}: not a joblib/pickle model file ({type(exc).__name__})") from None
+    except ModuleNotFoundError as exc:
+        raise ModelError(f"model.path: {path}: model {name} needs module {exc.name!r}, which is not installed") from None
+
+
+def load_predictor(config: ModelConfig) -> Predictor:
+    """Load the configured model as a Predictor (cached per process while the file is unchanged)."""
+    path = Path(config.path)
+    if not path.is_file():
+        raise ModelError(f"model.path: file not found: {path}")
+    return _load_cached(config.model_dump_json(), os.stat(path).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(config_json: str, mtime_ns: int) -> Predictor:
+    from pydantic import TypeAdapter
+
+    config = TypeAdapter(ModelConfig).validate_json(config_json)
+    path = Path(config.path)
+    method = config.effective_output
+    if isinstance(config, XGBoostModel) and path.suffix.lower() in (".json", ".ubj"):
+        import xgboost
+
+        booster = xgboost.Booster()
+        try:
+            booster.load_model(str(path))
+        except xgboost.core.XGBoostError as exc:
+            raise ModelError(f"model.path: {path}: not an XGBoost model ({str(exc).splitlines()[0]})") from None
+        return BoosterPredictor(config.name, booster, method)
+    model = _load_pickled(path, config.name)
+    if isinstance(config, XGBoostModel) and not _is_xgboost(final_estimator(model)):
+        raise ModelError(f"model.kind: xgboost, but {path} holds a {type(model).__name__}")
+    if isinstance(config, SklearnModel) and not hasattr(model, "fit"):
+        raise ModelError(f"model.kind: sklearn, but {path} holds a {type(model).__name__}, not an estimator")
+    return LocalPredictor(config.name, model, method)
+
+
+def explained_outputs(n_outputs: int, class_index: int | None, labels: list[str] | None) -> list[int]:
+    """Indices of the output columns to explain: one column, the configured class, or every class."""
+    if n_outputs == 1:
+        return [0]
+    if class_index is None:
+        return list(range(n_outputs))
+    if class_index >= n_outputs:
+        raise ModelError(f"model.class_index: {class_index} is out of range; the model has {n_outputs} outputs")
+    return [class_index]
+
+
+def output_labels(outputs: list[int], labels: list[str] | None) -> list[str]:
+    """A label per explained output: the class name where the model knows it."""
+    if labels is not None and len(labels) > max(outputs):
+        return [labels[i] for i in outputs]
+    return [str(i) for i in outputs]
+
+
+def probe_predictor(predictor: Predictor, rows: pd.DataFrame, class_index: int | None) -> int:
+    """Call the model on a couple of rows before any SHAP compute; return its number of outputs."""
+    try:
+        output = predictor.predict(rows.iloc[:2])
+    except ModelError:
+        raise
+    except Exception as exc:
+        message = " ".join(str(exc).split())[:300]
+        raise ModelError(f"model {predictor.name}: {predictor.method}() failed on the data: {message}") from None
+    if output.shape[0] != min(2, len(rows)):
+        raise ModelError(f"model {predictor.name}: {predictor.method}() returned {output.shape[0]} rows for {min(2, len(rows))}")
+    if class_index is not None and output.shape[1] > 1 and class_index >= output.shape[1]:
+        raise ModelError(f"model.class_index: {class_index} is out of range; the model has {output.shape[1]} outputs")
+    return int(output.shape[1])

@@ -1,0 +1,120 @@
+"""Log a run to MLflow through an explicit client and run id (never the per-thread fluent run)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+ERROR_TAG = "shapline.error"
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """output.tracking_uri, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working folder."""
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """Where a run lives: enough to log to it from any thread or process."""
+
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+
+def _artifact_root(tracking_uri: str) -> str | None:
+    """For a local sqlite store, keep artifacts beside the database rather than in the working folder."""
+    if tracking_uri.startswith("sqlite:///"):
+        database = Path(tracking_uri.removeprefix("sqlite:///"))
+        return (database.resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+def ensure_experiment(client: MlflowClient, tracking_uri: str, name: str) -> str:
+    """The experiment's id, creating it if needed (safe when two runs create it at once)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    root = _artifact_root(tracking_uri)
+    try:
+        return client.create_experiment(name, artifact_location=f"{root}/{_slug(name)}" if root else None)
+    except MlflowException:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def start_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> TrackedRun:
+    """Create a RUNNING run in the experiment."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_id = ensure_experiment(client, tracking_uri, experiment)
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    return TrackedRun(tracking_uri, experiment_id, run.info.run_id)
+
+
+def log_values(run: TrackedRun, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+               tags: dict[str, str] | None = None) -> None:
+    """Log params, metrics and tags in one batch."""
+    now = int(time.time() * 1000)
+    run.client.log_batch(
+        run.run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+        params=[Param(k, str(v)) for k, v in (params or {}).items()],
+        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+    )
+
+
+def log_artifacts(run: TrackedRun, folder: str | Path) -> None:
+    """Upload every file under `folder`, keeping its relative path as the artifact name."""
+    run.client.log_artifacts(run.run_id, str(folder))
+
+
+def log_artifact(run: TrackedRun, path: str | Path, artifact_dir: str | None = None) -> None:
+    """Upload one file."""
+    run.client.log_artifact(run.run_id, str(path), artifact_dir)
+
+
+@contextmanager
+def mlflow_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> Iterator[TrackedRun]:
+    """A run that ends FINISHED only when the block completes, FAILED (with the error as a tag) otherwise."""
+    run = start_run(tracking_uri, experiment, run_name, tags)
+    try:
+        yield run
+    except BaseException as exc:
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:4000]
+        try:
+            run.client.set_tag(run.run_id, ERROR_TAG, message)
+        finally:
+            run.client.set_terminated(run.run_id, status="FAILED")
+        raise
+    run.client.set_terminated(run.run_id, status="FINISHED")
+
+
+def run_url(run: TrackedRun) -> str:
+    """Where a person opens the run: the server's page, or the store URI for a local store."""
+    if run.tracking_uri.startswith(("http://", "https://")):
+        base = run.tracking_uri.rstrip("/")
+        return f"{base}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
+    return f"{run.tracking_uri} (experiment {run.experiment_id}, run {run.run_id})"

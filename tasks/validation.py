@@ -1,0 +1,125 @@
+"""Validate the data with Great Expectations before any SHAP compute is spent."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows.config import ValidationConfig
+from tasks.errors import ConfigError
+
+AUTOMATIC = "automatic"
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """The GX result as JSON plus one readable line per failed expectation."""
+
+    success: bool
+    failures: list[str]
+    blocking: list[str]
+    result: dict[str, Any] = field(repr=False)
+    evaluated: int = 0
+
+    def to_json(self) -> str:
+        """validation.json: the GX suite result with shapline's summary on top."""
+        summary = {
+            "success": self.success,
+            "evaluated_expectations": self.evaluated,
+            "failures": self.failures,
+            "gx_result": self.result,
+        }
+        return json.dumps(summary, indent=2, default=str)
+
+
+def _expectation_class(name: str, position: int) -> type:
+    import great_expectations as gx
+
+    class_name = "".join(part.capitalize() for part in name.split("_"))
+    expectation = getattr(gx.expectations, class_name, None)
+    if expectation is None:
+        raise ConfigError(f"validation.expectations[{position}]: unknown Great Expectations expectation {name!r}")
+    return expectation
+
+
+def build_expectations(features: list[str], config: ValidationConfig) -> list[Any]:
+    """The automatic expectations (features present, rows non-empty), then the YAML ones."""
+    import great_expectations as gx
+
+    suite = [gx.expectations.ExpectTableRowCountToBeBetween(min_value=1, meta={"shapline": AUTOMATIC})]
+    suite += [gx.expectations.ExpectColumnToExist(column=f, meta={"shapline": AUTOMATIC}) for f in features]
+    for position, item in enumerate(config.expectations):
+        name, kwargs = next(iter(item.items()))
+        expectation = _expectation_class(name, position)
+        try:
+            suite.append(expectation(**(kwargs or {})))
+        except Exception as exc:  # GX raises its own (pydantic v1) ValidationError for bad kwargs
+            errors = exc.errors() if callable(getattr(exc, "errors", None)) else []
+            reason = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or str(exc)
+            raise ConfigError(f"validation.expectations[{position}] {name}: {reason}") from None
+    return suite
+
+
+def _describe_failure(result: Any) -> str:
+    config = result.expectation_config
+    kwargs = {k: v for k, v in config.kwargs.items() if k != "batch_id"}
+    arguments = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    details = result.result or {}
+    if config.type == "expect_column_to_exist":
+        return f"column {kwargs.get('column')!r} is missing (expect_column_to_exist)"
+    if config.type == "expect_table_row_count_to_be_between":
+        return f"the data has {details.get('observed_value', 0)} rows ({config.type}({arguments}))"
+    exception = (result.exception_info or {}).get("exception_message")
+    if exception:
+        return f"{config.type}({arguments}): could not be evaluated: {' '.join(str(exception).split())[:200]}"
+    observed = details.get("unexpected_count", details.get("observed_value"))
+    noun = "unexpected values" if "unexpected_count" in details else "observed"
+    return f"{config.type}({arguments}): {observed} {noun}"
+
+
+def validate_frame(frame: pd.DataFrame, features: list[str], config: ValidationConfig) -> ValidationReport:
+    """Run the expectations on the whole table; `blocking` lists failures that stop the run."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+
+    expectations = build_expectations(features, config)
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    source = context.data_sources.add_pandas("shapline")
+    batch = source.add_dataframe_asset("rows").add_batch_definition_whole_dataframe("all").get_batch(
+        batch_parameters={"dataframe": frame.reset_index(drop=True)}
+    )
+    suite = gx.ExpectationSuite(name="shapline", expectations=expectations)
+    result = batch.validate(suite)
+    failures, blocking = [], []
+    for item in result.results:
+        if item.success:
+            continue
+        line = _describe_failure(item)
+        failures.append(line)
+        automatic = (item.expectation_config.meta or {}).get("shapline") == AUTOMATIC
+        if automatic or config.on_failure == "fail":
+            blocking.append(line)
+    return ValidationReport(
+        success=bool(result.success),
+        failures=failures,
+        blocking=blocking,
+        result=result.to_json_dict(),
+        evaluated=len(result.results),
+    )
+
+
+@task(name="validate-data", cache_policy=NO_CACHE)
+def validate_frame_task(frame: pd.DataFrame, features: list[str], config: ValidationConfig) -> ValidationReport:
+    """Validate the data with Great Expectations."""
+    return validate_frame(frame, features, config)
