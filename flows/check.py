@@ -23,8 +23,13 @@ def check_config(config_path: str, overrides: list[str] | None = None) -> dict[s
     lines.append(f"data {loaded.uri}: {len(loaded.frame)} rows, {len(features)} features")
     lines.append(f"validation: {report.evaluated} expectations, {len(report.failures)} failed")
     lines += [f"  {'FAIL' if line in report.blocking else 'warn'}: {line}" for line in report.failures]
-    result: dict[str, Any] = {"ok": not report.blocking, "rows": len(loaded.frame), "features": features,
-                              "validation_success": report.success, "validation_failures": report.failures}
+    result: dict[str, Any] = {
+        "ok": not report.blocking,
+        "rows": len(loaded.frame),
+        "features": features,
+        "validation_success": report.success,
+        "validation_failures": report.failures,
+    }
     if report.blocking:
         lines.append("validation failed: the run would stop here")
         return {**result, "lines": lines}
@@ -34,9 +39,19 @@ def check_config(config_path: str, overrides: list[str] | None = None) -> dict[s
     background = draw_background(frame, target, config.background)
     shards = plan_shards(rows.index, config.shards.size)
     algorithm = resolve_algorithm(config.explainer.algorithm, predictor)
-    lines.append(f"model {config.model.name}: {predictor.method}() gives {outputs} output(s); explainer {algorithm}")
-    lines.append(f"plan: {len(rows)} rows to explain in {len(shards)} shards of <= {config.shards.size}, "
-                 f"background {len(background.frame)} rows ({config.background.method}), "
-                 f"{config.shards.workers} {config.shards.runner} workers")
-    return {**result, "explain_rows": len(rows), "shards": len(shards), "background_rows": len(background.frame),
-            "algorithm": algorithm, "lines": lines}
+    lines.append(
+        f"model {config.model.name}: {predictor.method}() gives {outputs} output(s); explainer {algorithm}"
+    )
+    lines.append(
+        f"plan: {len(rows)} rows to explain in {len(shards)} shards of <= {config.shards.size}, "
+        f"background {len(background.frame)} rows ({config.background.method}), "
+        f"{config.shards.workers} {config.shards.runner} workers"
+    )
+    return {
+        **result,
+        "explain_rows": len(rows),
+        "shards": len(shards),
+        "background_rows": len(background.frame),
+        "algorithm": algorithm,
+        "lines": lines,
+    }

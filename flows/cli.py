@@ -37,15 +37,23 @@ def _quiet_tracebacks() -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shapline", description="Explain ML models with SHAP, logged to MLflow.")
+    parser = argparse.ArgumentParser(
+        prog="shapline", description="Explain ML models with SHAP, logged to MLflow."
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("config", help="the model's YAML config")
-        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                         help="override a config key (value parsed as YAML); repeatable")
+        sub.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY.PATH=VALUE",
+            help="override a config key (value parsed as YAML); repeatable",
+        )
         sub.add_argument("--json", action="store_true", help="end stdout with one JSON object")
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
         return sub
@@ -55,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     schema = commands.add_parser("schema", help="print the config's JSON schema")
     schema.add_argument("--markdown", action="store_true", help="the config reference table instead")
     demo = commands.add_parser("demo", help="train the demo model on real data and explain it")
-    demo.add_argument("--config", default="configs/penguins.yaml", help="the demo config (default: %(default)s)")
+    demo.add_argument(
+        "--config", default="configs/penguins.yaml", help="the demo config (default: %(default)s)"
+    )
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     demo.add_argument("--json", action="store_true")
     demo.add_argument("--debug", action="store_true")
@@ -63,14 +73,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_run_summary(summary: dict[str, Any]) -> None:
-    print(f"explained {summary['rows_explained']} rows in {summary['shards']} shards "
-          f"({summary['algorithm']}, link {summary['link']}) in {summary['duration_s']:.1f} s")
+    print(
+        f"explained {summary['rows_explained']} rows in {summary['shards']} shards "
+        f"({summary['algorithm']}, link {summary['link']}) in {summary['duration_s']:.1f} s"
+    )
     print(f"additivity max error: {summary['additivity_max_error']:.3g}")
     print(f"top features: {', '.join(summary['top_features'])}")
-    print(f"MLflow run {summary['mlflow_run_id']} in experiment '{summary['experiment']}' "
-          f"(id {summary['experiment_id']}), tracking URI {summary['tracking_uri']}")
+    print(
+        f"MLflow run {summary['mlflow_run_id']} in experiment '{summary['experiment']}' "
+        f"(id {summary['experiment_id']}), tracking URI {summary['tracking_uri']}"
+    )
     if summary["tracking_uri"].startswith("sqlite:"):
-        print(f"open it with: mlflow ui --backend-store-uri {summary['tracking_uri']}  (then http://127.0.0.1:5000)")
+        print(
+            f"open it with: mlflow ui --backend-store-uri {summary['tracking_uri']}  (then http://127.0.0.1:5000)"
+        )
     else:
         print(f"open it at: {summary['run_url']}")
 

@@ -54,11 +54,69 @@ class XGBoostModel(_ModelBase):
     path: str = Field(description=".json/.ubj booster or joblib/pickle wrapper, relative to the YAML.")
 
 
-ModelConfig = Annotated[SklearnModel | XGBoostModel, Field(discriminator="kind")]
+class EndpointConfig(_Strict):
+    name: str = Field(min_length=1, description="SageMaker endpoint name.")
+    region: str | None = Field(None, description="AWS region; default: boto3's usual chain.")
+    endpoint_url: str | None = Field(
+        None, description="Override, e.g. http://127.0.0.1:8080 for a local endpoint."
+    )
+    content_type: Literal["text/csv", "application/jsonlines"] = Field(
+        "text/csv", description="Request body format."
+    )
+    accept: Literal["text/csv", "application/jsonlines", "application/json"] = Field(
+        "text/csv", description="Response format asked for."
+    )
+    score_column: int | str = Field(
+        1, description="CSV: the column of each response line holding the score; JSON: the key name."
+    )
+    max_payload_mb: float = Field(
+        5.0, gt=0, le=6.0, description="Each request body stays under this many MB."
+    )
+    max_rows_per_request: int | None = Field(
+        None, ge=1, description="Optional extra cap on rows per request."
+    )
+    max_concurrency: int = Field(8, ge=1, description="Requests in flight at once (shared by all shards).")
+    timeout_s: float = Field(60.0, gt=0, description="Read timeout of one request.")
+    delete_after_run: bool = Field(False, description="Delete the endpoint when the run ends.")
+
+
+class BudgetConfig(_Strict):
+    max_inference_rows: int | None = Field(
+        None, ge=1, description="Refuse to start when the estimated inference rows are above this."
+    )
+
+
+class SageMakerModel(_ModelBase):
+    """A model behind a SageMaker (or SageMaker-protocol) endpoint, called through boto3."""
+
+    kind: Literal["sagemaker"]
+    endpoint: EndpointConfig
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+
+
+class MlflowModel(_ModelBase):
+    """A model in the MLflow registry or a run: models:/name/3, models:/name@alias, runs:/<id>/model."""
+
+    kind: Literal["mlflow"]
+    uri: str = Field(description="models:/name/version, models:/name@alias or runs:/<run_id>/path.")
+    tracking_uri: str | None = Field(None, description="Where the registry is; default: output.tracking_uri.")
+
+
+ModelConfig = Annotated[
+    SklearnModel | XGBoostModel | SageMakerModel | MlflowModel, Field(discriminator="kind")
+]
+
+
+class S3Config(_Strict):
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. MinIO or moto.")
+    region: str | None = Field(None, description="AWS region; default: boto3's usual chain.")
 
 
 class DataConfig(_Strict):
-    source: str = Field(description=".csv or .parquet file, relative to the YAML file's folder.")
+    source: str = Field(
+        description=".csv or .parquet: a path relative to the YAML's folder, or s3://bucket/key."
+    )
+    s3: S3Config = Field(default_factory=S3Config, description="Options for s3:// sources.")
     target: str | None = Field(None, description="Target column, dropped before explaining.")
     drop: list[str] = Field(default_factory=list, description="Columns dropped before explaining.")
     features: list[str] | None = Field(None, description="Explicit feature list, in model order.")
@@ -111,7 +169,9 @@ class ExplainerConfig(_Strict):
     nsamples: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="Kernel explainer coalitions per row: auto (2M + 2048) or an int."
     )
-    l1_reg: str | bool = Field("aic", description="Kernel feature selection: aic | bic | num_features(k) | false.")
+    l1_reg: str | bool = Field(
+        "aic", description="Kernel feature selection: aic | bic | num_features(k) | false."
+    )
     seed: int = Field(0, description="Seed of the sampling explainers; each row derives its own from it.")
     feature_perturbation: Literal["tree_path_dependent", "interventional"] = Field(
         "tree_path_dependent",
@@ -262,7 +322,9 @@ _KIND_TAGS = {"sklearn", "xgboost", "mlflow", "sagemaker"}
 def parse_config(raw: Any, source: str = "<config>") -> ExplainConfig:
     """Validate a raw mapping into an ExplainConfig; the error names the file and the key."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections (model, data, ...), got {type(raw).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping of sections (model, data, ...), got {type(raw).__name__}"
+        )
     try:
         return ExplainConfig.model_validate(raw)
     except ValidationError as exc:

@@ -19,9 +19,14 @@ def train_penguin_model(data):  # noqa: ANN001, ANN201 - sklearn types stay loca
 
     features = data.drop(columns=["species"])
     encode = make_column_transformer(
-        (make_pipeline(SimpleImputer(strategy="most_frequent"), OneHotEncoder(handle_unknown="ignore")),
-         make_column_selector(dtype_exclude="number")),
-        (make_pipeline(SimpleImputer(strategy="median"), StandardScaler()), make_column_selector(dtype_include="number")),
+        (
+            make_pipeline(SimpleImputer(strategy="most_frequent"), OneHotEncoder(handle_unknown="ignore")),
+            make_column_selector(dtype_exclude="number"),
+        ),
+        (
+            make_pipeline(SimpleImputer(strategy="median"), StandardScaler()),
+            make_column_selector(dtype_include="number"),
+        ),
     )
     return make_pipeline(encode, LogisticRegression(C=0.3, max_iter=2000)).fit(features, data["species"])
 
@@ -37,5 +42,7 @@ def prepare_demo(config_path: str) -> list[str]:
     model_path.parent.mkdir(parents=True, exist_ok=True)
     data.to_csv(data_path, index=False)
     joblib.dump(train_penguin_model(data), model_path)
-    return [f"demo data: {len(data)} penguins with {data.shape[1]} columns (text, numbers, missing values) -> {data_path}",
-            f"demo model: scikit-learn Pipeline(impute, one-hot, logistic regression) -> {model_path}"]
+    return [
+        f"demo data: {len(data)} penguins with {data.shape[1]} columns (text, numbers, missing values) -> {data_path}",
+        f"demo model: scikit-learn Pipeline(impute, one-hot, logistic regression) -> {model_path}",
+    ]

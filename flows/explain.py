@@ -22,7 +22,15 @@ from tasks.explain import ShardJob, ShardResult, explain_shard_task, plan_shards
 from tasks.models import Predictor, load_predictor, probe_predictor
 from tasks.plots import render_plots_task
 from tasks.report import publish_summary_task, summary_markdown
-from tasks.tracking import TrackedRun, log_artifact, log_artifacts, log_values, mlflow_run, resolve_tracking_uri, run_url
+from tasks.tracking import (
+    TrackedRun,
+    log_artifact,
+    log_artifacts,
+    log_values,
+    mlflow_run,
+    resolve_tracking_uri,
+    run_url,
+)
 from tasks.validation import validate_frame_task
 
 
@@ -54,8 +62,14 @@ def explain_shards(jobs: list[ShardJob]) -> list[ShardResult]:
             logger.error("shard failed (%d/%d settled): %s", len(finished) + len(failures), len(jobs), exc)
             continue
         finished.append(result)
-        logger.info("shards done %d/%d (shard %d: %d rows in %.1f s)", len(finished), len(jobs), result.index,
-                    result.rows, result.seconds)
+        logger.info(
+            "shards done %d/%d (shard %d: %d rows in %.1f s)",
+            len(finished),
+            len(jobs),
+            result.index,
+            result.rows,
+            result.seconds,
+        )
     if failures:
         raise failures[0]
     return sorted(finished, key=lambda r: r.index)
@@ -63,8 +77,12 @@ def explain_shards(jobs: list[ShardJob]) -> list[ShardResult]:
 
 def run_params(config: ExplainConfig) -> dict[str, Any]:
     """The explainer, background and shard settings as MLflow params."""
-    params: dict[str, Any] = {"model.kind": config.model.kind, "model.output": config.model.effective_output,
-                              "model.class_index": config.model.class_index, "explainer.link": config.link}
+    params: dict[str, Any] = {
+        "model.kind": config.model.kind,
+        "model.output": config.model.effective_output,
+        "model.class_index": config.model.class_index,
+        "explainer.link": config.link,
+    }
     for section in ("explainer", "background", "shards"):
         for key, value in getattr(config, section).model_dump(mode="json").items():
             params[f"{section}.{key}"] = value
@@ -76,8 +94,13 @@ def _record_validation(run: TrackedRun, report: Any, folder: Path) -> None:
     path = folder / "validation.json"
     path.write_text(report.to_json())
     log_artifact(run, path)
-    log_values(run, metrics={"validation_success": float(report.success),
-                             "validation_failures": float(len(report.failures))})
+    log_values(
+        run,
+        metrics={
+            "validation_success": float(report.success),
+            "validation_failures": float(len(report.failures)),
+        },
+    )
 
 
 @flow(name="shapline-explain")
@@ -87,11 +110,17 @@ def explain_model(config_path: str, overrides: list[str] | None = None) -> dict[
     started = time.perf_counter()
     config = load_config(config_path, overrides)
     tracking_uri = resolve_tracking_uri(config.output.tracking_uri)
-    tags = {"shapline.model": config.model.name, "shapline.config_sha256": config.sha256(),
-            "shapline.config_path": str(Path(config_path).resolve()), "prefect.flow_run_id": str(flow_run.id or "")}
+    tags = {
+        "shapline.model": config.model.name,
+        "shapline.config_sha256": config.sha256(),
+        "shapline.config_path": str(Path(config_path).resolve()),
+        "prefect.flow_run_id": str(flow_run.id or ""),
+    }
     run_name = f"{config.model.name}-{flow_run.name or time.strftime('%Y%m%d-%H%M%S')}"
-    with tempfile.TemporaryDirectory(prefix="shapline-") as workdir, \
-            mlflow_run(tracking_uri, config.experiment_name, run_name, tags) as run:
+    with (
+        tempfile.TemporaryDirectory(prefix="shapline-") as workdir,
+        mlflow_run(tracking_uri, config.experiment_name, run_name, tags) as run,
+    ):
         logger.info("MLflow run %s in %s", run.run_id, tracking_uri)
         artifacts = Path(workdir, "artifacts")
         artifacts.mkdir()
@@ -117,29 +146,52 @@ def explain_model(config_path: str, overrides: list[str] | None = None) -> dict[
         background.to_frame().to_parquet(artifacts / "background.parquet")
         shards = plan_shards(rows.index, config.shards.size)
         jobs = stage_shards(rows, background, shards, workdir, config.model, config.explainer, config.link)
-        logger.info("explaining %d rows in %d shards on %d %s workers", len(rows), len(shards),
-                    config.shards.workers, config.shards.runner)
+        logger.info(
+            "explaining %d rows in %d shards on %d %s workers",
+            len(rows),
+            len(shards),
+            config.shards.workers,
+            config.shards.runner,
+        )
 
         explain_started = time.perf_counter()
         results = explain_shards.with_options(task_runner=task_runner_for(config.shards))(jobs)
         explain_s = time.perf_counter() - explain_started
 
         values_path = str(artifacts / "shap_values.parquet")
-        combined = aggregate_task([r.path for r in results], values_path, features, config.output.aggregations)
+        combined = aggregate_task(
+            [r.path for r in results], values_path, features, config.output.aggregations
+        )
         combined.importance.to_csv(artifacts / "global_importance.csv", index=False)
-        render_plots_task(values_path, rows, features, combined.labels or ["0"], config.output,
-                          str(artifacts / "plots"))
+        render_plots_task(
+            values_path, rows, features, combined.labels or ["0"], config.output, str(artifacts / "plots")
+        )
 
         duration_s = time.perf_counter() - started
-        metrics = {"rows_explained": combined.rows_explained, "shards": len(shards),
-                   "additivity_max_error": combined.additivity_max_error, "duration_s": duration_s,
-                   "explain_s": explain_s, "rows_per_s": combined.rows_explained / max(explain_s, 1e-9),
-                   "background_rows": len(background.frame)}
-        log_values(run, metrics=metrics, params={"explainer.algorithm_effective": results[0].algorithm,
-                                                 "explainer.link_effective": results[0].link})
+        metrics = {
+            "rows_explained": combined.rows_explained,
+            "shards": len(shards),
+            "additivity_max_error": combined.additivity_max_error,
+            "duration_s": duration_s,
+            "explain_s": explain_s,
+            "rows_per_s": combined.rows_explained / max(explain_s, 1e-9),
+            "background_rows": len(background.frame),
+        }
+        log_values(
+            run,
+            metrics=metrics,
+            params={
+                "explainer.algorithm_effective": results[0].algorithm,
+                "explainer.link_effective": results[0].link,
+            },
+        )
         log_artifacts(run, artifacts)
-        publish_summary_task(config.model.name, summary_markdown(
-            config.model.name, combined.importance, config.output.aggregations[0], run_url(run), metrics))
+        publish_summary_task(
+            config.model.name,
+            summary_markdown(
+                config.model.name, combined.importance, config.output.aggregations[0], run_url(run), metrics
+            ),
+        )
 
     logger.info("MLflow run %s FINISHED: %s", run.run_id, run_url(run))
     return {

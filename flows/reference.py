@@ -10,9 +10,9 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from flows.config import ExplainConfig, SklearnModel, XGBoostModel
+from flows.config import ExplainConfig, MlflowModel, SageMakerModel, SklearnModel, XGBoostModel
 
-MODEL_KINDS: list[type[BaseModel]] = [SklearnModel, XGBoostModel]
+MODEL_KINDS: list[type[BaseModel]] = [SklearnModel, XGBoostModel, MlflowModel, SageMakerModel]
 
 
 def _type_name(annotation: Any) -> str:
@@ -46,7 +46,7 @@ def _rows(model: type[BaseModel], prefix: str, kinds: str = "") -> list[str]:
     for name, field in model.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            rows += _rows(annotation, f"{prefix}{name}.")
+            rows += _rows(annotation, f"{prefix}{name}.", kinds)
             continue
         if name == "model":
             for kind in MODEL_KINDS:
@@ -75,4 +75,3 @@ def config_reference() -> str:
         else:
             seen[key] = row
     return "\n".join(header + list(seen.values()))
-

@@ -39,7 +39,9 @@ class Aggregate:
         return len(self.labels) > 1
 
 
-def combine_shards(shard_paths: list[str], destination: str | Path, features: list[str]) -> tuple[int, float, list[str]]:
+def combine_shards(
+    shard_paths: list[str], destination: str | Path, features: list[str]
+) -> tuple[int, float, list[str]]:
     """Stream the shard files, in order, into one parquet file; return rows, max additivity error, classes."""
     writer = None
     rows = 0
@@ -58,7 +60,11 @@ def combine_shards(shard_paths: list[str], destination: str | Path, features: li
             last_row_id = int(ids[-1]) if len(ids) else last_row_id
             if several and not labels:
                 labels = list(dict.fromkeys(frame[CLASS].astype(str)))
-            gap = frame[BASE_VALUE].to_numpy() + frame[features].to_numpy().sum(axis=1) - frame[MODEL_OUTPUT].to_numpy()
+            gap = (
+                frame[BASE_VALUE].to_numpy()
+                + frame[features].to_numpy().sum(axis=1)
+                - frame[MODEL_OUTPUT].to_numpy()
+            )
             if len(gap):
                 worst = max(worst, float(np.nanmax(np.abs(gap))))
             rows += len(np.unique(ids))
@@ -83,10 +89,16 @@ _AGGREGATIONS = {
 }
 
 
-def global_importance(values_path: str | Path, features: list[str], aggregations: list[str], labels: list[str]) -> pd.DataFrame:
+def global_importance(
+    values_path: str | Path, features: list[str], aggregations: list[str], labels: list[str]
+) -> pd.DataFrame:
     """One row per feature (and class): each aggregation of its SHAP values, ranked by the first one."""
     several = len(labels) > 1
-    classes = pq.read_table(values_path, columns=[CLASS]).column(CLASS).to_numpy(zero_copy_only=False) if several else None
+    classes = (
+        pq.read_table(values_path, columns=[CLASS]).column(CLASS).to_numpy(zero_copy_only=False)
+        if several
+        else None
+    )
     groups = labels if several else [None]
     records: list[dict[str, object]] = []
     for feature in features:
@@ -104,10 +116,16 @@ def global_importance(values_path: str | Path, features: list[str], aggregations
     by = [CLASS] if several else None
     table[RANK] = (key.groupby(table[CLASS]) if by else key).rank(method="first", ascending=False).astype(int)
     table = table.sort_values([*(by or []), RANK]).reset_index(drop=True)
-    return check_columns(table[importance_columns(aggregations, several)], importance_columns(aggregations, several), "global_importance.csv")
+    return check_columns(
+        table[importance_columns(aggregations, several)],
+        importance_columns(aggregations, several),
+        "global_importance.csv",
+    )
 
 
-def aggregate(shard_paths: list[str], destination: str | Path, features: list[str], aggregations: list[str]) -> Aggregate:
+def aggregate(
+    shard_paths: list[str], destination: str | Path, features: list[str], aggregations: list[str]
+) -> Aggregate:
     """Combine the shards into shap_values.parquet and compute global importance and additivity."""
     rows, worst, labels = combine_shards(shard_paths, destination, features)
     importance = global_importance(destination, features, aggregations, labels)
@@ -115,6 +133,8 @@ def aggregate(shard_paths: list[str], destination: str | Path, features: list[st
 
 
 @task(name="aggregate", cache_policy=NO_CACHE)
-def aggregate_task(shard_paths: list[str], destination: str, features: list[str], aggregations: list[str]) -> Aggregate:
+def aggregate_task(
+    shard_paths: list[str], destination: str, features: list[str], aggregations: list[str]
+) -> Aggregate:
     """Combine shards into the values table, global importance and the additivity check."""
     return aggregate(shard_paths, destination, features, aggregations)

@@ -26,7 +26,9 @@ class Background:
     def from_frame(cls, frame: pd.DataFrame) -> Background:
         """Read back what to_frame wrote."""
         if WEIGHT_COLUMN in frame.columns:
-            return cls(frame=frame.drop(columns=[WEIGHT_COLUMN]), weights=frame[WEIGHT_COLUMN].to_numpy(dtype=float))
+            return cls(
+                frame=frame.drop(columns=[WEIGHT_COLUMN]), weights=frame[WEIGHT_COLUMN].to_numpy(dtype=float)
+            )
         return cls(frame=frame)
 
     def to_frame(self) -> pd.DataFrame:
@@ -105,6 +107,8 @@ def draw_background(features: pd.DataFrame, target: pd.Series | None, config: Ba
 
 
 @task(name="draw-background", cache_policy=NO_CACHE)
-def draw_background_task(features: pd.DataFrame, target: pd.Series | None, config: BackgroundConfig) -> Background:
+def draw_background_task(
+    features: pd.DataFrame, target: pd.Series | None, config: BackgroundConfig
+) -> Background:
     """Draw the background sample."""
     return draw_background(features, target, config)

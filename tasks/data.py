@@ -35,7 +35,7 @@ class DataSource(ABC):
 class LocalFile(DataSource):
     """A file on this machine."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, config: DataConfig | None = None) -> None:
         self.uri = path
 
     def read_bytes(self) -> bytes:
@@ -45,22 +45,25 @@ class LocalFile(DataSource):
         return path.read_bytes()
 
 
-_SCHEMES: dict[str, type[DataSource]] = {}
+# Remote storages, by URI scheme: the module that defines a DataSource subclass taking (uri, config).
+_SCHEMES: dict[str, tuple[str, str]] = {"s3": ("tasks.s3", "S3Object")}
 
 
-def register_scheme(scheme: str, source: type[DataSource]) -> None:
-    """Plug a remote storage (e.g. s3) in under its URI scheme."""
-    _SCHEMES[scheme] = source
+def open_source(config: DataConfig) -> DataSource:
+    """The DataSource for data.source: a local path, or a URI whose scheme has a registered storage."""
+    import importlib
 
-
-def open_source(uri: str) -> DataSource:
-    """The DataSource for a path or URI."""
+    uri = config.source
     scheme, sep, _ = uri.partition("://")
     if not sep:
-        return LocalFile(uri)
+        return LocalFile(uri, config)
     if scheme not in _SCHEMES:
-        raise DataError(f"data.source: unsupported scheme {scheme!r} in {uri} (expected a local path)")
-    return _SCHEMES[scheme](uri)
+        known = ", ".join(f"{s}://" for s in sorted(_SCHEMES))
+        raise DataError(
+            f"data.source: unsupported scheme {scheme!r} in {uri} (expected a local path or {known})"
+        )
+    module, name = _SCHEMES[scheme]
+    return getattr(importlib.import_module(module), name)(uri, config)
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,9 @@ def parse_table(content: bytes, suffix: str, uri: str) -> pd.DataFrame:
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"data.source: {uri}: cannot parse as {suffix[1:]}: {' '.join(str(exc).split())}") from None
+        raise DataError(
+            f"data.source: {uri}: cannot parse as {suffix[1:]}: {' '.join(str(exc).split())}"
+        ) from None
     frame = frame.reset_index(drop=True)
     frame.index.name = ROW_ID
     return frame
@@ -92,7 +97,7 @@ def parse_table(content: bytes, suffix: str, uri: str) -> pd.DataFrame:
 
 def load_data(config: DataConfig) -> LoadedData:
     """Read the configured source and fingerprint it."""
-    source = open_source(config.source)
+    source = open_source(config)
     content = source.read_bytes()
     frame = parse_table(content, source.suffix, source.uri)
     return LoadedData(frame=frame, sha256=hashlib.sha256(content).hexdigest(), uri=source.uri)
@@ -122,13 +127,17 @@ def load_data_task(config: DataConfig) -> LoadedData:
     return load_data(config)
 
 
-def split_features(frame: pd.DataFrame, config: DataConfig, features: list[str]) -> tuple[pd.DataFrame, pd.Series | None]:
+def split_features(
+    frame: pd.DataFrame, config: DataConfig, features: list[str]
+) -> tuple[pd.DataFrame, pd.Series | None]:
     """The feature columns (in model order) and the target column, if any."""
     from tasks.schemas import reserved_feature_names
 
     clash = reserved_feature_names(features)
     if clash:
-        raise DataError(f"data.features: {', '.join(clash)} collide with columns of shap_values.parquet; rename them")
+        raise DataError(
+            f"data.features: {', '.join(clash)} collide with columns of shap_values.parquet; rename them"
+        )
     target = None
     if config.target is not None:
         if config.target not in frame.columns:

@@ -46,7 +46,10 @@ class Shard:
 def plan_shards(row_ids: Sequence[int], size: int) -> list[Shard]:
     """Split the rows to explain, in row order, into shards of at most `size` rows."""
     ids = [int(i) for i in row_ids]
-    return [Shard(index=n, row_ids=tuple(ids[start : start + size])) for n, start in enumerate(range(0, len(ids), size))]
+    return [
+        Shard(index=n, row_ids=tuple(ids[start : start + size]))
+        for n, start in enumerate(range(0, len(ids), size))
+    ]
 
 
 def row_seed(seed: int, row_id: int) -> int:
@@ -216,7 +219,9 @@ def _kernel_values(
         values[position] = np.asarray(explainer.shap_values(row.reshape(1, -1), **options)).reshape(
             len(columns), -1
         )
-    base = np.broadcast_to(np.asarray(explainer.expected_value, dtype=float).reshape(1, -1), (len(rows), len(function.outputs)))
+    base = np.broadcast_to(
+        np.asarray(explainer.expected_value, dtype=float).reshape(1, -1), (len(rows), len(function.outputs))
+    )
     return values, base
 
 
@@ -232,8 +237,12 @@ def _masker_values(
 
     _numeric_or_fail(rows, algorithm)
     if background.weights is not None:
-        raise ExplainError(f"explainer.algorithm {algorithm} cannot use weighted k-means centres; use background.method random")
-    masker = shap.maskers.Independent(background.frame.to_numpy(dtype=float), max_samples=len(background.frame))
+        raise ExplainError(
+            f"explainer.algorithm {algorithm} cannot use weighted k-means centres; use background.method random"
+        )
+    masker = shap.maskers.Independent(
+        background.frame.to_numpy(dtype=float), max_samples=len(background.frame)
+    )
     shap_link = shap.links.logit if link == "logit" else shap.links.identity
     data = rows.to_numpy(dtype=float)
     if algorithm == "exact":
@@ -303,7 +312,9 @@ def _model_values(
     else:
         _numeric_or_fail(rows, algorithm)
         explainer = shap.LinearExplainer(native, background.frame)
-        values, base = _as_outputs(explainer.shap_values(rows), explainer.expected_value, len(rows), rows.shape[1])
+        values, base = _as_outputs(
+            explainer.shap_values(rows), explainer.expected_value, len(rows), rows.shape[1]
+        )
         classifier = predictor.class_labels is not None
         output = predictor.raw_output(rows, "log_odds" if classifier else "raw")
         link = "logit" if classifier else "identity"

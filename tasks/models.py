@@ -153,24 +153,50 @@ def _load_pickled(path: Path, name: str) -> Any:
     try:
         return joblib.load(path)
     except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, TypeError) as exc:
-        raise ModelError(f"model.path: {path}: not a joblib/pickle model file ({type(exc).__name__})") from None
+        raise ModelError(
+            f"model.path: {path}: not a joblib/pickle model file ({type(exc).__name__})"
+        ) from None
     except ModuleNotFoundError as exc:
-        raise ModelError(f"model.path: {path}: model {name} needs module {exc.name!r}, which is not installed") from None
+        raise ModelError(
+            f"model.path: {path}: model {name} needs module {exc.name!r}, which is not installed"
+        ) from None
+
+
+# Model kinds that do not live in a local file: the module and function that load them as a Predictor.
+_REMOTE_LOADERS: dict[str, tuple[str, str]] = {
+    "sagemaker": ("tasks.endpoint", "load_endpoint_predictor"),
+    "mlflow": ("tasks.registry", "load_registry_predictor"),
+}
 
 
 def load_predictor(config: ModelConfig) -> Predictor:
-    """Load the configured model as a Predictor (cached per process while the file is unchanged)."""
+    """Load the configured model as a Predictor, once per process (a file again only when it changed)."""
+    if config.kind in _REMOTE_LOADERS:
+        return _load_remote(config.model_dump_json())
     path = Path(config.path)
     if not path.is_file():
         raise ModelError(f"model.path: file not found: {path}")
-    return _load_cached(config.model_dump_json(), os.stat(path).st_mtime_ns)
+    return _load_file(config.model_dump_json(), os.stat(path).st_mtime_ns)
+
+
+def _parse_model_config(config_json: str) -> ModelConfig:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(ModelConfig).validate_json(config_json)
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(config_json: str, mtime_ns: int) -> Predictor:
-    from pydantic import TypeAdapter
+def _load_remote(config_json: str) -> Predictor:
+    import importlib
 
-    config = TypeAdapter(ModelConfig).validate_json(config_json)
+    config = _parse_model_config(config_json)
+    module, name = _REMOTE_LOADERS[config.kind]
+    return getattr(importlib.import_module(module), name)(config)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_file(config_json: str, mtime_ns: int) -> Predictor:
+    config = _parse_model_config(config_json)
     path = Path(config.path)
     method = config.effective_output
     if isinstance(config, XGBoostModel) and path.suffix.lower() in (".json", ".ubj"):
@@ -180,7 +206,9 @@ def _load_cached(config_json: str, mtime_ns: int) -> Predictor:
         try:
             booster.load_model(str(path))
         except xgboost.core.XGBoostError as exc:
-            raise ModelError(f"model.path: {path}: not an XGBoost model ({str(exc).splitlines()[0]})") from None
+            raise ModelError(
+                f"model.path: {path}: not an XGBoost model ({str(exc).splitlines()[0]})"
+            ) from None
         return BoosterPredictor(config.name, booster, method)
     model = _load_pickled(path, config.name)
     if isinstance(config, XGBoostModel) and not _is_xgboost(final_estimator(model)):
@@ -197,7 +225,9 @@ def explained_outputs(n_outputs: int, class_index: int | None, labels: list[str]
     if class_index is None:
         return list(range(n_outputs))
     if class_index >= n_outputs:
-        raise ModelError(f"model.class_index: {class_index} is out of range; the model has {n_outputs} outputs")
+        raise ModelError(
+            f"model.class_index: {class_index} is out of range; the model has {n_outputs} outputs"
+        )
     return [class_index]
 
 
@@ -216,9 +246,15 @@ def probe_predictor(predictor: Predictor, rows: pd.DataFrame, class_index: int |
         raise
     except Exception as exc:
         message = " ".join(str(exc).split())[:300]
-        raise ModelError(f"model {predictor.name}: {predictor.method}() failed on the data: {message}") from None
+        raise ModelError(
+            f"model {predictor.name}: {predictor.method}() failed on the data: {message}"
+        ) from None
     if output.shape[0] != min(2, len(rows)):
-        raise ModelError(f"model {predictor.name}: {predictor.method}() returned {output.shape[0]} rows for {min(2, len(rows))}")
+        raise ModelError(
+            f"model {predictor.name}: {predictor.method}() returned {output.shape[0]} rows for {min(2, len(rows))}"
+        )
     if class_index is not None and output.shape[1] > 1 and class_index >= output.shape[1]:
-        raise ModelError(f"model.class_index: {class_index} is out of range; the model has {output.shape[1]} outputs")
+        raise ModelError(
+            f"model.class_index: {class_index} is out of range; the model has {output.shape[1]} outputs"
+        )
     return int(output.shape[1])

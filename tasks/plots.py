@@ -68,8 +68,14 @@ def _evenly(frame: pd.DataFrame, limit: int) -> pd.DataFrame:
     return frame.iloc[np.linspace(0, len(frame) - 1, limit).astype(int)]
 
 
-def render_plots(values: pd.DataFrame, rows: pd.DataFrame, features: list[str], labels: list[str],
-                 config: OutputConfig, folder: str | Path) -> list[Path]:
+def render_plots(
+    values: pd.DataFrame,
+    rows: pd.DataFrame,
+    features: list[str],
+    labels: list[str],
+    config: OutputConfig,
+    folder: str | Path,
+) -> list[Path]:
     """Write the configured plots under `folder`; several classes get one file per class (suffix _<class>)."""
     import shap
 
@@ -80,9 +86,17 @@ def render_plots(values: pd.DataFrame, rows: pd.DataFrame, features: list[str], 
     max_display = max(config.top_k, 10)
     if "bar" in config.plots:
         if several:
-            per_class = [values.loc[values[CLASS] == label, features].to_numpy(dtype=float) for label in labels]
-            shap.summary_plot(per_class, feature_names=features, class_names=labels, plot_type="bar",
-                              max_display=max_display, show=False)
+            per_class = [
+                values.loc[values[CLASS] == label, features].to_numpy(dtype=float) for label in labels
+            ]
+            shap.summary_plot(
+                per_class,
+                feature_names=features,
+                class_names=labels,
+                plot_type="bar",
+                max_display=max_display,
+                show=False,
+            )
         else:
             shap.plots.bar(_explanation(values, rows, features), max_display=max_display, show=False)
         written.append(_save(folder / "bar.png"))
@@ -90,8 +104,11 @@ def render_plots(values: pd.DataFrame, rows: pd.DataFrame, features: list[str], 
         part = values[values[CLASS] == label] if several else values
         suffix = f"_{_safe(label)}" if several else ""
         if "beeswarm" in config.plots:
-            shap.plots.beeswarm(_explanation(_evenly(part, MAX_PLOTTED_ROWS), rows, features),
-                                max_display=max_display, show=False)
+            shap.plots.beeswarm(
+                _explanation(_evenly(part, MAX_PLOTTED_ROWS), rows, features),
+                max_display=max_display,
+                show=False,
+            )
             written.append(_save(folder / f"beeswarm{suffix}.png"))
         if "waterfall" in config.plots and config.top_k > 0:
             top = part.sort_values(MODEL_OUTPUT, ascending=False, kind="stable").head(config.top_k)
@@ -115,8 +132,14 @@ def render_plots(values: pd.DataFrame, rows: pd.DataFrame, features: list[str], 
 
 
 @task(name="render-plots", cache_policy=NO_CACHE)
-def render_plots_task(values_path: str, rows: pd.DataFrame, features: list[str], labels: list[str],
-                      config: OutputConfig, folder: str) -> list[str]:
+def render_plots_task(
+    values_path: str,
+    rows: pd.DataFrame,
+    features: list[str],
+    labels: list[str],
+    config: OutputConfig,
+    folder: str,
+) -> list[str]:
     """Render the SHAP plots."""
     values = pd.read_parquet(values_path)
     return [str(p) for p in render_plots(values, rows, features, labels, config, folder)]

@@ -12,15 +12,26 @@ from prefect.cache_policies import NO_CACHE
 from tasks.schemas import CLASS, FEATURE, RANK
 
 
-def summary_markdown(model: str, importance: pd.DataFrame, aggregation: str, run_link: str, metrics: dict[str, float],
-                     top: int = 10) -> str:
+def summary_markdown(
+    model: str,
+    importance: pd.DataFrame,
+    aggregation: str,
+    run_link: str,
+    metrics: dict[str, float],
+    top: int = 10,
+) -> str:
     """Markdown: the top features by the ranking aggregation, the run's numbers and the MLflow link."""
     lines = [f"# SHAP explanation of `{model}`", "", f"MLflow run: {run_link}", ""]
     lines += [f"- **{key}**: {value:g}" for key, value in metrics.items()]
     groups = importance.groupby(CLASS, sort=False) if CLASS in importance.columns else [(None, importance)]
     for label, part in groups:
-        lines += ["", f"## Top features{f' for class {label}' if label is not None else ''}", "",
-                  f"| rank | feature | {aggregation} |", "|---:|---|---:|"]
+        lines += [
+            "",
+            f"## Top features{f' for class {label}' if label is not None else ''}",
+            "",
+            f"| rank | feature | {aggregation} |",
+            "|---:|---|---:|",
+        ]
         for _, row in part.sort_values(RANK).head(top).iterrows():
             lines.append(f"| {row[RANK]} | {row[FEATURE]} | {row[aggregation]:.4g} |")
     return "\n".join(lines) + "\n"
@@ -34,4 +45,6 @@ def artifact_key(model: str) -> str:
 @task(name="publish-summary", cache_policy=NO_CACHE)
 def publish_summary_task(model: str, markdown: str) -> None:
     """Publish the run summary as a Prefect markdown artifact."""
-    create_markdown_artifact(key=artifact_key(model), markdown=markdown, description=f"SHAP summary of {model}")
+    create_markdown_artifact(
+        key=artifact_key(model), markdown=markdown, description=f"SHAP summary of {model}"
+    )

@@ -74,8 +74,12 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str,
     return TrackedRun(tracking_uri, experiment_id, run.info.run_id)
 
 
-def log_values(run: TrackedRun, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
-               tags: dict[str, str] | None = None) -> None:
+def log_values(
+    run: TrackedRun,
+    params: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+    tags: dict[str, str] | None = None,
+) -> None:
     """Log params, metrics and tags in one batch."""
     now = int(time.time() * 1000)
     run.client.log_batch(
@@ -97,7 +101,9 @@ def log_artifact(run: TrackedRun, path: str | Path, artifact_dir: str | None = N
 
 
 @contextmanager
-def mlflow_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> Iterator[TrackedRun]:
+def mlflow_run(
+    tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str]
+) -> Iterator[TrackedRun]:
     """A run that ends FINISHED only when the block completes, FAILED (with the error as a tag) otherwise."""
     run = start_run(tracking_uri, experiment, run_name, tags)
     try:

@@ -45,7 +45,9 @@ def _expectation_class(name: str, position: int) -> type:
     class_name = "".join(part.capitalize() for part in name.split("_"))
     expectation = getattr(gx.expectations, class_name, None)
     if expectation is None:
-        raise ConfigError(f"validation.expectations[{position}]: unknown Great Expectations expectation {name!r}")
+        raise ConfigError(
+            f"validation.expectations[{position}]: unknown Great Expectations expectation {name!r}"
+        )
     return expectation
 
 
@@ -96,8 +98,10 @@ def validate_frame(frame: pd.DataFrame, features: list[str], config: ValidationC
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = context.data_sources.add_pandas("shapline")
-    batch = source.add_dataframe_asset("rows").add_batch_definition_whole_dataframe("all").get_batch(
-        batch_parameters={"dataframe": frame.reset_index(drop=True)}
+    batch = (
+        source.add_dataframe_asset("rows")
+        .add_batch_definition_whole_dataframe("all")
+        .get_batch(batch_parameters={"dataframe": frame.reset_index(drop=True)})
     )
     suite = gx.ExpectationSuite(name="shapline", expectations=expectations)
     result = batch.validate(suite)
@@ -120,6 +124,8 @@ def validate_frame(frame: pd.DataFrame, features: list[str], config: ValidationC
 
 
 @task(name="validate-data", cache_policy=NO_CACHE)
-def validate_frame_task(frame: pd.DataFrame, features: list[str], config: ValidationConfig) -> ValidationReport:
+def validate_frame_task(
+    frame: pd.DataFrame, features: list[str], config: ValidationConfig
+) -> ValidationReport:
     """Validate the data with Great Expectations."""
     return validate_frame(frame, features, config)
