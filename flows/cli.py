@@ -14,6 +14,8 @@ from tasks.errors import ShaplineError
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# This machine (and many production ones) cannot reach Prefect's telemetry endpoint; don't try.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 class _NoTracebacks(logging.Filter):

@@ -92,7 +92,8 @@ def validate_frame(frame: pd.DataFrame, features: list[str], config: ValidationC
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    for name in ("great_expectations", "great_expectations.data_context.types.base"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     expectations = build_expectations(features, config)
     context = gx.get_context(mode="ephemeral")

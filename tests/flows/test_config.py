@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from flows.config import ExplainConfig, apply_overrides, config_schema, load_config
+from flows.reference import config_reference
+from tasks.errors import ConfigError
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def test_reference_config_expresses_the_seed_scenario() -> None:
+    config = load_config(CONFIGS / "valid.yaml")
+    assert config.background.method == "random" and config.background.size == 50
+    assert config.explainer.nsamples == "auto" and config.explainer.l1_reg == "aic"
+    assert config.link == "logit"
+    assert config.data.target == "Churn?" and config.data.drop == ["Phone"]
+    assert config.experiment_name == "shapline/churn-xgb"
+
+
+def test_relative_paths_resolve_against_the_yaml_folder() -> None:
+    config = load_config(CONFIGS / "valid.yaml")
+    assert config.model.path == str((CONFIGS / "models" / "churn.joblib").resolve())
+    assert config.data.source == str((CONFIGS / "data" / "churn.csv").resolve())
+
+
+def test_defaults_fill_every_optional_section() -> None:
+    config = load_config(CONFIGS / "minimal.yaml")
+    assert config.model.kind == "xgboost"
+    assert config.model.effective_output == "predict_proba"
+    assert config.shards.size == 100 and config.shards.runner == "thread"
+    assert config.output.aggregations[0] == "mean_abs"
+    assert config.validation.on_failure == "fail"
+
+
+@pytest.mark.parametrize(
+    ("task", "output", "link"),
+    [
+        ("classification", "predict_proba", "logit"),
+        ("classification", "decision_function", "identity"),
+        ("regression", None, "identity"),
+    ],
+)
+def test_link_defaults_follow_the_output(task: str, output: str | None, link: str) -> None:
+    raw = {
+        "model": {"name": "m", "kind": "sklearn", "path": "/m", "task": task, "output": output},
+        "data": {"source": "/d.csv"},
+    }
+    assert ExplainConfig.model_validate(raw).link == link
+
+
+def test_overrides_set_nested_keys_parsed_as_yaml() -> None:
+    config = load_config(
+        CONFIGS / "valid.yaml",
+        ["shards.size=7", "explainer.nsamples=300", "data.explain_rows=all", "output.plots=[bar]"],
+    )
+    assert config.shards.size == 7 and config.explainer.nsamples == 300
+    assert config.output.plots == ["bar"]
+
+
+def test_override_without_equals_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        apply_overrides({}, ["shards.size"])
+
+
+def test_override_of_an_unknown_key_names_it() -> None:
+    with pytest.raises(ConfigError, match=r"shards\.sise: unknown key"):
+        load_config(CONFIGS / "valid.yaml", ["shards.sise=3"])
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("invalid_yaml.yaml", r"invalid_yaml\.yaml: not valid YAML"),
+        ("invalid_unknown_key.yaml", r"shards\.sise: unknown key"),
+        ("invalid_wrong_type.yaml", r"shards\.size: Input should be a valid integer.*'ten'"),
+        ("invalid_missing_name.yaml", r"model\.name: required key is missing"),
+        ("invalid_kind.yaml", r"model: .*'sklearn', 'xgboost', 'sagemaker', 'mlflow'"),
+        ("invalid_l1_reg.yaml", r"explainer\.l1_reg: .*aic, bic, num_features\(k\) or false"),
+        ("invalid_stratified.yaml", r"stratified needs data\.target"),
+        ("invalid_not_mapping.yaml", r"expected a mapping of sections"),
+        ("does_not_exist.yaml", r"config file not found"),
+    ],
+)
+def test_bad_configs_fail_with_one_line_naming_file_and_key(name: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(CONFIGS / name)
+    assert "\n" not in str(caught.value)
+    assert name in str(caught.value)
+
+
+def test_cli_prints_one_error_line_and_exits_2_for_a_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["run", str(CONFIGS / "invalid_unknown_key.yaml"), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "shards.sise: unknown key" in err
+    assert "Traceback" not in err
+    assert json.loads(out.strip().splitlines()[-1])["status"] == "FAILED"
+
+
+def test_schema_command_prints_the_json_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema == config_schema()
+    assert {"model", "data", "validation", "background", "explainer", "shards", "output"} <= set(
+        schema["properties"]
+    )
+
+
+def test_readme_config_reference_matches_the_schema() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+    documented = readme.split(start, 1)[1].split(end, 1)[0].strip()
+    assert documented == config_reference().strip(), "regenerate with: shapline schema --markdown"
+
+
+def test_every_schema_key_is_in_the_reference() -> None:
+    reference = config_reference()
+    for section, spec in config_schema()["properties"].items():
+        if section == "model":
+            continue
+        definition = config_schema()["$defs"][spec.get("$ref", "").split("/")[-1]]
+        for key in definition["properties"]:
+            assert f"`{section}.{key}" in reference

@@ -1,0 +1,350 @@
+"""End-to-end runs of the real flow (Prefect test server, sqlite MLflow store), against independent references."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+import shap
+from mlflow.tracking import MlflowClient
+
+from flows.cli import main
+from tasks.explain import ModelFunction
+from tasks.models import LocalPredictor
+from tests.conftest import exact_shapley
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any], str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    last = out.strip().splitlines()[-1] if out.strip() else "{}"
+    return code, json.loads(last), err
+
+
+def all_runs(uri: str) -> list[Any]:
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments) if experiments else []
+
+
+def artifact(uri: str, run_id: str, name: str, tmp_path: Path) -> Path:
+    return Path(MlflowClient(uri).download_artifacts(run_id, name, str(tmp_path)))
+
+
+def cancer_config(
+    write_config: Callable[..., Path], data_path: Path, model_path: Path, **overrides: Any
+) -> Path:
+    sections: dict[str, Any] = {
+        "model": {"name": "cancer", "kind": "sklearn", "path": str(model_path), "task": "classification"},
+        "data": {"source": str(data_path), "target": "malignant"},
+        "background": {"method": "random", "size": 20, "seed": 0},
+        "shards": {"size": 200, "runner": "thread", "workers": 2},
+        "output": {"top_k": 2},
+    }
+    for section, values in overrides.items():
+        sections[section] = {**sections.get(section, {}), **values}
+    return write_config(**sections)
+
+
+def test_tree_model_run_logs_everything_and_matches_tree_explainer(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    xgb_model: Path,
+    mlflow_store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = cancer_config(write_config, cancer_data, xgb_model, model={"kind": "xgboost"})
+    code, summary, _ = run_cli(["run", str(config), "--json"], capsys)
+    assert code == 0 and summary["status"] == "FINISHED"
+    assert summary["rows_explained"] == 569 and summary["shards"] == 3
+    assert summary["tracking_uri"] == mlflow_store
+    for key in ("mlflow_run_id", "experiment_id", "additivity_max_error", "duration_s"):
+        assert key in summary
+
+    client = MlflowClient(mlflow_store)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "shapline/cancer"
+    assert run.data.tags["shapline.model"] == "cancer"
+    assert (
+        len(run.data.tags["shapline.config_sha256"]) == 64
+        and len(run.data.tags["shapline.data_sha256"]) == 64
+    )
+    assert run.data.tags["prefect.flow_run_id"]
+    assert (
+        run.data.params["explainer.algorithm"] == "auto"
+        and run.data.params["explainer.algorithm_effective"] == "tree"
+    )
+    assert run.data.params["background.size"] == "20"
+    metrics = run.data.metrics
+    assert metrics["rows_explained"] == 569 and metrics["shards"] == 3 and metrics["validation_success"] == 1
+    assert metrics["additivity_max_error"] < 1e-4 and metrics["duration_s"] > 0 and metrics["rows_per_s"] > 0
+
+    names = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert {
+        "config.yaml",
+        "validation.json",
+        "background.parquet",
+        "shap_values.parquet",
+        "global_importance.csv",
+        "plots",
+    } <= names
+    plots = {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"bar.png", "beeswarm.png", "force.html"} <= plots
+    assert len([p for p in plots if p.startswith("waterfall_")]) == 2
+
+    values = pd.read_parquet(artifact(mlflow_store, run.info.run_id, "shap_values.parquet", tmp_path))
+    data = pd.read_csv(cancer_data).drop(columns=["malignant"])
+    model = joblib.load(xgb_model)
+    features = list(data.columns)
+    assert list(values.columns) == ["row_id", *features, "base_value", "model_output"]
+    assert values["row_id"].tolist() == list(range(569))
+    np.testing.assert_allclose(
+        values[features].to_numpy(), shap.TreeExplainer(model).shap_values(data), atol=1e-6
+    )
+    importance = pd.read_csv(artifact(mlflow_store, run.info.run_id, "global_importance.csv", tmp_path))
+    assert list(importance.columns) == ["feature", "mean_abs", "mean", "median", "mean_sq", "std", "rank"]
+    assert importance.loc[importance["rank"] == 1, "feature"].item() == values[features].abs().mean().idxmax()
+
+
+def test_kernel_run_equals_exact_shapley_values(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    mlflow_store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = cancer_config(
+        write_config,
+        cancer_data,
+        mlp_model,
+        data={"explain_rows": 3, "seed": 1},
+        background={"size": 6},
+        explainer={"nsamples": 256, "l1_reg": False},
+        output={"plots": ["bar"]},
+    )
+    code, summary, _ = run_cli(["run", str(config), "--json"], capsys)
+    assert code == 0
+    run_id = summary["mlflow_run_id"]
+    values = pd.read_parquet(artifact(mlflow_store, run_id, "shap_values.parquet", tmp_path))
+    background = pd.read_parquet(artifact(mlflow_store, run_id, "background.parquet", tmp_path))
+    data = pd.read_csv(cancer_data).drop(columns=["malignant"])
+    predictor = LocalPredictor("mlp", joblib.load(mlp_model), "predict_proba")
+    function = ModelFunction(predictor, data, [1], "logit")
+    features = list(data.columns)
+    assert len(values) == 3 and len(background) == 6
+    for _, row in values.iterrows():
+        x = data.loc[int(row["row_id"])].to_numpy()
+        expected = exact_shapley(
+            lambda rows: function(rows)[:, 0],
+            x,
+            background[features].to_numpy(),
+            lambda p: np.log(p / (1 - p)),
+        )
+        np.testing.assert_allclose(row[features].to_numpy(dtype=float), expected, atol=1e-6)
+    assert summary["additivity_max_error"] < 1e-9
+
+
+@pytest.mark.slow
+def test_many_shards_on_two_processes_equal_one_shard(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    mlflow_store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Sampled coalitions (nsamples << 2^M): values must not depend on shard size, runner or workers."""
+    common = {
+        "data": {"explain_rows": 12, "seed": 2},
+        "explainer": {"nsamples": 40, "seed": 7},
+        "output": {"plots": []},
+    }
+    one = cancer_config(write_config, cancer_data, mlp_model, shards={"size": 12, "workers": 1}, **common)
+    many = cancer_config(
+        write_config, cancer_data, mlp_model, shards={"size": 3, "runner": "process", "workers": 2}, **common
+    )
+    code_one, first, _ = run_cli(["run", str(one), "--json"], capsys)
+    code_many, second, _ = run_cli(["run", str(many), "--json"], capsys)
+    assert code_one == 0 and code_many == 0 and first["shards"] == 1 and second["shards"] == 4
+    left = pd.read_parquet(
+        artifact(mlflow_store, first["mlflow_run_id"], "shap_values.parquet", tmp_path / "a")
+    )
+    right = pd.read_parquet(
+        artifact(mlflow_store, second["mlflow_run_id"], "shap_values.parquet", tmp_path / "b")
+    )
+    pd.testing.assert_frame_equal(left, right, check_exact=False, rtol=1e-12, atol=1e-12)
+
+
+def test_mixed_type_pipeline_explains_every_class(
+    write_config: Callable[..., Path],
+    penguins: tuple[Path, Path],
+    mlflow_store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data_path, model_path = penguins
+    config = write_config(
+        model={"name": "penguins", "kind": "sklearn", "path": str(model_path), "class_index": None},
+        data={"source": str(data_path), "target": "species", "explain_rows": 16},
+        validation={
+            "expectations": [
+                {
+                    "expect_column_values_to_be_in_set": {
+                        "column": "island",
+                        "value_set": ["Biscoe", "Dream", "Torgersen"],
+                    }
+                }
+            ]
+        },
+        background={"method": "stratified", "size": 12},
+        shards={"size": 6},
+        output={"top_k": 1, "plots": ["bar", "beeswarm", "waterfall"]},
+    )
+    code, summary, _ = run_cli(["run", str(config), "--json"], capsys)
+    assert code == 0 and summary["algorithm"] == "kernel" and summary["shards"] == 3
+    run_id = summary["mlflow_run_id"]
+    values = pd.read_parquet(artifact(mlflow_store, run_id, "shap_values.parquet", tmp_path))
+    assert values.columns[:2].tolist() == ["row_id", "class"] and len(values) == 16 * 3
+    assert values["class"].unique().tolist() == ["Adelie", "Chinstrap", "Gentoo"]
+    assert summary["additivity_max_error"] < 1e-9
+    importance = pd.read_csv(artifact(mlflow_store, run_id, "global_importance.csv", tmp_path))
+    assert importance.columns[:2].tolist() == ["class", "feature"] and len(importance) == 3 * 7
+    plots = {Path(f.path).name for f in MlflowClient(mlflow_store).list_artifacts(run_id, "plots")}
+    assert {"bar.png", "beeswarm_Adelie.png", "beeswarm_Gentoo.png"} <= plots
+
+
+def test_xgboost_booster_file(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    xgb_model: Path,
+    mlflow_store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    booster = xgb_model.with_suffix(".json")
+    config = cancer_config(
+        write_config,
+        cancer_data,
+        booster,
+        model={"kind": "xgboost"},
+        data={"explain_rows": 50},
+        output={"plots": []},
+    )
+    code, summary, _ = run_cli(["run", str(config), "--json"], capsys)
+    assert code == 0 and summary["algorithm"] == "tree"
+    values = pd.read_parquet(
+        artifact(mlflow_store, summary["mlflow_run_id"], "shap_values.parquet", tmp_path)
+    )
+    data = pd.read_csv(cancer_data).drop(columns=["malignant"]).loc[values["row_id"]]
+    reference = shap.TreeExplainer(joblib.load(xgb_model)).shap_values(data)
+    np.testing.assert_allclose(values[list(data.columns)].to_numpy(), reference, atol=1e-6)
+
+
+def _bad_input(
+    case: str, tmp_path: Path, cancer_data: Path, penguins: tuple[Path, Path]
+) -> tuple[dict[str, Any], list[str]]:
+    """A config section override (and any file it needs) for each bad input."""
+    if case == "missing data file":
+        return {"data": {"source": str(tmp_path / "missing.csv")}}, []
+    if case == "missing feature column":
+        return {"data": {"features": ["mean_radius", "Day Mins"]}}, []
+    if case == "failing expectation":
+        return {
+            "validation": {
+                "expectations": [
+                    {
+                        "expect_column_values_to_be_between": {
+                            "column": "mean_radius",
+                            "min_value": 0,
+                            "max_value": 10,
+                        }
+                    }
+                ]
+            }
+        }, []
+    if case == "kmeans on a text column":
+        data_path, model_path = penguins
+        return {
+            "model": {"path": str(model_path)},
+            "data": {"source": str(data_path), "target": "species"},
+            "background": {"method": "kmeans", "size": 5},
+        }, []
+    if case == "empty dataset":
+        path = tmp_path / "empty.csv"
+        pd.read_csv(cancer_data).head(0).to_csv(path, index=False)
+        return {"data": {"source": str(path)}}, []
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing data file", r"data\.source: file not found: .*missing\.csv"),
+        ("missing feature column", r"column 'Day Mins' is missing"),
+        (
+            "failing expectation",
+            r"expect_column_values_to_be_between\(column='mean_radius'.*unexpected values",
+        ),
+        ("kmeans on a text column", r"kmeans needs numeric features; non-numeric columns: island, sex"),
+        ("empty dataset", r"the data has 0 rows"),
+    ],
+)
+def test_bad_inputs_fail_with_one_clear_line_and_no_finished_run(
+    case: str,
+    message: str,
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    penguins: tuple[Path, Path],
+    mlflow_store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sections, _ = _bad_input(case, tmp_path, cancer_data, penguins)
+    config = cancer_config(write_config, cancer_data, mlp_model, **sections)
+    code, summary, err = run_cli(["run", str(config), "--json"], capsys)
+    assert code != 0 and summary["status"] == "FAILED"
+    errors = [line for line in err.splitlines() if line.startswith("shapline: error:")]
+    assert len(errors) == 1, err
+    assert re.search(message, errors[0]), errors[0]
+    assert "Traceback" not in err
+    runs = all_runs(mlflow_store)
+    assert all(r.info.status == "FAILED" for r in runs)
+    assert all("shapline.error" in r.data.tags for r in runs)
+
+
+@pytest.mark.parametrize("name", ["invalid_yaml.yaml", "invalid_unknown_key.yaml", "invalid_wrong_type.yaml"])
+def test_bad_configs_start_no_run(name: str, mlflow_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, summary, err = run_cli(["run", str(Path(__file__).parents[1] / "configs" / name), "--json"], capsys)
+    assert code == 2 and summary["status"] == "FAILED" and name in err
+    assert all_runs(mlflow_store) == []
+
+
+def test_validate_command_checks_without_explaining(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    mlflow_store: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = cancer_config(write_config, cancer_data, mlp_model, shards={"size": 100})
+    code, report, _ = run_cli(["validate", str(config), "--json"], capsys)
+    assert code == 0 and report["ok"] and report["shards"] == 6 and report["algorithm"] == "kernel"
+    failing = cancer_config(write_config, cancer_data, mlp_model, data={"features": ["nope"]})
+    code, report, _ = run_cli(["validate", str(failing), "--json"], capsys)
+    assert code == 1 and report["validation_failures"] == [
+        "column 'nope' is missing (expect_column_to_exist)"
+    ]
+    assert all_runs(mlflow_store) == []

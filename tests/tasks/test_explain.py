@@ -1,0 +1,192 @@
+from __future__ import annotations
+
+import threading
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+import shap
+
+from flows.config import ExplainerConfig
+from tasks.background import Background
+from tasks.errors import ExplainError
+from tasks.explain import ModelFunction, explain_rows, plan_shards, resolve_algorithm, row_seed
+from tasks.models import LocalPredictor
+from tests.conftest import exact_shapley
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    return np.log(p / (1 - p))
+
+
+@pytest.fixture(scope="module")
+def cancer(cancer_data) -> pd.DataFrame:  # noqa: ANN001
+    return pd.read_csv(cancer_data)
+
+
+@pytest.fixture(scope="module")
+def features(cancer: pd.DataFrame) -> pd.DataFrame:
+    return cancer.drop(columns=["malignant"])
+
+
+def test_shards_split_rows_in_order() -> None:
+    shards = plan_shards([3, 5, 8, 9, 10], 2)
+    assert [s.row_ids for s in shards] == [(3, 5), (8, 9), (10,)]
+    assert [s.index for s in shards] == [0, 1, 2]
+
+
+def test_row_seed_depends_only_on_seed_and_row() -> None:
+    assert row_seed(0, 7) == row_seed(0, 7)
+    assert len({row_seed(0, 7), row_seed(1, 7), row_seed(0, 8)}) == 3
+
+
+def test_kernel_with_every_coalition_equals_exact_shapley(mlp_model, features: pd.DataFrame) -> None:  # noqa: ANN001
+    """M = 8 features, nsamples >= 2^M: the kernel estimate must be the exact Shapley value in logit space."""
+    model = joblib.load(mlp_model)
+    predictor = LocalPredictor("mlp", model, "predict_proba")
+    background = features.iloc[:6]
+    rows = features.iloc[100:103]
+    config = ExplainerConfig(algorithm="kernel", nsamples=2**8, l1_reg=False)
+    result = explain_rows(rows, Background(frame=background), predictor, config, "logit", 1)
+    function = ModelFunction(predictor, rows, [1], "logit")
+    for position in range(len(rows)):
+        expected = exact_shapley(
+            lambda x: function(x)[:, 0], rows.to_numpy()[position], background.to_numpy(), logit
+        )
+        np.testing.assert_allclose(result.values[position, :, 0], expected, atol=1e-6)
+    additivity = result.base_values + result.values.sum(axis=1) - result.model_output
+    assert np.abs(additivity).max() < 1e-9
+
+
+def test_exact_explainer_equals_enumeration(mlp_model, features: pd.DataFrame) -> None:  # noqa: ANN001
+    model = joblib.load(mlp_model)
+    predictor = LocalPredictor("mlp", model, "predict_proba")
+    background, rows = features.iloc[:5], features.iloc[200:202]
+    result = explain_rows(
+        rows, Background(frame=background), predictor, ExplainerConfig(algorithm="exact"), "identity", 1
+    )
+    function = ModelFunction(predictor, rows, [1], "identity")
+    for position in range(len(rows)):
+        expected = exact_shapley(
+            lambda x: function(x)[:, 0], rows.to_numpy()[position], background.to_numpy()
+        )
+        np.testing.assert_allclose(result.values[position, :, 0], expected, atol=1e-6)
+
+
+def test_tree_equals_shap_tree_explainer_in_log_odds(xgb_model, features: pd.DataFrame) -> None:  # noqa: ANN001
+    model = joblib.load(xgb_model)
+    predictor = LocalPredictor("xgb", model, "predict_proba")
+    rows = features.iloc[:40]
+    result = explain_rows(
+        rows, Background(frame=features.iloc[:10]), predictor, ExplainerConfig(), "logit", 1
+    )
+    reference = shap.TreeExplainer(model)
+    assert result.algorithm == "tree" and result.link == "logit"
+    np.testing.assert_allclose(result.values[:, :, 0], reference.shap_values(rows), atol=1e-6)
+    np.testing.assert_allclose(result.model_output[:, 0], model.predict(rows, output_margin=True), atol=1e-6)
+    assert np.abs(result.base_values + result.values.sum(axis=1) - result.model_output).max() < 1e-4
+
+
+def test_tree_class_zero_of_a_binary_model_is_the_negative(xgb_model, features: pd.DataFrame) -> None:  # noqa: ANN001
+    predictor = LocalPredictor("xgb", joblib.load(xgb_model), "predict_proba")
+    rows = features.iloc[:5]
+    one = explain_rows(rows, Background(frame=rows), predictor, ExplainerConfig(), "logit", 1)
+    both = explain_rows(rows, Background(frame=rows), predictor, ExplainerConfig(), "logit", None)
+    assert both.labels == ["0", "1"]
+    np.testing.assert_allclose(both.values[:, :, 0], -one.values[:, :, 0])
+    np.testing.assert_allclose(both.values[:, :, 1], one.values[:, :, 0])
+
+
+def test_linear_model_uses_linear_explainer(features: pd.DataFrame, cancer: pd.DataFrame) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(max_iter=5000).fit(features, cancer["malignant"])
+    predictor = LocalPredictor("lr", model, "predict_proba")
+    rows, background = features.iloc[:20], features.iloc[20:120]
+    result = explain_rows(rows, Background(frame=background), predictor, ExplainerConfig(), "logit", 1)
+    reference = shap.LinearExplainer(model, background).shap_values(rows)
+    assert result.algorithm == "linear"
+    np.testing.assert_allclose(result.values[:, :, 0], reference, atol=1e-9)
+    np.testing.assert_allclose(result.model_output[:, 0], model.decision_function(rows))
+
+
+def test_multiclass_kernel_gives_values_per_class(penguins) -> None:  # noqa: ANN001
+    data_path, model_path = penguins
+    data = pd.read_csv(data_path).drop(columns=["species"])
+    predictor = LocalPredictor("penguins", joblib.load(model_path), "predict_proba")
+    result = explain_rows(
+        data.iloc[[0, 3, 200]],
+        Background(frame=data.iloc[:20]),
+        predictor,
+        ExplainerConfig(algorithm="auto"),
+        "logit",
+        None,
+    )
+    assert result.algorithm == "kernel"
+    assert result.labels == ["Adelie", "Chinstrap", "Gentoo"]
+    assert result.values.shape == (3, 7, 3)
+    frame = result.to_frame()
+    assert list(frame["class"][:3]) == ["Adelie", "Chinstrap", "Gentoo"] and list(frame["row_id"][:3]) == [
+        0,
+        0,
+        0,
+    ]
+    assert np.abs(result.base_values + result.values.sum(axis=1) - result.model_output).max() < 1e-9
+
+
+def test_sampled_kernel_is_deterministic_under_concurrent_threads(mlp_model, features: pd.DataFrame) -> None:  # noqa: ANN001
+    """nsamples << 2^M, so rows draw random coalitions: threads must not change anyone's draw."""
+    predictor = LocalPredictor("mlp", joblib.load(mlp_model), "predict_proba")
+    background = Background(frame=features.iloc[:10])
+    config = ExplainerConfig(algorithm="kernel", nsamples=60, seed=4)
+    parts = [features.iloc[i : i + 3] for i in range(0, 12, 3)]
+    alone = [explain_rows(p, background, predictor, config, "logit", 1).values for p in parts]
+    together: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        together[i] = explain_rows(parts[i], background, predictor, config, "logit", 1).values
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(parts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, values in enumerate(alone):
+        np.testing.assert_array_equal(together[i], values)
+    whole = explain_rows(features.iloc[:12], background, predictor, config, "logit", 1).values
+    np.testing.assert_array_equal(whole, np.concatenate(alone))
+
+
+def test_permutation_is_additive_and_seeded(mlp_model, features: pd.DataFrame) -> None:  # noqa: ANN001
+    predictor = LocalPredictor("mlp", joblib.load(mlp_model), "predict_proba")
+    background, rows = Background(frame=features.iloc[:10]), features.iloc[:4]
+    config = ExplainerConfig(algorithm="permutation", seed=1)
+    first = explain_rows(rows, background, predictor, config, "logit", 1)
+    again = explain_rows(rows, background, predictor, config, "logit", 1)
+    np.testing.assert_array_equal(first.values, again.values)
+    assert np.abs(first.base_values + first.values.sum(axis=1) - first.model_output).max() < 1e-6
+
+
+def test_non_numeric_data_with_permutation_names_the_columns(penguins) -> None:  # noqa: ANN001
+    data_path, model_path = penguins
+    data = pd.read_csv(data_path).drop(columns=["species"])
+    predictor = LocalPredictor("penguins", joblib.load(model_path), "predict_proba")
+    with pytest.raises(ExplainError, match="needs numeric features; non-numeric: island, sex"):
+        explain_rows(
+            data.iloc[:2],
+            Background(frame=data.iloc[:5]),
+            predictor,
+            ExplainerConfig(algorithm="permutation"),
+            "logit",
+            1,
+        )
+
+
+def test_tree_on_a_pipeline_is_refused(penguins) -> None:  # noqa: ANN001
+    predictor = LocalPredictor("penguins", joblib.load(penguins[1]), "predict_proba")
+    with pytest.raises(
+        ExplainError, match="explainer.algorithm tree needs the model object itself, got Pipeline"
+    ):
+        resolve_algorithm("tree", predictor)
+    assert resolve_algorithm("auto", predictor) == "kernel"
