@@ -116,6 +116,16 @@ def test_tree_model_run_logs_everything_and_matches_tree_explainer(
     assert list(importance.columns) == ["feature", "mean_abs", "mean", "median", "mean_sq", "std", "rank"]
     assert importance.loc[importance["rank"] == 1, "feature"].item() == values[features].abs().mean().idxmax()
 
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:
+        response = prefect.request("POST", "/artifacts/filter", json={
+            "artifacts": {"key": {"any_": ["shapline-cancer"]}}, "limit": 10, "offset": 0, "sort": "CREATED_DESC",
+            "flow_runs": {}, "task_runs": {}})
+    published = response.json()
+    assert published and published[0]["type"] == "markdown"
+    assert summary["mlflow_run_id"] in published[0]["data"] and "| 1 | " in published[0]["data"]
+
 
 def test_kernel_run_equals_exact_shapley_values(
     write_config: Callable[..., Path],
