@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flows import endpoint_cli
 from tasks.errors import ShaplineError
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -60,7 +61,12 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--debug", action="store_true", help="show tracebacks")
         return sub
 
-    with_config("run", "explain the model and log everything to MLflow")
+    run = with_config("run", "explain the model and log everything to MLflow")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything and print the plan (and endpoint inference estimate), explain nothing",
+    )
     with_config("validate", "check the config, the model and the data without explaining")
     schema = commands.add_parser("schema", help="print the config's JSON schema")
     schema.add_argument("--markdown", action="store_true", help="the config reference table instead")
@@ -71,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     demo.add_argument("--json", action="store_true")
     demo.add_argument("--debug", action="store_true")
+    endpoint_cli.add_parser(commands)
     return parser
 
 
@@ -141,8 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_tracebacks()
     as_json = getattr(args, "json", False)
     try:
+        if args.command == "run" and args.dry_run:
+            return _validate(args.config, args.overrides, as_json)
         if args.command == "run":
             return _run(args.config, args.overrides, as_json)
+        if args.command == "endpoint":
+            return endpoint_cli.run(args)
         if args.command == "validate":
             return _validate(args.config, args.overrides, as_json)
         if args.command == "schema":

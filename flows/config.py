@@ -188,8 +188,28 @@ class ExplainerConfig(_Strict):
 
 class ShardsConfig(_Strict):
     size: int = Field(100, ge=1, description="Rows per shard; each shard is one Prefect task.")
-    runner: Literal["thread", "process"] = Field("thread", description="thread | process")
-    workers: int = Field(2, ge=1, description="Shards explained at once.")
+    runner: Literal["thread", "process", "dask"] = Field("thread", description="thread | process | dask")
+    workers: int = Field(
+        2, ge=1, description="Shards explained at once (dask without address: local worker processes)."
+    )
+    address: str | None = Field(
+        None,
+        description="dask only: scheduler of an existing cluster, e.g. tcp://10.0.0.5:8786; null starts a local one.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where finished shards are kept so a re-run after a crash recomputes only the missing ones; "
+        "default: $SHAPLINE_CACHE_DIR, else ~/.cache/shapline/shards. Must be shared storage for a remote cluster.",
+    )
+    keep: bool = Field(
+        False, description="Keep the finished shards after a successful run (default: delete them)."
+    )
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> ShardsConfig:
+        if self.address is not None and self.runner != "dask":
+            raise ValueError("shards.address needs shards.runner dask")
+        return self
 
 
 Plot = Literal["bar", "beeswarm", "waterfall", "force"]
@@ -213,6 +233,23 @@ class OutputConfig(_Strict):
     )
 
 
+class ScheduleConfig(_Strict):
+    cron: str | None = Field(None, description="Cron expression, e.g. '0 6 * * 1' (06:00 every Monday).")
+    interval_s: int | None = Field(None, ge=60, description="Or a fixed interval in seconds.")
+    timezone: str = Field("UTC", description="IANA timezone of the cron expression.")
+    active: bool = Field(True, description="false keeps the deployment but pauses the schedule.")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Flow parameter overrides for scheduled runs (e.g. explain_rows: 1000).",
+    )
+
+    @model_validator(mode="after")
+    def _one_trigger(self) -> ScheduleConfig:
+        if (self.cron is None) == (self.interval_s is None):
+            raise ValueError("schedule needs exactly one of cron or interval_s")
+        return self
+
+
 class ExplainConfig(_Strict):
     """Everything one explanation run needs; the YAML file's top-level keys."""
 
@@ -223,6 +260,7 @@ class ExplainConfig(_Strict):
     explainer: ExplainerConfig = Field(default_factory=ExplainerConfig)
     shards: ShardsConfig = Field(default_factory=ShardsConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    schedule: ScheduleConfig | None = Field(None, description="When `shapline deploy` schedules this model.")
 
     @model_validator(mode="after")
     def _consistent(self) -> ExplainConfig:

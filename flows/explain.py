@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +15,22 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from flows.config import ExplainConfig, ShardsConfig, load_config
+from flows.config import ExplainConfig, MlflowModel, SageMakerModel, ShardsConfig, load_config
 from tasks.aggregate import aggregate_task
 from tasks.background import draw_background_task
 from tasks.data import feature_columns, load_data_task, select_explain_rows, split_features
+from tasks.endpoint import delete_endpoint
 from tasks.errors import ValidationFailed
-from tasks.explain import ShardJob, ShardResult, explain_shard_task, plan_shards, stage_shards
-from tasks.models import Predictor, load_predictor, probe_predictor
+from tasks.explain import (
+    ShardJob,
+    ShardResult,
+    explain_shard_task,
+    plan_shards,
+    stage_shards,
+)
+from tasks.models import Predictor, link_for, load_predictor, probe_predictor
 from tasks.plots import render_plots_task
+from tasks.registry import resolve_registry_model_task
 from tasks.report import publish_summary_task, summary_markdown
 from tasks.tracking import (
     TrackedRun,
@@ -34,8 +44,22 @@ from tasks.tracking import (
 from tasks.validation import validate_frame_task
 
 
-def task_runner_for(shards: ShardsConfig) -> ThreadPoolTaskRunner | ProcessPoolTaskRunner:
-    """The Prefect task runner the shards run on."""
+def task_runner_for(shards: ShardsConfig) -> Any:
+    """The Prefect task runner the shards run on: threads, processes, or a Dask cluster."""
+    if shards.runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if shards.address:
+            return DaskTaskRunner(address=shards.address)
+        # One thread per worker process: SHAP's numpy work is single-threaded per shard.
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": shards.workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            }
+        )
     if shards.runner == "process":
         return ProcessPoolTaskRunner(max_workers=shards.workers)
     return ThreadPoolTaskRunner(max_workers=shards.workers)
@@ -103,6 +127,20 @@ def _record_validation(run: TrackedRun, report: Any, folder: Path) -> None:
     )
 
 
+@contextmanager
+def endpoint_lifetime(model: Any, logger: Any) -> Iterator[None]:
+    """Delete a SageMaker endpoint when the run ends if endpoint.delete_after_run says so."""
+    try:
+        yield
+    finally:
+        if isinstance(model, SageMakerModel) and model.endpoint.delete_after_run:
+            try:
+                delete_endpoint(model)
+                logger.info("deleted endpoint %s (endpoint.delete_after_run)", model.endpoint.name)
+            except Exception as exc:
+                logger.warning("endpoint %s was not deleted: %s", model.endpoint.name, exc)
+
+
 @flow(name="shapline-explain")
 def explain_model(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Explain one model with SHAP as its YAML config says and log everything to MLflow."""
@@ -116,8 +154,15 @@ def explain_model(config_path: str, overrides: list[str] | None = None) -> dict[
         "shapline.config_path": str(Path(config_path).resolve()),
         "prefect.flow_run_id": str(flow_run.id or ""),
     }
+    if isinstance(config.model, MlflowModel):
+        model = config.model.model_copy(update={"tracking_uri": config.model.tracking_uri or tracking_uri})
+        resolved = resolve_registry_model_task(model)
+        tags |= resolved.tags
+        # Pin an alias once, so every shard (thread, process or Dask worker) loads the same version.
+        config = config.model_copy(update={"model": model.model_copy(update={"uri": resolved.pinned_uri})})
     run_name = f"{config.model.name}-{flow_run.name or time.strftime('%Y%m%d-%H%M%S')}"
     with (
+        endpoint_lifetime(config.model, logger),
         tempfile.TemporaryDirectory(prefix="shapline-") as workdir,
         mlflow_run(tracking_uri, config.experiment_name, run_name, tags) as run,
     ):
@@ -145,7 +190,8 @@ def explain_model(config_path: str, overrides: list[str] | None = None) -> dict[
         background = draw_background_task(frame, target, config.background)
         background.to_frame().to_parquet(artifacts / "background.parquet")
         shards = plan_shards(rows.index, config.shards.size)
-        jobs = stage_shards(rows, background, shards, workdir, config.model, config.explainer, config.link)
+        link = link_for(predictor, config.explainer.link, config.link, config.model.effective_output)
+        jobs = stage_shards(rows, background, shards, workdir, config.model, config.explainer, link)
         logger.info(
             "explaining %d rows in %d shards on %d %s workers",
             len(rows),
@@ -167,6 +213,10 @@ def explain_model(config_path: str, overrides: list[str] | None = None) -> dict[
             values_path, rows, features, combined.labels or ["0"], config.output, str(artifacts / "plots")
         )
 
+        if hasattr(predictor, "stats") and config.shards.runner == "thread":
+            # Threads share this cached predictor, so its counters are the whole run's traffic.
+            sent = predictor.stats()
+            log_values(run, metrics={f"inference_{k}_sent": v for k, v in sent.items()})
         duration_s = time.perf_counter() - started
         metrics = {
             "rows_explained": combined.rows_explained,

@@ -45,6 +45,9 @@ def _rows(model: type[BaseModel], prefix: str, kinds: str = "") -> list[str]:
     rows = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
+        models = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(models) == 1:
+            annotation = models[0]  # an optional section, e.g. schedule
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows += _rows(annotation, f"{prefix}{name}.", kinds)
             continue

@@ -29,3 +29,7 @@ class ValidationFailed(ShaplineError):
 
 class ExplainError(ShaplineError):
     """The explainer cannot run on this model and data as configured."""
+
+
+class BudgetExceeded(ShaplineError):
+    """The estimated endpoint inference is above model.budget.max_inference_rows."""

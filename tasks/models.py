@@ -43,7 +43,7 @@ class Predictor(ABC):
         raise ModelError(f"model {self.name}: cannot compute {space} output for the additivity check")
 
 
-def _two_d(values: Any) -> np.ndarray:
+def two_d(values: Any) -> np.ndarray:
     array = np.asarray(values, dtype=float)
     return array.reshape(len(array), -1) if array.ndim != 2 else array
 
@@ -73,7 +73,7 @@ class LocalPredictor(Predictor):
         self.class_labels = [str(c) for c in classes] if classes is not None else None
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
-        return _two_d(getattr(self.model, self.method)(frame))
+        return two_d(getattr(self.model, self.method)(frame))
 
     @property
     def native(self) -> Any:
@@ -82,12 +82,12 @@ class LocalPredictor(Predictor):
     def raw_output(self, frame: pd.DataFrame, space: str) -> np.ndarray:
         model = self.model
         if space == "probability":
-            return _two_d(model.predict_proba(frame))
+            return two_d(model.predict_proba(frame))
         if space == "log_odds":
             if _is_xgboost(model):
-                return _two_d(model.predict(frame, output_margin=True))
-            return _two_d(model.decision_function(frame))
-        return _two_d(model.predict(frame))
+                return two_d(model.predict(frame, output_margin=True))
+            return two_d(model.decision_function(frame))
+        return two_d(model.predict(frame))
 
 
 def _is_xgboost(model: Any) -> bool:
@@ -118,7 +118,7 @@ class BoosterPredictor(Predictor):
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         if self.method == "decision_function":
             return self.raw_output(frame, "log_odds")
-        output = _two_d(self.booster.predict(self._matrix(frame)))
+        output = two_d(self.booster.predict(self._matrix(frame)))
         if self.binary and self.method == "predict_proba":
             return np.column_stack([1.0 - output[:, 0], output[:, 0]])
         if self.binary and self.method == "predict":
@@ -132,7 +132,7 @@ class BoosterPredictor(Predictor):
     def raw_output(self, frame: pd.DataFrame, space: str) -> np.ndarray:
         if space == "probability":
             return self.predict(frame)
-        return _two_d(self.booster.predict(self._matrix(frame), output_margin=True))
+        return two_d(self.booster.predict(self._matrix(frame), output_margin=True))
 
 
 def _booster_objective(booster: Any) -> str:
@@ -258,3 +258,11 @@ def probe_predictor(predictor: Predictor, rows: pd.DataFrame, class_index: int |
             f"model.class_index: {class_index} is out of range; the model has {output.shape[1]} outputs"
         )
     return int(output.shape[1])
+
+
+def link_for(predictor: Predictor, configured: str | None, default: str, wanted_method: str) -> str:
+    """The link to explain in: the configured one, else the default unless the model cannot give probabilities."""
+    if configured is not None:
+        return configured
+    # A generic pyfunc answers predict() even when predict_proba was the default: its output is no probability.
+    return default if predictor.method == wanted_method else "identity"

@@ -123,6 +123,7 @@ def test_every_schema_key_is_in_the_reference() -> None:
     for section, spec in config_schema()["properties"].items():
         if section == "model":
             continue
-        definition = config_schema()["$defs"][spec.get("$ref", "").split("/")[-1]]
+        ref = spec.get("$ref") or next(option["$ref"] for option in spec["anyOf"] if "$ref" in option)
+        definition = config_schema()["$defs"][ref.split("/")[-1]]
         for key in definition["properties"]:
             assert f"`{section}.{key}" in reference

@@ -1,0 +1,542 @@
+"""A SageMaker (or SageMaker-protocol) endpoint as a Predictor: batched, bounded, retried, counted."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from flows.config import EndpointConfig, ExplainerConfig, SageMakerModel
+from tasks.errors import BudgetExceeded, ModelError
+from tasks.models import Predictor
+
+log = logging.getLogger(__name__)
+
+# A megabyte here is 10**6 bytes: below SageMaker's 6 MB limit however that limit is counted.
+BYTES_PER_MB = 1_000_000
+# Attempts botocore makes per call (adaptive mode also slows the client down after throttling);
+# our own loop wraps that with its own attempts so a burst of throttling outlasts botocore's quota.
+BOTOCORE_MAX_ATTEMPTS = 3
+RETRY_ATTEMPTS = 4
+BACKOFF_BASE_S = 0.2
+BACKOFF_CAP_S = 10.0
+# How much of an unexpected response a message quotes.
+QUOTE_CHARS = 200
+
+_RETRYABLE_CODES = frozenset(
+    {
+        "ThrottlingException",
+        "Throttling",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "ServiceUnavailable",
+        "InternalFailure",
+        "InternalDependencyException",
+        "ModelNotReadyException",
+    }
+)
+
+
+def _quote(raw: bytes | str) -> str:
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    flat = " ".join(text.split())
+    return repr(flat[:QUOTE_CHARS] + ("..." if len(flat) > QUOTE_CHARS else ""))
+
+
+# One semaphore per endpoint for the whole process, so shard threads sharing an endpoint
+# together keep at most max_concurrency requests in flight, however many predictors exist.
+_SLOTS: dict[tuple[str, str | None, str | None], threading.BoundedSemaphore] = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+def _endpoint_slots(endpoint: EndpointConfig) -> threading.BoundedSemaphore:
+    key = (endpoint.name, endpoint.region, endpoint.endpoint_url)
+    with _SLOTS_LOCK:
+        if key not in _SLOTS:
+            _SLOTS[key] = threading.BoundedSemaphore(endpoint.max_concurrency)
+        return _SLOTS[key]
+
+
+@contextmanager
+def _slot(endpoint: EndpointConfig) -> Iterator[None]:
+    slots = _endpoint_slots(endpoint)
+    slots.acquire()
+    try:
+        yield
+    finally:
+        slots.release()
+
+
+def _python_rows(frame: pd.DataFrame) -> list[list[Any]]:
+    """Rows as lists of plain Python values, None where a value is missing."""
+    values = frame.astype(object).where(frame.notna(), None)
+    return [[v.item() if isinstance(v, np.generic) else v for v in row] for row in values.to_numpy().tolist()]
+
+
+def _csv_lines(frame: pd.DataFrame) -> list[str]:
+    # pandas writes floats at full (round-trip) precision and NaN as an empty field.
+    text = frame.to_csv(header=False, index=False, lineterminator="\n")
+    lines = text.split("\n")[:-1]
+    if len(lines) == len(frame):
+        return [line + "\n" for line in lines]
+    # A quoted field holds a newline: render row by row so each row stays one unit.
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    rendered = []
+    for row in _python_rows(frame):
+        buffer.seek(0)
+        buffer.truncate()
+        writer.writerow(["" if v is None else v for v in row])
+        rendered.append(buffer.getvalue())
+    return rendered
+
+
+def serialize_rows(frame: pd.DataFrame, content_type: str) -> tuple[bytes, np.ndarray]:
+    """All rows as one request body in `content_type`, and the byte offset where each row ends."""
+    if content_type == "text/csv":
+        lines = _csv_lines(frame)
+    else:
+        lines = [json.dumps(row, separators=(",", ":")) + "\n" for row in _python_rows(frame)]
+    text = "".join(lines)
+    if text.isascii():
+        sizes = np.fromiter((len(line) for line in lines), dtype=np.int64, count=len(lines))
+    else:
+        sizes = np.fromiter((len(line.encode()) for line in lines), dtype=np.int64, count=len(lines))
+    return text.encode(), np.cumsum(sizes)
+
+
+def plan_requests(ends: np.ndarray, max_bytes: int, max_rows: int | None) -> list[tuple[int, int]]:
+    """Split rows (given each row's end offset) into [start, stop) ranges under both caps."""
+    spans = []
+    start, n = 0, len(ends)
+    while start < n:
+        before = int(ends[start - 1]) if start else 0
+        stop = int(np.searchsorted(ends, before + max_bytes, side="right"))
+        if max_rows is not None:
+            stop = min(stop, start + max_rows)
+        if stop == start:
+            raise ValueError(f"row {start} alone is {int(ends[start]) - before} bytes, over {max_bytes}")
+        spans.append((start, stop))
+        start = stop
+    return spans
+
+
+def _score(item: Any, key: int | str) -> Any:
+    if isinstance(item, dict):
+        return item[key]
+    if isinstance(item, list):
+        return item[0] if len(item) == 1 else item[key]
+    return item
+
+
+def parse_scores(body: bytes, accept: str, score_column: int | str, rows: int, endpoint: str) -> np.ndarray:
+    """One float score per row from a response body; a ModelError quoting the body when it does not fit."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ModelError(f"endpoint {endpoint}: response is not UTF-8 text: {_quote(body)}") from None
+    if accept == "application/json":
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError:
+            raise ModelError(f"endpoint {endpoint}: response is not JSON: {_quote(text)}") from None
+        items = document.get("predictions") if isinstance(document, dict) else document
+        if not isinstance(items, list):
+            raise ModelError(
+                f"endpoint {endpoint}: JSON response is neither a list nor has 'predictions': {_quote(text)}"
+            )
+    else:
+        lines = text.splitlines()
+        while lines and not lines[-1].strip():
+            lines.pop()
+        if accept == "text/csv":
+            items = list(csv.reader(lines)) if '"' in text else [line.split(",") for line in lines]
+        else:
+            try:
+                items = [json.loads(line) for line in lines]
+            except json.JSONDecodeError:
+                raise ModelError(f"endpoint {endpoint}: response is not JSON lines: {_quote(text)}") from None
+    if len(items) != rows:
+        raise ModelError(
+            f"endpoint {endpoint}: response has {len(items)} lines for {rows} rows sent: {_quote(text)}"
+        )
+    scores = np.empty(rows)
+    for position, item in enumerate(items):
+        try:
+            value = _score(item, score_column)
+            if isinstance(value, bool):
+                raise ValueError
+            scores[position] = float(value)
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise ModelError(
+                f"endpoint {endpoint}: no numeric score (endpoint.score_column {score_column!r}) "
+                f"in response line {position + 1}: {_quote(json.dumps(item) if accept != 'text/csv' else ','.join(item))}"
+            ) from None
+    return scores
+
+
+def _client_error_parts(exc: Any) -> tuple[str, int, str]:
+    error = exc.response.get("Error", {})
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    return str(error.get("Code", "")), status, str(error.get("Message", ""))
+
+
+def _is_retryable(exc: Any) -> bool:
+    code, status, _ = _client_error_parts(exc)
+    if code in _RETRYABLE_CODES or status == 429 or status >= 500:
+        return True
+    # SageMaker reports a container's own failure as a 424 ModelError carrying the container's status.
+    original = exc.response.get("OriginalStatusCode")
+    return code == "ModelError" and isinstance(original, int) and (original == 429 or original >= 500)
+
+
+class SageMakerPredictor(Predictor):
+    """A model behind a SageMaker runtime endpoint: each predict() is split, sent in parallel and reassembled."""
+
+    def __init__(self, config: SageMakerModel) -> None:
+        self.config = config
+        self.endpoint = config.endpoint
+        self.name = config.name
+        self.method = config.effective_output
+        self.probabilities = config.task == "classification" and self.method == "predict_proba"
+        self.class_labels = ["0", "1"] if self.probabilities else None
+        self.feature_names = None
+        if self.endpoint.accept == "text/csv" and isinstance(self.endpoint.score_column, str):
+            raise ModelError(
+                f"endpoint {self.endpoint.name}: endpoint.score_column must be a column number "
+                f"for accept text/csv, got {self.endpoint.score_column!r}"
+            )
+        self.max_request_bytes = int(self.endpoint.max_payload_mb * BYTES_PER_MB)
+        self._lock = threading.Lock()
+        self._client: Any = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._counts = dict.fromkeys(
+            ("requests", "rows", "bytes", "max_request_bytes", "retries", "request_seconds"), 0.0
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The boto3 client, the thread pool and the lock cannot cross a process boundary.
+        state = self.__dict__.copy()
+        state.update(_lock=None, _client=None, _pool=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _runtime(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                self._client = runtime_client(self.endpoint)
+            return self._client
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=self.endpoint.max_concurrency,
+                    thread_name_prefix=f"endpoint-{self.endpoint.name}",
+                )
+            return self._pool
+
+    def stats(self) -> dict[str, float]:
+        """Requests, rows, bytes, largest request, retries and time in requests so far."""
+        with self._lock:
+            return dict(self._counts)
+
+    def _count(self, rows: int, size: int, retries: int, seconds: float) -> None:
+        with self._lock:
+            self._counts["requests"] += 1
+            self._counts["rows"] += rows
+            self._counts["bytes"] += size
+            self._counts["max_request_bytes"] = max(self._counts["max_request_bytes"], float(size))
+            self._counts["retries"] += retries
+            self._counts["request_seconds"] += seconds
+
+    def _backoff(self, attempt: int, reason: str) -> None:
+        delay = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt))
+        log.debug("endpoint %s: %s; retrying in %.2f s", self.endpoint.name, reason, delay)
+        with self._lock:
+            self._counts["retries"] += 1
+        time.sleep(delay)
+
+    def _invoke(self, body: bytes, rows: int) -> bytes:
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectionError,
+            HTTPClientError,
+            IncompleteReadError,
+            NoCredentialsError,
+            NoRegionError,
+        )
+
+        name = self.endpoint.name
+        client = self._runtime()
+        for attempt in range(RETRY_ATTEMPTS):
+            last_try = attempt == RETRY_ATTEMPTS - 1
+            started = time.perf_counter()
+            try:
+                with _slot(self.endpoint):
+                    response = client.invoke_endpoint(
+                        EndpointName=name,
+                        Body=body,
+                        ContentType=self.endpoint.content_type,
+                        Accept=self.endpoint.accept,
+                    )
+                    payload = response["Body"].read()
+            except ClientError as exc:
+                code, status, message = _client_error_parts(exc)
+                botocore_retries = int(exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0))
+                with self._lock:
+                    self._counts["retries"] += botocore_retries
+                if _is_retryable(exc) and not last_try:
+                    self._backoff(attempt, f"{code} (HTTP {status})")
+                    continue
+                after = f" after {attempt + 1} tries" if attempt else ""
+                raise ModelError(
+                    f"endpoint {name}: {code or 'error'} (HTTP {status}){after} for a request of "
+                    f"{rows} rows, {len(body)} bytes: {_quote(message)}"
+                ) from None
+            except NoCredentialsError:
+                raise ModelError(
+                    f"endpoint {name}: boto3 found no AWS credentials (environment, shared config, SSO or role)"
+                ) from None
+            except NoRegionError:
+                raise ModelError(
+                    f"endpoint {name}: no AWS region; set model.endpoint.region or AWS_DEFAULT_REGION"
+                ) from None
+            except (ConnectionError, HTTPClientError, IncompleteReadError) as exc:
+                if not last_try:
+                    self._backoff(attempt, type(exc).__name__)
+                    continue
+                raise ModelError(
+                    f"endpoint {name}: {type(exc).__name__} after {RETRY_ATTEMPTS} attempts: {_quote(str(exc))}"
+                ) from None
+            except BotoCoreError as exc:
+                raise ModelError(f"endpoint {name}: {type(exc).__name__}: {_quote(str(exc))}") from None
+            retries = int(response.get("ResponseMetadata", {}).get("RetryAttempts", 0))
+            self._count(rows, len(body), retries, time.perf_counter() - started)
+            return payload
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _request(self, body: bytes, rows: int) -> np.ndarray:
+        payload = self._invoke(body, rows)
+        scores = parse_scores(
+            payload, self.endpoint.accept, self.endpoint.score_column, rows, self.endpoint.name
+        )
+        if self.probabilities and not np.all((scores >= 0.0) & (scores <= 1.0)):
+            bad = float(scores[~((scores >= 0.0) & (scores <= 1.0))][0])
+            raise ModelError(
+                f"endpoint {self.endpoint.name}: score {bad!r} is not a probability; "
+                "check endpoint.score_column or set model.output to predict"
+            )
+        return scores
+
+    def requests_for(self, frame: pd.DataFrame) -> list[tuple[bytes, int]]:
+        """The request bodies (and their row counts) one predict() of `frame` sends."""
+        data, ends = serialize_rows(frame, self.endpoint.content_type)
+        try:
+            spans = plan_requests(ends, self.max_request_bytes, self.endpoint.max_rows_per_request)
+        except ValueError as exc:
+            raise ModelError(
+                f"endpoint {self.endpoint.name}: {exc} (endpoint.max_payload_mb {self.endpoint.max_payload_mb})"
+            ) from None
+        return [
+            (data[(int(ends[start - 1]) if start else 0) : int(ends[stop - 1])], stop - start)
+            for start, stop in spans
+        ]
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        width = 2 if self.probabilities else 1
+        if len(frame) == 0:
+            return np.empty((0, width))
+        requests = self.requests_for(frame)
+        if len(requests) == 1:
+            parts = [self._request(*requests[0])]
+        else:
+            futures: list[Future[np.ndarray]] = [
+                self._executor().submit(self._request, body, rows) for body, rows in requests
+            ]
+            try:
+                parts = [future.result() for future in futures]
+            finally:
+                for future in futures:
+                    future.cancel()
+        scores = np.concatenate(parts)
+        if self.probabilities:
+            return np.column_stack([1.0 - scores, scores])
+        return scores.reshape(-1, 1)
+
+
+def _botocore_config(endpoint: EndpointConfig) -> Any:
+    from botocore.config import Config
+
+    return Config(
+        retries={"mode": "adaptive", "max_attempts": BOTOCORE_MAX_ATTEMPTS},
+        read_timeout=endpoint.timeout_s,
+        connect_timeout=min(10.0, endpoint.timeout_s),
+        max_pool_connections=max(10, endpoint.max_concurrency),
+    )
+
+
+def runtime_client(endpoint: EndpointConfig) -> Any:
+    """A sagemaker-runtime client; credentials come only from boto3's standard chain."""
+    import boto3
+
+    return boto3.session.Session().client(
+        "sagemaker-runtime",
+        region_name=endpoint.region,
+        endpoint_url=endpoint.endpoint_url,
+        config=_botocore_config(endpoint),
+    )
+
+
+def load_endpoint_predictor(config: SageMakerModel) -> SageMakerPredictor:
+    """The configured endpoint as a Predictor."""
+    return SageMakerPredictor(config)
+
+
+def measure_bytes_per_row(model: SageMakerModel, frame: pd.DataFrame) -> float:
+    """Mean serialized bytes per row of `frame` in the endpoint's content type."""
+    if len(frame) == 0:
+        return 0.0
+    data, _ = serialize_rows(frame, model.endpoint.content_type)
+    return len(data) / len(frame)
+
+
+def effective_nsamples(nsamples: int | str, n_features: int) -> int:
+    """Coalitions per row as shap's KernelExplainer uses them: auto is 2M + 2048, capped at 2**M - 2."""
+    wanted = 2 * n_features + 2**11 if nsamples == "auto" else int(nsamples)
+    if n_features <= 30:
+        wanted = min(wanted, 2**n_features - 2)
+    return max(wanted, 0)
+
+
+def estimate_inference(
+    model: SageMakerModel,
+    rows_to_explain: int,
+    n_features: int,
+    background_rows: int,
+    nsamples: int | str,
+    algorithm: str,
+    bytes_per_row: float,
+    shards: int = 1,
+) -> dict[str, float]:
+    """Rows and requests the explainer will send the endpoint (an upper bound for kernel)."""
+    endpoint = model.endpoint
+    max_bytes = endpoint.max_payload_mb * BYTES_PER_MB
+    if bytes_per_row > max_bytes:
+        raise ModelError(
+            f"endpoint {endpoint.name}: one row is ~{bytes_per_row:.0f} bytes, over endpoint.max_payload_mb"
+        )
+    rows_per_request = int(max_bytes // bytes_per_row) if bytes_per_row > 0 else rows_to_explain + 1
+    if endpoint.max_rows_per_request is not None:
+        rows_per_request = min(rows_per_request, endpoint.max_rows_per_request)
+    rows_per_request = max(rows_per_request, 1)
+
+    def requests(call_rows: int) -> int:
+        return math.ceil(call_rows / rows_per_request)
+
+    shards = max(1, min(shards, rows_to_explain))
+    shard_rows = math.ceil(rows_to_explain / shards)
+    if algorithm in ("auto", "kernel"):
+        # Remote models always resolve auto to kernel. Per shard (one explainer each): a one-row
+        # probe, the background once for the base value, and the shard's rows for the model output;
+        # per explained row: f(x) once, then every coalition over every background row in one call.
+        per_row_samples = effective_nsamples(nsamples, n_features)
+    elif algorithm == "permutation":
+        per_row_samples = int(nsamples) if nsamples != "auto" else max(500, 2 * n_features + 1)
+    elif algorithm == "exact":
+        per_row_samples = 2**n_features
+    else:
+        raise ModelError(f"explainer.algorithm {algorithm} needs the model object itself; use kernel")
+    synthetic = per_row_samples * background_rows
+    inference_rows = shards * (1 + background_rows) + rows_to_explain + rows_to_explain * (1 + synthetic)
+    # The permutation and exact explainers split a row's masks over several calls, so for them
+    # the request count is a lower bound.
+    inference_requests = shards * (1 + requests(background_rows) + requests(shard_rows)) + rows_to_explain * (
+        1 + requests(synthetic)
+    )
+    return {
+        "inference_rows": inference_rows,
+        "inference_requests": inference_requests,
+        "inference_bytes": inference_rows * bytes_per_row,
+        "nsamples_effective": per_row_samples,
+        "rows_per_request": rows_per_request,
+        "shards": shards,
+    }
+
+
+def plan_inference(
+    model: SageMakerModel,
+    rows: pd.DataFrame,
+    background: pd.DataFrame,
+    explainer: ExplainerConfig,
+    algorithm: str,
+    shards: int,
+) -> dict[str, float]:
+    """estimate_inference for this run's rows and background, bytes per row measured on the background."""
+    return estimate_inference(
+        model,
+        len(rows),
+        rows.shape[1],
+        len(background),
+        explainer.nsamples,
+        algorithm,
+        measure_bytes_per_row(model, background),
+        shards=shards,
+    )
+
+
+def check_budget(model: SageMakerModel, estimate: dict[str, float]) -> None:
+    """Refuse to start when the estimated inference rows exceed model.budget.max_inference_rows."""
+    limit = model.budget.max_inference_rows
+    if limit is None or estimate["inference_rows"] <= limit:
+        return
+    raise BudgetExceeded(
+        f"model {model.name}: the explainer would send ~{int(estimate['inference_rows']):,} rows "
+        f"in ~{int(estimate['inference_requests']):,} requests to endpoint {model.endpoint.name}, over "
+        f"model.budget.max_inference_rows {limit:,}; lower data.explain_rows, background.size or explainer.nsamples"
+    )
+
+
+def delete_endpoint(model: SageMakerModel) -> None:
+    """Delete the endpoint (for endpoint.delete_after_run); one that is already gone is fine."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    endpoint = model.endpoint
+    client = boto3.session.Session().client(
+        "sagemaker",
+        region_name=endpoint.region,
+        endpoint_url=endpoint.endpoint_url,
+        config=_botocore_config(endpoint),
+    )
+    try:
+        client.delete_endpoint(EndpointName=endpoint.name)
+    except ClientError as exc:
+        code, status, message = _client_error_parts(exc)
+        if code in ("ValidationException", "ResourceNotFound") and "not find" in message.lower():
+            log.info("endpoint %s was already deleted", endpoint.name)
+            return
+        raise ModelError(
+            f"endpoint {endpoint.name}: delete failed: {code} (HTTP {status}): {_quote(message)}"
+        ) from None
+    except BotoCoreError as exc:
+        raise ModelError(
+            f"endpoint {endpoint.name}: delete failed: {type(exc).__name__}: {_quote(str(exc))}"
+        ) from None
+    log.info("deleted endpoint %s", endpoint.name)
