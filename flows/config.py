@@ -287,6 +287,15 @@ class ExplainConfig(_Strict):
         """The resolved config (defaults filled, paths absolute) as YAML."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    def values_sha256(self) -> str:
+        """A hash of what determines the SHAP values, not where they go or how many workers compute them."""
+        parts = {
+            name: getattr(self, name).model_dump(mode="json")
+            for name in ("model", "data", "background", "explainer")
+        }
+        canonical = json.dumps({**parts, "link": self.link}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
     def sha256(self) -> str:
         """A stable hash of the resolved config."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -19,16 +20,18 @@ from flows.config import ExplainConfig, MlflowModel, SageMakerModel, ShardsConfi
 from tasks.aggregate import aggregate_task
 from tasks.background import draw_background_task
 from tasks.data import feature_columns, load_data_task, select_explain_rows, split_features
-from tasks.endpoint import delete_endpoint
+from tasks.endpoint import check_budget, delete_endpoint, plan_inference
 from tasks.errors import ValidationFailed
 from tasks.explain import (
     ShardJob,
     ShardResult,
     explain_shard_task,
     plan_shards,
+    resolve_algorithm,
+    shard_store,
     stage_shards,
 )
-from tasks.models import Predictor, link_for, load_predictor, probe_predictor
+from tasks.models import Predictor, link_for, load_predictor, model_fingerprint, probe_predictor
 from tasks.plots import render_plots_task
 from tasks.registry import resolve_registry_model_task
 from tasks.report import publish_summary_task, summary_markdown
@@ -191,18 +194,44 @@ def explain_model(config_path: str, overrides: list[str] | None = None) -> dict[
         background.to_frame().to_parquet(artifacts / "background.parquet")
         shards = plan_shards(rows.index, config.shards.size)
         link = link_for(predictor, config.explainer.link, config.link, config.model.effective_output)
-        jobs = stage_shards(rows, background, shards, workdir, config.model, config.explainer, link)
+        store = shard_store(
+            config.shards.cache_dir, config.values_sha256(), loaded.sha256, model_fingerprint(config.model)
+        )
+        jobs, reused = stage_shards(
+            rows, background, shards, workdir, store, config.model, config.explainer, link
+        )
         logger.info(
-            "explaining %d rows in %d shards on %d %s workers",
+            "explaining %d rows in %d shards on %d %s workers (%d shards already finished: reused)",
             len(rows),
             len(shards),
             config.shards.workers,
             config.shards.runner,
+            len(reused),
         )
+        if isinstance(config.model, SageMakerModel):
+            estimate = plan_inference(
+                config.model,
+                rows,
+                background.frame,
+                config.explainer,
+                resolve_algorithm(config.explainer.algorithm, predictor),
+                len(shards),
+            )
+            log_values(run, metrics={k: estimate[k] for k in ("inference_rows", "inference_requests")})
+            logger.info(
+                "endpoint %s: ~%d inference rows in ~%d requests",
+                config.model.endpoint.name,
+                estimate["inference_rows"],
+                estimate["inference_requests"],
+            )
+            check_budget(config.model, estimate)
 
         explain_started = time.perf_counter()
-        results = explain_shards.with_options(task_runner=task_runner_for(config.shards))(jobs)
+        computed = (
+            explain_shards.with_options(task_runner=task_runner_for(config.shards))(jobs) if jobs else []
+        )
         explain_s = time.perf_counter() - explain_started
+        results = sorted([*reused, *computed], key=lambda r: r.index)
 
         values_path = str(artifacts / "shap_values.parquet")
         combined = aggregate_task(
@@ -226,6 +255,8 @@ def explain_model(config_path: str, overrides: list[str] | None = None) -> dict[
             "explain_s": explain_s,
             "rows_per_s": combined.rows_explained / max(explain_s, 1e-9),
             "background_rows": len(background.frame),
+            "shards_reused": len(reused),
+            "shards_computed": len(computed),
         }
         log_values(
             run,
@@ -236,6 +267,8 @@ def explain_model(config_path: str, overrides: list[str] | None = None) -> dict[
             },
         )
         log_artifacts(run, artifacts)
+        if not config.shards.keep:
+            shutil.rmtree(store, ignore_errors=True)
         publish_summary_task(
             config.model.name,
             summary_markdown(
@@ -253,6 +286,8 @@ def explain_model(config_path: str, overrides: list[str] | None = None) -> dict[
         "run_url": run_url(run),
         "rows_explained": combined.rows_explained,
         "shards": len(shards),
+        "shards_reused": len(reused),
+        "shards_computed": len(computed),
         "additivity_max_error": combined.additivity_max_error,
         "duration_s": round(time.perf_counter() - started, 3),
         "rows_per_s": metrics["rows_per_s"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 import time
@@ -382,6 +384,25 @@ class ShardResult:
     seconds: float
     algorithm: str
     link: str
+    reused: bool = False
+
+
+def shard_store(configured: str | None, config_sha: str, data_sha: str, model_sha: str) -> Path:
+    """The folder of one run's finished shards, keyed by what determines the values, so a re-run finds them.
+
+    Root: shards.cache_dir, else $SHAPLINE_CACHE_DIR, else ~/.cache/shapline/shards.
+    """
+    root = configured or os.environ.get("SHAPLINE_CACHE_DIR") or "~/.cache/shapline/shards"
+    key = hashlib.sha256(f"{config_sha}:{data_sha}:{model_sha}".encode()).hexdigest()[:32]
+    folder = Path(root).expanduser() / key
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def shard_file(store: Path, shard: Shard) -> Path:
+    """A shard's file in the store, named by its index and a hash of its row ids."""
+    rows_hash = hashlib.sha256(np.asarray(shard.row_ids, dtype="int64").tobytes()).hexdigest()[:16]
+    return store / f"shard-{shard.index:06d}-{rows_hash}.parquet"
 
 
 def stage_shards(
@@ -389,18 +410,22 @@ def stage_shards(
     background: Background,
     shards: list[Shard],
     folder: str | Path,
+    store: Path,
     model: ModelConfig,
     explainer: ExplainerConfig,
     link: str,
-) -> list[ShardJob]:
-    """Write each shard's rows and the background to `folder` and describe one job per shard."""
+) -> tuple[list[ShardJob], list[ShardResult]]:
+    """Jobs for the shards the store lacks (their rows written to `folder`), and the finished ones found there."""
     folder = Path(folder)
     (folder / "inputs").mkdir(parents=True, exist_ok=True)
-    (folder / "shards").mkdir(parents=True, exist_ok=True)
     background_path = folder / "inputs" / "background.parquet"
     background.to_frame().to_parquet(background_path)
-    jobs = []
+    jobs, finished = [], []
     for shard in shards:
+        output = shard_file(store, shard)
+        if output.exists():
+            finished.append(read_shard_result(output, shard.index))
+            continue
         rows_path = folder / "inputs" / f"rows-{shard.index:06d}.parquet"
         rows.loc[list(shard.row_ids)].to_parquet(rows_path)
         jobs.append(
@@ -408,17 +433,39 @@ def stage_shards(
                 index=shard.index,
                 rows_path=str(rows_path),
                 background_path=str(background_path),
-                output_path=str(folder / "shards" / f"shard-{shard.index:06d}.parquet"),
+                output_path=str(output),
                 model=model,
                 explainer=explainer,
                 link=link,
             )
         )
-    return jobs
+    return jobs, finished
+
+
+_META = b"shapline"
+
+
+def read_shard_result(path: str | Path, index: int) -> ShardResult:
+    """Describe a finished shard file from the metadata it was written with."""
+    import pyarrow.parquet as pq
+
+    meta = json.loads(pq.read_schema(path).metadata[_META])
+    return ShardResult(
+        index=index,
+        path=str(path),
+        rows=meta["rows"],
+        seconds=0.0,
+        algorithm=meta["algorithm"],
+        link=meta["link"],
+        reused=True,
+    )
 
 
 def explain_shard(job: ShardJob) -> ShardResult:
     """Explain one shard's rows and write its values to job.output_path atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     started = time.perf_counter()
     predictor = load_predictor(job.model)
     rows = pd.read_parquet(job.rows_path)
@@ -426,7 +473,11 @@ def explain_shard(job: ShardJob) -> ShardResult:
     result = explain_rows(rows, background, predictor, job.explainer, job.link, job.model.class_index)
     path = Path(job.output_path)
     partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    result.to_frame().to_parquet(partial, index=False)
+    table = pa.Table.from_pandas(result.to_frame(), preserve_index=False)
+    meta = {"rows": len(rows), "algorithm": result.algorithm, "link": result.link}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), _META: json.dumps(meta).encode()})
+    pq.write_table(table, partial)
+    # Atomic: a crash leaves either no file or a complete one, never a half-written shard that looks finished.
     os.replace(partial, path)
     return ShardResult(
         index=job.index,

@@ -266,3 +266,17 @@ def link_for(predictor: Predictor, configured: str | None, default: str, wanted_
         return configured
     # A generic pyfunc answers predict() even when predict_proba was the default: its output is no probability.
     return default if predictor.method == wanted_method else "identity"
+
+
+def model_fingerprint(config: ModelConfig) -> str:
+    """What identifies the model's behaviour: a model file's bytes, else its (pinned) URI or endpoint."""
+    import hashlib
+
+    path = getattr(config, "path", None)
+    if path is None:
+        return hashlib.sha256(config.model_dump_json().encode()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

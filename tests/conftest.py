@@ -30,9 +30,10 @@ def prefect_server() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each test logs to its own sqlite MLflow store."""
+    """Each test logs to its own sqlite MLflow store (and keeps finished shards in its own folder)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("SHAPLINE_CACHE_DIR", str(tmp_path / "shard-cache"))
     return uri
 
 

@@ -1,0 +1,78 @@
+"""Resume after a crash: a killed run's finished shards are reused, and the values equal an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.cli import main
+
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
+
+
+def test_rerun_after_a_killed_process_reuses_finished_shards(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    mlflow_store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    config = write_config(
+        model={"name": "resume", "kind": "sklearn", "path": str(mlp_model)},
+        data={"source": str(cancer_data), "target": "malignant", "explain_rows": 16, "seed": 3},
+        background={"size": 10},
+        explainer={"algorithm": "kernel", "nsamples": 400, "seed": 5},
+        shards={"size": 2, "workers": 1},
+        output={"plots": []},
+    )
+    cache = tmp_path / "shard-cache"
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "SHAPLINE_CACHE_DIR": str(cache)}
+    crashing = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while len(list(cache.glob("*/shard-*.parquet"))) < 2:
+        assert crashing.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "no shard finished in time"
+        time.sleep(0.2)
+    os.killpg(crashing.pid, signal.SIGKILL)
+    crashing.wait()
+    finished_before = len(list(cache.glob("*/shard-*.parquet")))
+    assert 2 <= finished_before < 8
+
+    assert main(["run", str(config), "--json"]) == 0
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert resumed["shards_reused"] == finished_before
+    assert resumed["shards_computed"] == 8 - finished_before
+    metrics = MlflowClient(mlflow_store).get_run(resumed["mlflow_run_id"]).data.metrics
+    assert metrics["shards_reused"] == finished_before and metrics["shards_computed"] == 8 - finished_before
+    assert not list(cache.glob("*/shard-*.parquet")), "finished shards are removed after a successful run"
+
+    assert main(["run", str(config), "--json", "--set", f"shards.cache_dir={tmp_path / 'fresh'}"]) == 0
+    fresh = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert fresh["shards_reused"] == 0
+    client = MlflowClient(mlflow_store)
+    left = pd.read_parquet(
+        client.download_artifacts(resumed["mlflow_run_id"], "shap_values.parquet", str(tmp_path / "a"))
+    )
+    right = pd.read_parquet(
+        client.download_artifacts(fresh["mlflow_run_id"], "shap_values.parquet", str(tmp_path / "b"))
+    )
+    pd.testing.assert_frame_equal(left, right, check_exact=False, rtol=1e-12, atol=1e-12)
