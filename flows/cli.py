@@ -77,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     demo.add_argument("--json", action="store_true")
     demo.add_argument("--debug", action="store_true")
+    deploy = commands.add_parser("deploy", help="create or update one Prefect deployment per config")
+    deploy.add_argument("configs", nargs="+", metavar="CONFIG")
+    deploy.add_argument("--pool", default="shapline", help="work pool (a process pool, created if missing)")
+    deploy.add_argument("--json", action="store_true")
+    deploy.add_argument("--debug", action="store_true")
+    serve = commands.add_parser("serve", help="serve the configs' deployments from this process (no worker)")
+    serve.add_argument("configs", nargs="+", metavar="CONFIG")
+    serve.add_argument("--debug", action="store_true")
     endpoint_cli.add_parser(commands)
     return parser
 
@@ -104,9 +112,12 @@ def _run(config_path: str, overrides: list[str], as_json: bool) -> int:
     from flows.config import load_config
 
     load_config(config_path, overrides)  # fail fast on a bad config, before Prefect starts
+    from flows.config import ExplainParameters
     from flows.explain import explain_model
 
-    summary = explain_model(config_path=str(Path(config_path).resolve()), overrides=overrides)
+    summary = explain_model(
+        ExplainParameters(config_path=str(Path(config_path).resolve()), overrides=overrides)
+    )
     _print_run_summary(summary)
     if as_json:
         print(json.dumps(summary, default=str))
@@ -132,6 +143,26 @@ def _schema(markdown: bool) -> int:
     return 0
 
 
+def _deploy(configs: list[str], pool: str, as_json: bool) -> int:
+    from flows.deploy import deploy
+
+    deployed = deploy(configs, pool)
+    for name, deployment_id in deployed:
+        print(f"deployment shapline-explain/{name} ({deployment_id}) on work pool {pool}")
+    print(f"start a worker with: prefect worker start --pool {pool}")
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "status": "DEPLOYED",
+                    "pool": pool,
+                    "deployments": {name: str(deployment_id) for name, deployment_id in deployed},
+                }
+            )
+        )
+    return 0
+
+
 def _demo(config_path: str, overrides: list[str], as_json: bool) -> int:
     from flows.demo import prepare_demo
 
@@ -154,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args.config, args.overrides, as_json)
         if args.command == "endpoint":
             return endpoint_cli.run(args)
+        if args.command == "deploy":
+            return _deploy(args.configs, args.pool, as_json)
+        if args.command == "serve":
+            from flows.deploy import serve
+
+            serve(args.configs)
+            return 0
         if args.command == "validate":
             return _validate(args.config, args.overrides, as_json)
         if args.command == "schema":

@@ -302,6 +302,46 @@ class ExplainConfig(_Strict):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+_PARAMETER_KEYS = {
+    "explain_rows": "data.explain_rows",
+    "background_size": "background.size",
+    "algorithm": "explainer.algorithm",
+    "nsamples": "explainer.nsamples",
+    "shard_size": "shards.size",
+    "workers": "shards.workers",
+}
+
+
+class ExplainParameters(BaseModel):
+    """The flow's parameters, as the Prefect UI shows them: the config plus what people change by hand."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    config_path: str = Field(description="The model's YAML config, as the worker sees it.")
+    explain_rows: Annotated[int, Field(ge=1)] | Literal["all"] | None = Field(
+        None, description="Override data.explain_rows."
+    )
+    background_size: int | None = Field(None, ge=1, description="Override background.size.")
+    algorithm: Literal["auto", "tree", "kernel", "permutation", "exact", "linear"] | None = Field(
+        None, description="Override explainer.algorithm."
+    )
+    nsamples: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None, description="Override explainer.nsamples."
+    )
+    shard_size: int | None = Field(None, ge=1, description="Override shards.size.")
+    workers: int | None = Field(None, ge=1, description="Override shards.workers.")
+    overrides: list[str] = Field(default_factory=list, description="Any other key.path=value, as with --set.")
+
+    def to_overrides(self) -> list[str]:
+        """The named fields as --set style overrides, then the free-form ones (which win)."""
+        named = [
+            f"{key}={getattr(self, field)}"
+            for field, key in _PARAMETER_KEYS.items()
+            if getattr(self, field) is not None
+        ]
+        return [*named, *self.overrides]
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():

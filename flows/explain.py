@@ -16,7 +16,14 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from flows.config import ExplainConfig, MlflowModel, SageMakerModel, ShardsConfig, load_config
+from flows.config import (
+    ExplainConfig,
+    ExplainParameters,
+    MlflowModel,
+    SageMakerModel,
+    ShardsConfig,
+    load_config,
+)
 from tasks.aggregate import aggregate_task
 from tasks.background import draw_background_task
 from tasks.data import feature_columns, load_data_task, select_explain_rows, split_features
@@ -145,16 +152,18 @@ def endpoint_lifetime(model: Any, logger: Any) -> Iterator[None]:
 
 
 @flow(name="shapline-explain")
-def explain_model(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
+def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
     """Explain one model with SHAP as its YAML config says and log everything to MLflow."""
     logger = get_run_logger()
     started = time.perf_counter()
+    config_path, overrides = parameters.config_path, parameters.to_overrides()
     config = load_config(config_path, overrides)
     tracking_uri = resolve_tracking_uri(config.output.tracking_uri)
     tags = {
         "shapline.model": config.model.name,
         "shapline.config_sha256": config.sha256(),
         "shapline.config_path": str(Path(config_path).resolve()),
+        "shapline.overrides": " ".join(overrides)[:4000],
         "prefect.flow_run_id": str(flow_run.id or ""),
     }
     if isinstance(config.model, MlflowModel):

@@ -1,0 +1,199 @@
+"""Production topology without docker: a real `prefect server` and `mlflow server` on loopback, deployments
+made by `shapline deploy`, a run triggered through the API with parameter overrides (as the UI does), executed
+by a real process worker, and its results read back from MLflow over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"server for {url} exited with {process.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not come up")
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    folder = tmp_path_factory.mktemp("servers")
+    prefect_port, mlflow_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(folder / "prefect-home"),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{folder / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    logs = [open(folder / name, "w") for name in ("prefect.log", "mlflow.log")]  # noqa: SIM115
+    prefect = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+        env=env,
+        stdout=logs[0],
+        stderr=subprocess.STDOUT,
+    )
+    mlflow = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mlflow_port),
+            "--workers",
+            "1",
+        ],
+        cwd=folder,
+        env=env,
+        stdout=logs[1],
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        urls = {
+            "prefect": f"http://127.0.0.1:{prefect_port}/api",
+            "mlflow": f"http://127.0.0.1:{mlflow_port}",
+        }
+        wait_for(urls["prefect"] + "/health", prefect)
+        wait_for(urls["mlflow"] + "/health", mlflow)
+        yield {**urls, "home": str(folder / "prefect-home")}
+    finally:
+        for process in (prefect, mlflow):
+            process.terminate()
+        for process in (prefect, mlflow):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for log in logs:
+            log.close()
+
+
+def test_deploy_trigger_with_overrides_and_read_results_over_http(
+    servers: dict[str, str],
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    xgb_model: Path,
+    tmp_path: Path,
+) -> None:
+    common = {"data": {"source": str(cancer_data), "target": "malignant"}, "output": {"plots": ["bar"]}}
+    kernel = write_config(
+        model={"name": "cancer-kernel", "kind": "sklearn", "path": str(mlp_model)},
+        background={"size": 8},
+        schedule={"cron": "0 6 * * 1", "timezone": "Europe/Paris", "parameters": {"explain_rows": 100}},
+        **common,
+    )
+    tree = write_config(
+        model={"name": "cancer-tree", "kind": "xgboost", "path": str(xgb_model)},
+        schedule={"interval_s": 3600, "active": False},
+        **common,
+    )
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": servers["prefect"],
+        "PREFECT_HOME": servers["home"],
+        "MLFLOW_TRACKING_URI": servers["mlflow"],
+        "SHAPLINE_CACHE_DIR": str(tmp_path / "cache"),
+    }
+
+    def deploy() -> dict[str, str]:
+        done = subprocess.run(
+            [str(BIN / "shapline"), "deploy", str(kernel), str(tree), "--pool", "it-pool", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])["deployments"]
+
+    first, second = deploy(), deploy()
+    assert first == second and set(first) == {"cancer-kernel", "cancer-tree"}
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: servers["prefect"]}), get_client(sync_client=True) as client:
+        kernel_deployment = client.read_deployment(first["cancer-kernel"])
+        tree_deployment = client.read_deployment(first["cancer-tree"])
+        assert kernel_deployment.work_pool_name == "it-pool"
+        assert client.read_work_pool("it-pool").type == "process"
+        assert kernel_deployment.parameters == {"parameters": {"config_path": str(kernel.resolve())}}
+        [cron] = kernel_deployment.schedules
+        assert cron.schedule.cron == "0 6 * * 1" and cron.schedule.timezone == "Europe/Paris" and cron.active
+        assert cron.parameters == {"parameters": {"config_path": str(kernel.resolve()), "explain_rows": 100}}
+        [interval] = tree_deployment.schedules
+        assert interval.schedule.interval.total_seconds() == 3600 and not interval.active
+        schema = kernel_deployment.parameter_openapi_schema
+        assert "parameters" in schema["properties"]
+
+        flow_run = client.create_flow_run_from_deployment(
+            kernel_deployment.id,
+            parameters={
+                "parameters": {
+                    "config_path": str(kernel.resolve()),
+                    "explain_rows": 6,
+                    "nsamples": 64,
+                    "shard_size": 3,
+                    "overrides": ["output.top_k=1"],
+                }
+            },
+        )
+        worker = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "it-pool", "--type", "process", "--run-once"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 300
+        while not (state := client.read_flow_run(flow_run.id).state).is_final():
+            assert time.monotonic() < deadline, "the triggered run did not finish"
+            time.sleep(1)
+        worker.terminate()
+        output = worker.communicate(timeout=60)[0]
+        assert state.is_completed(), output[-3000:]
+
+    mlflow = MlflowClient(servers["mlflow"])
+    experiment = mlflow.get_experiment_by_name("shapline/cancer-kernel")
+    [run] = mlflow.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run.id}'")
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["rows_explained"] == 6 and run.data.metrics["shards"] == 2
+    assert run.data.params["explainer.nsamples"] == "64"
+    effective = mlflow.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    assert "nsamples: 64" in Path(effective).read_text() and "top_k: 1" in Path(effective).read_text()
+    values = pd.read_parquet(mlflow.download_artifacts(run.info.run_id, "shap_values.parquet", str(tmp_path)))
+    assert len(values) == 6
+    assert {"bar.png"} == {Path(f.path).name for f in mlflow.list_artifacts(run.info.run_id, "plots")}
