@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.config import load_config
+from flows.config import SageMakerModel, load_config
 from tasks.background import draw_background
 from tasks.data import feature_columns, load_data, select_explain_rows, split_features
 from tasks.explain import plan_shards, resolve_algorithm
@@ -47,11 +47,25 @@ def check_config(config_path: str, overrides: list[str] | None = None) -> dict[s
         f"background {len(background.frame)} rows ({config.background.method}), "
         f"{config.shards.workers} {config.shards.runner} workers"
     )
-    return {
-        **result,
-        "explain_rows": len(rows),
-        "shards": len(shards),
-        "background_rows": len(background.frame),
-        "algorithm": algorithm,
-        "lines": lines,
-    }
+    result.update(
+        explain_rows=len(rows), shards=len(shards), background_rows=len(background.frame), algorithm=algorithm
+    )
+    if isinstance(config.model, SageMakerModel):
+        from tasks.endpoint import plan_inference
+
+        estimate = plan_inference(
+            config.model, rows, background.frame, config.explainer, algorithm, len(shards)
+        )
+        limit = config.model.budget.max_inference_rows
+        over = limit is not None and estimate["inference_rows"] > limit
+        lines.append(
+            f"endpoint {config.model.endpoint.name}: ~{int(estimate['inference_rows']):,} inference rows in "
+            f"~{int(estimate['inference_requests']):,} requests (budget: {limit if limit else 'none'})"
+            + (" OVER BUDGET: the run would refuse to start" if over else "")
+        )
+        result.update(
+            ok=result["ok"] and not over,
+            inference_rows=estimate["inference_rows"],
+            inference_requests=estimate["inference_requests"],
+        )
+    return {**result, "lines": lines}

@@ -1,0 +1,191 @@
+"""The flow end to end with models behind an endpoint, in the MLflow registry, and shards on a Dask cluster."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+import shap
+from mlflow.tracking import MlflowClient
+
+from flows.cli import main
+from tasks.endpoint_server import EndpointServer
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Dummy credentials for the local endpoint (boto3's chain needs some); no real account is reached."""
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+    }.items():
+        monkeypatch.setenv(key, value)
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any], str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, json.loads(out.strip().splitlines()[-1]), err
+
+
+def values_of(uri: str, run_id: str, folder: Path) -> pd.DataFrame:
+    return pd.read_parquet(MlflowClient(uri).download_artifacts(run_id, "shap_values.parquet", str(folder)))
+
+
+def kernel_sections(cancer_data: Path) -> dict[str, Any]:
+    return {
+        "data": {"source": str(cancer_data), "target": "malignant", "explain_rows": 6, "seed": 4},
+        "background": {"size": 10},
+        "explainer": {"algorithm": "kernel", "nsamples": 120, "seed": 3},
+        "shards": {"size": 2, "workers": 2},
+        "output": {"plots": []},
+    }
+
+
+def test_endpoint_run_equals_the_local_model_and_respects_the_payload_cap(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    mlflow_store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cap_mb = 0.05
+    with EndpointServer(str(mlp_model), "cancer-endpoint", max_payload_bytes=int(cap_mb * 1e6)) as server:
+        remote = write_config(
+            model={
+                "name": "cancer-remote",
+                "kind": "sagemaker",
+                "endpoint": {
+                    "name": "cancer-endpoint",
+                    "endpoint_url": server.url,
+                    "region": "us-east-1",
+                    "max_payload_mb": cap_mb,
+                    "max_concurrency": 4,
+                },
+            },
+            **kernel_sections(cancer_data),
+        )
+        code, summary, err = run(["run", str(remote), "--json"], capsys)
+        assert code == 0, err
+        stats = dict(server.stats)
+    local = write_config(
+        model={"name": "cancer-local", "kind": "sklearn", "path": str(mlp_model)},
+        **kernel_sections(cancer_data),
+    )
+    code, reference, err = run(["run", str(local), "--json"], capsys)
+    assert code == 0, err
+    left = values_of(mlflow_store, summary["mlflow_run_id"], tmp_path / "remote")
+    right = values_of(mlflow_store, reference["mlflow_run_id"], tmp_path / "local")
+    pd.testing.assert_frame_equal(left, right, check_exact=False, atol=1e-6)
+    assert stats["too_large"] == 0 and stats["max_body_bytes"] <= cap_mb * 1e6
+    metrics = MlflowClient(mlflow_store).get_run(summary["mlflow_run_id"]).data.metrics
+    assert metrics["inference_rows"] > 6 * 10 * 120 and metrics["inference_requests"] >= 6
+    assert metrics["inference_requests_sent"] == stats["requests"]
+
+
+def test_budget_refuses_a_run_and_dry_run_prints_the_estimate(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    mlflow_store: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with EndpointServer(str(mlp_model), "cancer-endpoint") as server:
+        config = write_config(
+            model={
+                "name": "cancer-budget",
+                "kind": "sagemaker",
+                "budget": {"max_inference_rows": 1000},
+                "endpoint": {"name": "cancer-endpoint", "endpoint_url": server.url},
+            },
+            **kernel_sections(cancer_data),
+        )
+        code, plan, _ = run(["run", str(config), "--dry-run", "--json"], capsys)
+        assert code == 1 and plan["inference_rows"] > 1000 and plan["inference_requests"] >= 1
+        code, summary, err = run(["run", str(config), "--json"], capsys)
+        assert code == 1 and "over model.budget.max_inference_rows 1,000" in summary["error"]
+        served = server.stats["rows"]
+    assert served < 100, "nothing but the probe reached the endpoint"
+    runs = MlflowClient(mlflow_store).search_runs(
+        [e.experiment_id for e in MlflowClient(mlflow_store).search_experiments()]
+    )
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_registry_model_by_alias_is_explained_natively_and_tagged(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    xgb_model: Path,
+    mlflow_store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mlflow
+
+    model = joblib.load(xgb_model)
+    mlflow.set_tracking_uri(mlflow_store)
+    experiment = MlflowClient(mlflow_store).create_experiment(
+        "models", artifact_location=(tmp_path / "models").as_uri()
+    )
+    with mlflow.start_run(experiment_id=experiment) as logged:
+        mlflow.xgboost.log_model(model, name="model", registered_model_name="cancer-xgb")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    MlflowClient(mlflow_store).set_registered_model_alias("cancer-xgb", "champion", "1")
+    config = write_config(
+        model={"name": "cancer-registry", "kind": "mlflow", "uri": "models:/cancer-xgb@champion"},
+        data={"source": str(cancer_data), "target": "malignant", "explain_rows": 30},
+        output={"plots": []},
+    )
+    code, summary, err = run(["run", str(config), "--json"], capsys)
+    assert code == 0, err
+    assert summary["algorithm"] == "tree"
+    tags = MlflowClient(mlflow_store).get_run(summary["mlflow_run_id"]).data.tags
+    assert tags["shapline.model_uri"] == "models:/cancer-xgb@champion"
+    assert tags["shapline.model_version"] == "1" and tags["shapline.model_run_id"] == logged.info.run_id
+    values = values_of(mlflow_store, summary["mlflow_run_id"], tmp_path)
+    data = pd.read_csv(cancer_data).drop(columns=["malignant"]).loc[values["row_id"]]
+    np.testing.assert_allclose(
+        values[list(data.columns)].to_numpy(), shap.TreeExplainer(model).shap_values(data), atol=1e-6
+    )
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_gives_the_thread_runner_values(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    mlflow_store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sections = kernel_sections(cancer_data)
+    thread = write_config(
+        model={"name": "cancer-thread", "kind": "sklearn", "path": str(mlp_model)}, **sections
+    )
+    dask = write_config(
+        model={"name": "cancer-dask", "kind": "sklearn", "path": str(mlp_model)},
+        **{**sections, "shards": {"size": 2, "runner": "dask", "workers": 2}},
+    )
+    code_thread, first, _ = run(["run", str(thread), "--json"], capsys)
+    code_dask, second, err = run(["run", str(dask), "--json"], capsys)
+    assert code_thread == 0 and code_dask == 0, err
+    pd.testing.assert_frame_equal(
+        values_of(mlflow_store, first["mlflow_run_id"], tmp_path / "a"),
+        values_of(mlflow_store, second["mlflow_run_id"], tmp_path / "b"),
+        check_exact=False,
+        rtol=1e-12,
+        atol=1e-12,
+    )
