@@ -119,9 +119,18 @@ def test_tree_model_run_logs_everything_and_matches_tree_explainer(
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as prefect:
-        response = prefect.request("POST", "/artifacts/filter", json={
-            "artifacts": {"key": {"any_": ["shapline-cancer"]}}, "limit": 10, "offset": 0, "sort": "CREATED_DESC",
-            "flow_runs": {}, "task_runs": {}})
+        response = prefect.request(
+            "POST",
+            "/artifacts/filter",
+            json={
+                "artifacts": {"key": {"any_": ["shapline-cancer"]}},
+                "limit": 10,
+                "offset": 0,
+                "sort": "CREATED_DESC",
+                "flow_runs": {},
+                "task_runs": {},
+            },
+        )
     published = response.json()
     assert published and published[0]["type"] == "markdown"
     assert summary["mlflow_run_id"] in published[0]["data"] and "| 1 | " in published[0]["data"]
