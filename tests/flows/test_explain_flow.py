@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -15,29 +14,12 @@ import pytest
 import shap
 from mlflow.tracking import MlflowClient
 
-from flows.cli import main
 from tasks.explain import ModelFunction
 from tasks.models import LocalPredictor
 from tests.conftest import exact_shapley
+from tests.helpers import all_runs, artifact, run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any], str]:
-    code = main(args)
-    out, err = capsys.readouterr()
-    last = out.strip().splitlines()[-1] if out.strip() else "{}"
-    return code, json.loads(last), err
-
-
-def all_runs(uri: str) -> list[Any]:
-    client = MlflowClient(uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(experiments) if experiments else []
-
-
-def artifact(uri: str, run_id: str, name: str, tmp_path: Path) -> Path:
-    return Path(MlflowClient(uri).download_artifacts(run_id, name, str(tmp_path)))
 
 
 def cancer_config(

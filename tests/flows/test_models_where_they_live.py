@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,8 @@ import pytest
 import shap
 from mlflow.tracking import MlflowClient
 
-from flows.cli import main
 from tasks.endpoint_server import EndpointServer
+from tests.helpers import logged_values, run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -31,16 +30,6 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
     }.items():
         monkeypatch.setenv(key, value)
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any], str]:
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, json.loads(out.strip().splitlines()[-1]), err
-
-
-def values_of(uri: str, run_id: str, folder: Path) -> pd.DataFrame:
-    return pd.read_parquet(MlflowClient(uri).download_artifacts(run_id, "shap_values.parquet", str(folder)))
 
 
 def kernel_sections(cancer_data: Path) -> dict[str, Any]:
@@ -77,17 +66,17 @@ def test_endpoint_run_equals_the_local_model_and_respects_the_payload_cap(
             },
             **kernel_sections(cancer_data),
         )
-        code, summary, err = run(["run", str(remote), "--json"], capsys)
+        code, summary, err = run_cli(["run", str(remote), "--json"], capsys)
         assert code == 0, err
         stats = dict(server.stats)
     local = write_config(
         model={"name": "cancer-local", "kind": "sklearn", "path": str(mlp_model)},
         **kernel_sections(cancer_data),
     )
-    code, reference, err = run(["run", str(local), "--json"], capsys)
+    code, reference, err = run_cli(["run", str(local), "--json"], capsys)
     assert code == 0, err
-    left = values_of(mlflow_store, summary["mlflow_run_id"], tmp_path / "remote")
-    right = values_of(mlflow_store, reference["mlflow_run_id"], tmp_path / "local")
+    left = logged_values(mlflow_store, summary["mlflow_run_id"], tmp_path / "remote")
+    right = logged_values(mlflow_store, reference["mlflow_run_id"], tmp_path / "local")
     pd.testing.assert_frame_equal(left, right, check_exact=False, atol=1e-6)
     assert stats["too_large"] == 0 and stats["max_body_bytes"] <= cap_mb * 1e6
     metrics = MlflowClient(mlflow_store).get_run(summary["mlflow_run_id"]).data.metrics
@@ -112,9 +101,9 @@ def test_budget_refuses_a_run_and_dry_run_prints_the_estimate(
             },
             **kernel_sections(cancer_data),
         )
-        code, plan, _ = run(["run", str(config), "--dry-run", "--json"], capsys)
+        code, plan, _ = run_cli(["run", str(config), "--dry-run", "--json"], capsys)
         assert code == 1 and plan["inference_rows"] > 1000 and plan["inference_requests"] >= 1
-        code, summary, err = run(["run", str(config), "--json"], capsys)
+        code, summary, err = run_cli(["run", str(config), "--json"], capsys)
         assert code == 1 and "over model.budget.max_inference_rows 1,000" in summary["error"]
         served = server.stats["rows"]
     assert served < 100, "nothing but the probe reached the endpoint"
@@ -149,13 +138,13 @@ def test_registry_model_by_alias_is_explained_natively_and_tagged(
         data={"source": str(cancer_data), "target": "malignant", "explain_rows": 30},
         output={"plots": []},
     )
-    code, summary, err = run(["run", str(config), "--json"], capsys)
+    code, summary, err = run_cli(["run", str(config), "--json"], capsys)
     assert code == 0, err
     assert summary["algorithm"] == "tree"
     tags = MlflowClient(mlflow_store).get_run(summary["mlflow_run_id"]).data.tags
     assert tags["shapline.model_uri"] == "models:/cancer-xgb@champion"
     assert tags["shapline.model_version"] == "1" and tags["shapline.model_run_id"] == logged.info.run_id
-    values = values_of(mlflow_store, summary["mlflow_run_id"], tmp_path)
+    values = logged_values(mlflow_store, summary["mlflow_run_id"], tmp_path)
     data = pd.read_csv(cancer_data).drop(columns=["malignant"]).loc[values["row_id"]]
     np.testing.assert_allclose(
         values[list(data.columns)].to_numpy(), shap.TreeExplainer(model).shap_values(data), atol=1e-6
@@ -179,12 +168,12 @@ def test_dask_local_cluster_gives_the_thread_runner_values(
         model={"name": "cancer-dask", "kind": "sklearn", "path": str(mlp_model)},
         **{**sections, "shards": {"size": 2, "runner": "dask", "workers": 2}},
     )
-    code_thread, first, _ = run(["run", str(thread), "--json"], capsys)
-    code_dask, second, err = run(["run", str(dask), "--json"], capsys)
+    code_thread, first, _ = run_cli(["run", str(thread), "--json"], capsys)
+    code_dask, second, err = run_cli(["run", str(dask), "--json"], capsys)
     assert code_thread == 0 and code_dask == 0, err
     pd.testing.assert_frame_equal(
-        values_of(mlflow_store, first["mlflow_run_id"], tmp_path / "a"),
-        values_of(mlflow_store, second["mlflow_run_id"], tmp_path / "b"),
+        logged_values(mlflow_store, first["mlflow_run_id"], tmp_path / "a"),
+        logged_values(mlflow_store, second["mlflow_run_id"], tmp_path / "b"),
         check_exact=False,
         rtol=1e-12,
         atol=1e-12,

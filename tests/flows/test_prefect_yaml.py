@@ -20,5 +20,8 @@ def test_prefect_yaml_matches_the_configs_it_deploys() -> None:
         assert deployment["name"] == config.model.name
         assert config.schedule is not None
         [schedule] = deployment["schedules"]
-        assert schedule == {"cron": config.schedule.cron, "timezone": config.schedule.timezone,
-                            "active": config.schedule.active}
+        assert schedule == {
+            "cron": config.schedule.cron,
+            "timezone": config.schedule.timezone,
+            "active": config.schedule.active,
+        }
