@@ -37,6 +37,7 @@ from tasks.explain import (
     resolve_algorithm,
     shard_store,
     stage_shards,
+    threads_per_worker,
 )
 from tasks.models import Predictor, link_for, load_predictor, model_fingerprint, probe_predictor
 from tasks.plots import render_plots_task
@@ -207,7 +208,15 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
             config.shards.cache_dir, config.values_sha256(), loaded.sha256, model_fingerprint(config.model)
         )
         jobs, reused = stage_shards(
-            rows, background, shards, workdir, store, config.model, config.explainer, link
+            rows,
+            background,
+            shards,
+            workdir,
+            store,
+            config.model,
+            config.explainer,
+            link,
+            threads_per_worker(config.shards.runner, config.shards.workers),
         )
         logger.info(
             "explaining %d rows in %d shards on %d %s workers (%d shards already finished: reused)",

@@ -372,6 +372,14 @@ class ShardJob:
     model: ModelConfig
     explainer: ExplainerConfig
     link: str
+    threads: int | None = None
+
+
+def threads_per_worker(runner: str, workers: int) -> int | None:
+    """Cores each shard worker may use, so workers x model threads never oversubscribe the machine."""
+    if runner == "dask":
+        return None  # Dask workers are sized by their own deployment.
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 @dataclass(frozen=True)
@@ -414,6 +422,7 @@ def stage_shards(
     model: ModelConfig,
     explainer: ExplainerConfig,
     link: str,
+    threads: int | None = None,
 ) -> tuple[list[ShardJob], list[ShardResult]]:
     """Jobs for the shards the store lacks (their rows written to `folder`), and the finished ones found there."""
     folder = Path(folder)
@@ -437,6 +446,7 @@ def stage_shards(
                 model=model,
                 explainer=explainer,
                 link=link,
+                threads=threads,
             )
         )
     return jobs, finished
@@ -465,12 +475,16 @@ def explain_shard(job: ShardJob) -> ShardResult:
     """Explain one shard's rows and write its values to job.output_path atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from threadpoolctl import threadpool_limits
 
     started = time.perf_counter()
     predictor = load_predictor(job.model)
     rows = pd.read_parquet(job.rows_path)
     background = Background.from_frame(pd.read_parquet(job.background_path))
-    result = explain_rows(rows, background, predictor, job.explainer, job.link, job.model.class_index)
+    if job.threads is not None:
+        predictor.limit_threads(job.threads)
+    with threadpool_limits(limits=job.threads):
+        result = explain_rows(rows, background, predictor, job.explainer, job.link, job.model.class_index)
     path = Path(job.output_path)
     partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
     table = pa.Table.from_pandas(result.to_frame(), preserve_index=False)

@@ -42,6 +42,9 @@ class Predictor(ABC):
         """The model's own output in an explainer's space ('log_odds', 'probability' or 'raw'), 2-D."""
         raise ModelError(f"model {self.name}: cannot compute {space} output for the additivity check")
 
+    def limit_threads(self, threads: int) -> None:  # noqa: B027 - optional hook, most models have no threads
+        """Cap the model's own threads (a remote model has none here)."""
+
 
 def two_d(values: Any) -> np.ndarray:
     array = np.asarray(values, dtype=float)
@@ -74,6 +77,12 @@ class LocalPredictor(Predictor):
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         return two_d(getattr(self.model, self.method)(frame))
+
+    def limit_threads(self, threads: int) -> None:
+        estimator = final_estimator(self.model)
+        # XGBoost and scikit-learn ensembles default to every core; W workers doing that oversubscribe.
+        if "n_jobs" in getattr(estimator, "get_params", dict)():
+            estimator.set_params(n_jobs=threads)
 
     @property
     def native(self) -> Any:
@@ -128,6 +137,9 @@ class BoosterPredictor(Predictor):
     @property
     def native(self) -> Any:
         return self.booster
+
+    def limit_threads(self, threads: int) -> None:
+        self.booster.set_param({"nthread": threads})
 
     def raw_output(self, frame: pd.DataFrame, space: str) -> np.ndarray:
         if space == "probability":
