@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from tasks.errors import ModelError
 # Probabilities are clipped before the logit link so a model that is certain (p = 0 or 1)
 # gives large finite log-odds instead of infinities that would poison every sum.
 PROBABILITY_EPS = 1e-7
+_THREAD_LIMIT_LOCK = threading.Lock()
 
 
 class Predictor(ABC):
@@ -42,8 +44,16 @@ class Predictor(ABC):
         """The model's own output in an explainer's space ('log_odds', 'probability' or 'raw'), 2-D."""
         raise ModelError(f"model {self.name}: cannot compute {space} output for the additivity check")
 
-    def limit_threads(self, threads: int) -> None:  # noqa: B027 - optional hook, most models have no threads
-        """Cap the model's own threads (a remote model has none here)."""
+    def limit_threads(self, threads: int) -> None:
+        """Cap the model's own threads, once: reconfiguring a model another thread predicts with is unsafe."""
+        with _THREAD_LIMIT_LOCK:
+            if getattr(self, "_threads", None) == threads:
+                return
+            self._set_threads(threads)
+            self._threads = threads
+
+    def _set_threads(self, threads: int) -> None:  # noqa: B027 - a remote model has no threads of its own
+        """Set the model's thread count (overridden by in-process models)."""
 
 
 def two_d(values: Any) -> np.ndarray:
@@ -78,7 +88,7 @@ class LocalPredictor(Predictor):
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         return two_d(getattr(self.model, self.method)(frame))
 
-    def limit_threads(self, threads: int) -> None:
+    def _set_threads(self, threads: int) -> None:
         estimator = final_estimator(self.model)
         # XGBoost and scikit-learn ensembles default to every core; W workers doing that oversubscribe.
         if "n_jobs" in getattr(estimator, "get_params", dict)():
@@ -138,7 +148,7 @@ class BoosterPredictor(Predictor):
     def native(self) -> Any:
         return self.booster
 
-    def limit_threads(self, threads: int) -> None:
+    def _set_threads(self, threads: int) -> None:
         self.booster.set_param({"nthread": threads})
 
     def raw_output(self, frame: pd.DataFrame, space: str) -> np.ndarray:

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import joblib
+import pandas as pd
+import pytest
+
+from flows.config import SklearnModel, XGBoostModel
+from tasks.errors import ModelError
+from tasks.models import LocalPredictor, link_for, load_predictor, probe_predictor
+
+
+def test_limiting_threads_while_other_shards_predict_is_safe(xgb_model: Path, cancer_data: Path) -> None:
+    """Reconfiguring an XGBoost model mid-predict crashes it ('need_configuration_'): the limit is set once."""
+    rows = pd.read_csv(cancer_data).drop(columns=["malignant"])
+    predictor = LocalPredictor("xgb", joblib.load(xgb_model), "predict_proba")
+    errors: list[Exception] = []
+
+    def shard() -> None:
+        try:
+            for _ in range(15):
+                predictor.limit_threads(1)
+                predictor.predict(rows)
+        except Exception as exc:  # noqa: BLE001 - any failure is the finding
+            errors.append(exc)
+
+    threads = [threading.Thread(target=shard) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert predictor.model.get_params()["n_jobs"] == 1
+
+
+def test_booster_files_and_pickles_load_as_predictors(xgb_model: Path, cancer_data: Path) -> None:
+    rows = pd.read_csv(cancer_data).drop(columns=["malignant"]).head(5)
+    booster = load_predictor(XGBoostModel(name="b", kind="xgboost", path=str(xgb_model.with_suffix(".json"))))
+    wrapper = load_predictor(XGBoostModel(name="w", kind="xgboost", path=str(xgb_model)))
+    pd.testing.assert_frame_equal(
+        pd.DataFrame(booster.predict(rows)), pd.DataFrame(wrapper.predict(rows)), atol=1e-6
+    )
+    assert booster.class_labels == ["0", "1"] and booster.predict(rows).shape == (5, 2)
+
+
+def test_missing_and_wrong_model_files_name_the_key(tmp_path: Path, xgb_model: Path) -> None:
+    with pytest.raises(ModelError, match=r"model\.path: file not found"):
+        load_predictor(SklearnModel(name="m", kind="sklearn", path=str(tmp_path / "none.joblib")))
+    (tmp_path / "junk.joblib").write_text("not a model")
+    with pytest.raises(ModelError, match=r"model\.path: .*junk\.joblib: not a joblib/pickle model file"):
+        load_predictor(SklearnModel(name="m", kind="sklearn", path=str(tmp_path / "junk.joblib")))
+    with pytest.raises(ModelError, match="model.output: .* has no decision_function"):
+        LocalPredictor("m", joblib.load(xgb_model), "decision_function")
+
+
+def test_probe_reports_a_model_that_cannot_read_the_data(xgb_model: Path) -> None:
+    predictor = LocalPredictor("xgb", joblib.load(xgb_model), "predict_proba")
+    with pytest.raises(ModelError, match=r"model xgb: predict_proba\(\) failed on the data"):
+        probe_predictor(predictor, pd.DataFrame({"x": [1.0, 2.0]}), 1)
+
+
+@pytest.mark.parametrize(
+    ("configured", "method", "expected"),
+    [
+        (None, "predict_proba", "logit"),
+        ("identity", "predict_proba", "identity"),
+        (None, "predict", "identity"),
+    ],
+)
+def test_link_follows_what_the_model_can_give(
+    xgb_model: Path, configured: str | None, method: str, expected: str
+) -> None:
+    predictor = LocalPredictor("xgb", joblib.load(xgb_model), method)
+    assert link_for(predictor, configured, "logit", "predict_proba") == expected
