@@ -1,0 +1,156 @@
+"""Sides that must run in their own process (for their peak RSS or their own thread settings).
+
+`python -m benchmarks.child JOB_JSON` runs one job and prints one JSON line: seconds, where the values are,
+and the process's own peak RSS. The parent measures the whole process tree's RSS from outside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _maxrss_bytes(who: int) -> int:
+    # Linux reports ru_maxrss in KiB.
+    return int(resource.getrusage(who).ru_maxrss) * 1024
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _kernel_plain(job: dict[str, Any]) -> dict[str, Any]:
+    import joblib
+    import pandas as pd
+
+    from benchmarks.workloads import explain_sample, per_row_kernel_values, random_background
+
+    frame = pd.read_parquet(job["data_path"]).reset_index(drop=True)[job["features"]]
+    model = joblib.load(job["model_path"])
+    rows = explain_sample(frame, job["rows"], job["seed"])
+    background = random_background(frame, job["background"], job["seed"]).to_numpy()
+    started = time.perf_counter()
+    values = per_row_kernel_values(
+        lambda x: model.predict_proba(x)[:, 1],
+        background,
+        rows,
+        job["nsamples"],
+        job["l1_reg"],
+        job["seed"],
+    )
+    seconds = time.perf_counter() - started
+    np.save(job["values_path"], values)
+    return {"seconds": seconds}
+
+
+def _tree_direct(job: dict[str, Any]) -> dict[str, Any]:
+    import joblib
+    import pandas as pd
+
+    model = joblib.load(job["model_path"])
+    baseline = _rss_bytes()
+    started = time.perf_counter()
+    data = pd.read_parquet(job["data_path"], columns=job["features"])
+    if job["method"] == "shap":
+        import shap
+
+        values = shap.TreeExplainer(model).shap_values(data, check_additivity=False)
+    else:
+        import xgboost
+
+        # pred_contribs' last column is the bias (base value); the rest are the features' SHAP values.
+        contributions = model.get_booster().predict(xgboost.DMatrix(data), pred_contribs=True)
+        values = contributions[:, :-1]
+    seconds = time.perf_counter() - started
+    np.save(job["values_path"], np.asarray(values, dtype=float))
+    return {"seconds": seconds, "baseline_rss_bytes": baseline}
+
+
+def preload() -> None:
+    """Import what a flow run imports lazily, so a cold process times the run, not its first imports."""
+    import great_expectations  # noqa: F401
+    import matplotlib.pyplot  # noqa: F401
+    import mlflow  # noqa: F401
+    import shap  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+    import xgboost  # noqa: F401
+
+    import flows.cli  # noqa: F401
+    import flows.explain  # noqa: F401
+
+
+def _flow(job: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.workloads import prepare_environment, run_flow
+
+    prepare_environment()
+    preload()
+    baseline = _rss_bytes()
+    run = run_flow(Path(job["config"]), job.get("overrides", []), fetch_values=False)
+    return {
+        "seconds": run.seconds,
+        "explain_s": run.metrics.get("explain_s"),
+        "summary": run.summary,
+        "baseline_rss_bytes": baseline,
+    }
+
+
+JOBS = {"kernel-plain": _kernel_plain, "tree-direct": _tree_direct, "flow": _flow}
+
+
+def run_child(job: dict[str, Any], env: dict[str, str] | None = None, poll_s: float = 0.02) -> dict[str, Any]:
+    """Run one job in a fresh interpreter; add the peak RSS of its whole process tree, polled from outside."""
+    import psutil
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.child", json.dumps(job)],
+            stdout=out,
+            stderr=err,
+            env={**os.environ, **(env or {})},
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        root = psutil.Process(process.pid)
+        peak = 0
+        while process.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(poll_s)
+        wall = time.perf_counter() - started
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    if process.returncode != 0:
+        raise RuntimeError(f"child {job['kind']} exited {process.returncode}: {stderr[-3000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result.update(tree_peak_rss_bytes=peak, process_wall_s=wall)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    """Run the job described by argv[0] (JSON) and print its result as one JSON line."""
+    job = json.loads(argv[0])
+    result = JOBS[job["kind"]](job)
+    result["self_maxrss_bytes"] = _maxrss_bytes(resource.RUSAGE_SELF)
+    result["children_maxrss_bytes"] = _maxrss_bytes(resource.RUSAGE_CHILDREN)
+    sys.stdout.write("\n" + json.dumps(result, default=str) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

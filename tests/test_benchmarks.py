@@ -1,0 +1,102 @@
+"""The benchmark harness end to end on tiny sizes: every comparison runs, writes its report, and its sides agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.harness import ComparisonResult, Measurement, Ratio, Tolerance, alternate, render_markdown
+from benchmarks.scaling import fit_line
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPARISONS = ["kernel", "overhead", "endpoint", "tree", "scaling"]
+
+
+def test_alternate_rotates_the_order_and_keeps_every_sample() -> None:
+    calls: list[str] = []
+
+    def side(name: str) -> Measurement:
+        calls.append(name)
+        return Measurement(1.0)
+
+    from benchmarks.harness import Side
+
+    sides = [Side("a", lambda: side("a")), Side("b", lambda: side("b")), Side("c", lambda: side("c"))]
+    samples = alternate(sides, reps=3, warmup=False, log=lambda _: None)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {name: len(s) for name, s in samples.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_ratio_is_withheld_when_values_differ() -> None:
+    result = ComparisonResult(name="x", title="x", workload={})
+    result.sides = {
+        "plain": [Measurement(4.0, np.array([1.0, 2.0]))],
+        "fast": [Measurement(1.0, np.array([1.0, 2.5]))],
+    }
+    assert not result.check("plain", "fast", Tolerance(rtol=0.0, atol=1e-6, why="test"))
+    result.ratio(Ratio("speed-up", "plain", "fast", target=2.0))
+    assert result.ratios[0]["value"] is None and result.ratios[0]["met"] is None
+
+
+def test_ratio_of_equal_sides_is_the_ratio_of_medians() -> None:
+    result = ComparisonResult(name="x", title="x", workload={})
+    values = np.array([1.0, 2.0])
+    result.sides = {
+        "plain": [Measurement(s, values) for s in (4.0, 9.0, 5.0)],
+        "fast": [Measurement(s, values) for s in (1.0, 2.0, 3.0)],
+    }
+    assert result.check("plain", "fast", Tolerance(rtol=0.0, atol=0.0, why="test"))
+    result.ratio(Ratio("speed-up", "plain", "fast", target=2.0))
+    assert result.ratios[0]["value"] == pytest.approx(2.5) and result.ratios[0]["met"] is True
+
+
+def test_fit_line_recovers_fixed_and_per_row_cost() -> None:
+    sizes = [10, 100, 1000, 10000]
+    fixed, per_row = fit_line(sizes, [2.0 + 0.01 * n for n in sizes])
+    assert fixed == pytest.approx(2.0) and per_row == pytest.approx(0.01)
+
+
+@pytest.mark.slow
+def test_quick_run_writes_the_report_and_every_comparison_agrees(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--cache",
+            str(tmp_path / "cache"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "results.md").read_text() == render_markdown(report)
+    assert report["quick"] is True and report["machine"]["cores"]
+    assert [c["name"] for c in report["comparisons"]] == COMPARISONS
+    for comparison in report["comparisons"]:
+        assert comparison["status"] == "ok", comparison["error"]
+        assert comparison["values_equal"] is True
+        assert comparison["checks"] and all(check["passed"] for check in comparison["checks"])
+        assert len(comparison["sides"]) >= 2
+        for side in comparison["sides"].values():
+            assert side["reps"] == len(side["seconds"]) >= 1 and side["median_s"] > 0
+        for ratio in comparison["ratios"]:
+            assert {"name", "value", "target", "met", "note"} <= set(ratio)
+            assert ratio["value"] is None or ratio["value"] == ratio["value"]  # reported, not NaN
+    endpoint = next(c for c in report["comparisons"] if c["name"] == "endpoint")
+    for side in endpoint["sides"].values():
+        assert side["metrics"]["too_large"]["median"] == 0 and side["metrics"]["requests"]["median"] > 0
