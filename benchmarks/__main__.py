@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--set {item}: unknown comparison; choose from {', '.join(COMPARISONS)}")
     reps = args.reps or (1 if args.quick else 3)
     report: dict[str, Any] = {
-        "command": "python -m benchmarks " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": shlex.join(["python", "-m", "benchmarks", *(argv if argv is not None else sys.argv[1:])]),
         "quick": args.quick,
         "reps": reps,
         "machine": machine(),

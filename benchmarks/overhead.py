@@ -34,7 +34,7 @@ from benchmarks.workloads import (
 # (one shard per worker; the machine's speed varies by more than 2x; the workload must last a minute or more).
 FULL = {
     "rows": "auto",
-    "target_s": 80,
+    "target_s": 100,
     "calibration_rows": 100,
     "data_rows": 20_000,
     "workers": 2,
