@@ -173,6 +173,12 @@ class ExplainerConfig(_Strict):
         "aic", description="Kernel feature selection: aic | bic | num_features(k) | false."
     )
     seed: int = Field(0, description="Seed of the sampling explainers; each row derives its own from it.")
+    batch_rows: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="Kernel only: rows of a shard explained together, their model calls merged into one "
+        "predict (fewer, fuller endpoint requests); values equal up to the model's rounding. auto: 1 for "
+        "in-process models; for endpoints as many rows (up to 16) as fit one request together.",
+    )
     feature_perturbation: Literal["tree_path_dependent", "interventional"] = Field(
         "tree_path_dependent",
         description="Tree explainer only: tree_path_dependent, or interventional over the background.",

@@ -82,11 +82,18 @@ def load_model_task(config: ExplainConfig) -> Predictor:
     return load_predictor(config.model)
 
 
-@flow(name="shapline-shards")
-def explain_shards(jobs: list[ShardJob]) -> list[ShardResult]:
-    """Explain every shard as a mapped task; finished shards stay on disk even if another one fails."""
+def explain_shards(jobs: list[ShardJob], shards: ShardsConfig) -> list[ShardResult]:
+    """Explain every shard as a task on the configured runner; finished shards stay on disk even if another fails.
+
+    The runner is entered here, inside the flow, rather than given to a subflow: a subflow costs about
+    a second of run creation and heartbeat shutdown, and its tasks would not be the flow's own.
+    """
     logger = get_run_logger()
-    futures = explain_shard_task.map(jobs)
+    with task_runner_for(shards) as runner:
+        return _collect(runner.map(explain_shard_task, {"job": jobs}), len(jobs), logger)
+
+
+def _collect(futures: Any, total: int, logger: Any) -> list[ShardResult]:
     finished: list[ShardResult] = []
     failures: list[BaseException] = []
     for future in as_completed(futures):
@@ -94,13 +101,13 @@ def explain_shards(jobs: list[ShardJob]) -> list[ShardResult]:
             result = future.result()
         except Exception as exc:
             failures.append(exc)
-            logger.error("shard failed (%d/%d settled): %s", len(finished) + len(failures), len(jobs), exc)
+            logger.error("shard failed (%d/%d settled): %s", len(finished) + len(failures), total, exc)
             continue
         finished.append(result)
         logger.info(
             "shards done %d/%d (shard %d: %d rows in %.1f s)",
             len(finished),
-            len(jobs),
+            total,
             result.index,
             result.rows,
             result.seconds,
@@ -216,7 +223,7 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
             config.model,
             config.explainer,
             link,
-            threads_per_worker(config.shards.runner, config.shards.workers),
+            threads_per_worker(config.shards.runner, min(config.shards.workers, len(shards))),
         )
         logger.info(
             "explaining %d rows in %d shards on %d %s workers (%d shards already finished: reused)",
@@ -245,9 +252,7 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
             check_budget(config.model, estimate)
 
         explain_started = time.perf_counter()
-        computed = (
-            explain_shards.with_options(task_runner=task_runner_for(config.shards))(jobs) if jobs else []
-        )
+        computed = explain_shards(jobs, config.shards) if jobs else []
         explain_s = time.perf_counter() - explain_started
         results = sorted([*reused, *computed], key=lambda r: r.index)
 
@@ -257,7 +262,13 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
         )
         combined.importance.to_csv(artifacts / "global_importance.csv", index=False)
         render_plots_task(
-            values_path, rows, features, combined.labels or ["0"], config.output, str(artifacts / "plots")
+            values_path,
+            rows,
+            features,
+            combined.labels or ["0"],
+            config.output,
+            str(artifacts / "plots"),
+            combined.importance,
         )
 
         if hasattr(predictor, "stats") and config.shards.runner == "thread":

@@ -103,8 +103,37 @@ def _csv_lines(frame: pd.DataFrame) -> list[str]:
     return rendered
 
 
+def _all_numbers(frame: pd.DataFrame) -> bool:
+    return all(
+        (pd.api.types.is_float_dtype(dtype) or pd.api.types.is_integer_dtype(dtype))
+        and not pd.api.types.is_bool_dtype(dtype)
+        for dtype in frame.dtypes
+    )
+
+
+def _arrow_csv(frame: pd.DataFrame) -> tuple[bytes, np.ndarray]:
+    """Numbers-only rows through Arrow's CSV writer: ~5x faster than DataFrame.to_csv, same values.
+
+    Arrow writes the shortest text that reads back as the same float (1040 where pandas writes
+    1040.0) and a missing value (NaN) as an empty field, as pandas does.
+    """
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    sink = pa.BufferOutputStream()
+    pa_csv.write_csv(table, sink, pa_csv.WriteOptions(include_header=False, quoting_style="none"))
+    data = sink.getvalue().to_pybytes()
+    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n")) + 1
+    return data, ends
+
+
 def serialize_rows(frame: pd.DataFrame, content_type: str) -> tuple[bytes, np.ndarray]:
     """All rows as one request body in `content_type`, and the byte offset where each row ends."""
+    if content_type == "text/csv" and len(frame.columns) and _all_numbers(frame):
+        data, ends = _arrow_csv(frame)
+        if len(ends) == len(frame):
+            return data, ends
     if content_type == "text/csv":
         lines = _csv_lines(frame)
     else:
@@ -141,8 +170,38 @@ def _score(item: Any, key: int | str) -> Any:
     return item
 
 
+def _csv_column(body: bytes, column: int, rows: int) -> np.ndarray | None:
+    """Column `column` of a plain CSV body with `rows` lines of equal width, parsed without a Python object
+    per line (a list per line of a million-line answer keeps the garbage collector busy for seconds);
+    None when the body is anything else, so the careful path can say what is wrong with it."""
+    if rows == 0 or column < 0 or b'"' in body or b"\r" in body:
+        return None
+    raw = np.frombuffer(body.rstrip(b"\n"), dtype=np.uint8)
+    newlines = np.flatnonzero(raw == ord("\n"))
+    if len(newlines) != rows - 1:
+        return None
+    starts = np.concatenate(([0], newlines + 1))
+    per_line = np.add.reduceat((raw == ord(",")).view(np.uint8), starts, dtype=np.int64)
+    width = int(per_line[0]) + 1
+    if np.any(per_line != width - 1):
+        return None
+    if column >= width and width > 1:
+        return None
+    import pyarrow as pa
+
+    tokens = body.decode("ascii", "replace").replace(",", "\n").split("\n")[: rows * width]
+    try:
+        return pa.array(tokens[column if width > 1 else 0 :: width]).cast(pa.float64()).to_numpy()
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+
+
 def parse_scores(body: bytes, accept: str, score_column: int | str, rows: int, endpoint: str) -> np.ndarray:
     """One float score per row from a response body; a ModelError quoting the body when it does not fit."""
+    if accept == "text/csv" and isinstance(score_column, int):
+        scores = _csv_column(body, score_column, rows)
+        if scores is not None and len(scores) == rows:
+            return scores
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -200,6 +259,19 @@ def _is_retryable(exc: Any) -> bool:
     # SageMaker reports a container's own failure as a 424 ModelError carrying the container's status.
     original = exc.response.get("OriginalStatusCode")
     return code == "ModelError" and isinstance(original, int) and (original == 429 or original >= 500)
+
+
+# explainer.batch_rows auto for an endpoint: merge rows until their calls fill one request, at most this many.
+MAX_AUTO_BATCH_ROWS = 16
+
+
+def auto_batch_rows(max_request_bytes: float, bytes_per_row: float, call_rows: int) -> int:
+    """Explained rows whose model calls (of `call_rows` rows each) together fit one request: a network
+    round trip per call is what merging saves; once one call fills a request there is nothing to save."""
+    per_call = bytes_per_row * max(call_rows, 1)
+    if per_call <= 0:
+        return MAX_AUTO_BATCH_ROWS
+    return int(max(1, min(MAX_AUTO_BATCH_ROWS, max_request_bytes // per_call)))
 
 
 class SageMakerPredictor(Predictor):
@@ -345,6 +417,10 @@ class SageMakerPredictor(Predictor):
             )
         return scores
 
+    def rows_to_merge(self, call_rows: int, sample: pd.DataFrame) -> int:
+        bytes_per_row = measure_bytes_per_row(self.config, sample)
+        return auto_batch_rows(self.max_request_bytes, bytes_per_row, call_rows)
+
     def requests_for(self, frame: pd.DataFrame) -> list[tuple[bytes, int]]:
         """The request bodies (and their row counts) one predict() of `frame` sends."""
         data, ends = serialize_rows(frame, self.endpoint.content_type)
@@ -434,6 +510,7 @@ def estimate_inference(
     algorithm: str,
     bytes_per_row: float,
     shards: int = 1,
+    batch_rows: int = 1,
 ) -> dict[str, float]:
     """Rows and requests the explainer will send the endpoint (an upper bound for kernel)."""
     endpoint = model.endpoint
@@ -465,10 +542,20 @@ def estimate_inference(
         raise ModelError(f"explainer.algorithm {algorithm} needs the model object itself; use kernel")
     synthetic = per_row_samples * background_rows
     inference_rows = shards * (1 + background_rows) + rows_to_explain + rows_to_explain * (1 + synthetic)
+    # Kernel rows explained together (batch_rows) send f(x) and their coalitions as one call each.
     # The permutation and exact explainers split a row's masks over several calls, so for them
     # the request count is a lower bound.
-    inference_requests = shards * (1 + requests(background_rows) + requests(shard_rows)) + rows_to_explain * (
-        1 + requests(synthetic)
+    batch = batch_rows if algorithm in ("auto", "kernel") else 1
+    sizes = [min(shard_rows, rows_to_explain - start) for start in range(0, rows_to_explain, shard_rows)]
+    inference_requests = sum(
+        1
+        + requests(background_rows)
+        + requests(size)
+        + sum(
+            requests(min(batch, size - first)) + requests(min(batch, size - first) * synthetic)
+            for first in range(0, size, batch)
+        )
+        for size in sizes
     )
     return {
         "inference_rows": inference_rows,
@@ -489,6 +576,11 @@ def plan_inference(
     shards: int,
 ) -> dict[str, float]:
     """estimate_inference for this run's rows and background, bytes per row measured on the background."""
+    bytes_per_row = measure_bytes_per_row(model, background)
+    batch_rows = explainer.batch_rows
+    if batch_rows == "auto":
+        call_rows = effective_nsamples(explainer.nsamples, rows.shape[1]) * len(background)
+        batch_rows = auto_batch_rows(model.endpoint.max_payload_mb * BYTES_PER_MB, bytes_per_row, call_rows)
     return estimate_inference(
         model,
         len(rows),
@@ -496,8 +588,9 @@ def plan_inference(
         len(background),
         explainer.nsamples,
         algorithm,
-        measure_bytes_per_row(model, background),
+        bytes_per_row,
         shards=shards,
+        batch_rows=batch_rows,
     )
 
 

@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import ExplainerConfig, ModelConfig
 from tasks.background import Background
+from tasks.endpoint import effective_nsamples
 from tasks.errors import ExplainError, ShaplineError
 from tasks.models import (
     PROBABILITY_EPS,
@@ -184,28 +185,89 @@ def _kernel_explainer_class() -> type:
         _holding = False
 
         def explain(self, incoming_instance: Any, **kwargs: Any) -> Any:
-            _GLOBAL_RNG.acquire()
-            self._holding = True
             try:
-                np.random.seed(self.seed)
                 return super().explain(incoming_instance, **kwargs)
             finally:
-                if self._holding:
-                    self._holding = False
-                    _GLOBAL_RNG.release()
+                self._release()
+
+        def allocate(self) -> None:
+            # shap draws a row's coalitions between allocate() and run(), and nothing else there
+            # touches the RNG or calls the model; f(x), the model calls and the solve run unlocked.
+            _GLOBAL_RNG.acquire()
+            self._holding = True
+            np.random.seed(self.seed)
+            super().allocate()
 
         def run(self) -> None:
-            # The coalitions are drawn; the model calls need no lock.
+            self._release()
+            super().run()
+
+        def _release(self) -> None:
             if self._holding:
                 self._holding = False
                 _GLOBAL_RNG.release()
-            super().run()
 
     return RowSeededKernelExplainer
 
 
+class CoalescedCalls:
+    """One model function shared by `parties` threads: their calls are merged into one call of `function`.
+
+    Every party calls it some number of times, then leave()s. When each party still present is
+    waiting in a call, the last to arrive makes one call with all their rows concatenated and hands
+    each its slice. No party waits on anything but the others' next call, so this cannot deadlock
+    as long as every party eventually calls or leaves.
+    """
+
+    def __init__(self, function: Any, parties: int) -> None:
+        self.function = function
+        self.present = parties
+        self.calls = 0
+        self._waiting: list[tuple[np.ndarray, dict[str, Any]]] = []
+        self._condition = threading.Condition()
+
+    def __call__(self, rows: Any) -> np.ndarray:
+        slot: dict[str, Any] = {}
+        with self._condition:
+            self._waiting.append((np.asarray(rows), slot))
+            self._dispatch_if_complete()
+            while not slot:
+                self._condition.wait()
+        if "error" in slot:
+            raise slot["error"]
+        return slot["output"]
+
+    def leave(self) -> None:
+        with self._condition:
+            self.present -= 1
+            self._dispatch_if_complete()
+
+    def _dispatch_if_complete(self) -> None:
+        # Called holding the condition. Everyone present is waiting, so no one can add to this batch.
+        if not self._waiting or len(self._waiting) < self.present:
+            return
+        batch, self._waiting = self._waiting, []
+        self.calls += 1
+        try:
+            merged = self.function(np.concatenate([rows for rows, _ in batch]))
+        except BaseException as exc:  # every party gets the model's error, as a direct call would
+            for _, slot in batch:
+                slot["error"] = exc
+        else:
+            start = 0
+            for rows, slot in batch:
+                slot["output"] = merged[start : start + len(rows)]
+                start += len(rows)
+        self._condition.notify_all()
+
+
 def _kernel_values(
-    rows: pd.DataFrame, background: Background, function: ModelFunction, config: ExplainerConfig, link: str
+    rows: pd.DataFrame,
+    background: Background,
+    function: ModelFunction,
+    config: ExplainerConfig,
+    link: str,
+    batch_rows: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     from shap.utils._legacy import DenseData
 
@@ -216,15 +278,44 @@ def _kernel_values(
     explainer = _kernel_explainer_class()(function, dense, link=link)
     options: dict[str, Any] = {"nsamples": config.nsamples, "l1_reg": config.l1_reg, "silent": True}
     values = np.empty((len(rows), len(columns), len(function.outputs)))
-    for position, (row_id, row) in enumerate(zip(rows.index, rows.to_numpy(), strict=True)):
-        explainer.seed = row_seed(config.seed, int(row_id))
-        values[position] = np.asarray(explainer.shap_values(row.reshape(1, -1), **options)).reshape(
-            len(columns), -1
-        )
+    row_ids, data_rows = rows.index.to_numpy(), rows.to_numpy()
+
+    def explain(position: int, row_explainer: Any) -> None:
+        row_explainer.seed = row_seed(config.seed, int(row_ids[position]))
+        row = data_rows[position].reshape(1, -1)
+        values[position] = np.asarray(row_explainer.shap_values(row, **options)).reshape(len(columns), -1)
+
+    if batch_rows <= 1 or len(rows) == 1:
+        for position in range(len(rows)):
+            explain(position, explainer)
+    else:
+        for start in range(0, len(rows), batch_rows):
+            _explain_together(explainer, explain, range(start, min(start + batch_rows, len(rows))))
     base = np.broadcast_to(
         np.asarray(explainer.expected_value, dtype=float).reshape(1, -1), (len(rows), len(function.outputs))
     )
     return values, base
+
+
+def _explain_together(explainer: Any, explain: Any, positions: range) -> None:
+    """Explain some rows at once, one thread and explainer copy each, their model calls merged into one."""
+    import copy
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = CoalescedCalls(explainer.model.f, len(positions))
+
+    def one(position: int) -> None:
+        try:
+            row_explainer = copy.copy(explainer)  # explain() only rebinds per-row state on the copy
+            row_explainer.model = copy.copy(explainer.model)
+            row_explainer.model.f = calls
+            explain(position, row_explainer)
+        finally:
+            calls.leave()
+
+    with ThreadPoolExecutor(max_workers=len(positions), thread_name_prefix="kernel-row") as pool:
+        for future in [pool.submit(one, position) for position in positions]:
+            future.result()
 
 
 def _masker_values(
@@ -345,7 +436,11 @@ def explain_rows(
             outputs = explained_outputs(probe.shape[1], class_index, predictor.class_labels)
             function = ModelFunction(predictor, rows, outputs, link)
             if algorithm == "kernel":
-                values, base = _kernel_values(rows, background, function, config, link)
+                batch = config.batch_rows
+                if batch == "auto":
+                    call_rows = effective_nsamples(config.nsamples, rows.shape[1]) * len(background.frame)
+                    batch = predictor.rows_to_merge(call_rows, background.frame)
+                values, base = _kernel_values(rows, background, function, config, link, batch)
             else:
                 values, base = _masker_values(rows, background, function, config, link, algorithm)
             output = _link_f(link, function(rows))
@@ -483,8 +578,10 @@ def explain_shard(job: ShardJob) -> ShardResult:
     background = Background.from_frame(pd.read_parquet(job.background_path))
     if job.threads is not None:
         predictor.limit_threads(job.threads)
-    with threadpool_limits(limits=job.threads):
-        result = explain_rows(rows, background, predictor, job.explainer, job.link, job.model.class_index)
+        # Set, never restored: a `with` block would restore the process-wide BLAS limit when this shard
+        # ends while the worker's other shards still run. Every shard of a run asks for the same limit.
+        threadpool_limits(limits=job.threads)
+    result = explain_rows(rows, background, predictor, job.explainer, job.link, job.model.class_index)
     path = Path(job.output_path)
     partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
     table = pa.Table.from_pandas(result.to_frame(), preserve_index=False)

@@ -44,6 +44,11 @@ class Predictor(ABC):
         """The model's own output in an explainer's space ('log_odds', 'probability' or 'raw'), 2-D."""
         raise ModelError(f"model {self.name}: cannot compute {space} output for the additivity check")
 
+    def rows_to_merge(self, call_rows: int, sample: pd.DataFrame) -> int:
+        """How many explained rows' model calls to merge into one when each call has `call_rows` rows like
+        `sample` (explainer.batch_rows auto). In-process models gain little and would hold more memory."""
+        return 1
+
     def limit_threads(self, threads: int) -> None:
         """Cap the model's own threads, once: reconfiguring a model another thread predicts with is unsafe."""
         with _THREAD_LIMIT_LOCK:

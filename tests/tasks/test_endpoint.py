@@ -401,27 +401,31 @@ def test_kernel_explainer_through_the_endpoint_equals_local(
     assert np.abs(remote.values).sum() > 0
 
 
+@pytest.mark.parametrize(
+    ("batch_rows", "requests"),
+    [
+        # probe, background, outputs; per row f(x) and 2540 coalition rows in 3 requests of <= 1000
+        (1, 3 + 2 * (1 + 3)),
+        # auto (16 for an endpoint): both rows' f(x) in one request, their 5080 coalition rows in 6
+        ("auto", 3 + 1 + 6),
+    ],
+)
 def test_estimate_matches_what_the_kernel_explainer_sends(
-    server: EndpointServer, features: pd.DataFrame
+    server: EndpointServer, features: pd.DataFrame, batch_rows: int | str, requests: int
 ) -> None:
     # With 8 features, nsamples auto enumerates all 2**8 - 2 coalitions, so the upper bound is exact.
     config = sagemaker_config(server, max_rows_per_request=1000)
     predictor = load_endpoint_predictor(config)
     background = Background(frame=features.iloc[100:110])
     rows = features.iloc[[3, 250]]
-    explainer = ExplainerConfig(algorithm="kernel", seed=0)
+    explainer = ExplainerConfig(algorithm="kernel", seed=0, batch_rows=batch_rows)
+    before = dict(server.stats)
     explain_rows(rows, background, predictor, explainer, "logit", 1)
     estimate = plan_inference(config, rows, background.frame, explainer, "kernel", shards=1)
     assert estimate["nsamples_effective"] == 254
-    assert (
-        server.stats["rows"] == predictor.stats()["rows"] == estimate["inference_rows"] == 11 + 2 + 2 * 2541
-    )
-    assert (
-        server.stats["requests"]
-        == predictor.stats()["requests"]
-        == estimate["inference_requests"]
-        == 3 + 2 * 4
-    )
+    sent = {key: server.stats[key] - before.get(key, 0) for key in ("rows", "requests")}
+    assert sent["rows"] == predictor.stats()["rows"] == estimate["inference_rows"] == 11 + 2 + 2 * 2541
+    assert sent["requests"] == predictor.stats()["requests"] == estimate["inference_requests"] == requests
 
 
 def test_delete_endpoint_then_gone(server: EndpointServer, features: pd.DataFrame) -> None:
@@ -431,3 +435,52 @@ def test_delete_endpoint_then_gone(server: EndpointServer, features: pd.DataFram
     delete_endpoint(config)  # already gone: fine
     with pytest.raises(ModelError, match="endpoint churn-local: ValidationError"):
         load_endpoint_predictor(config).predict(features.iloc[:2])
+
+
+def test_numeric_rows_serialize_fast_and_read_back_exactly() -> None:
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame(rng.normal(size=(500, 4)) * [1, 1e-9, 1e9, 1], columns=list("abcd"))
+    frame["n"] = rng.integers(-5, 5, size=500)
+    frame.iloc[7, 1] = np.nan
+    frame.iloc[8, 0] = -0.0
+    body, ends = endpoint_module.serialize_rows(frame, "text/csv")
+    assert len(ends) == len(frame) and ends[-1] == len(body)
+    back = pd.read_csv(pd.io.common.BytesIO(body), header=None, names=frame.columns)
+    np.testing.assert_array_equal(back.to_numpy(), frame.to_numpy())  # NaN in place, every float exact
+    # each row is its own line, so a request split at any row boundary is whole rows
+    assert body[: ends[0]].count(b"\n") == 1 and body[ends[9] : ends[10]].count(b"\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "column", "rows", "expected"),
+    [
+        (b"1,0.25\n0,0.5\n", 1, 2, [0.25, 0.5]),
+        (b"0.25\n0.5\n", 1, 2, [0.25, 0.5]),  # one column: the score itself
+        (b"1,0.25\n0,0.5", 0, 2, [1.0, 0.0]),  # no final newline
+        (b"1,0.25,3\n0,0.5\n", 1, 2, [0.25, 0.5]),  # ragged: the careful path reads it
+        (b"1, 0.25\n0,1e-3\n", 1, 2, [0.25, 0.001]),
+    ],
+)
+def test_csv_scores_fast_and_careful_paths_agree(
+    body: bytes, column: int, rows: int, expected: list[float]
+) -> None:
+    np.testing.assert_array_equal(parse_scores(body, "text/csv", column, rows, "e"), expected)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"1,0.25\n0,\n", "line 2: '0,'"),
+        (b"1,0.25\n0,abc\n", "line 2: '0,abc'"),
+        (b"1,0.25\n", "1 lines for 2 rows"),
+    ],
+)
+def test_bad_csv_scores_still_name_the_line(body: bytes, message: str) -> None:
+    with pytest.raises(ModelError, match=message):
+        parse_scores(body, "text/csv", 1, 2, "e")
+
+
+def test_auto_batch_rows_fills_one_request() -> None:
+    assert endpoint_module.auto_batch_rows(5_000_000, 200, 500) == 16  # 100 kB per row's call: capped
+    assert endpoint_module.auto_batch_rows(5_000_000, 200, 5_000) == 5  # 1 MB per call
+    assert endpoint_module.auto_batch_rows(5_000_000, 200, 105_400) == 1  # one call already spans requests

@@ -190,3 +190,76 @@ def test_tree_on_a_pipeline_is_refused(penguins) -> None:  # noqa: ANN001
     ):
         resolve_algorithm("tree", predictor)
     assert resolve_algorithm("auto", predictor) == "kernel"
+
+
+class CountingPredictor(LocalPredictor):
+    """A local model that counts predict() calls and the rows in each."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.calls: list[int] = []
+        self._calls_lock = threading.Lock()
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        with self._calls_lock:
+            self.calls.append(len(frame))
+        return super().predict(frame)
+
+
+@pytest.mark.parametrize("batch_rows", [2, 5, 16])
+def test_batched_kernel_rows_give_the_same_values_in_fewer_calls(
+    mlp_model, features: pd.DataFrame, batch_rows: int
+) -> None:  # noqa: ANN001
+    """Rows explained together merge their model calls; each row's values stay exactly those of a lone row."""
+    background = Background(frame=features.iloc[:10])
+    rows = features.iloc[20:31]
+    one = CountingPredictor("mlp", joblib.load(mlp_model), "predict_proba")
+    config = ExplainerConfig(algorithm="kernel", nsamples=60, seed=4, batch_rows=1)
+    alone = explain_rows(rows, background, one, config, "logit", 1)
+    merged = CountingPredictor("mlp", joblib.load(mlp_model), "predict_proba")
+    together = explain_rows(
+        rows, background, merged, config.model_copy(update={"batch_rows": batch_rows}), "logit", 1
+    )
+    # Equal up to the model's own rounding: BLAS may round a row differently inside a larger batch.
+    np.testing.assert_allclose(together.values, alone.values, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(together.base_values, alone.base_values)
+    assert sum(merged.calls) == sum(one.calls)  # the same rows reach the model
+    batches = -(-len(rows) // batch_rows)
+    # probe, background, final outputs; then per batch one f(x) call and one call for the coalitions
+    assert len(one.calls) == 3 + 2 * len(rows)
+    assert len(merged.calls) == 3 + 2 * batches
+
+
+def test_batched_kernel_with_rows_that_need_no_coalitions(mlp_model, features: pd.DataFrame) -> None:  # noqa: ANN001
+    """A row equal to the background varies no feature and calls the model once: the others must not wait for it."""
+    background = Background(frame=features.iloc[:1])
+    rows = pd.concat([features.iloc[[0]], features.iloc[[5, 6]]])
+    rows.index = [0, 5, 6]
+    predictor = LocalPredictor("mlp", joblib.load(mlp_model), "predict_proba")
+    config = ExplainerConfig(algorithm="kernel", nsamples=50, seed=1, batch_rows=1)
+    alone = explain_rows(rows, background, predictor, config, "logit", 1).values
+    together = explain_rows(
+        rows, background, predictor, config.model_copy(update={"batch_rows": 3}), "logit", 1
+    ).values
+    np.testing.assert_allclose(together, alone, rtol=0, atol=1e-12)
+    assert np.all(together[0] == 0)
+
+
+def test_a_model_error_in_a_batch_reaches_every_row_and_frees_the_rng(
+    mlp_model, features: pd.DataFrame
+) -> None:  # noqa: ANN001
+    class Failing(LocalPredictor):
+        def predict(self, frame: pd.DataFrame) -> np.ndarray:
+            if len(frame) > 100:
+                raise RuntimeError("endpoint fell over")
+            return super().predict(frame)
+
+    predictor = Failing("mlp", joblib.load(mlp_model), "predict_proba")
+    config = ExplainerConfig(algorithm="kernel", nsamples=60, seed=4, batch_rows=4)
+    with pytest.raises(RuntimeError, match="endpoint fell over"):
+        explain_rows(
+            features.iloc[20:28], Background(frame=features.iloc[:10]), predictor, config, "logit", 1
+        )
+    # The global RNG lock was released: a following run completes.
+    ok = LocalPredictor("mlp", joblib.load(mlp_model), "predict_proba")
+    explain_rows(features.iloc[20:22], Background(frame=features.iloc[:10]), ok, config, "logit", 1)
