@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
-from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import (
     ExplainConfig,
@@ -53,6 +53,7 @@ from tasks.tracking import (
     run_url,
 )
 from tasks.validation import validate_frame_task
+from tasks.workers import shard_processes
 
 
 def task_runner_for(shards: ShardsConfig) -> Any:
@@ -71,8 +72,7 @@ def task_runner_for(shards: ShardsConfig) -> Any:
                 "dashboard_address": None,
             }
         )
-    if shards.runner == "process":
-        return ProcessPoolTaskRunner(max_workers=shards.workers)
+    # process: each shard task runs on a thread here and hands its compute to tasks.workers' processes.
     return ThreadPoolTaskRunner(max_workers=shards.workers)
 
 
@@ -185,6 +185,10 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
         endpoint_lifetime(config.model, logger),
         tempfile.TemporaryDirectory(prefix="shapline-") as workdir,
         mlflow_run(tracking_uri, config.experiment_name, run_name, tags) as run,
+        # Worker processes (runner process) start now: their imports overlap loading and validation.
+        shard_processes(
+            config.shards, config.model, threads_per_worker(config.shards.runner, config.shards.workers)
+        ) as processes,
     ):
         logger.info("MLflow run %s in %s", run.run_id, tracking_uri)
         artifacts = Path(workdir, "artifacts")
@@ -224,6 +228,7 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
             config.explainer,
             link,
             threads_per_worker(config.shards.runner, min(config.shards.workers, len(shards))),
+            processes,
         )
         logger.info(
             "explaining %d rows in %d shards on %d %s workers (%d shards already finished: reused)",

@@ -468,6 +468,8 @@ class ShardJob:
     explainer: ExplainerConfig
     link: str
     threads: int | None = None
+    # shards.runner process: the key of the flow's worker pool (tasks.workers) that computes this shard.
+    processes: str | None = None
 
 
 def threads_per_worker(runner: str, workers: int) -> int | None:
@@ -518,6 +520,7 @@ def stage_shards(
     explainer: ExplainerConfig,
     link: str,
     threads: int | None = None,
+    processes: str | None = None,
 ) -> tuple[list[ShardJob], list[ShardResult]]:
     """Jobs for the shards the store lacks (their rows written to `folder`), and the finished ones found there."""
     folder = Path(folder)
@@ -542,6 +545,7 @@ def stage_shards(
                 explainer=explainer,
                 link=link,
                 threads=threads,
+                processes=processes,
             )
         )
     return jobs, finished
@@ -625,4 +629,8 @@ def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
 )
 def explain_shard_task(job: ShardJob) -> ShardResult:
     """Explain one shard of rows with SHAP and persist its values."""
+    if job.processes is not None:
+        from tasks.workers import run_in_processes
+
+        return run_in_processes(job.processes, job)
     return explain_shard(job)
