@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from flows.config import DataConfig
 from tasks.errors import DataError
 
 ROW_ID = "row_id"
+# Hashing reads the file in pieces of this size, so the fingerprint never holds the file's bytes.
+HASH_CHUNK_BYTES = 1 << 20
 
 
 class DataSource(ABC):
@@ -31,6 +34,11 @@ class DataSource(ABC):
     def suffix(self) -> str:
         return Path(self.uri.split("?", 1)[0]).suffix.lower()
 
+    def read_table(self) -> tuple[pd.DataFrame, str]:
+        """The parsed table and the sha256 of the file's bytes."""
+        content = self.read_bytes()
+        return parse_table(content, self.suffix, self.uri), hashlib.sha256(content).hexdigest()
+
 
 class LocalFile(DataSource):
     """A file on this machine."""
@@ -38,11 +46,36 @@ class LocalFile(DataSource):
     def __init__(self, path: str, config: DataConfig | None = None) -> None:
         self.uri = path
 
-    def read_bytes(self) -> bytes:
+    def _path(self) -> Path:
         path = Path(self.uri)
         if not path.is_file():
             raise DataError(f"data.source: file not found: {path}")
-        return path.read_bytes()
+        return path
+
+    def read_bytes(self) -> bytes:
+        return self._path().read_bytes()
+
+    def read_table(self) -> tuple[pd.DataFrame, str]:
+        """Parse from the path while a thread hashes the file in chunks: the bytes are never held whole."""
+        path = self._path()
+        before = path.stat()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shapline-hash") as pool:
+            digest = pool.submit(file_sha256, path)
+            frame = parse_table(path, self.suffix, self.uri)
+            sha256 = digest.result()
+        after = path.stat()
+        if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+            raise DataError(f"data.source: {path} changed while it was read; run again")
+        return frame, sha256
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in chunks of HASH_CHUNK_BYTES."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # Remote storages, by URI scheme: the module that defines a DataSource subclass taking (uri, config).
@@ -75,13 +108,21 @@ class LoadedData:
     uri: str
 
 
-def parse_table(content: bytes, suffix: str, uri: str) -> pd.DataFrame:
-    """Parse CSV or Parquet bytes into a DataFrame indexed by row position."""
+def parse_table(content: bytes | Path, suffix: str, uri: str) -> pd.DataFrame:
+    """Parse CSV or Parquet (bytes, or a local file) into a DataFrame indexed by row position."""
+    import pyarrow as pa
+
+    source = io.BytesIO(content) if isinstance(content, bytes) else content
     try:
         if suffix == ".csv":
-            frame = pd.read_csv(io.BytesIO(content))
+            frame = pd.read_csv(source)
         elif suffix in (".parquet", ".pq"):
-            frame = pd.read_parquet(io.BytesIO(content))
+            # From a file, read page by page rather than whole column chunks first: the same table,
+            # without a second copy of the file's bytes at the peak.
+            options = {} if isinstance(content, bytes) else {"pre_buffer": False, "buffer_size": 1 << 20}
+            frame = pd.read_parquet(source, **options)
+            # Arrow's allocator keeps freed pages; hand them back before the SHAP phase needs the memory.
+            pa.default_memory_pool().release_unused()
         else:
             raise DataError(f"data.source: {uri}: expected a .csv or .parquet file")
     except DataError:
@@ -98,9 +139,8 @@ def parse_table(content: bytes, suffix: str, uri: str) -> pd.DataFrame:
 def load_data(config: DataConfig) -> LoadedData:
     """Read the configured source and fingerprint it."""
     source = open_source(config)
-    content = source.read_bytes()
-    frame = parse_table(content, source.suffix, source.uri)
-    return LoadedData(frame=frame, sha256=hashlib.sha256(content).hexdigest(), uri=source.uri)
+    frame, sha256 = source.read_table()
+    return LoadedData(frame=frame, sha256=sha256, uri=source.uri)
 
 
 def feature_columns(frame: pd.DataFrame, config: DataConfig, model_features: list[str] | None) -> list[str]:

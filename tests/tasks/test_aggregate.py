@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.aggregate import aggregate
+from tasks.aggregate import aggregate, combine_shards
 from tasks.explain import ShardValues
 from tasks.schemas import SchemaError, check_columns, importance_columns, values_columns
 
@@ -14,16 +14,16 @@ FEATURES = ["a", "b", "c"]
 
 
 def write_shards(
-    tmp_path: Path, labels: list[str], sizes: list[int], seed: int = 0
+    tmp_path: Path, labels: list[str], sizes: list[int], seed: int = 0, features: list[str] = FEATURES
 ) -> tuple[list[str], pd.DataFrame]:
     rng = np.random.default_rng(seed)
     paths, frames, start = [], [], 0
     for index, size in enumerate(sizes):
-        values = rng.normal(size=(size, len(FEATURES), len(labels)))
+        values = rng.normal(size=(size, len(features), len(labels)))
         base = np.full((size, len(labels)), 0.5)
         shard = ShardValues(
             row_ids=np.arange(start, start + size) * 2,
-            features=FEATURES,
+            features=features,
             labels=labels,
             values=values,
             base_values=base,
@@ -76,10 +76,41 @@ def test_several_classes_rank_within_each_class(tmp_path: Path) -> None:
         assert top == expected[expected["class"] == label][FEATURES].abs().mean().idxmax()
 
 
+@pytest.mark.parametrize("labels", [["0"], ["no", "yes", "maybe"]])
+def test_additivity_and_row_count_equal_a_pandas_reference(tmp_path: Path, labels: list[str]) -> None:
+    # Twelve features: enough for a row sum in another order (numpy's pairwise blocks) to round differently.
+    features = [f"x{j}" for j in range(12)]
+    paths, _ = write_shards(tmp_path, labels, [500, 700, 300], features=features)
+    rows, worst, found = combine_shards(paths, tmp_path / "values.parquet", features)
+    expected_rows, expected_worst = 0, 0.0
+    for path in paths:
+        frame = pd.read_parquet(path)
+        gap = frame["base_value"].to_numpy() + frame[features].to_numpy().sum(axis=1) - frame["model_output"]
+        expected_worst = max(expected_worst, float(np.nanmax(np.abs(gap.to_numpy()))))
+        expected_rows += len(np.unique(frame["row_id"]))
+    assert (rows, worst) == (expected_rows, expected_worst)
+    assert found == ([] if len(labels) == 1 else labels)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "values.parquet"),
+        pd.concat(map(pd.read_parquet, paths), ignore_index=True),
+    )
+
+
+def test_a_shard_with_other_columns_is_named(tmp_path: Path) -> None:
+    paths, _ = write_shards(tmp_path, ["0"], [2, 2])
+    pd.read_parquet(paths[1]).drop(columns=["model_output"]).to_parquet(paths[1], index=False)
+    with pytest.raises(SchemaError, match="shard shard-1.parquet: expected columns"):
+        aggregate(paths, tmp_path / "values.parquet", FEATURES, ["mean_abs"])
+
+
 def test_out_of_order_shards_are_refused(tmp_path: Path) -> None:
     paths, _ = write_shards(tmp_path, ["0"], [2, 2])
     with pytest.raises(ValueError, match="out of order"):
         aggregate(list(reversed(paths)), tmp_path / "values.parquet", FEATURES, ["mean_abs"])
+    shuffled = pd.read_parquet(paths[0]).iloc[::-1]
+    shuffled.to_parquet(paths[0], index=False)
+    with pytest.raises(ValueError, match="shard-0.parquet: rows are out of order"):
+        aggregate(paths, tmp_path / "values.parquet", FEATURES, ["mean_abs"])
 
 
 def test_schema_check_names_the_table() -> None:

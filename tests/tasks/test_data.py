@@ -7,7 +7,15 @@ import pandas as pd
 import pytest
 
 from flows.config import DataConfig
-from tasks.data import feature_columns, load_data, select_explain_rows, split_features
+from tasks import data
+from tasks.data import (
+    feature_columns,
+    file_sha256,
+    load_data,
+    parse_table,
+    select_explain_rows,
+    split_features,
+)
 from tasks.errors import DataError
 
 
@@ -34,6 +42,41 @@ def test_load_keeps_mixed_types_and_numbers_rows_by_position(
     assert loaded.frame["state"].isna().tolist() == [False, False, True, False]
     assert not pd.api.types.is_numeric_dtype(loaded.frame["state"])
     assert loaded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_hashing_by_chunks_gives_the_sha256_of_the_whole_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(data, "HASH_CHUNK_BYTES", 7)
+    path = tmp_path / "d.bin"
+    path.write_bytes(bytes(range(256)) * 41)  # not a whole number of chunks
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_parsing_the_file_equals_parsing_its_bytes(tmp_path: Path, mixed: pd.DataFrame, suffix: str) -> None:
+    path = tmp_path / f"d{suffix}"
+    mixed.to_csv(path, index=False) if suffix == ".csv" else mixed.to_parquet(path)
+    from_bytes = parse_table(path.read_bytes(), suffix, str(path))
+    pd.testing.assert_frame_equal(load_data(DataConfig(source=str(path))).frame, from_bytes, check_exact=True)
+
+
+def test_a_file_changed_while_read_is_refused(
+    tmp_path: Path, mixed: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "d.csv"
+    mixed.to_csv(path, index=False)
+    parse = data.parse_table
+
+    def parse_then_append(content: bytes | Path, suffix: str, uri: str) -> pd.DataFrame:
+        frame = parse(content, suffix, uri)
+        with path.open("a") as handle:
+            handle.write("KS,1.0,5,no\n")
+        return frame
+
+    monkeypatch.setattr(data, "parse_table", parse_then_append)
+    with pytest.raises(DataError, match="changed while it was read"):
+        load_data(DataConfig(source=str(path)))
 
 
 def test_missing_file_names_the_key_and_path(tmp_path: Path) -> None:

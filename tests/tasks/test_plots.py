@@ -4,50 +4,133 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from flows.config import OutputConfig
+from tasks import plots
+from tasks.aggregate import global_importance
 from tasks.explain import ShardValues
-from tasks.plots import render_plots
+from tasks.plots import bar_values, read_plotted_rows, read_rows_at, render_plots
+
+FEATURES = ["mins", "state"]
 
 
-def values_and_rows(labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def values_and_rows(
+    tmp_path: Path, labels: list[str], n: int = 30
+) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
     rng = np.random.default_rng(0)
-    rows = pd.DataFrame({"mins": rng.normal(size=30), "state": rng.choice(["KS", "OH", None], size=30)})
-    values = rng.normal(size=(30, 2, len(labels)))
+    rows = pd.DataFrame({"mins": rng.normal(size=n), "state": rng.choice(["KS", "OH", None], size=n)})
+    values = rng.normal(size=(n, 2, len(labels)))
+    output = values.sum(axis=1)
+    output[[3, 7, 11]] = output.max()  # ties: the waterfalls keep row order among equal outputs
     shard = ShardValues(
-        row_ids=np.arange(30),
-        features=["mins", "state"],
+        row_ids=np.arange(n),
+        features=FEATURES,
         labels=labels,
         values=values,
-        base_values=np.zeros((30, len(labels))),
-        model_output=values.sum(axis=1),
+        base_values=np.zeros((n, len(labels))),
+        model_output=output,
         algorithm="kernel",
         link="logit",
     )
-    return shard.to_frame(), rows
+    frame = shard.to_frame()
+    path = tmp_path / "shap_values.parquet"
+    frame.to_parquet(path, index=False)
+    return path, pd.read_parquet(path), rows
 
 
 def test_single_output_plots_have_the_contract_names(tmp_path: Path) -> None:
-    values, rows = values_and_rows(["1"])
-    written = render_plots(values, rows, ["mins", "state"], ["1"], OutputConfig(top_k=3), tmp_path)
+    path, values, rows = values_and_rows(tmp_path, ["1"])
+    written = render_plots(path, rows, FEATURES, ["1"], OutputConfig(top_k=3), tmp_path / "plots")
     names = sorted(p.name for p in written)
-    top = values.sort_values("model_output", ascending=False)["row_id"].head(3)
+    top = values.sort_values("model_output", ascending=False, kind="stable")["row_id"].head(3)
     assert names == sorted(["bar.png", "beeswarm.png", "force.html", *[f"waterfall_{i}.png" for i in top]])
     assert all(p.stat().st_size > 1000 for p in written)
-    assert "<html>" in (tmp_path / "force.html").read_text().lower()
+    assert "<html>" in (tmp_path / "plots" / "force.html").read_text().lower()
 
 
 def test_several_classes_get_one_file_per_class(tmp_path: Path) -> None:
-    values, rows = values_and_rows(["no", "yes"])
+    path, _, rows = values_and_rows(tmp_path, ["no", "yes"])
     written = {
         p.name
         for p in render_plots(
-            values,
+            path,
             rows,
-            ["mins", "state"],
+            FEATURES,
             ["no", "yes"],
             OutputConfig(top_k=1, plots=["bar", "beeswarm", "force"]),
-            tmp_path,
+            tmp_path / "plots",
         )
     }
     assert written == {"bar.png", "beeswarm_no.png", "beeswarm_yes.png", "force_no.html", "force_yes.html"}
+
+
+@pytest.mark.parametrize("labels", [["1"], ["no", "yes"]])
+def test_plotted_rows_are_those_of_the_whole_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, labels: list[str]
+) -> None:
+    # Small limits and batches, so the sample is a subset and crosses batch boundaries.
+    monkeypatch.setattr(plots, "MAX_PLOTTED_ROWS", 7)
+    monkeypatch.setattr(plots, "MAX_FORCE_ROWS", 5)
+    monkeypatch.setattr(plots, "READ_BATCH_ROWS", 4)
+    path, values, _ = values_and_rows(tmp_path, labels)
+    plotted = read_plotted_rows(path, labels, OutputConfig(top_k=4))
+    for label in labels:
+        part = values[values["class"] == label] if len(labels) > 1 else values
+        expected = {
+            "beeswarm": part.iloc[np.linspace(0, len(part) - 1, 7).astype(int)],
+            "waterfall": part.sort_values("model_output", ascending=False, kind="stable").head(4),
+            "force": part.iloc[np.linspace(0, len(part) - 1, 5).astype(int)],
+        }
+        for plot, rows in expected.items():
+            pd.testing.assert_frame_equal(getattr(plotted[label], plot), rows, check_index_type=False)
+
+
+def test_rows_at_positions_are_read_across_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plots, "READ_BATCH_ROWS", 4)
+    path, values, _ = values_and_rows(tmp_path, ["1"])
+    positions = np.array([0, 3, 4, 5, 17, 29])
+    pd.testing.assert_frame_equal(
+        read_rows_at(path, positions), values.iloc[positions], check_index_type=False
+    )
+    assert read_rows_at(path, np.empty(0, dtype=np.int64)).empty
+
+
+@pytest.mark.parametrize("labels", [["1"], ["no", "yes"]])
+@pytest.mark.parametrize("from_importance", [True, False])
+def test_bar_values_are_mean_abs_over_every_row(
+    tmp_path: Path, labels: list[str], from_importance: bool
+) -> None:
+    path, values, _ = values_and_rows(tmp_path, labels, n=1000)
+    importance = global_importance(path, FEATURES, ["mean", "mean_abs"], labels) if from_importance else None
+    bars = bar_values(path, FEATURES, labels, importance)
+    for label in labels:
+        part = values[values["class"] == label] if len(labels) > 1 else values
+        # What the bar chart computed from the whole values matrix; equal to the last bit.
+        np.testing.assert_array_equal(bars[label], np.abs(part[FEATURES].to_numpy(dtype=float)).mean(0))
+
+
+@pytest.mark.parametrize("labels", [["1"], ["no", "yes"]])
+def test_bar_chart_is_the_one_drawn_from_every_row(tmp_path: Path, labels: list[str]) -> None:
+    import shap
+
+    path, values, rows = values_and_rows(tmp_path, labels, n=1000)
+    config = OutputConfig(plots=["bar"])
+    importance = global_importance(path, FEATURES, config.aggregations, labels)
+    render_plots(path, rows, FEATURES, labels, config, tmp_path / "plots", importance)
+    max_display = max(config.top_k, 10)
+    if len(labels) > 1:
+        per_class = [values.loc[values["class"] == label, FEATURES].to_numpy(dtype=float) for label in labels]
+        shap.summary_plot(
+            per_class,
+            feature_names=FEATURES,
+            class_names=labels,
+            plot_type="bar",
+            max_display=max_display,
+            show=False,
+        )
+    else:
+        every_row = shap.Explanation(values=values[FEATURES].to_numpy(dtype=float), feature_names=FEATURES)
+        shap.plots.bar(every_row, max_display=max_display, show=False)
+    reference = plots._save(tmp_path / "reference.png")
+    assert (tmp_path / "plots" / "bar.png").read_bytes() == reference.read_bytes()
