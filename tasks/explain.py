@@ -526,7 +526,8 @@ def stage_shards(
     folder = Path(folder)
     (folder / "inputs").mkdir(parents=True, exist_ok=True)
     background_path = folder / "inputs" / "background.parquet"
-    background.to_frame().to_parquet(background_path)
+    # Scratch files read once: dictionary encoding, tried and abandoned on float columns, costs 4x the write.
+    background.to_frame().to_parquet(background_path, use_dictionary=False)
     jobs, finished = [], []
     for shard in shards:
         output = shard_file(store, shard)
@@ -534,7 +535,7 @@ def stage_shards(
             finished.append(read_shard_result(output, shard.index))
             continue
         rows_path = folder / "inputs" / f"rows-{shard.index:06d}.parquet"
-        rows.loc[list(shard.row_ids)].to_parquet(rows_path)
+        rows.loc[list(shard.row_ids)].to_parquet(rows_path, use_dictionary=False)
         jobs.append(
             ShardJob(
                 index=shard.index,
@@ -591,7 +592,7 @@ def explain_shard(job: ShardJob) -> ShardResult:
     table = pa.Table.from_pandas(result.to_frame(), preserve_index=False)
     meta = {"rows": len(rows), "algorithm": result.algorithm, "link": result.link}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), _META: json.dumps(meta).encode()})
-    pq.write_table(table, partial)
+    pq.write_table(table, partial, use_dictionary=[CLASS] if CLASS in table.column_names else False)
     # Atomic: a crash leaves either no file or a complete one, never a half-written shard that looks finished.
     os.replace(partial, path)
     return ShardResult(
