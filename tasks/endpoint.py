@@ -284,6 +284,7 @@ class SageMakerPredictor(Predictor):
         self.method = config.effective_output
         self.probabilities = config.task == "classification" and self.method == "predict_proba"
         self.class_labels = ["0", "1"] if self.probabilities else None
+        self.output_width = 2 if self.probabilities else 1
         self.feature_names = None
         if self.endpoint.accept == "text/csv" and isinstance(self.endpoint.score_column, str):
             raise ModelError(
@@ -530,9 +531,9 @@ def estimate_inference(
     shards = max(1, min(shards, rows_to_explain))
     shard_rows = math.ceil(rows_to_explain / shards)
     if algorithm in ("auto", "kernel"):
-        # Remote models always resolve auto to kernel. Per shard (one explainer each): a one-row
-        # probe, the background once for the base value, and the shard's rows for the model output;
-        # per explained row: f(x) once, then every coalition over every background row in one call.
+        # Remote models always resolve auto to kernel. Per shard (one explainer each): the background
+        # once for the base value; per explained row: f(x) once (also the row's model output), then
+        # every coalition over every background row in one call.
         per_row_samples = effective_nsamples(nsamples, n_features)
     elif algorithm == "permutation":
         per_row_samples = int(nsamples) if nsamples != "auto" else max(500, 2 * n_features + 1)
@@ -541,16 +542,18 @@ def estimate_inference(
     else:
         raise ModelError(f"explainer.algorithm {algorithm} needs the model object itself; use kernel")
     synthetic = per_row_samples * background_rows
-    inference_rows = shards * (1 + background_rows) + rows_to_explain + rows_to_explain * (1 + synthetic)
+    # The kernel explainer's f(x) calls are the rows' model outputs; the others ask for them once more.
+    kernel = algorithm in ("auto", "kernel")
+    outputs_again = 0 if kernel else 1
+    inference_rows = shards * background_rows + rows_to_explain * (outputs_again + 1 + synthetic)
     # Kernel rows explained together (batch_rows) send f(x) and their coalitions as one call each.
     # The permutation and exact explainers split a row's masks over several calls, so for them
     # the request count is a lower bound.
-    batch = batch_rows if algorithm in ("auto", "kernel") else 1
+    batch = batch_rows if kernel else 1
     sizes = [min(shard_rows, rows_to_explain - start) for start in range(0, rows_to_explain, shard_rows)]
     inference_requests = sum(
-        1
-        + requests(background_rows)
-        + requests(size)
+        requests(background_rows)
+        + outputs_again * requests(size)
         + sum(
             requests(min(batch, size - first)) + requests(min(batch, size - first) * synthetic)
             for first in range(0, size, batch)

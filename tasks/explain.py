@@ -268,7 +268,8 @@ def _kernel_values(
     config: ExplainerConfig,
     link: str,
     batch_rows: int = 1,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Values, base values and each row's model output f(x), which the explainer computes anyway."""
     from shap.utils._legacy import DenseData
 
     columns = list(rows.columns)
@@ -278,12 +279,14 @@ def _kernel_values(
     explainer = _kernel_explainer_class()(function, dense, link=link)
     options: dict[str, Any] = {"nsamples": config.nsamples, "l1_reg": config.l1_reg, "silent": True}
     values = np.empty((len(rows), len(columns), len(function.outputs)))
+    fx = np.empty((len(rows), len(function.outputs)))
     row_ids, data_rows = rows.index.to_numpy(), rows.to_numpy()
 
     def explain(position: int, row_explainer: Any) -> None:
         row_explainer.seed = row_seed(config.seed, int(row_ids[position]))
         row = data_rows[position].reshape(1, -1)
         values[position] = np.asarray(row_explainer.shap_values(row, **options)).reshape(len(columns), -1)
+        fx[position] = np.asarray(row_explainer.fx, dtype=float).reshape(-1)
 
     if batch_rows <= 1 or len(rows) == 1:
         for position in range(len(rows)):
@@ -294,7 +297,7 @@ def _kernel_values(
     base = np.broadcast_to(
         np.asarray(explainer.expected_value, dtype=float).reshape(1, -1), (len(rows), len(function.outputs))
     )
-    return values, base
+    return values, base, fx
 
 
 def _explain_together(explainer: Any, explain: Any, positions: range) -> None:
@@ -432,18 +435,19 @@ def explain_rows(
                 rows, background, predictor, config, algorithm, class_index
             )
         else:
-            probe = predictor.predict(rows.iloc[:1])
-            outputs = explained_outputs(probe.shape[1], class_index, predictor.class_labels)
+            width = predictor.output_width or predictor.predict(rows.iloc[:1]).shape[1]
+            outputs = explained_outputs(width, class_index, predictor.class_labels)
             function = ModelFunction(predictor, rows, outputs, link)
             if algorithm == "kernel":
                 batch = config.batch_rows
                 if batch == "auto":
                     call_rows = effective_nsamples(config.nsamples, rows.shape[1]) * len(background.frame)
                     batch = predictor.rows_to_merge(call_rows, background.frame)
-                values, base = _kernel_values(rows, background, function, config, link, batch)
+                values, base, fx = _kernel_values(rows, background, function, config, link, batch)
+                output = _link_f(link, fx)
             else:
                 values, base = _masker_values(rows, background, function, config, link, algorithm)
-            output = _link_f(link, function(rows))
+                output = _link_f(link, function(rows))
     return ShardValues(
         row_ids=np.asarray(rows.index, dtype="int64"),
         features=list(rows.columns),

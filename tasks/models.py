@@ -30,6 +30,8 @@ class Predictor(ABC):
     method: str
     feature_names: list[str] | None = None
     class_labels: list[str] | None = None
+    # Columns predict() returns, when known without asking the model (saves a remote model a round trip).
+    output_width: int | None = None
 
     @abstractmethod
     def predict(self, frame: pd.DataFrame) -> np.ndarray:

@@ -187,12 +187,12 @@ def test_effective_nsamples_follows_shap(nsamples: int | str, n_features: int, e
 
 def test_estimate_inference_simple_case() -> None:
     estimate = estimate_inference(_offline_config(max_payload_mb=1.0), 10, 4, 20, "auto", "kernel", 1000.0)
-    # Per row: f(x) + 14 coalitions x 20 background rows; once: 1-row probe, background, the 10 rows.
+    # Per row: f(x) (also its model output) + 14 coalitions x 20 background rows; once: the background.
     assert estimate["nsamples_effective"] == 14
-    assert estimate["inference_rows"] == (1 + 20) + 10 + 10 * (1 + 14 * 20)
+    assert estimate["inference_rows"] == 20 + 10 * (1 + 14 * 20)
     # 1000 rows fit under 1 MB at 1000 bytes a row: every call is one request.
     assert estimate["rows_per_request"] == 1000
-    assert estimate["inference_requests"] == 3 + 10 * 2
+    assert estimate["inference_requests"] == 1 + 10 * 2
 
 
 def test_estimate_inference_splits_calls_by_payload() -> None:
@@ -200,8 +200,8 @@ def test_estimate_inference_splits_calls_by_payload() -> None:
         _offline_config(max_payload_mb=0.1), 2, 8, 50, 200, "kernel", 500.0, shards=2
     )
     assert estimate["rows_per_request"] == 200
-    assert estimate["inference_rows"] == 2 * (1 + 50) + 2 + 2 * (1 + 200 * 50)
-    assert estimate["inference_requests"] == 2 * 3 + 2 * (1 + 50)
+    assert estimate["inference_rows"] == 2 * 50 + 2 * (1 + 200 * 50)
+    assert estimate["inference_requests"] == 2 * 1 + 2 * (1 + 50)
 
 
 def test_check_budget_refuses_over_and_passes_under() -> None:
@@ -404,10 +404,10 @@ def test_kernel_explainer_through_the_endpoint_equals_local(
 @pytest.mark.parametrize(
     ("batch_rows", "requests"),
     [
-        # probe, background, outputs; per row f(x) and 2540 coalition rows in 3 requests of <= 1000
-        (1, 3 + 2 * (1 + 3)),
+        # background; per row f(x) and 2540 coalition rows in 3 requests of <= 1000
+        (1, 1 + 2 * (1 + 3)),
         # auto (16 for an endpoint): both rows' f(x) in one request, their 5080 coalition rows in 6
-        ("auto", 3 + 1 + 6),
+        ("auto", 1 + 1 + 6),
     ],
 )
 def test_estimate_matches_what_the_kernel_explainer_sends(
@@ -424,7 +424,7 @@ def test_estimate_matches_what_the_kernel_explainer_sends(
     estimate = plan_inference(config, rows, background.frame, explainer, "kernel", shards=1)
     assert estimate["nsamples_effective"] == 254
     sent = {key: server.stats[key] - before.get(key, 0) for key in ("rows", "requests")}
-    assert sent["rows"] == predictor.stats()["rows"] == estimate["inference_rows"] == 11 + 2 + 2 * 2541
+    assert sent["rows"] == predictor.stats()["rows"] == estimate["inference_rows"] == 10 + 2 * 2541
     assert sent["requests"] == predictor.stats()["requests"] == estimate["inference_requests"] == requests
 
 
