@@ -25,6 +25,24 @@ _POOLS: dict[str, ShardProcesses] = {}
 _POOLS_LOCK = threading.Lock()
 
 
+# What every worker imports; a fork server imports it once and forks the workers from there.
+_PRELOAD = ["tasks.explain", "shap"]
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """forkserver where the platform has it, else spawn; never plain fork from the threaded flow process.
+
+    The fork server is a fresh single-threaded process that imports shapline and shap once (~3 s on
+    two cores); each worker is a fork of it, so N workers cost one import rather than N, and a pool
+    replaced after a crash is back at once.
+    """
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(_PRELOAD)  # no effect once the server runs, which is fine
+        return context
+    return multiprocessing.get_context("spawn")
+
+
 def _warm(model: ModelConfig, threads: int | None) -> None:
     """Import what a shard needs and load the model once, while the flow loads and validates its data."""
     import shap  # noqa: F401 - the import is the point
@@ -40,7 +58,7 @@ def _warm(model: ModelConfig, threads: int | None) -> None:
 
 
 class ShardProcesses:
-    """A spawn-context process pool sized shards.workers, every worker started and warmed at once."""
+    """A process pool sized shards.workers (fork server or spawn), every worker started and warmed at once."""
 
     def __init__(self, workers: int, model: ModelConfig, threads: int | None) -> None:
         self.workers = workers
@@ -50,9 +68,7 @@ class ShardProcesses:
         self._executor = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
-        executor = ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn")
-        )
+        executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=_context())
         # The pool starts a worker per submission while none is idle, so these start all of them now.
         for _ in range(self.workers):
             executor.submit(_warm, self.model, self.threads)
