@@ -266,7 +266,7 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
             [r.path for r in results], values_path, features, config.output.aggregations
         )
         combined.importance.to_csv(artifacts / "global_importance.csv", index=False)
-        render_plots_task(
+        plots = render_plots_task.submit(
             values_path,
             rows,
             features,
@@ -275,6 +275,11 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
             str(artifacts / "plots"),
             combined.importance,
         )
+        # The values table is the largest artifact by far: it uploads while the plots render.
+        uploaded = ["shap_values.parquet", "global_importance.csv"]
+        for name in uploaded:
+            log_artifact(run, artifacts / name)
+        plots.result()
 
         if hasattr(predictor, "stats") and config.shards.runner == "thread":
             # Threads share this cached predictor, so its counters are the whole run's traffic.
@@ -300,7 +305,7 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
                 "explainer.link_effective": results[0].link,
             },
         )
-        log_artifacts(run, artifacts)
+        log_artifacts(run, artifacts, skip=uploaded)
         if not config.shards.keep:
             shutil.rmtree(store, ignore_errors=True)
         publish_summary_task(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,9 +90,19 @@ def log_values(
     )
 
 
-def log_artifacts(run: TrackedRun, folder: str | Path) -> None:
-    """Upload every file under `folder`, keeping its relative path as the artifact name."""
-    run.client.log_artifacts(run.run_id, str(folder))
+def log_artifacts(run: TrackedRun, folder: str | Path, skip: Iterable[str] = ()) -> None:
+    """Upload every file under `folder` but the top-level names in `skip`, keeping relative paths as names."""
+    skipped = set(skip)
+    if not skipped:
+        run.client.log_artifacts(run.run_id, str(folder))
+        return
+    for path in sorted(Path(folder).iterdir()):
+        if path.name in skipped:
+            continue
+        if path.is_dir():
+            run.client.log_artifacts(run.run_id, str(path), path.name)
+        else:
+            run.client.log_artifact(run.run_id, str(path))
 
 
 def log_artifact(run: TrackedRun, path: str | Path, artifact_dir: str | None = None) -> None:
