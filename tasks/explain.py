@@ -575,11 +575,29 @@ def read_shard_result(path: str | Path, index: int) -> ShardResult:
     )
 
 
+_NATIVE_LIMIT_LOCK = threading.Lock()
+_native_limit: int | None = None
+
+
+def limit_native_threads(threads: int) -> None:
+    """Cap BLAS/OpenMP threads in this process, once per value: finding the libraries costs ~50 ms.
+
+    Set, never restored: a `with threadpool_limits` per shard would restore the process-wide limit
+    when one shard ends while the worker's other shards still run. A run's shards share one limit.
+    """
+    global _native_limit
+    from threadpoolctl import threadpool_limits
+
+    with _NATIVE_LIMIT_LOCK:
+        if _native_limit != threads:
+            threadpool_limits(limits=threads)
+            _native_limit = threads
+
+
 def explain_shard(job: ShardJob) -> ShardResult:
     """Explain one shard's rows and write its values to job.output_path atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from threadpoolctl import threadpool_limits
 
     started = time.perf_counter()
     predictor = load_predictor(job.model)
@@ -587,9 +605,7 @@ def explain_shard(job: ShardJob) -> ShardResult:
     background = Background.from_frame(pd.read_parquet(job.background_path))
     if job.threads is not None:
         predictor.limit_threads(job.threads)
-        # Set, never restored: a `with` block would restore the process-wide BLAS limit when this shard
-        # ends while the worker's other shards still run. Every shard of a run asks for the same limit.
-        threadpool_limits(limits=job.threads)
+        limit_native_threads(job.threads)
     result = explain_rows(rows, background, predictor, job.explainer, job.link, job.model.class_index)
     path = Path(job.output_path)
     partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
