@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from tasks.errors import ValidationFailed
 from tasks.explain import (
     ShardJob,
     ShardResult,
+    ShardStoreClaim,
     explain_shard_task,
     plan_shards,
     resolve_algorithm,
@@ -189,6 +189,7 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
         shard_processes(
             config.shards, config.model, threads_per_worker(config.shards.runner, config.shards.workers)
         ) as processes,
+        ExitStack() as later,
     ):
         logger.info("MLflow run %s in %s", run.run_id, tracking_uri)
         artifacts = Path(workdir, "artifacts")
@@ -218,6 +219,8 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
         store = shard_store(
             config.shards.cache_dir, config.values_sha256(), loaded.sha256, model_fingerprint(config.model)
         )
+        # Released on any exit; the shards are deleted below only by the last live run using them.
+        claim = later.enter_context(ShardStoreClaim(store, run.run_id))
         jobs, reused = stage_shards(
             rows,
             background,
@@ -306,8 +309,8 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
             },
         )
         log_artifacts(run, artifacts, skip=uploaded)
-        if not config.shards.keep:
-            shutil.rmtree(store, ignore_errors=True)
+        if not config.shards.keep and not claim.release(delete=True):
+            logger.info("kept the finished shards in %s: another run of this config is using them", store)
         publish_summary_task(
             config.model.name,
             summary_markdown(

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -506,6 +508,84 @@ def shard_store(configured: str | None, config_sha: str, data_sha: str, model_sh
     folder = Path(root).expanduser() / key
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+class ShardStoreClaim:
+    """A run's claim on a shard store, so that a run finishing first never deletes shards another run
+    of the same config, data and model is still using (a scheduled run and a manual one overlap).
+
+    Claims are files in the store, taken and checked under an exclusive lock on `.lock`; a claim
+    whose process is gone (same host, dead pid: a killed run) does not count. The finished shards are
+    deleted only by the last live claimant to release with delete=True.
+    """
+
+    def __init__(self, store: Path, owner: str) -> None:
+        self.store = store
+        self.path = store / ".claims" / owner
+        self.released = False
+        with self._locked():
+            self.path.parent.mkdir(exist_ok=True)
+            self.path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+    def __enter__(self) -> ShardStoreClaim:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release(delete=False)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.store / ".lock", "a+") as handle:
+            try:
+                import fcntl
+            except ImportError:  # no advisory locks on this platform: claims still count, unlocked
+                yield
+                return
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _live_others(self) -> list[Path]:
+        live = []
+        for claim in self.path.parent.glob("*"):
+            if claim == self.path:
+                continue
+            try:
+                owner = json.loads(claim.read_text())
+            except (OSError, ValueError):
+                continue
+            if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", 0))):
+                claim.unlink(missing_ok=True)  # a run that was killed: its claim is stale
+                continue
+            live.append(claim)
+        return live
+
+    def release(self, delete: bool) -> bool:
+        """Drop this run's claim; with delete, remove the finished shards if no live run claims them."""
+        if self.released:
+            return False
+        self.released = True
+        with self._locked():
+            self.path.unlink(missing_ok=True)
+            if not delete or self._live_others():
+                return False
+            for path in [*self.store.glob("shard-*.parquet"), *self.store.glob("shard-*.partial")]:
+                path.unlink(missing_ok=True)
+            return True
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def shard_file(store: Path, shard: Shard) -> Path:

@@ -76,3 +76,39 @@ def test_rerun_after_a_killed_process_reuses_finished_shards(
         client.download_artifacts(fresh["mlflow_run_id"], "shap_values.parquet", str(tmp_path / "b"))
     )
     pd.testing.assert_frame_equal(left, right, check_exact=False, rtol=1e-12, atol=1e-12)
+
+
+def test_a_run_keeps_the_shards_another_live_run_is_using(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A scheduled run and a manual one of the same config share a shard store; the first to finish keeps it."""
+    import socket
+
+    cache = tmp_path / "cache"
+    config = write_config(
+        model={"name": "overlap", "kind": "sklearn", "path": str(mlp_model)},
+        data={"source": str(cancer_data), "target": "malignant", "explain_rows": 8, "seed": 3},
+        background={"size": 10},
+        explainer={"algorithm": "kernel", "nsamples": 100, "seed": 5},
+        shards={"size": 4, "workers": 1, "cache_dir": str(cache)},
+        output={"plots": []},
+    )
+
+    def run(*extra: str) -> dict:
+        assert main(["run", str(config), "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    run("--set", "shards.keep=true")
+    (store,) = [path for path in cache.iterdir() if path.is_dir()]
+    # Another run of this config, alive on this host, is using the store.
+    other = store / ".claims" / "other-run"
+    other.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    assert run()["shards_reused"] == 2
+    assert len(list(store.glob("shard-*.parquet"))) == 2, "the other run's shards must survive"
+    other.unlink()  # the other run finished
+    assert run()["shards_reused"] == 2
+    assert not list(store.glob("shard-*.parquet")), "the last run using the store deletes its shards"

@@ -265,3 +265,56 @@ def test_a_model_error_in_a_batch_reaches_every_row_and_frees_the_rng(
     # The global RNG lock was released: a following run completes.
     ok = LocalPredictor("mlp", joblib.load(mlp_model), "predict_proba")
     explain_rows(features.iloc[20:22], Background(frame=features.iloc[:10]), ok, config, "logit", 1)
+
+
+def _shards_in(store) -> list[str]:  # noqa: ANN001
+    return sorted(p.name for p in store.glob("shard-*"))
+
+
+def test_the_last_run_using_a_shard_store_deletes_it(tmp_path) -> None:  # noqa: ANN001
+    """A scheduled and a manual run of one config share a store: the first to finish must not delete it."""
+    from tasks.explain import ShardStoreClaim
+
+    store = tmp_path / "store"
+    store.mkdir()
+    first, second = ShardStoreClaim(store, "run-a"), ShardStoreClaim(store, "run-b")
+    (store / "shard-000000-abc.parquet").write_bytes(b"finished")
+    assert not first.release(delete=True)
+    assert _shards_in(store) == ["shard-000000-abc.parquet"]
+    assert second.release(delete=True)
+    assert _shards_in(store) == []
+
+
+def test_a_killed_runs_claim_does_not_keep_the_store(tmp_path) -> None:  # noqa: ANN001
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from tasks.explain import ShardStoreClaim
+
+    store = tmp_path / "store"
+    store.mkdir()
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (store / ".claims").mkdir()
+    (store / ".claims" / "killed").write_text(
+        json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()})
+    )
+    (store / "shard-000001-def.parquet").write_bytes(b"finished")
+    with ShardStoreClaim(store, "run-c") as claim:
+        assert claim.release(delete=True)
+    assert _shards_in(store) == [] and not (store / ".claims" / "killed").exists()
+
+
+def test_a_failed_run_releases_its_claim_without_deleting(tmp_path) -> None:  # noqa: ANN001
+    from tasks.explain import ShardStoreClaim
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "shard-000000-abc.parquet").write_bytes(b"finished")
+    with pytest.raises(RuntimeError), ShardStoreClaim(store, "run-d"):
+        raise RuntimeError("the run failed")
+    assert _shards_in(store) == ["shard-000000-abc.parquet"]  # kept for the re-run to reuse
+    assert not list((store / ".claims").iterdir())
