@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import threading
 import time
 import warnings
@@ -24,6 +23,7 @@ from flows.config import ExplainerConfig, ModelConfig
 from tasks.background import Background
 from tasks.endpoint import effective_nsamples
 from tasks.errors import ExplainError, ShaplineError
+from tasks.liveness import pid_alive, this_host
 from tasks.models import (
     PROBABILITY_EPS,
     Predictor,
@@ -525,7 +525,7 @@ class ShardStoreClaim:
         self.released = False
         with self._locked():
             self.path.parent.mkdir(exist_ok=True)
-            self.path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+            self.path.write_text(json.dumps({"pid": os.getpid(), "host": this_host()}))
 
     def __enter__(self) -> ShardStoreClaim:
         return self
@@ -556,7 +556,7 @@ class ShardStoreClaim:
                 owner = json.loads(claim.read_text())
             except (OSError, ValueError):
                 continue
-            if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", 0))):
+            if owner.get("host") == this_host() and not pid_alive(int(owner.get("pid", 0))):
                 claim.unlink(missing_ok=True)  # a run that was killed: its claim is stale
                 continue
             live.append(claim)
@@ -574,18 +574,6 @@ class ShardStoreClaim:
             for path in [*self.store.glob("shard-*.parquet"), *self.store.glob("shard-*.partial")]:
                 path.unlink(missing_ok=True)
             return True
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def shard_file(store: Path, shard: Shard) -> Path:

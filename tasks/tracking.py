@@ -14,6 +14,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from tasks.liveness import pid_alive, this_host
+
 ERROR_TAG = "shapline.error"
 
 
@@ -66,10 +68,40 @@ def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
+HOST_TAG = "shapline.host"
+PID_TAG = "shapline.pid"
+
+
+def end_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the experiment's RUNNING runs started on this host by a process that no longer exists.
+
+    A run whose process was killed (SIGKILL, OOM, a lost machine) cannot end itself; the next run
+    in the experiment ends it, tagged with why, so nobody mistakes it for one still computing.
+    """
+    host = this_host()
+    ended = []
+    for run in client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+        max_results=200,
+    ):
+        pid = int(run.data.tags.get(PID_TAG, "0") or 0)
+        if pid_alive(pid):
+            continue
+        client.set_tag(
+            run.info.run_id, ERROR_TAG, f"its process (pid {pid} on {host}) ended without finishing the run"
+        )
+        client.set_terminated(run.info.run_id, status="KILLED")
+        ended.append(run.info.run_id)
+    return ended
+
+
 def start_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> TrackedRun:
-    """Create a RUNNING run in the experiment."""
+    """Create a RUNNING run in the experiment, tagged with this host and pid; end killed runs' leftovers."""
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment_id = ensure_experiment(client, tracking_uri, experiment)
+    end_orphaned_runs(client, experiment_id)
+    tags = {**tags, HOST_TAG: this_host(), PID_TAG: str(os.getpid())}
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     return TrackedRun(tracking_uri, experiment_id, run.info.run_id)
 

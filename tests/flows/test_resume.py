@@ -64,6 +64,10 @@ def test_rerun_after_a_killed_process_reuses_finished_shards(
     metrics = MlflowClient(mlflow_store).get_run(resumed["mlflow_run_id"]).data.metrics
     assert metrics["shards_reused"] == finished_before and metrics["shards_computed"] == 8 - finished_before
     assert not list(cache.glob("*/shard-*.parquet")), "finished shards are removed after a successful run"
+    # The killed run could not end itself; the next run in the experiment marked it KILLED, with why.
+    experiment = MlflowClient(mlflow_store).get_run(resumed["mlflow_run_id"]).info.experiment_id
+    (killed,) = MlflowClient(mlflow_store).search_runs([experiment], "attributes.status = 'KILLED'")
+    assert f"pid {crashing.pid}" in killed.data.tags["shapline.error"]
 
     assert main(["run", str(config), "--json", "--set", f"shards.cache_dir={tmp_path / 'fresh'}"]) == 0
     fresh = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
