@@ -279,6 +279,16 @@ def auto_batch_rows(max_request_bytes: float, bytes_per_row: float, call_rows: i
     return int(max(1, min(MAX_AUTO_BATCH_ROWS, max_request_bytes // per_call)))
 
 
+def endpoint_batch_rows(
+    model: SageMakerModel, nsamples: int | str, background: pd.DataFrame, bytes_per_row: float | None = None
+) -> int:
+    """explainer.batch_rows auto for this endpoint: each row's coalitions call is nsamples x background rows."""
+    call_rows = effective_nsamples(nsamples, background.shape[1]) * len(background)
+    if bytes_per_row is None:
+        bytes_per_row = measure_bytes_per_row(model, background)
+    return auto_batch_rows(model.endpoint.max_payload_mb * BYTES_PER_MB, bytes_per_row, call_rows)
+
+
 class SageMakerPredictor(Predictor):
     """A model behind a SageMaker runtime endpoint: each predict() is split, sent in parallel and reassembled."""
 
@@ -300,7 +310,6 @@ class SageMakerPredictor(Predictor):
         self._lock = threading.Lock()
         self._client: Any = None
         self._pool: ThreadPoolExecutor | None = None
-        self._merge: dict[tuple[Any, ...], int] = {}
         self._counts = dict.fromkeys(
             ("requests", "rows", "bytes", "max_request_bytes", "retries", "request_seconds"), 0.0
         )
@@ -424,18 +433,8 @@ class SageMakerPredictor(Predictor):
             )
         return scores
 
-    def rows_to_merge(self, call_rows: int, sample: pd.DataFrame) -> int:
-        # Every shard asks with the same background: measure its serialized size once.
-        key = (call_rows, int(pd.util.hash_pandas_object(sample).sum()), tuple(sample.columns))
-        with self._lock:
-            known = self._merge.get(key)
-        if known is None:
-            known = auto_batch_rows(
-                self.max_request_bytes, measure_bytes_per_row(self.config, sample), call_rows
-            )
-            with self._lock:
-                self._merge[key] = known
-        return known
+    def rows_to_merge(self, nsamples: int | str, background: pd.DataFrame) -> int:
+        return endpoint_batch_rows(self.config, nsamples, background)
 
     def requests_for(self, frame: pd.DataFrame) -> list[tuple[bytes, int]]:
         """The request bodies (and their row counts) one predict() of `frame` sends."""
@@ -597,8 +596,7 @@ def plan_inference(
     bytes_per_row = measure_bytes_per_row(model, background)
     batch_rows = explainer.batch_rows
     if batch_rows == "auto":
-        call_rows = effective_nsamples(explainer.nsamples, rows.shape[1]) * len(background)
-        batch_rows = auto_batch_rows(model.endpoint.max_payload_mb * BYTES_PER_MB, bytes_per_row, call_rows)
+        batch_rows = endpoint_batch_rows(model, explainer.nsamples, background, bytes_per_row)
     return estimate_inference(
         model,
         len(rows),

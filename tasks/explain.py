@@ -21,7 +21,6 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import ExplainerConfig, ModelConfig
 from tasks.background import Background
-from tasks.endpoint import effective_nsamples
 from tasks.errors import ExplainError, ShaplineError
 from tasks.liveness import pid_alive, this_host
 from tasks.models import (
@@ -224,7 +223,6 @@ class CoalescedCalls:
     def __init__(self, function: Any, parties: int) -> None:
         self.function = function
         self.present = parties
-        self.calls = 0
         self._waiting: list[tuple[np.ndarray, dict[str, Any]]] = []
         self._condition = threading.Condition()
 
@@ -249,7 +247,6 @@ class CoalescedCalls:
         if not self._waiting or len(self._waiting) < self.present:
             return
         batch, self._waiting = self._waiting, []
-        self.calls += 1
         try:
             merged = self.function(np.concatenate([rows for rows, _ in batch]))
         except BaseException as exc:  # every party gets the model's error, as a direct call would
@@ -443,8 +440,7 @@ def explain_rows(
             if algorithm == "kernel":
                 batch = config.batch_rows
                 if batch == "auto":
-                    call_rows = effective_nsamples(config.nsamples, rows.shape[1]) * len(background.frame)
-                    batch = predictor.rows_to_merge(call_rows, background.frame)
+                    batch = predictor.rows_to_merge(config.nsamples, background.frame[list(rows.columns)])
                 values, base, fx = _kernel_values(rows, background, function, config, link, batch)
                 output = _link_f(link, fx)
             else:

@@ -46,9 +46,9 @@ class Predictor(ABC):
         """The model's own output in an explainer's space ('log_odds', 'probability' or 'raw'), 2-D."""
         raise ModelError(f"model {self.name}: cannot compute {space} output for the additivity check")
 
-    def rows_to_merge(self, call_rows: int, sample: pd.DataFrame) -> int:
-        """How many explained rows' model calls to merge into one when each call has `call_rows` rows like
-        `sample` (explainer.batch_rows auto). In-process models gain little and would hold more memory."""
+    def rows_to_merge(self, nsamples: int | str, background: pd.DataFrame) -> int:
+        """How many explained rows' kernel calls (nsamples coalitions x background rows each) to merge into
+        one (explainer.batch_rows auto). In-process models gain little and would hold more memory."""
         return 1
 
     def limit_threads(self, threads: int) -> None:
