@@ -318,3 +318,42 @@ def test_a_failed_run_releases_its_claim_without_deleting(tmp_path) -> None:  # 
         raise RuntimeError("the run failed")
     assert _shards_in(store) == ["shard-000000-abc.parquet"]  # kept for the re-run to reuse
     assert not list((store / ".claims").iterdir())
+
+
+def test_a_shard_leaves_its_native_thread_limit_for_the_workers_other_shards(
+    mlp_model, features: pd.DataFrame, tmp_path
+) -> None:  # noqa: ANN001
+    """Shards share a worker: one ending must not restore the process-wide BLAS limit under the others."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import tasks.explain as explain_module
+    from flows.config import SklearnModel
+    from tasks.explain import explain_shard, stage_shards
+
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    original = threadpool_info()
+    try:
+        threadpool_limits(limits=2)
+        explain_module._native_limit = None
+        rows = features.iloc[:2]
+        model = SklearnModel(name="mlp", kind="sklearn", path=str(mlp_model))
+        store = tmp_path / "store"
+        store.mkdir()
+        (job,), _ = stage_shards(
+            rows,
+            Background(frame=features.iloc[:5]),
+            plan_shards(rows.index, 2),
+            tmp_path,
+            store,
+            model,
+            ExplainerConfig(algorithm="kernel", nsamples=20),
+            "logit",
+            threads=1,
+        )
+        explain_shard(job)
+        assert blas_threads() == {1}
+    finally:
+        threadpool_limits(limits=original)
+        explain_module._native_limit = None
