@@ -66,20 +66,20 @@ def direct_compute(config_path: Path, workers: int) -> tuple[np.ndarray, np.ndar
     """The flow's SHAP compute without the flow: shapline's explain_rows on the same shards, same thread count."""
     from threadpoolctl import threadpool_limits
 
-    import tasks.explain
     from flows.config import load_config
     from tasks.background import Background
-    from tasks.explain import explain_rows, plan_shards
+    from tasks.cores import threads_per_worker
+    from tasks.explain import explain_rows
     from tasks.models import load_predictor
+    from tasks.shards import plan_shards
 
     config = load_config(config_path)
     frame = pd.read_parquet(config.data.source).reset_index(drop=True)
     predictor = load_predictor(config.model)
     # The same thread caps as the flow's shards (where the project sets them), applied once, before any
     # thread shares the model.
-    cap = getattr(tasks.explain, "threads_per_worker", None)
-    threads = cap("thread", workers) if cap else None
-    if threads is not None and hasattr(predictor, "limit_threads"):
+    threads = threads_per_worker("thread", workers)
+    if threads is not None:
         predictor.limit_threads(threads)
     features = predictor.feature_names or [c for c in frame.columns if c != config.data.target]
     frame = frame[features]

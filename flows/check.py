@@ -7,8 +7,9 @@ from typing import Any
 from flows.config import SageMakerModel, load_config
 from tasks.background import draw_background
 from tasks.data import feature_columns, load_data, select_explain_rows, split_features
-from tasks.explain import plan_shards, resolve_algorithm
+from tasks.explain import resolve_algorithm
 from tasks.models import load_predictor, probe_predictor
+from tasks.shards import plan_shards
 from tasks.validation import validate_frame
 
 

@@ -241,7 +241,9 @@ class OutputConfig(_Strict):
 
 class ScheduleConfig(_Strict):
     cron: str | None = Field(None, description="Cron expression, e.g. '0 6 * * 1' (06:00 every Monday).")
-    interval_s: int | None = Field(None, ge=60, description="Or a fixed interval in seconds.")
+    interval_s: int | None = Field(
+        None, ge=1, description="Or a fixed interval in seconds (overlapping runs share finished shards)."
+    )
     timezone: str = Field("UTC", description="IANA timezone of the cron expression.")
     active: bool = Field(True, description="false keeps the deployment but pauses the schedule.")
     parameters: dict[str, Any] = Field(

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import unmapped
 
 from flows.config import (
     ExplainConfig,
@@ -25,24 +26,30 @@ from flows.config import (
 )
 from tasks.aggregate import aggregate_task
 from tasks.background import draw_background_task
+from tasks.cores import threads_per_worker
 from tasks.data import feature_columns, load_data_task, select_explain_rows, split_features
 from tasks.endpoint import check_budget, delete_endpoint, plan_inference
-from tasks.errors import ValidationFailed
-from tasks.explain import (
-    ShardJob,
-    ShardResult,
-    ShardStoreClaim,
-    explain_shard_task,
-    plan_shards,
-    resolve_algorithm,
-    shard_store,
-    stage_shards,
-    threads_per_worker,
+from tasks.errors import ShaplineError, ValidationFailed
+from tasks.explain import resolve_explainer
+from tasks.models import (
+    Predictor,
+    link_for,
+    load_predictor,
+    model_fingerprint,
+    probe_predictor,
 )
-from tasks.models import Predictor, link_for, load_predictor, model_fingerprint, probe_predictor
 from tasks.plots import render_plots_task
 from tasks.registry import resolve_registry_model_task
 from tasks.report import publish_summary_task, summary_markdown
+from tasks.runners import ShardRunner, open_runner
+from tasks.shards import (
+    ShardJob,
+    ShardResult,
+    ShardStore,
+    ShardStoreClaim,
+    plan_jobs,
+    plan_shards,
+)
 from tasks.tracking import (
     TrackedRun,
     log_artifact,
@@ -53,27 +60,33 @@ from tasks.tracking import (
     run_url,
 )
 from tasks.validation import validate_frame_task
-from tasks.workers import shard_processes
 
 
-def task_runner_for(shards: ShardsConfig) -> Any:
-    """The Prefect task runner the shards run on: threads, processes, or a Dask cluster."""
-    if shards.runner == "dask":
-        from prefect_dask import DaskTaskRunner
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a shard on a fault (a lost worker, an endpoint down or throttling, a timeout), not on a bad input."""
+    try:
+        state.result()
+    except Exception as exc:
+        if getattr(exc, "transient", False):
+            return True
+        if isinstance(exc, ShaplineError):
+            return False
+        return isinstance(exc, (OSError, TimeoutError, EOFError))
+    return False
 
-        if shards.address:
-            return DaskTaskRunner(address=shards.address)
-        # One thread per worker process: SHAP's numpy work is single-threaded per shard.
-        return DaskTaskRunner(
-            cluster_kwargs={
-                "n_workers": shards.workers,
-                "threads_per_worker": 1,
-                "processes": True,
-                "dashboard_address": None,
-            }
-        )
-    # process: each shard task runs on a thread here and hands its compute to tasks.workers' processes.
-    return ThreadPoolTaskRunner(max_workers=shards.workers)
+
+@task(
+    name="explain-shard",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[1, 5, 15],
+    retry_jitter_factor=0.5,
+    retry_condition_fn=_worth_retrying,
+    task_run_name="explain-shard-{job.index}",
+)
+def explain_shard_task(job: ShardJob, runner: ShardRunner, store: ShardStore) -> ShardResult:
+    """Explain one shard of rows with SHAP on the run's runner and keep its values in the store."""
+    return store.write(job.index, runner.compute(job))
 
 
 @task(name="load-model", cache_policy=NO_CACHE)
@@ -82,15 +95,20 @@ def load_model_task(config: ExplainConfig) -> Predictor:
     return load_predictor(config.model)
 
 
-def explain_shards(jobs: list[ShardJob], shards: ShardsConfig) -> list[ShardResult]:
-    """Explain every shard as a task on the configured runner; finished shards stay on disk even if another fails.
+def explain_shards(
+    jobs: list[ShardJob], shards: ShardsConfig, runner: ShardRunner, store: ShardStore
+) -> list[ShardResult]:
+    """Explain every shard as a task of this flow; finished shards stay in the store even if another fails.
 
-    The runner is entered here, inside the flow, rather than given to a subflow: a subflow costs about
-    a second of run creation and heartbeat shutdown, and its tasks would not be the flow's own.
+    The tasks run on threads of this process (the runner decides where their compute goes), entered
+    here inside the flow rather than in a subflow, which would cost a second of run bookkeeping.
     """
     logger = get_run_logger()
-    with task_runner_for(shards) as runner:
-        return _collect(runner.map(explain_shard_task, {"job": jobs}), len(jobs), logger)
+    with ThreadPoolTaskRunner(max_workers=shards.workers) as threads:
+        futures = threads.map(
+            explain_shard_task, {"job": jobs, "runner": unmapped(runner), "store": unmapped(store)}
+        )
+        return _collect(futures, len(jobs), logger)
 
 
 def _collect(futures: Any, total: int, logger: Any) -> list[ShardResult]:
@@ -185,10 +203,13 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
         endpoint_lifetime(config.model, logger),
         tempfile.TemporaryDirectory(prefix="shapline-") as workdir,
         mlflow_run(tracking_uri, config.experiment_name, run_name, tags) as run,
-        # Worker processes (runner process) start now: their imports overlap loading and validation.
-        shard_processes(
-            config.shards, config.model, threads_per_worker(config.shards.runner, config.shards.workers)
-        ) as processes,
+        # Pool processes or a Dask cluster start now: their start-up overlaps loading and validation.
+        open_runner(
+            config.shards,
+            config.model,
+            threads_per_worker(config.shards.runner, config.shards.workers),
+            run.run_id,
+        ) as runner,
         ExitStack() as later,
     ):
         logger.info("MLflow run %s in %s", run.run_id, tracking_uri)
@@ -215,23 +236,23 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
         background = draw_background_task(frame, target, config.background)
         background.to_frame().to_parquet(artifacts / "background.parquet")
         shards = plan_shards(rows.index, config.shards.size)
-        link = link_for(predictor, config.explainer.link, config.link, config.model.effective_output)
-        store = shard_store(
+        kernel_link = link_for(predictor, config.explainer.link, config.link, config.model.effective_output)
+        algorithm, link = resolve_explainer(config.explainer.algorithm, predictor, kernel_link)
+        store = ShardStore.open(
             config.shards.cache_dir, config.values_sha256(), loaded.sha256, model_fingerprint(config.model)
         )
         # Released on any exit; the shards are deleted below only by the last live run using them.
-        claim = later.enter_context(ShardStoreClaim(store, run.run_id))
-        jobs, reused = stage_shards(
+        claim = later.enter_context(ShardStoreClaim(store.folder, run.run_id))
+        jobs, reused = plan_jobs(
             rows,
             background,
             shards,
-            workdir,
             store,
             config.model,
             config.explainer,
+            algorithm,
             link,
             threads_per_worker(config.shards.runner, min(config.shards.workers, len(shards))),
-            processes,
         )
         logger.info(
             "explaining %d rows in %d shards on %d %s workers (%d shards already finished: reused)",
@@ -247,7 +268,7 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
                 rows,
                 background.frame,
                 config.explainer,
-                resolve_algorithm(config.explainer.algorithm, predictor),
+                algorithm,
                 len(shards),
             )
             log_values(run, metrics={k: estimate[k] for k in ("inference_rows", "inference_requests")})
@@ -260,7 +281,7 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
             check_budget(config.model, estimate)
 
         explain_started = time.perf_counter()
-        computed = explain_shards(jobs, config.shards) if jobs else []
+        computed = explain_shards(jobs, config.shards, runner, store) if jobs else []
         explain_s = time.perf_counter() - explain_started
         results = sorted([*reused, *computed], key=lambda r: r.index)
 
@@ -284,9 +305,11 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
             log_artifact(run, artifacts / name)
         plots.result()
 
-        if hasattr(predictor, "stats") and config.shards.runner == "thread":
-            # Threads share this cached predictor, so its counters are the whole run's traffic.
-            sent = predictor.stats()
+        # The flow's own calls (the probe), then what each shard counted wherever it was computed.
+        traffic = [t for t in (predictor.traffic(), *(r.traffic for r in computed)) if t]
+        if traffic:
+            sent = {key: sum(t[key] for t in traffic) for key in traffic[0]}
+            sent["max_request_bytes"] = max(t["max_request_bytes"] for t in traffic)
             log_values(run, metrics={f"inference_{k}_sent": v for k, v in sent.items()})
         duration_s = time.perf_counter() - started
         metrics = {
@@ -304,8 +327,8 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
             run,
             metrics=metrics,
             params={
-                "explainer.algorithm_effective": results[0].algorithm,
-                "explainer.link_effective": results[0].link,
+                "explainer.algorithm_effective": algorithm,
+                "explainer.link_effective": link,
             },
         )
         log_artifacts(run, artifacts, skip=uploaded)
@@ -333,8 +356,8 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
         "additivity_max_error": combined.additivity_max_error,
         "duration_s": round(time.perf_counter() - started, 3),
         "rows_per_s": metrics["rows_per_s"],
-        "algorithm": results[0].algorithm,
-        "link": results[0].link,
+        "algorithm": algorithm,
+        "link": link,
         "validation_success": report.success,
         "top_features": combined.importance.sort_values("rank")["feature"].drop_duplicates().head(5).tolist(),
     }

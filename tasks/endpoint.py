@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -10,24 +11,24 @@ import math
 import random
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from flows.config import EndpointConfig, ExplainerConfig, SageMakerModel
-from tasks.errors import BudgetExceeded, ModelError
+from tasks.errors import BudgetExceeded, ModelError, TransientModelError
+from tasks.limits import RequestLimit, ThreadLimit
 from tasks.models import Predictor
 
 log = logging.getLogger(__name__)
 
 # A megabyte here is 10**6 bytes: below SageMaker's 6 MB limit however that limit is counted.
 BYTES_PER_MB = 1_000_000
-# Attempts botocore makes per call (adaptive mode also slows the client down after throttling);
-# our own loop wraps that with its own attempts so a burst of throttling outlasts botocore's quota.
+# Retries botocore makes per call after its first try (adaptive mode also slows the client down after
+# throttling); our own loop wraps that with its own attempts so a burst of throttling outlasts botocore's
+# quota, and the shard task retries what outlasts both.
 BOTOCORE_MAX_ATTEMPTS = 3
 RETRY_ATTEMPTS = 4
 BACKOFF_BASE_S = 0.2
@@ -53,30 +54,6 @@ def _quote(raw: bytes | str) -> str:
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     flat = " ".join(text.split())
     return repr(flat[:QUOTE_CHARS] + ("..." if len(flat) > QUOTE_CHARS else ""))
-
-
-# One semaphore per endpoint for the whole process, so shard threads sharing an endpoint
-# together keep at most max_concurrency requests in flight, however many predictors exist.
-_SLOTS: dict[tuple[str, str | None, str | None], threading.BoundedSemaphore] = {}
-_SLOTS_LOCK = threading.Lock()
-
-
-def _endpoint_slots(endpoint: EndpointConfig) -> threading.BoundedSemaphore:
-    key = (endpoint.name, endpoint.region, endpoint.endpoint_url)
-    with _SLOTS_LOCK:
-        if key not in _SLOTS:
-            _SLOTS[key] = threading.BoundedSemaphore(endpoint.max_concurrency)
-        return _SLOTS[key]
-
-
-@contextmanager
-def _slot(endpoint: EndpointConfig) -> Iterator[None]:
-    slots = _endpoint_slots(endpoint)
-    slots.acquire()
-    try:
-        yield
-    finally:
-        slots.release()
 
 
 def _python_rows(frame: pd.DataFrame) -> list[list[Any]]:
@@ -292,8 +269,11 @@ def endpoint_batch_rows(
 class SageMakerPredictor(Predictor):
     """A model behind a SageMaker runtime endpoint: each predict() is split, sent in parallel and reassembled."""
 
-    def __init__(self, config: SageMakerModel) -> None:
+    def __init__(self, config: SageMakerModel, limit: RequestLimit | None = None) -> None:
         self.config = config
+        # Requests in flight, among every sender of this run: the shard runner hands its run's limit to
+        # each shard through bounded(); a predictor used on its own holds its own.
+        self.limit = limit or ThreadLimit(config.endpoint.max_concurrency)
         self.endpoint = config.endpoint
         self.name = config.name
         self.method = config.effective_output
@@ -310,39 +290,60 @@ class SageMakerPredictor(Predictor):
         self._lock = threading.Lock()
         self._client: Any = None
         self._pool: ThreadPoolExecutor | None = None
+        self._shared: SageMakerPredictor | None = None
         self._counts = dict.fromkeys(
             ("requests", "rows", "bytes", "max_request_bytes", "retries", "request_seconds"), 0.0
         )
 
     def __getstate__(self) -> dict[str, Any]:
-        # The boto3 client, the thread pool and the lock cannot cross a process boundary.
+        # The boto3 client, the thread pool, the lock and a process-local limit cannot cross a process boundary.
         state = self.__dict__.copy()
-        state.update(_lock=None, _client=None, _pool=None)
+        state.update(_lock=None, _client=None, _pool=None, _shared=None, limit=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self.limit = ThreadLimit(self.endpoint.max_concurrency)
+
+    def bounded(self, limit: RequestLimit | None) -> SageMakerPredictor:
+        """This endpoint under the run's request limit, with counters of its own (one shard's traffic).
+
+        The boto3 client and the request threads are shared with this predictor: they are the costly part.
+        """
+        if limit is None:
+            return self
+        view = copy.copy(self)
+        view.limit = limit
+        view._counts = dict.fromkeys(self._counts, 0.0)
+        view._lock = threading.Lock()
+        view._shared = self
+        return view
 
     def _runtime(self) -> Any:
-        with self._lock:
-            if self._client is None:
-                self._client = runtime_client(self.endpoint)
-            return self._client
+        owner = self._shared or self
+        with owner._lock:
+            if owner._client is None:
+                owner._client = runtime_client(self.endpoint)
+            return owner._client
 
     def _executor(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(
+        owner = self._shared or self
+        with owner._lock:
+            if owner._pool is None:
+                owner._pool = ThreadPoolExecutor(
                     max_workers=self.endpoint.max_concurrency,
                     thread_name_prefix=f"endpoint-{self.endpoint.name}",
                 )
-            return self._pool
+            return owner._pool
 
     def stats(self) -> dict[str, float]:
         """Requests, rows, bytes, largest request, retries and time in requests so far."""
         with self._lock:
             return dict(self._counts)
+
+    def traffic(self) -> dict[str, float]:
+        return self.stats()
 
     def _count(self, rows: int, size: int, retries: int, seconds: float) -> None:
         with self._lock:
@@ -372,12 +373,17 @@ class SageMakerPredictor(Predictor):
         )
 
         name = self.endpoint.name
-        client = self._runtime()
+        try:
+            client = self._runtime()
+        except NoRegionError:
+            raise ModelError(
+                f"endpoint {name}: no AWS region; set model.endpoint.region or AWS_DEFAULT_REGION"
+            ) from None
         for attempt in range(RETRY_ATTEMPTS):
             last_try = attempt == RETRY_ATTEMPTS - 1
             started = time.perf_counter()
             try:
-                with _slot(self.endpoint):
+                with self.limit.slot():
                     response = client.invoke_endpoint(
                         EndpointName=name,
                         Body=body,
@@ -390,11 +396,14 @@ class SageMakerPredictor(Predictor):
                 botocore_retries = int(exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0))
                 with self._lock:
                     self._counts["retries"] += botocore_retries
-                if _is_retryable(exc) and not last_try:
+                retryable = _is_retryable(exc)
+                if retryable and not last_try:
                     self._backoff(attempt, f"{code} (HTTP {status})")
                     continue
                 after = f" after {attempt + 1} tries" if attempt else ""
-                raise ModelError(
+                # Throttling and 5xx that outlast our attempts may pass: the shard task retries them later.
+                error = TransientModelError if retryable else ModelError
+                raise error(
                     f"endpoint {name}: {code or 'error'} (HTTP {status}){after} for a request of "
                     f"{rows} rows, {len(body)} bytes: {_quote(message)}"
                 ) from None
@@ -410,7 +419,7 @@ class SageMakerPredictor(Predictor):
                 if not last_try:
                     self._backoff(attempt, type(exc).__name__)
                     continue
-                raise ModelError(
+                raise TransientModelError(
                     f"endpoint {name}: {type(exc).__name__} after {RETRY_ATTEMPTS} attempts: {_quote(str(exc))}"
                 ) from None
             except BotoCoreError as exc:

@@ -7,6 +7,8 @@ import json
 import logging
 import random
 import re
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -163,6 +165,7 @@ class EndpointServer:
         throttle_fraction: float = 0.0,
         latency_s: float = 0.0,
         malformed: bool = False,
+        reset_requests: tuple[int, int] | None = None,
         seed: int = 0,
         dtypes: dict[str, str] | None = None,
     ) -> None:
@@ -174,6 +177,9 @@ class EndpointServer:
         self.throttle_fraction = throttle_fraction
         self.latency_s = latency_s
         self.malformed = malformed
+        # (first, count): invocations number first .. first + count - 1 (from 1) get their connection
+        # dropped instead of an answer, as an endpoint that restarts or a load balancer that resets does.
+        self.reset_requests = reset_requests
         self.deleted = False
         self._random = random.Random(seed)
         self._lock = threading.Lock()
@@ -189,6 +195,7 @@ class EndpointServer:
                 "bytes",
                 "max_body_bytes",
                 "max_in_flight",
+                "reset",
             ),
             0,
         )
@@ -268,6 +275,16 @@ class EndpointServer:
     def _left(self) -> None:
         with self._lock:
             self._in_flight -= 1
+
+    def _reset_now(self) -> bool:
+        with self._lock:
+            if self.reset_requests is None:
+                return False
+            first, count = self.reset_requests
+            if first <= self._counts["requests"] < first + count:
+                self._counts["reset"] += 1
+                return True
+            return False
 
     def _throttle_now(self) -> bool:
         with self._lock:
@@ -362,6 +379,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._fail(_RequestFailed(404, "UnknownOperationException", {"message": f"no route {self.path}"}))
             return
         self.endpoint._entered(len(body))
+        if self.endpoint._reset_now():
+            self.endpoint._left()
+            # No answer, and a TCP reset rather than a clean close: the client sees a dropped connection.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            return
         try:
             answer, content_type = self.endpoint.invoke(
                 match.group(1),

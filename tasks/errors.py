@@ -23,6 +23,15 @@ class ModelError(ShaplineError):
     """The model file is missing or cannot be used as the config says."""
 
 
+class TransientModelError(ModelError):
+    """A fault that may pass (an endpoint refusing connections, timing out, throttling, answering 5xx).
+
+    Raised once the predictor's own quick retries are spent; the shard task retries it later, with backoff.
+    """
+
+    transient = True
+
+
 class ValidationFailed(ShaplineError):
     """Great Expectations found the data unfit and validation.on_failure is `fail`."""
 

@@ -1,34 +1,23 @@
-"""Explain rows with a shap explainer, one shard at a time, each shard written to disk as it finishes."""
+"""Explain rows with a shap explainer: the SHAP math, whatever runs it (a thread, a process, a Dask worker)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import threading
-import time
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from flows.config import ExplainerConfig, ModelConfig
+from flows.config import ExplainerConfig
 from tasks.background import Background
-from tasks.errors import ExplainError, ShaplineError
-from tasks.liveness import pid_alive, this_host
+from tasks.errors import ExplainError
 from tasks.models import (
     PROBABILITY_EPS,
     Predictor,
     explained_outputs,
     is_pipeline,
-    load_predictor,
     output_labels,
 )
 from tasks.schemas import BASE_VALUE, CLASS, MODEL_OUTPUT, ROW_ID, values_columns
@@ -37,23 +26,6 @@ from tasks.schemas import BASE_VALUE, CLASS, MODEL_OUTPUT, ROW_ID, values_column
 # a row's coalitions are drawn (not while the model runs) keeps every row's draw seeded by its
 # own seed even when shards share one process as threads.
 _GLOBAL_RNG = threading.Lock()
-
-
-@dataclass(frozen=True)
-class Shard:
-    """A contiguous slice of the rows to explain."""
-
-    index: int
-    row_ids: tuple[int, ...]
-
-
-def plan_shards(row_ids: Sequence[int], size: int) -> list[Shard]:
-    """Split the rows to explain, in row order, into shards of at most `size` rows."""
-    ids = [int(i) for i in row_ids]
-    return [
-        Shard(index=n, row_ids=tuple(ids[start : start + size]))
-        for n, start in enumerate(range(0, len(ids), size))
-    ]
 
 
 def row_seed(seed: int, row_id: int) -> int:
@@ -73,6 +45,9 @@ class ShardValues:
     model_output: np.ndarray
     algorithm: str
     link: str
+    # Requests, rows and bytes this shard sent to an endpoint (None for in-process models).
+    traffic: dict[str, float] | None = field(default=None)
+    seconds: float = 0.0
 
     def to_frame(self) -> pd.DataFrame:
         """Long table in row order (then class): the shap_values.parquet layout."""
@@ -132,18 +107,27 @@ def _is_linear(model: Any) -> bool:
     return isinstance(model, (LinearClassifierMixin, LinearModel))
 
 
-def _tree_explainer_accepts(model: Any) -> bool:
+def _tree_output(model: Any) -> str | None:
+    """What shap's TreeExplainer explains for this model ('log_odds', 'probability', 'raw'), None if it cannot."""
     import shap
 
     try:
-        shap.TreeExplainer(model)
+        return str(shap.TreeExplainer(model).model.tree_output)
     except Exception:
-        return False
-    return True
+        return None
 
 
 def resolve_algorithm(requested: str, predictor: Predictor) -> str:
     """The explainer to use: the requested one after a compatibility check, or auto's choice."""
+    return resolve_explainer(requested, predictor, "identity")[0]
+
+
+def resolve_explainer(requested: str, predictor: Predictor, kernel_link: str) -> tuple[str, str]:
+    """The explainer and the space its values are in, resolved once per run for every shard.
+
+    Tree and linear explainers explain the model's margin (log-odds for a classifier), whatever
+    link was configured; the model-agnostic ones explain in `kernel_link`.
+    """
     native = predictor.native
     if requested in ("tree", "linear"):
         where = "a remote model" if native is None else type(native).__name__
@@ -153,18 +137,21 @@ def resolve_algorithm(requested: str, predictor: Predictor) -> str:
             )
         if requested == "linear" and not _is_linear(native):
             raise ExplainError(f"explainer.algorithm linear needs a linear model, got {where}")
-        if requested == "tree" and not _tree_explainer_accepts(native):
-            raise ExplainError(f"explainer.algorithm tree: shap's TreeExplainer does not support {where}")
-        return requested
-    if requested != "auto":
-        return requested
+    if requested not in ("auto", "tree", "linear"):
+        return requested, kernel_link
     if native is None or is_pipeline(native):
-        return "kernel"
-    if _is_linear(native):
-        return "linear"
-    if _tree_explainer_accepts(native):
-        return "tree"
-    return "kernel"
+        return "kernel", kernel_link
+    classifier = predictor.class_labels is not None
+    if requested == "linear" or (requested == "auto" and _is_linear(native)):
+        return "linear", "logit" if classifier else "identity"
+    output = _tree_output(native)
+    if output is None:
+        if requested == "tree":
+            raise ExplainError(
+                f"explainer.algorithm tree: shap's TreeExplainer does not support {type(native).__name__}"
+            )
+        return "kernel", kernel_link
+    return "tree", "logit" if output == "log_odds" else "identity"
 
 
 def _numeric_or_fail(frame: pd.DataFrame, algorithm: str) -> None:
@@ -424,9 +411,13 @@ def explain_rows(
     config: ExplainerConfig,
     link: str,
     class_index: int | None,
+    algorithm: str | None = None,
 ) -> ShardValues:
-    """SHAP values of `rows` (indexed by row_id) against `background` with the configured explainer."""
-    algorithm = resolve_algorithm(config.algorithm, predictor)
+    """SHAP values of `rows` (indexed by row_id) against `background` with the configured explainer.
+
+    `algorithm` is the one the run resolved (resolved here from config.algorithm when not given).
+    """
+    algorithm = algorithm or resolve_algorithm(config.algorithm, predictor)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if algorithm in ("tree", "linear"):
@@ -458,187 +449,6 @@ def explain_rows(
     )
 
 
-@dataclass(frozen=True)
-class ShardJob:
-    """Everything one shard task needs, as small picklable values: inputs are files, the model its config."""
-
-    index: int
-    rows_path: str
-    background_path: str
-    output_path: str
-    model: ModelConfig
-    explainer: ExplainerConfig
-    link: str
-    threads: int | None = None
-    # shards.runner process: the key of the flow's worker pool (tasks.workers) that computes this shard.
-    processes: str | None = None
-
-
-def threads_per_worker(runner: str, workers: int) -> int | None:
-    """Cores each shard worker may use, so workers x model threads never oversubscribe the machine."""
-    if runner == "dask":
-        return None  # Dask workers are sized by their own deployment.
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
-@dataclass(frozen=True)
-class ShardResult:
-    """Where a finished shard's values are, and what it cost."""
-
-    index: int
-    path: str
-    rows: int
-    seconds: float
-    algorithm: str
-    link: str
-    reused: bool = False
-
-
-def shard_store(configured: str | None, config_sha: str, data_sha: str, model_sha: str) -> Path:
-    """The folder of one run's finished shards, keyed by what determines the values, so a re-run finds them.
-
-    Root: shards.cache_dir, else $SHAPLINE_CACHE_DIR, else ~/.cache/shapline/shards.
-    """
-    root = configured or os.environ.get("SHAPLINE_CACHE_DIR") or "~/.cache/shapline/shards"
-    key = hashlib.sha256(f"{config_sha}:{data_sha}:{model_sha}".encode()).hexdigest()[:32]
-    folder = Path(root).expanduser() / key
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-class ShardStoreClaim:
-    """A run's claim on a shard store, so that a run finishing first never deletes shards another run
-    of the same config, data and model is still using (a scheduled run and a manual one overlap).
-
-    Claims are files in the store, taken and checked under an exclusive lock on `.lock`; a claim
-    whose process is gone (same host, dead pid: a killed run) does not count. The finished shards are
-    deleted only by the last live claimant to release with delete=True.
-    """
-
-    def __init__(self, store: Path, owner: str) -> None:
-        self.store = store
-        self.path = store / ".claims" / owner
-        self.released = False
-        with self._locked():
-            self.path.parent.mkdir(exist_ok=True)
-            self.path.write_text(json.dumps({"pid": os.getpid(), "host": this_host()}))
-
-    def __enter__(self) -> ShardStoreClaim:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release(delete=False)
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.store / ".lock", "a+") as handle:
-            try:
-                import fcntl
-            except ImportError:  # no advisory locks on this platform: claims still count, unlocked
-                yield
-                return
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def _live_others(self) -> list[Path]:
-        live = []
-        for claim in self.path.parent.glob("*"):
-            if claim == self.path:
-                continue
-            try:
-                owner = json.loads(claim.read_text())
-            except (OSError, ValueError):
-                continue
-            if owner.get("host") == this_host() and not pid_alive(int(owner.get("pid", 0))):
-                claim.unlink(missing_ok=True)  # a run that was killed: its claim is stale
-                continue
-            live.append(claim)
-        return live
-
-    def release(self, delete: bool) -> bool:
-        """Drop this run's claim; with delete, remove the finished shards if no live run claims them."""
-        if self.released:
-            return False
-        self.released = True
-        with self._locked():
-            self.path.unlink(missing_ok=True)
-            if not delete or self._live_others():
-                return False
-            for path in [*self.store.glob("shard-*.parquet"), *self.store.glob("shard-*.partial")]:
-                path.unlink(missing_ok=True)
-            return True
-
-
-def shard_file(store: Path, shard: Shard) -> Path:
-    """A shard's file in the store, named by its index and a hash of its row ids."""
-    rows_hash = hashlib.sha256(np.asarray(shard.row_ids, dtype="int64").tobytes()).hexdigest()[:16]
-    return store / f"shard-{shard.index:06d}-{rows_hash}.parquet"
-
-
-def stage_shards(
-    rows: pd.DataFrame,
-    background: Background,
-    shards: list[Shard],
-    folder: str | Path,
-    store: Path,
-    model: ModelConfig,
-    explainer: ExplainerConfig,
-    link: str,
-    threads: int | None = None,
-    processes: str | None = None,
-) -> tuple[list[ShardJob], list[ShardResult]]:
-    """Jobs for the shards the store lacks (their rows written to `folder`), and the finished ones found there."""
-    folder = Path(folder)
-    (folder / "inputs").mkdir(parents=True, exist_ok=True)
-    background_path = folder / "inputs" / "background.parquet"
-    # Scratch files read once: dictionary encoding, tried and abandoned on float columns, costs 4x the write.
-    background.to_frame().to_parquet(background_path, use_dictionary=False)
-    jobs, finished = [], []
-    for shard in shards:
-        output = shard_file(store, shard)
-        if output.exists():
-            finished.append(read_shard_result(output, shard.index))
-            continue
-        rows_path = folder / "inputs" / f"rows-{shard.index:06d}.parquet"
-        rows.loc[list(shard.row_ids)].to_parquet(rows_path, use_dictionary=False)
-        jobs.append(
-            ShardJob(
-                index=shard.index,
-                rows_path=str(rows_path),
-                background_path=str(background_path),
-                output_path=str(output),
-                model=model,
-                explainer=explainer,
-                link=link,
-                threads=threads,
-                processes=processes,
-            )
-        )
-    return jobs, finished
-
-
-_META = b"shapline"
-
-
-def read_shard_result(path: str | Path, index: int) -> ShardResult:
-    """Describe a finished shard file from the metadata it was written with."""
-    import pyarrow.parquet as pq
-
-    meta = json.loads(pq.read_schema(path).metadata[_META])
-    return ShardResult(
-        index=index,
-        path=str(path),
-        rows=meta["rows"],
-        seconds=0.0,
-        algorithm=meta["algorithm"],
-        link=meta["link"],
-        reused=True,
-    )
-
-
 _NATIVE_LIMIT_LOCK = threading.Lock()
 _native_limit: int | None = None
 
@@ -656,66 +466,3 @@ def limit_native_threads(threads: int) -> None:
         if _native_limit != threads:
             threadpool_limits(limits=threads)
             _native_limit = threads
-
-
-def explain_shard(job: ShardJob) -> ShardResult:
-    """Explain one shard's rows and write its values to job.output_path atomically."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    started = time.perf_counter()
-    predictor = load_predictor(job.model)
-    rows = pd.read_parquet(job.rows_path)
-    background = Background.from_frame(pd.read_parquet(job.background_path))
-    if job.threads is not None:
-        predictor.limit_threads(job.threads)
-        limit_native_threads(job.threads)
-    result = explain_rows(rows, background, predictor, job.explainer, job.link, job.model.class_index)
-    path = Path(job.output_path)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    table = pa.Table.from_pandas(result.to_frame(), preserve_index=False)
-    meta = {"rows": len(rows), "algorithm": result.algorithm, "link": result.link}
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), _META: json.dumps(meta).encode()})
-    pq.write_table(table, partial, use_dictionary=[CLASS] if CLASS in table.column_names else False)
-    # Atomic: a crash leaves either no file or a complete one, never a half-written shard that looks finished.
-    os.replace(partial, path)
-    return ShardResult(
-        index=job.index,
-        path=str(path),
-        rows=len(rows),
-        seconds=time.perf_counter() - started,
-        algorithm=result.algorithm,
-        link=result.link,
-    )
-
-
-def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry a shard on a fault (a crashed worker, a timeout, a dropped connection), not on a bad input."""
-    from concurrent.futures.process import BrokenProcessPool
-
-    try:
-        state.result()
-    except ShaplineError:
-        return False
-    except (OSError, TimeoutError, EOFError, BrokenProcessPool):
-        return True
-    except Exception:
-        return False
-    return False
-
-
-@task(
-    name="explain-shard",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[1, 5],
-    retry_condition_fn=_worth_retrying,
-    task_run_name="explain-shard-{job.index}",
-)
-def explain_shard_task(job: ShardJob) -> ShardResult:
-    """Explain one shard of rows with SHAP and persist its values."""
-    if job.processes is not None:
-        from tasks.workers import run_in_processes
-
-        return run_in_processes(job.processes, job)
-    return explain_shard(job)

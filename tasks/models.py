@@ -16,6 +16,7 @@ import pandas as pd
 
 from flows.config import ModelConfig, SklearnModel, XGBoostModel
 from tasks.errors import ModelError
+from tasks.limits import RequestLimit
 
 # Probabilities are clipped before the logit link so a model that is certain (p = 0 or 1)
 # gives large finite log-odds instead of infinities that would poison every sum.
@@ -50,6 +51,14 @@ class Predictor(ABC):
         """How many explained rows' kernel calls (nsamples coalitions x background rows each) to merge into
         one (explainer.batch_rows auto). In-process models gain little and would hold more memory."""
         return 1
+
+    def bounded(self, limit: RequestLimit | None) -> Predictor:
+        """This model under a run's limit on requests in flight; only a remote model has one to honour."""
+        return self
+
+    def traffic(self) -> dict[str, float] | None:
+        """What this predictor sent to a remote model (requests, rows, bytes, ...), None for a local one."""
+        return None
 
     def limit_threads(self, threads: int) -> None:
         """Cap the model's own threads, once: reconfiguring a model another thread predicts with is unsafe."""

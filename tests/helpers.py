@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +59,10 @@ class DiesOnceInAWorker:
             Path(self.marker).touch()
             os._exit(9)
         return self.model.predict_proba(rows)
+
+
+def free_port() -> int:
+    """A TCP port on loopback nobody listens on (yet)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

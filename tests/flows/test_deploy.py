@@ -1,12 +1,13 @@
 """Production topology without docker: a real `prefect server` and `mlflow server` on loopback, deployments
 made by `shapline deploy`, a run triggered through the API with parameter overrides (as the UI does), executed
-by a real process worker, and its results read back from MLflow over HTTP."""
+by a real process worker, and its results read back from MLflow over HTTP; scheduled runs made by the
+server's own scheduler and served by `shapline serve`."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
 import time
@@ -18,14 +19,10 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.helpers import free_port
+
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
@@ -51,6 +48,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{folder / 'prefect.db'}",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",
+        # The scheduler service makes scheduled flow runs; a one-second loop instead of a minute.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
     }
     env.pop("PREFECT_API_URL", None)
     logs = [open(folder / name, "w") for name in ("prefect.log", "mlflow.log")]  # noqa: SIM115
@@ -197,3 +197,72 @@ def test_deploy_trigger_with_overrides_and_read_results_over_http(
     values = pd.read_parquet(mlflow.download_artifacts(run.info.run_id, "shap_values.parquet", str(tmp_path)))
     assert len(values) == 6
     assert {"bar.png"} == {Path(f.path).name for f in mlflow.list_artifacts(run.info.run_id, "plots")}
+
+
+def test_scheduled_runs_are_made_by_the_server_and_complete_with_the_schedules_parameters(
+    servers: dict[str, str],
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    xgb_model: Path,
+    tmp_path: Path,
+) -> None:
+    """The third way shapline is used: nobody triggers anything; the schedule in the YAML must fire."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    store = f"sqlite:///{tmp_path / 'scheduled.db'}"
+    MlflowClient(store).search_experiments()  # the store exists before two runs could race to create it
+    config = write_config(
+        model={"name": "cancer-scheduled", "kind": "xgboost", "path": str(xgb_model)},
+        data={"source": str(cancer_data), "target": "malignant"},
+        output={"plots": []},
+        schedule={"interval_s": 15, "parameters": {"explain_rows": 7}},
+    )
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": servers["prefect"],
+        "PREFECT_HOME": servers["home"],
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        "MLFLOW_TRACKING_URI": store,
+        "SHAPLINE_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    log = tmp_path / "serve.log"
+    with open(log, "w") as output:
+        serve = subprocess.Popen(
+            [str(BIN / "shapline"), "serve", str(config)], env=env, stdout=output, stderr=subprocess.STDOUT
+        )
+    completed: list = []
+    try:
+        with (
+            temporary_settings({PREFECT_API_URL: servers["prefect"]}),
+            get_client(sync_client=True) as client,
+        ):
+            only_ours = DeploymentFilter(name=DeploymentFilterName(any_=["cancer-scheduled"]))
+            deadline = time.monotonic() + 300
+            while len(completed) < 2:
+                assert serve.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, (
+                    "no two scheduled runs completed:\n" + log.read_text()[-3000:]
+                )
+                runs = client.read_flow_runs(deployment_filter=only_ours)
+                ended = [r for r in runs if r.state is not None and r.state.is_final()]
+                assert all(r.state.is_completed() for r in ended), [r.state for r in ended]
+                completed = [r for r in ended if r.auto_scheduled]
+                time.sleep(1)
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+    mlflow = MlflowClient(store)
+    experiment = mlflow.get_experiment_by_name("shapline/cancer-scheduled")
+    for flow_run in completed:
+        assert flow_run.parameters == {
+            "parameters": {"config_path": str(config.resolve()), "explain_rows": 7}
+        }
+        [run] = mlflow.search_runs(
+            [experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run.id}'"
+        )
+        assert run.info.status == "FINISHED" and run.data.metrics["rows_explained"] == 7

@@ -360,12 +360,15 @@ def test_missing_credentials_are_named_not_shown(
         predictor.predict(features.iloc[:2])
 
 
-def test_concurrency_is_capped_per_endpoint_across_threads_and_predictors(
+def test_a_runs_request_limit_holds_across_threads_and_predictors(
     model_path: Path, features: pd.DataFrame
 ) -> None:
+    from tasks.limits import ThreadLimit
+
     with EndpointServer(model_path, "shared", latency_s=0.03) as server:
         config = sagemaker_config(server, max_rows_per_request=10, max_concurrency=2)
-        predictors = [load_endpoint_predictor(config), load_endpoint_predictor(config)]
+        run_limit = ThreadLimit(2)
+        predictors = [load_endpoint_predictor(config).bounded(run_limit) for _ in range(2)]
         errors: list[BaseException] = []
 
         def shard(index: int) -> None:

@@ -11,8 +11,9 @@ import shap
 from flows.config import ExplainerConfig
 from tasks.background import Background
 from tasks.errors import ExplainError
-from tasks.explain import ModelFunction, explain_rows, plan_shards, resolve_algorithm, row_seed
+from tasks.explain import ModelFunction, explain_rows, resolve_algorithm, row_seed
 from tasks.models import LocalPredictor
+from tasks.shards import plan_shards
 from tests.conftest import exact_shapley
 
 
@@ -273,7 +274,7 @@ def _shards_in(store) -> list[str]:  # noqa: ANN001
 
 def test_the_last_run_using_a_shard_store_deletes_it(tmp_path) -> None:  # noqa: ANN001
     """A scheduled and a manual run of one config share a store: the first to finish must not delete it."""
-    from tasks.explain import ShardStoreClaim
+    from tasks.shards import ShardStoreClaim
 
     store = tmp_path / "store"
     store.mkdir()
@@ -291,7 +292,7 @@ def test_a_killed_runs_claim_does_not_keep_the_store(tmp_path) -> None:  # noqa:
     import subprocess
     import sys
 
-    from tasks.explain import ShardStoreClaim
+    from tasks.shards import ShardStoreClaim
 
     store = tmp_path / "store"
     store.mkdir()
@@ -309,7 +310,7 @@ def test_a_killed_runs_claim_does_not_keep_the_store(tmp_path) -> None:  # noqa:
 
 
 def test_a_failed_run_releases_its_claim_without_deleting(tmp_path) -> None:  # noqa: ANN001
-    from tasks.explain import ShardStoreClaim
+    from tasks.shards import ShardStoreClaim
 
     store = tmp_path / "store"
     store.mkdir()
@@ -328,7 +329,7 @@ def test_a_shard_leaves_its_native_thread_limit_for_the_workers_other_shards(
 
     import tasks.explain as explain_module
     from flows.config import SklearnModel
-    from tasks.explain import explain_shard, stage_shards
+    from tasks.shards import ShardJob, explain_shard
 
     def blas_threads() -> set[int]:
         return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
@@ -337,19 +338,15 @@ def test_a_shard_leaves_its_native_thread_limit_for_the_workers_other_shards(
     try:
         threadpool_limits(limits=2)
         explain_module._native_limit = None
-        rows = features.iloc[:2]
         model = SklearnModel(name="mlp", kind="sklearn", path=str(mlp_model))
-        store = tmp_path / "store"
-        store.mkdir()
-        (job,), _ = stage_shards(
-            rows,
-            Background(frame=features.iloc[:5]),
-            plan_shards(rows.index, 2),
-            tmp_path,
-            store,
-            model,
-            ExplainerConfig(algorithm="kernel", nsamples=20),
-            "logit",
+        job = ShardJob(
+            index=0,
+            rows=features.iloc[:2],
+            background=Background(frame=features.iloc[:5]),
+            model=model,
+            explainer=ExplainerConfig(algorithm="kernel", nsamples=20),
+            algorithm="kernel",
+            link="logit",
             threads=1,
         )
         explain_shard(job)

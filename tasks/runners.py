@@ -1,0 +1,262 @@
+"""Where a run's shards are computed: threads of the flow's process, a pool of processes, or a Dask cluster.
+
+Every shard stays one Prefect task on a thread of the flow's process, which reports to the flow's
+own Prefect API; the task hands the shard's SHAP compute to the run's ShardRunner and writes the
+values that come back into the shard store. So workers never talk to Prefect (no Dask worker starts
+a Prefect server of its own) and never need the flow's files: a job carries its rows and background.
+
+One runner per run, created and closed by the flow: it owns the run's workers and the limit on
+endpoint requests in flight that all of them share.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from flows.config import ModelConfig, SageMakerModel, ShardsConfig
+from tasks.errors import ShaplineError
+from tasks.explain import ShardValues
+from tasks.limits import DaskLimit, ProcessLimit, RequestLimit, ThreadLimit
+from tasks.shards import ShardJob, explain_shard
+
+log = logging.getLogger(__name__)
+
+
+class ShardWorkerLost(Exception):
+    """The process or machine computing a shard went away (killed, crashed, disconnected): worth a retry."""
+
+    transient = True
+
+
+class ShardRunner(ABC):
+    """Computes shards for one run; a context manager that frees its workers when the run ends."""
+
+    @abstractmethod
+    def compute(self, job: ShardJob) -> ShardValues:
+        """Explain one shard somewhere and return its values to this process."""
+
+    def close(self) -> None:  # noqa: B027 - the thread runner holds nothing
+        """Stop the run's workers and free its limits."""
+
+    def __enter__(self) -> ShardRunner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class ThreadRunner(ShardRunner):
+    """Shards computed on the task's own thread, in the flow's process (shards.runner thread)."""
+
+    def __init__(self, limit: RequestLimit | None) -> None:
+        self.limit = limit
+
+    def compute(self, job: ShardJob) -> ShardValues:
+        return explain_shard(job, self.limit)
+
+
+# What every pool worker imports; a fork server imports it once and forks the workers from there.
+_PRELOAD = ["tasks.shards", "shap"]
+# Set in each pool worker by _start_worker: the run's limit on endpoint requests, shared by the pool.
+_worker_limit: RequestLimit | None = None
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """forkserver where the platform has it, else spawn; never plain fork from the threaded flow process.
+
+    The fork server is a fresh single-threaded process that imports shapline and shap once (~3 s on
+    two cores); each worker is a fork of it, so N workers cost one import rather than N, and a pool
+    replaced after a crash is back at once.
+    """
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(_PRELOAD)  # no effect once the server runs, which is fine
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def _start_worker(
+    limit: RequestLimit | None, model: ModelConfig, threads: int | None, environment: dict[str, str]
+) -> None:
+    """A pool worker's first act: take the flow's environment and the run's request limit, import what a
+    shard needs, load the model.
+
+    Workers are forks of a fork server started with the flow process's first pool, so without this they
+    would see the environment of that moment (AWS_*, MLFLOW_*), not the run's. It must never raise: a
+    failing initializer breaks the pool; the shard that needs the model reports a load error itself.
+    """
+    global _worker_limit
+    os.environ.clear()
+    os.environ.update(environment)
+    _worker_limit = limit
+    try:
+        import shap  # noqa: F401 - the import is the point
+
+        from tasks.models import load_predictor
+
+        predictor = load_predictor(model)
+        if threads is not None:
+            predictor.limit_threads(threads)
+    except Exception:
+        log.debug("warm-up could not load model %s", model.name, exc_info=True)
+
+
+def _ready() -> None:
+    """A no-op submitted once per worker so the pool starts every worker now, not on the first shards."""
+
+
+def _explain_in_worker(job: ShardJob) -> ShardValues:
+    return explain_shard(job, _worker_limit)
+
+
+class ProcessRunner(ShardRunner):
+    """A pool of `workers` processes (shards.runner process), started and warmed with the run.
+
+    A worker that dies (OOM kill, segfault, kill -9), whether warming up, idle or mid-shard, breaks
+    the pool: the first shard to notice starts a new pool; a shard that had not started yet is sent
+    to it at once, a shard that was running fails as ShardWorkerLost and its task retries.
+    """
+
+    def __init__(
+        self, workers: int, model: ModelConfig, threads: int | None, concurrency: int | None
+    ) -> None:
+        self.workers = workers
+        self.model = model
+        self.threads = threads
+        self.concurrency = concurrency
+        self._lock = threading.Lock()
+        self._closed = False
+        self._executor = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        context = _pool_context()
+        # A new pool gets a new limit: slots a dead worker held die with the old one.
+        limit = ProcessLimit(self.concurrency, context) if self.concurrency else None
+        executor = ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=context,
+            initializer=_start_worker,
+            initargs=(limit, self.model, self.threads, dict(os.environ)),
+        )
+        # The pool starts a worker per submission while none is idle: these start all of them now.
+        for _ in range(self.workers):
+            executor.submit(_ready)
+        return executor
+
+    def _replace(self, broken: ProcessPoolExecutor) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._closed:
+                raise ShardWorkerLost("the run's worker pool is closed")
+            if self._executor is broken:
+                log.warning("a shard worker process died; starting a new pool")
+                broken.shutdown(wait=False, cancel_futures=True)
+                self._executor = self._start()
+            return self._executor
+
+    def compute(self, job: ShardJob) -> ShardValues:
+        with self._lock:
+            executor = self._executor
+        future: Future[ShardValues] | None = None
+        for _ in range(2):
+            try:
+                future = executor.submit(_explain_in_worker, job)
+                break
+            except BrokenProcessPool:
+                # The pool broke before this shard reached it (a worker died warming up or idle).
+                executor = self._replace(executor)
+        if future is None:
+            raise ShardWorkerLost(f"shard {job.index}: the worker pool broke twice before the shard started")
+        try:
+            return future.result()
+        except BrokenProcessPool as exc:
+            self._replace(executor)
+            raise ShardWorkerLost(f"shard {job.index}: a worker process died while it ran ({exc})") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class DaskRunner(ShardRunner):
+    """Shards on a Dask cluster (shards.runner dask): the one at shards.address, or a local one of `workers`.
+
+    Jobs travel to the workers and values come back through the cluster; a worker needs the model
+    (the same file path, or a registry or endpoint it can reach) and the same packages, nothing else.
+    Dask itself moves a task off a worker that dies.
+    """
+
+    def __init__(self, shards: ShardsConfig, concurrency: int | None, name: str) -> None:
+        from distributed import Client, LocalCluster
+
+        self.cluster: Any = None
+        if shards.address:
+            try:
+                self.client = Client(shards.address, timeout="30s", set_as_default=False)
+            except (OSError, TimeoutError) as exc:
+                raise ShaplineError(
+                    f"shards.address: cannot reach the Dask scheduler at {shards.address}: {exc}"
+                ) from None
+        else:
+            # One thread per worker process: SHAP's numpy work is single-threaded per shard.
+            self.cluster = LocalCluster(
+                n_workers=shards.workers,
+                threads_per_worker=1,
+                processes=True,
+                # Any free port: Dask's default 8787 clashes with any other cluster on the machine.
+                dashboard_address=":0",
+                silence_logs=logging.WARNING,
+            )
+            self.client = Client(self.cluster, set_as_default=False)
+        self.limit: DaskLimit | None = None
+        if concurrency:
+            self.limit = DaskLimit(concurrency, f"shapline-{name}-{uuid.uuid4().hex[:8]}")
+            self._semaphore = self._register(self.limit)
+
+    def _register(self, limit: DaskLimit) -> Any:
+        from distributed import Semaphore
+
+        return Semaphore(
+            max_leases=limit.limit,
+            name=limit.name,
+            scheduler_rpc=self.client.scheduler,
+            loop=self.client.loop,
+        )
+
+    def compute(self, job: ShardJob) -> ShardValues:
+        from distributed import KilledWorker
+
+        future = self.client.submit(
+            explain_shard, job, self.limit, pure=False, key=f"explain-shard-{job.index}-{uuid.uuid4().hex}"
+        )
+        try:
+            return future.result()
+        except KilledWorker as exc:
+            raise ShardWorkerLost(f"shard {job.index}: Dask workers running it kept dying ({exc})") from None
+
+    def close(self) -> None:
+        try:
+            if self.limit is not None:
+                self._semaphore.close()
+        finally:
+            self.client.close()
+            if self.cluster is not None:
+                self.cluster.close()
+
+
+def open_runner(shards: ShardsConfig, model: ModelConfig, threads: int | None, name: str) -> ShardRunner:
+    """The runner shards.runner asks for, with model.endpoint.max_concurrency as the run's request limit."""
+    concurrency = model.endpoint.max_concurrency if isinstance(model, SageMakerModel) else None
+    if shards.runner == "process":
+        return ProcessRunner(shards.workers, model, threads, concurrency)
+    if shards.runner == "dask":
+        return DaskRunner(shards, concurrency, name)
+    return ThreadRunner(ThreadLimit(concurrency) if concurrency else None)

@@ -1,0 +1,292 @@
+"""Shards: the rows to explain in slices, each one self-contained work, and the store that keeps finished ones.
+
+A shard's rows and the background travel with its job, and its values come back to the flow's
+process, which writes them into the store. So a worker (a thread, a pool process, a Dask worker on
+another machine) needs nothing from the flow's machine but the model, and only the flow touches the
+store, which is on the flow's machine and serves resume after a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from flows.config import ExplainerConfig, ModelConfig
+from tasks.background import Background
+from tasks.explain import ShardValues, explain_rows, limit_native_threads
+from tasks.limits import RequestLimit
+from tasks.liveness import pid_alive, this_host
+from tasks.models import load_predictor
+from tasks.schemas import CLASS
+
+log = logging.getLogger(__name__)
+
+# The key of shapline's own metadata in a shard file's Parquet schema.
+_META = b"shapline"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A contiguous slice of the rows to explain: its index, row ids and position among the rows."""
+
+    index: int
+    row_ids: tuple[int, ...]
+    start: int = 0
+
+
+def plan_shards(row_ids: Sequence[int], size: int) -> list[Shard]:
+    """Split the rows to explain, in row order, into shards of at most `size` rows."""
+    ids = [int(i) for i in row_ids]
+    return [
+        Shard(index=n, row_ids=tuple(ids[start : start + size]), start=start)
+        for n, start in enumerate(range(0, len(ids), size))
+    ]
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard's work, self-contained: its rows and the background travel with it, so a worker needs
+    only the model; the explainer and the space it explains in were resolved once for the run."""
+
+    index: int
+    rows: pd.DataFrame
+    background: Background
+    model: ModelConfig
+    explainer: ExplainerConfig
+    algorithm: str
+    link: str
+    threads: int | None = None
+
+    @property
+    def row_ids(self) -> tuple[int, ...]:
+        return tuple(int(i) for i in self.rows.index)
+
+
+def explain_shard(job: ShardJob, limit: RequestLimit | None = None) -> ShardValues:
+    """Explain one shard's rows: compute only (no files, no Prefect), wherever the shard runner runs it."""
+    started = time.perf_counter()
+    shared = load_predictor(job.model)
+    if job.threads is not None:
+        shared.limit_threads(job.threads)
+        limit_native_threads(job.threads)
+    predictor = shared.bounded(limit)
+    values = explain_rows(
+        job.rows,
+        job.background,
+        predictor,
+        job.explainer,
+        job.link,
+        job.model.class_index,
+        algorithm=job.algorithm,
+    )
+    values.traffic = predictor.traffic()
+    values.seconds = time.perf_counter() - started
+    return values
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """Where a finished shard's values are, and what it cost."""
+
+    index: int
+    path: str
+    rows: int
+    seconds: float
+    algorithm: str
+    link: str
+    reused: bool = False
+    traffic: dict[str, float] | None = None
+
+
+class ShardStore:
+    """The folder of one config's, data's and model's finished shards, so a re-run finds them.
+
+    Root: shards.cache_dir, else $SHAPLINE_CACHE_DIR, else ~/.cache/shapline/shards. Only the flow's
+    process reads and writes it.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    @classmethod
+    def open(cls, configured: str | None, config_sha: str, data_sha: str, model_sha: str) -> ShardStore:
+        """The store keyed by what determines the values (created if missing)."""
+        root = configured or os.environ.get("SHAPLINE_CACHE_DIR") or "~/.cache/shapline/shards"
+        key = hashlib.sha256(f"{config_sha}:{data_sha}:{model_sha}".encode()).hexdigest()[:32]
+        folder = Path(root).expanduser() / key
+        folder.mkdir(parents=True, exist_ok=True)
+        return cls(folder)
+
+    def path(self, index: int, row_ids: Sequence[int]) -> Path:
+        """A shard's file, named by its index and a hash of its row ids."""
+        rows_hash = hashlib.sha256(np.asarray(row_ids, dtype="int64").tobytes()).hexdigest()[:16]
+        return self.folder / f"shard-{index:06d}-{rows_hash}.parquet"
+
+    def finished(self, shard: Shard) -> ShardResult | None:
+        """The shard as a previous run left it, or None; a file that cannot be read is removed, never trusted."""
+        import pyarrow.parquet as pq
+
+        path = self.path(shard.index, shard.row_ids)
+        if not path.exists():
+            return None
+        try:
+            meta = json.loads(pq.read_schema(path).metadata[_META])
+            rows = int(meta["rows"])
+            if pq.ParquetFile(path).metadata.num_rows < rows:
+                raise ValueError(f"{rows} rows promised, fewer written")
+            result = ShardResult(
+                index=shard.index,
+                path=str(path),
+                rows=rows,
+                seconds=0.0,
+                algorithm=str(meta["algorithm"]),
+                link=str(meta["link"]),
+                reused=True,
+            )
+        except Exception as exc:
+            log.warning("shard %d: %s cannot be read (%s); computing it again", shard.index, path, exc)
+            path.unlink(missing_ok=True)
+            return None
+        return result
+
+    def write(self, index: int, values: ShardValues) -> ShardResult:
+        """Write a shard's values atomically: a crash leaves either no file or a complete one."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = self.path(index, values.row_ids.tolist())
+        partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+        table = pa.Table.from_pandas(values.to_frame(), preserve_index=False)
+        meta = {"rows": len(values.row_ids), "algorithm": values.algorithm, "link": values.link}
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), _META: json.dumps(meta).encode()}
+        )
+        pq.write_table(table, partial, use_dictionary=[CLASS] if CLASS in table.column_names else False)
+        os.replace(partial, path)
+        return ShardResult(
+            index=index,
+            path=str(path),
+            rows=len(values.row_ids),
+            seconds=values.seconds,
+            algorithm=values.algorithm,
+            link=values.link,
+            traffic=values.traffic,
+        )
+
+    def delete_finished(self) -> None:
+        """Remove every finished and partial shard file."""
+        for path in [*self.folder.glob("shard-*.parquet"), *self.folder.glob("shard-*.partial")]:
+            path.unlink(missing_ok=True)
+
+
+def plan_jobs(
+    rows: pd.DataFrame,
+    background: Background,
+    shards: list[Shard],
+    store: ShardStore,
+    model: ModelConfig,
+    explainer: ExplainerConfig,
+    algorithm: str,
+    link: str,
+    threads: int | None = None,
+) -> tuple[list[ShardJob], list[ShardResult]]:
+    """Jobs for the shards the store lacks, and the finished ones found there.
+
+    A job's rows are a slice of `rows` (shards are contiguous), not a copy.
+    """
+    jobs, finished = [], []
+    for shard in shards:
+        found = store.finished(shard)
+        if found is not None:
+            finished.append(found)
+            continue
+        part = rows.iloc[shard.start : shard.start + len(shard.row_ids)]
+        jobs.append(
+            ShardJob(
+                index=shard.index,
+                rows=part,
+                background=background,
+                model=model,
+                explainer=explainer,
+                algorithm=algorithm,
+                link=link,
+                threads=threads,
+            )
+        )
+    return jobs, finished
+
+
+class ShardStoreClaim:
+    """A run's claim on a shard store, so that a run finishing first never deletes shards another run
+    of the same config, data and model is still using (a scheduled run and a manual one overlap).
+
+    Claims are files in the store, taken and checked under an exclusive lock on `.lock`; a claim
+    whose process is gone (same host, dead pid: a killed run) does not count. The finished shards are
+    deleted only by the last live claimant to release with delete=True.
+    """
+
+    def __init__(self, store: Path, owner: str) -> None:
+        self.store = store
+        self.path = store / ".claims" / owner
+        self.released = False
+        with self._locked():
+            self.path.parent.mkdir(exist_ok=True)
+            self.path.write_text(json.dumps({"pid": os.getpid(), "host": this_host()}))
+
+    def __enter__(self) -> ShardStoreClaim:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release(delete=False)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.store / ".lock", "a+") as handle:
+            try:
+                import fcntl
+            except ImportError:  # no advisory locks on this platform: claims still count, unlocked
+                yield
+                return
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _live_others(self) -> list[Path]:
+        live = []
+        for claim in self.path.parent.glob("*"):
+            if claim == self.path:
+                continue
+            try:
+                owner = json.loads(claim.read_text())
+            except (OSError, ValueError):
+                continue
+            if owner.get("host") == this_host() and not pid_alive(int(owner.get("pid", 0))):
+                claim.unlink(missing_ok=True)  # a run that was killed: its claim is stale
+                continue
+            live.append(claim)
+        return live
+
+    def release(self, delete: bool) -> bool:
+        """Drop this run's claim; with delete, remove the finished shards if no live run claims them."""
+        if self.released:
+            return False
+        self.released = True
+        with self._locked():
+            self.path.unlink(missing_ok=True)
+            if not delete or self._live_others():
+                return False
+            ShardStore(self.store).delete_finished()
+            return True

@@ -1,0 +1,357 @@
+"""Where shards run, under real processes: a Dask cluster that shares nothing with the flow, workers that
+never start Prefect servers, an endpoint request limit that holds across processes, endpoint faults retried."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import psutil
+import pytest
+
+import tasks.endpoint as endpoint_module
+from tasks.endpoint_server import EndpointServer
+from tests.helpers import free_port, logged_values, run_cli
+
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Dummy credentials for the local endpoint (boto3's chain needs some); no real account is reached."""
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+    }.items():
+        monkeypatch.setenv(key, value)
+
+
+def kernel_sections(cancer_data: Path, **shards: Any) -> dict[str, Any]:
+    return {
+        "data": {"source": str(cancer_data), "target": "malignant", "explain_rows": 6, "seed": 4},
+        "background": {"size": 10},
+        "explainer": {"algorithm": "kernel", "nsamples": 120, "seed": 3},
+        "shards": {"size": 2, "workers": 2, **shards},
+        "output": {"plots": []},
+    }
+
+
+def can_unshare() -> bool:
+    """A private mount namespace (root, or user namespaces allowed) for a worker that cannot see /tmp."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs none /tmp"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+def prefect_servers() -> set[int]:
+    """Pids of every process that is a Prefect API server (a temporary one runs `prefect server start`)."""
+    found = set()
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        line = " ".join(process.info["cmdline"] or [])
+        if "prefect" in line and "server" in line and "start" in line:
+            found.add(process.info["pid"])
+    return found
+
+
+@pytest.fixture(scope="module")
+def remote_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A scheduler and a two-process `dask worker` started apart from the flow, the worker in its own mount
+    namespace with an empty /tmp: it cannot see the flow's temporary folders, its shard store or its data.
+    Only the model is shared, from a folder outside /tmp, as the README says a remote worker needs."""
+    logs = tmp_path_factory.mktemp("dask-logs")
+    shared = Path(tempfile.mkdtemp(prefix="shapline-shared-model-", dir="/var/tmp"))
+    port = free_port()
+    env = {**os.environ}
+    env.pop("PREFECT_API_URL", None)
+    scheduler_log = open(logs / "scheduler.log", "w")  # noqa: SIM115
+    worker_log = open(logs / "worker.log", "w")  # noqa: SIM115
+    scheduler = subprocess.Popen(
+        [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        env=env,
+        stdout=scheduler_log,
+        stderr=subprocess.STDOUT,
+    )
+    address = f"tcp://127.0.0.1:{port}"
+    worker_command = [
+        str(BIN / "dask"),
+        "worker",
+        address,
+        "--nworkers",
+        "2",
+        "--nthreads",
+        "1",
+        "--no-dashboard",
+    ]
+    isolated = can_unshare()
+    if isolated:
+        worker_command = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount -t tmpfs shapline-worker-tmp /tmp && exec "$@"',
+            "sh",
+            *worker_command,
+        ]
+    worker = subprocess.Popen(
+        worker_command, env={**env, "TMPDIR": "/tmp"}, stdout=worker_log, stderr=subprocess.STDOUT
+    )
+    try:
+        from distributed import Client
+
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(2, timeout=120)
+        yield {"address": address, "shared": shared, "isolated": isolated, "worker": worker, "logs": logs}
+    finally:
+        for process in (worker, scheduler):
+            process.terminate()
+        for process in (worker, scheduler):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        scheduler_log.close()
+        worker_log.close()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_remote_dask_worker_that_shares_only_the_model_explains_every_shard(
+    remote_cluster: dict[str, Any],
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    mlflow_store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from distributed import Client
+
+    model = remote_cluster["shared"] / "cancer-mlp.joblib"
+    shutil.copy(mlp_model, model)
+    if remote_cluster["isolated"]:
+        with Client(remote_cluster["address"]) as client:
+            seen = client.run(
+                lambda: [os.path.exists(p) for p in (str(tmp_path), str(cancer_data), str(model))]
+            )
+        assert all(found == [False, False, True] for found in seen.values()), seen
+    before = prefect_servers()
+    thread = write_config(
+        model={"name": "cancer-thread", "kind": "sklearn", "path": str(model)}, **kernel_sections(cancer_data)
+    )
+    remote = write_config(
+        model={"name": "cancer-remote-dask", "kind": "sklearn", "path": str(model)},
+        **kernel_sections(cancer_data, runner="dask", address=remote_cluster["address"]),
+    )
+    code, reference, err = run_cli(["run", str(thread), "--json"], capsys)
+    assert code == 0, err
+    code, summary, err = run_cli(["run", str(remote), "--json"], capsys)
+    assert code == 0, err + (remote_cluster["logs"] / "worker.log").read_text()[-3000:]
+    assert summary["shards_computed"] == 3
+    pd.testing.assert_frame_equal(
+        logged_values(mlflow_store, reference["mlflow_run_id"], tmp_path / "a"),
+        logged_values(mlflow_store, summary["mlflow_run_id"], tmp_path / "b"),
+        check_exact=False,
+        rtol=1e-12,
+        atol=1e-12,
+    )
+    # The shard tasks reported to the flow's own Prefect API, and no worker started a server of its own.
+    assert prefect_servers() <= before
+    assert "Starting temporary server" not in (remote_cluster["logs"] / "worker.log").read_text()
+    assert sorted(shard_task_names(summary)) == ["explain-shard-0", "explain-shard-1", "explain-shard-2"]
+
+
+def shard_task_names(summary: dict[str, Any]) -> list[str]:
+    """The names of the flow run's shard task runs, read from the flow's Prefect API."""
+    from uuid import UUID
+
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run_id = (
+        MlflowClient(summary["tracking_uri"])
+        .get_run(summary["mlflow_run_id"])
+        .data.tags["prefect.flow_run_id"]
+    )
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)]))
+        )
+    return [r.name for r in runs if r.name.startswith("explain-shard-")]
+
+
+def test_a_local_dask_cluster_leaves_nothing_running(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def ours() -> set[int]:
+        # multiprocessing's resource tracker and fork server are one per flow process, not per run.
+        return {
+            p.pid
+            for p in psutil.Process().children(recursive=True)
+            if not any(helper in " ".join(p.cmdline()) for helper in ("resource_tracker", "forkserver"))
+        }
+
+    before_servers = prefect_servers()
+    before_children = ours()
+    config = write_config(
+        model={"name": "cancer-local-dask", "kind": "sklearn", "path": str(mlp_model)},
+        **kernel_sections(cancer_data, runner="dask"),
+    )
+    code, summary, err = run_cli(["run", str(config), "--json"], capsys)
+    assert code == 0, err
+    assert len(shard_task_names(summary)) == 3
+    assert prefect_servers() <= before_servers
+    deadline = time.monotonic() + 30
+    while (left := ours() - before_children) and (time.monotonic() < deadline):
+        time.sleep(0.5)
+    assert not left, [psutil.Process(pid).cmdline() for pid in left if psutil.pid_exists(pid)]
+
+
+@pytest.mark.parametrize("runner", ["thread", "process", "dask"])
+def test_max_concurrency_holds_across_every_worker_of_a_run(
+    runner: str,
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The endpoint counts the requests it is answering at once: never more than max_concurrency."""
+    with EndpointServer(str(mlp_model), "counted", latency_s=0.05) as server:
+        config = write_config(
+            model={
+                "name": f"cancer-limit-{runner}",
+                "kind": "sagemaker",
+                "endpoint": {
+                    "name": "counted",
+                    "endpoint_url": server.url,
+                    "max_concurrency": 1,
+                    "max_rows_per_request": 400,
+                },
+            },
+            **kernel_sections(cancer_data, runner=runner),
+        )
+        code, _, err = run_cli(["run", str(config), "--json"], capsys)
+        stats = server.stats
+    assert code == 0, err
+    assert stats["requests"] >= 12 and stats["max_in_flight"] == 1, stats
+
+
+def endpoint_config(write_config: Callable[..., Path], cancer_data: Path, url: str, **endpoint: Any) -> Path:
+    return write_config(
+        model={
+            "name": "cancer-faults",
+            "kind": "sagemaker",
+            "endpoint": {"name": "faulty", "endpoint_url": url, **endpoint},
+        },
+        **{**kernel_sections(cancer_data), "shards": {"size": 6, "workers": 1}},
+    )
+
+
+def shard_run_counts(summary_or_error_run: str) -> list[int]:
+    """How many times each shard task of the flow run that logged this MLflow run ran."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(summary_or_error_run)]))
+        )
+    return [r.run_count for r in runs if r.name.startswith("explain-shard-")]
+
+
+def test_a_dropped_endpoint_connection_is_retried_by_the_task_after_the_predictor_gives_up(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    mlflow_store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    # Request 1 is the flow's probe. The shard's first request is reset every time it is tried, by
+    # botocore (its first try and max_attempts retries) within each of the predictor's attempts: the
+    # predictor gives up, the task retries later, and its requests get through.
+    attempts = (endpoint_module.BOTOCORE_MAX_ATTEMPTS + 1) * endpoint_module.RETRY_ATTEMPTS
+    with EndpointServer(str(mlp_model), "faulty", reset_requests=(2, attempts)) as server:
+        code, summary, err = run_cli(
+            ["run", str(endpoint_config(write_config, cancer_data, server.url)), "--json"], capsys
+        )
+        stats = server.stats
+    assert code == 0, err
+    assert stats["reset"] == attempts
+    flow_run = MlflowClient(mlflow_store).get_run(summary["mlflow_run_id"]).data.tags["prefect.flow_run_id"]
+    assert shard_run_counts(flow_run) == [2]
+    local = write_config(
+        model={"name": "cancer-faults-local", "kind": "sklearn", "path": str(mlp_model)},
+        **{**kernel_sections(cancer_data), "shards": {"size": 6, "workers": 1}},
+    )
+    code, reference, err = run_cli(["run", str(local), "--json"], capsys)
+    pd.testing.assert_frame_equal(
+        logged_values(mlflow_store, summary["mlflow_run_id"], tmp_path / "a"),
+        logged_values(mlflow_store, reference["mlflow_run_id"], tmp_path / "b"),
+        check_exact=False,
+        atol=1e-6,
+    )
+
+
+def test_a_bad_request_is_not_retried(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    mlflow_store: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.helpers import all_runs
+
+    # The probe's two rows fit; a shard's requests do not: the endpoint answers 413, which no retry cures.
+    with EndpointServer(str(mlp_model), "faulty", max_payload_bytes=2_000) as server:
+        config = endpoint_config(write_config, cancer_data, server.url, max_payload_mb=0.5)
+        code, summary, err = run_cli(["run", str(config), "--json"], capsys)
+        too_large = server.stats["too_large"]
+    assert code == 1 and "HTTP 413" in summary["error"] and too_large == 1
+    [run] = all_runs(mlflow_store)
+    assert run.info.status == "FAILED"
+    assert shard_run_counts(run.data.tags["prefect.flow_run_id"]) == [1]
+
+
+def test_the_retry_rule_retries_faults_and_never_bad_inputs() -> None:
+    from flows.explain import _worth_retrying
+    from tasks.errors import ModelError, TransientModelError
+    from tasks.runners import ShardWorkerLost
+
+    class Failed:
+        def __init__(self, error: BaseException) -> None:
+            self.error = error
+
+        def result(self) -> None:
+            raise self.error
+
+    assert not _worth_retrying(None, None, Failed(ModelError("endpoint x: ValidationError (HTTP 413)")))
+    assert not _worth_retrying(None, None, Failed(ValueError("could not convert string to float")))
+    assert _worth_retrying(None, None, Failed(TransientModelError("endpoint x: ConnectionError")))
+    assert _worth_retrying(None, None, Failed(ShardWorkerLost("a worker died")))
+    assert _worth_retrying(None, None, Failed(ConnectionResetError("reset")))
