@@ -7,8 +7,8 @@ from typing import Any
 from flows.config import SageMakerModel, load_config
 from tasks.background import draw_background
 from tasks.data import feature_columns, load_data, select_explain_rows, split_features
-from tasks.explain import resolve_algorithm
-from tasks.models import load_predictor, probe_predictor
+from tasks.explain import check_kernel_samples, resolve_algorithm
+from tasks.models import load_predictor, probe_predictor, probe_rows
 from tasks.shards import plan_shards
 from tasks.validation import validate_frame
 
@@ -20,7 +20,7 @@ def check_config(config_path: str, overrides: list[str] | None = None) -> dict[s
     loaded = load_data(config.data)
     predictor = load_predictor(config.model)
     features = feature_columns(loaded.frame, config.data, predictor.feature_names)
-    report = validate_frame(loaded.frame, features, config.validation)
+    report = validate_frame(loaded.frame, features, config.validation, loaded.repeated_columns)
     lines.append(f"data {loaded.uri}: {len(loaded.frame)} rows, {len(features)} features")
     lines.append(f"validation: {report.evaluated} expectations, {len(report.failures)} failed")
     lines += [f"  {'FAIL' if line in report.blocking else 'warn'}: {line}" for line in report.failures]
@@ -36,10 +36,13 @@ def check_config(config_path: str, overrides: list[str] | None = None) -> dict[s
         return {**result, "lines": lines}
     frame, target = split_features(loaded.frame, config.data, features)
     rows = select_explain_rows(frame, config.data.explain_rows, config.data.seed)
-    outputs = probe_predictor(predictor, rows, config.model.class_index)
     background = draw_background(frame, target, config.background)
+    probe = probe_rows(rows, background.frame)
+    outputs = probe_predictor(predictor, probe, config.model.class_index)
     shards = plan_shards(rows.index, config.shards.size)
     algorithm = resolve_algorithm(config.explainer.algorithm, predictor)
+    if algorithm == "kernel":
+        check_kernel_samples(config.explainer, len(features))
     lines.append(
         f"model {config.model.name}: {predictor.method}() gives {outputs} output(s); explainer {algorithm}"
     )
@@ -55,7 +58,13 @@ def check_config(config_path: str, overrides: list[str] | None = None) -> dict[s
         from tasks.endpoint import plan_inference
 
         estimate = plan_inference(
-            config.model, rows, background.frame, config.explainer, algorithm, len(shards)
+            config.model,
+            rows,
+            background.frame,
+            config.explainer,
+            algorithm,
+            len(shards),
+            probe_rows=len(probe),
         )
         limit = config.model.budget.max_inference_rows
         over = limit is not None and estimate["inference_rows"] > limit

@@ -7,11 +7,14 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from flows import endpoint_cli
-from tasks.errors import ShaplineError
+from tasks.errors import PrefectUnavailable, ShaplineError, UnexpectedError
+from tasks.redact import redact, redact_logs, redact_value
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -28,15 +31,22 @@ class _NoTracebacks(logging.Filter):
         return True
 
 
+_QUIET = _NoTracebacks()
+
+
 def _quiet_tracebacks() -> None:
-    quiet = _NoTracebacks()
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-        logger = logging.getLogger(name)
-        logger.addFilter(quiet)
-        for handler in logger.handlers:
-            handler.addFilter(quiet)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(quiet)
+    """No library's traceback on the console without --debug (MLflow's store, SQLAlchemy, Prefect's engine):
+    on every handler that exists now; called again once the flow's imports have added theirs."""
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if _QUIET not in handler.filters:
+                handler.addFilter(_QUIET)
+
+
+def _say(text: object = "", file: Any = None) -> None:
+    """Print one line, redacted: the CLI's output is one of the places a typed credential could leak."""
+    print(redact(str(text)), file=file or sys.stdout)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,37 +100,75 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_run_summary(summary: dict[str, Any]) -> None:
-    print(
+    _say(
         f"explained {summary['rows_explained']} rows in {summary['shards']} shards "
         f"({summary['algorithm']}, link {summary['link']}) in {summary['duration_s']:.1f} s"
     )
-    print(f"additivity max error: {summary['additivity_max_error']:.3g}")
-    print(f"top features: {', '.join(summary['top_features'])}")
-    print(
+    _say(f"additivity max error: {summary['additivity_max_error']:.3g}")
+    _say(f"top features: {', '.join(summary['top_features'])}")
+    _say(
         f"MLflow run {summary['mlflow_run_id']} in experiment '{summary['experiment']}' "
         f"(id {summary['experiment_id']}), tracking URI {summary['tracking_uri']}"
     )
     if summary["tracking_uri"].startswith("sqlite:"):
-        print(
+        _say(
             f"open it with: mlflow ui --backend-store-uri {summary['tracking_uri']}  (then http://127.0.0.1:5000)"
         )
     else:
-        print(f"open it at: {summary['run_url']}")
+        _say(f"open it at: {summary['run_url']}")
 
 
-def _run(config_path: str, overrides: list[str], as_json: bool) -> int:
+# Without PREFECT_API_URL every run starts a temporary Prefect server, which Prefect gives 20 s; on a
+# busy machine (a load of 3.5 on two cores) that is not enough. Unless the user set their own, shapline
+# gives it this long.
+GENEROUS_SERVER_START_S = 300
+
+
+@contextmanager
+def _generous_server_start() -> Iterator[None]:
+    """Allow a temporary Prefect server minutes to start (unless the user set a timeout); one line if it never does."""
+    from prefect.settings import (
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        get_current_settings,
+        temporary_settings,
+    )
+
+    ephemeral = get_current_settings().server.ephemeral
+    chosen = "startup_timeout_seconds" in ephemeral.model_fields_set
+    timeout = ephemeral.startup_timeout_seconds if chosen else GENEROUS_SERVER_START_S
+    try:
+        if chosen:
+            yield
+        else:
+            with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: timeout}):
+                yield
+    except RuntimeError as exc:
+        if "ephemeral Prefect API server" not in str(exc):
+            raise
+        raise PrefectUnavailable(
+            f"the temporary Prefect server did not start within {timeout} s (is the machine very busy?): "
+            "start one with `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api, "
+            "or allow it longer with PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+        ) from exc
+
+
+def _run(config_path: str, overrides: list[str], as_json: bool, debug: bool = False) -> int:
     from flows.config import load_config
 
     load_config(config_path, overrides)  # fail fast on a bad config, before Prefect starts
     from flows.config import ExplainParameters
     from flows.explain import explain_model
 
-    summary = explain_model(
-        ExplainParameters(config_path=str(Path(config_path).resolve()), overrides=overrides)
-    )
+    if not debug:
+        _quiet_tracebacks()  # the flow's imports (MLflow, Great Expectations) brought handlers of their own
+    redact_logs()
+    with _generous_server_start():
+        summary = explain_model(
+            ExplainParameters(config_path=str(Path(config_path).resolve()), overrides=overrides)
+        )
     _print_run_summary(summary)
     if as_json:
-        print(json.dumps(summary, default=str))
+        _say(json.dumps(redact_value(summary), default=str))
     return 0
 
 
@@ -129,9 +177,9 @@ def _validate(config_path: str, overrides: list[str], as_json: bool) -> int:
 
     report = check_config(config_path, overrides)
     for line in report["lines"]:
-        print(line)
+        _say(line)
     if as_json:
-        print(json.dumps({k: v for k, v in report.items() if k != "lines"}, default=str))
+        _say(json.dumps({k: v for k, v in report.items() if k != "lines"}, default=str))
     return 0 if report["ok"] else 1
 
 
@@ -139,7 +187,7 @@ def _schema(markdown: bool) -> int:
     from flows.config import config_schema
     from flows.reference import config_reference
 
-    print(config_reference() if markdown else json.dumps(config_schema(), indent=2))
+    _say(config_reference() if markdown else json.dumps(config_schema(), indent=2))
     return 0
 
 
@@ -148,10 +196,10 @@ def _deploy(configs: list[str], pool: str, as_json: bool) -> int:
 
     deployed = deploy(configs, pool)
     for name, deployment_id in deployed:
-        print(f"deployment shapline-explain/{name} ({deployment_id}) on work pool {pool}")
-    print(f"start a worker with: prefect worker start --pool {pool}")
+        _say(f"deployment shapline-explain/{name} ({deployment_id}) on work pool {pool}")
+    _say(f"start a worker with: prefect worker start --pool {pool}")
     if as_json:
-        print(
+        _say(
             json.dumps(
                 {
                     "status": "DEPLOYED",
@@ -163,12 +211,12 @@ def _deploy(configs: list[str], pool: str, as_json: bool) -> int:
     return 0
 
 
-def _demo(config_path: str, overrides: list[str], as_json: bool) -> int:
+def _demo(config_path: str, overrides: list[str], as_json: bool, debug: bool = False) -> int:
     from flows.demo import prepare_demo
 
     for line in prepare_demo(config_path):
-        print(line)
-    return _run(config_path, overrides, as_json)
+        _say(line)
+    return _run(config_path, overrides, as_json, debug)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,12 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("SHAPLINE_DEBUG") == "1"
     if not debug:
         _quiet_tracebacks()
+    redact_logs()
     as_json = getattr(args, "json", False)
     try:
         if args.command == "run" and args.dry_run:
             return _validate(args.config, args.overrides, as_json)
         if args.command == "run":
-            return _run(args.config, args.overrides, as_json)
+            return _run(args.config, args.overrides, as_json, debug)
         if args.command == "endpoint":
             return endpoint_cli.run(args)
         if args.command == "deploy":
@@ -196,11 +245,12 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(args.config, args.overrides, as_json)
         if args.command == "schema":
             return _schema(args.markdown)
-        return _demo(args.config, args.overrides, as_json)
+        return _demo(args.config, args.overrides, as_json, debug)
     except ShaplineError as exc:
         if debug:
             raise
-        return _fail(str(exc), exc.exit_code, as_json)
+        hint = " (rerun with --debug for the traceback)" if isinstance(exc, UnexpectedError) else ""
+        return _fail(f"{' '.join(str(exc).split())[:500]}{hint}", exc.exit_code, as_json)
     except KeyboardInterrupt:
         return _fail("interrupted", 130, as_json)
     except Exception as exc:
@@ -211,9 +261,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(message: str, code: int, as_json: bool) -> int:
-    print(f"shapline: error: {message}", file=sys.stderr)
+    message = redact(message)
+    _say(f"shapline: error: {message}", file=sys.stderr)
     if as_json:
-        print(json.dumps({"status": "FAILED", "error": message}))
+        _say(json.dumps({"status": "FAILED", "error": message}))
     return code
 
 

@@ -10,9 +10,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tasks.errors import ConfigError
+from tasks.redact import redact
 
 
 class _Strict(BaseModel):
@@ -20,7 +29,11 @@ class _Strict(BaseModel):
 
 
 class _ModelBase(_Strict):
-    name: str = Field(min_length=1, description="Model name: names the MLflow experiment and tags the run.")
+    name: str = Field(
+        min_length=1,
+        max_length=200,
+        description="Model name: names the MLflow experiment and the Prefect deployment, and tags the run.",
+    )
     task: Literal["classification", "regression"] = Field(
         "classification", description="classification | regression"
     )
@@ -124,6 +137,18 @@ class DataConfig(_Strict):
         "all", description="How many rows to explain (sampled with data.seed), or all."
     )
     seed: int = Field(0, description="Seed for sampling the rows to explain.")
+
+    @field_validator("features", "drop")
+    @classmethod
+    def _each_column_once(cls, value: list[str] | None) -> list[str] | None:
+        return _unique(value, "the list")
+
+
+def _unique(values: list[str] | None, what: str) -> list[str] | None:
+    repeated = sorted({v for v in values or [] if (values or []).count(v) > 1})
+    if repeated:
+        raise ValueError(f"{', '.join(map(repr, repeated))} listed more than once in {what}")
+    return values
 
 
 class ValidationConfig(_Strict):
@@ -255,7 +280,27 @@ class ScheduleConfig(_Strict):
     def _one_trigger(self) -> ScheduleConfig:
         if (self.cron is None) == (self.interval_s is None):
             raise ValueError("schedule needs exactly one of cron or interval_s")
+        self._check_with_prefect()
         return self
+
+    def _check_with_prefect(self) -> None:
+        """Prefect's own rules for the cron string and the timezone, so `validate` refuses what `deploy` would.
+
+        Imported here, not at the top: only a config with a schedule pays for importing Prefect.
+        """
+        from datetime import timedelta
+
+        from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+        from pydantic import ValidationError as PrefectRefused
+
+        try:
+            if self.cron is not None:
+                CronSchedule(cron=self.cron, timezone=self.timezone)
+            else:
+                IntervalSchedule(interval=timedelta(seconds=self.interval_s or 1), timezone=self.timezone)
+        except PrefectRefused as exc:
+            reasons = "; ".join(str(error["msg"]).removeprefix("Value error, ") for error in exc.errors())
+            raise ValueError(reasons) from None
 
 
 class ExplainConfig(_Strict):
@@ -338,7 +383,10 @@ class ExplainParameters(BaseModel):
     )
     shard_size: int | None = Field(None, ge=1, description="Override shards.size.")
     workers: int | None = Field(None, ge=1, description="Override shards.workers.")
-    overrides: list[str] = Field(default_factory=list, description="Any other key.path=value, as with --set.")
+    # Stored by Prefect with the flow run: serialized redacted (a URL's password stays in this process).
+    overrides: list[Annotated[str, PlainSerializer(redact, when_used="json")]] = Field(
+        default_factory=list, description="Any other key.path=value, as with --set."
+    )
 
     def to_overrides(self) -> list[str]:
         """The named fields as --set style overrides, then the free-form ones (which win)."""
@@ -350,14 +398,103 @@ class ExplainParameters(BaseModel):
         return [*named, *self.overrides]
 
 
+# Bounds on what a config may be: a real one is a few KB with a few hundred values. Without them a
+# 458-byte file of nested aliases expands to gigabytes (the "billion laughs").
+MAX_CONFIG_BYTES = 1_000_000
+MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_DEPTH = 50
+# How much of a value a message quotes.
+EXCERPT_CHARS = 80
+
+
+def excerpt(value: Any) -> str:
+    """A value as a message quotes it: its repr, cut to EXCERPT_CHARS."""
+    text = repr(value)
+    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 3] + "..."
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(
+                    f"key {excerpt(key)} appears twice in one mapping (lines {seen[key]} and {line})"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _expanded_size(node: yaml.Node) -> tuple[int, int]:
+    """(values, depth) of the document once every alias is expanded, computed without expanding it."""
+    sizes: dict[int, tuple[int, int]] = {}
+    # Iterative post-order walk: a recursive one would overflow on deep nesting before we can refuse it.
+    stack: list[tuple[yaml.Node, bool]] = [(node, False)]
+    while stack:
+        current, children_done = stack.pop()
+        if id(current) in sizes:
+            continue
+        if isinstance(current, yaml.ScalarNode):
+            sizes[id(current)] = (1, 1)
+            continue
+        children = (
+            [n for pair in current.value for n in pair]
+            if isinstance(current, yaml.MappingNode)
+            else list(current.value)
+        )
+        if not children_done:
+            stack.append((current, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+            continue
+        total = 1 + sum(sizes[id(child)][0] for child in children)
+        depth = 1 + max((sizes[id(child)][1] for child in children), default=0)
+        sizes[id(current)] = (min(total, MAX_CONFIG_VALUES + 1), depth)
+    return sizes[id(node)]
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """Parse one YAML document of a config, within bounds; a ConfigError names `source` and what is wrong."""
+    if len(text.encode()) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: {len(text.encode()):,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        values, depth = _expanded_size(node)
+        if values > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{source}: expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases repeat "
+                "their target); a config needs a few hundred"
+            )
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{source}: nested {depth} levels deep; a config needs a few")
+        return loader.construct_document(node)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to read; a config needs a few levels") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({_first_line(exc)})") from None
+    finally:
+        loader.dispose()
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected key.path=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML ({_first_line(exc)})") from None
+    value = read_yaml(raw, f"--set {excerpt(item)}: value") if raw.strip() else None
     return key.strip().split("."), value
 
 
@@ -379,7 +516,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def _first_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _resolve_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -402,12 +540,15 @@ def _describe(error: dict[str, Any]) -> str:
         str(part) for part in error["loc"] if not (isinstance(part, str) and part in _KIND_TAGS)
     )
     message = error["msg"]
-    if error["type"] == "extra_forbidden":
+    if error["type"] == "value_error":
+        # A validator's own sentence: it says what is wrong, and quoting the whole section adds nothing.
+        message = message.removeprefix("Value error, ")
+    elif error["type"] == "extra_forbidden":
         message = "unknown key"
     elif error["type"] == "missing":
         message = "required key is missing"
     elif "input" in error and error["type"] not in ("union_tag_invalid", "union_tag_not_found"):
-        message = f"{message}, got {error['input']!r}"
+        message = f"{message}, got {excerpt(error['input'])}"
     return f"{location}: {message}" if location else message
 
 
@@ -433,9 +574,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Explain
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({_first_line(exc)})") from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config ({type(exc).__name__})") from None
+    raw = read_yaml(text, str(path))
     if raw is None:
         raise ConfigError(f"{path}: the file is empty")
     if isinstance(raw, dict):

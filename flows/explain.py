@@ -29,16 +29,18 @@ from tasks.background import draw_background_task
 from tasks.cores import threads_per_worker
 from tasks.data import feature_columns, load_data_task, select_explain_rows, split_features
 from tasks.endpoint import check_budget, delete_endpoint, plan_inference
-from tasks.errors import ShaplineError, ValidationFailed
-from tasks.explain import resolve_explainer
+from tasks.errors import ShaplineError, UnexpectedError, ValidationFailed
+from tasks.explain import check_kernel_samples, resolve_explainer
 from tasks.models import (
     Predictor,
     link_for,
     load_predictor,
     model_fingerprint,
     probe_predictor,
+    probe_rows,
 )
 from tasks.plots import render_plots_task
+from tasks.redact import redact, redact_logs
 from tasks.registry import resolve_registry_model_task
 from tasks.report import publish_summary_task, summary_markdown
 from tasks.runners import ShardRunner, open_runner
@@ -62,16 +64,21 @@ from tasks.tracking import (
 from tasks.validation import validate_frame_task
 
 
+def _is_fault(exc: BaseException) -> bool:
+    """A failure that may pass: a lost worker, an endpoint down or throttling, a dropped connection, a timeout."""
+    if getattr(exc, "transient", False):
+        return True
+    if isinstance(exc, ShaplineError):
+        return False
+    return isinstance(exc, (OSError, TimeoutError, EOFError))
+
+
 def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry a shard on a fault (a lost worker, an endpoint down or throttling, a timeout), not on a bad input."""
+    """Retry a shard on a fault, never on a bad input."""
     try:
         state.result()
     except Exception as exc:
-        if getattr(exc, "transient", False):
-            return True
-        if isinstance(exc, ShaplineError):
-            return False
-        return isinstance(exc, (OSError, TimeoutError, EOFError))
+        return _is_fault(exc)
     return False
 
 
@@ -86,7 +93,16 @@ def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
 )
 def explain_shard_task(job: ShardJob, runner: ShardRunner, store: ShardStore) -> ShardResult:
     """Explain one shard of rows with SHAP on the run's runner and keep its values in the store."""
-    return store.write(job.index, runner.compute(job))
+    try:
+        return store.write(job.index, runner.compute(job))
+    except ShaplineError:
+        raise
+    except Exception as exc:
+        # Named by shard and rows, redacted, and retried only if it was a fault (a lost worker, a timeout).
+        rows = f"rows {job.row_ids[0]}-{job.row_ids[-1]}" if job.row_ids else "no rows"
+        raise UnexpectedError(
+            f"shard {job.index} ({rows}): {type(exc).__name__}: {exc}", transient=_is_fault(exc)
+        ) from exc
 
 
 @task(name="load-model", cache_policy=NO_CACHE)
@@ -180,6 +196,18 @@ def endpoint_lifetime(model: Any, logger: Any) -> Iterator[None]:
 @flow(name="shapline-explain")
 def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
     """Explain one model with SHAP as its YAML config says and log everything to MLflow."""
+    redact_logs()
+    try:
+        return _explain(parameters)
+    except ShaplineError:
+        raise
+    except Exception as exc:
+        # Its message may quote what the user typed (an MLflow error quotes the tracking URI): Prefect
+        # keeps the message as the run's state, so it is redacted; the cause keeps the traceback.
+        raise UnexpectedError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _explain(parameters: ExplainParameters) -> dict[str, Any]:
     logger = get_run_logger()
     started = time.perf_counter()
     config_path, overrides = parameters.config_path, parameters.to_overrides()
@@ -215,7 +243,7 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
         logger.info("MLflow run %s in %s", run.run_id, tracking_uri)
         artifacts = Path(workdir, "artifacts")
         artifacts.mkdir()
-        (artifacts / "config.yaml").write_text(config.to_yaml())
+        (artifacts / "config.yaml").write_text(redact(config.to_yaml()))
         log_artifact(run, artifacts / "config.yaml")
         log_values(run, params=run_params(config))
 
@@ -223,7 +251,7 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
         log_values(run, tags={"shapline.data_sha256": loaded.sha256, "shapline.data_source": loaded.uri})
         predictor = load_model_task(config)
         features = feature_columns(loaded.frame, config.data, predictor.feature_names)
-        report = validate_frame_task(loaded.frame, features, config.validation)
+        report = validate_frame_task(loaded.frame, features, config.validation, loaded.repeated_columns)
         _record_validation(run, report, Path(workdir))
         if report.blocking:
             raise ValidationFailed(f"validation of {loaded.uri} failed: " + "; ".join(report.blocking))
@@ -232,12 +260,15 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
 
         frame, target = split_features(loaded.frame, config.data, features)
         rows = select_explain_rows(frame, config.data.explain_rows, config.data.seed)
-        probe_predictor(predictor, rows, config.model.class_index)
         background = draw_background_task(frame, target, config.background)
+        probe = probe_rows(rows, background.frame)
+        probe_predictor(predictor, probe, config.model.class_index)
         background.to_frame().to_parquet(artifacts / "background.parquet")
         shards = plan_shards(rows.index, config.shards.size)
         kernel_link = link_for(predictor, config.explainer.link, config.link, config.model.effective_output)
         algorithm, link = resolve_explainer(config.explainer.algorithm, predictor, kernel_link)
+        if algorithm == "kernel":
+            check_kernel_samples(config.explainer, len(features))
         store = ShardStore.open(
             config.shards.cache_dir, config.values_sha256(), loaded.sha256, model_fingerprint(config.model)
         )
@@ -254,6 +285,8 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
             link,
             threads_per_worker(config.shards.runner, min(config.shards.workers, len(shards))),
         )
+        for line in store.discarded:
+            logger.warning(line)
         logger.info(
             "explaining %d rows in %d shards on %d %s workers (%d shards already finished: reused)",
             len(rows),
@@ -270,6 +303,7 @@ def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
                 config.explainer,
                 algorithm,
                 len(shards),
+                probe_rows=len(probe),
             )
             log_values(run, metrics={k: estimate[k] for k in ("inference_rows", "inference_requests")})
             logger.info(

@@ -56,6 +56,12 @@ def kmeans_background(features: pd.DataFrame, size: int, seed: int) -> Backgroun
         raise DataError(
             "background.method kmeans needs numeric features; non-numeric columns: " + ", ".join(non_numeric)
         )
+    empty = [str(c) for c in features.columns if features[c].isna().all()]
+    if empty:
+        raise DataError(
+            f"background.method kmeans: column {', '.join(map(repr, empty))} has no values (all missing); "
+            "drop it (data.drop) or use background.method random"
+        )
     values = features.to_numpy(dtype=float)
     column_means = np.nanmean(values, axis=0)
     values = np.where(np.isnan(values), column_means, values)

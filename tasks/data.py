@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from prefect import task
@@ -34,10 +35,11 @@ class DataSource(ABC):
     def suffix(self) -> str:
         return Path(self.uri.split("?", 1)[0]).suffix.lower()
 
-    def read_table(self) -> tuple[pd.DataFrame, str]:
-        """The parsed table and the sha256 of the file's bytes."""
+    def read_table(self) -> tuple[pd.DataFrame, str, tuple[str, ...]]:
+        """The parsed table, the sha256 of the file's bytes and the column names the file repeats."""
         content = self.read_bytes()
-        return parse_table(content, self.suffix, self.uri), hashlib.sha256(content).hexdigest()
+        frame = parse_table(content, self.suffix, self.uri)
+        return frame, hashlib.sha256(content).hexdigest(), repeated_columns(frame, content, self.suffix)
 
 
 class LocalFile(DataSource):
@@ -55,7 +57,7 @@ class LocalFile(DataSource):
     def read_bytes(self) -> bytes:
         return self._path().read_bytes()
 
-    def read_table(self) -> tuple[pd.DataFrame, str]:
+    def read_table(self) -> tuple[pd.DataFrame, str, tuple[str, ...]]:
         """Parse from the path while a thread hashes the file in chunks: the bytes are never held whole."""
         path = self._path()
         before = path.stat()
@@ -66,7 +68,7 @@ class LocalFile(DataSource):
         after = path.stat()
         if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
             raise DataError(f"data.source: {path} changed while it was read; run again")
-        return frame, sha256
+        return frame, sha256, repeated_columns(frame, path, self.suffix)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -101,16 +103,19 @@ def open_source(config: DataConfig) -> DataSource:
 
 @dataclass(frozen=True)
 class LoadedData:
-    """The whole table (row_id = position in the file) and a fingerprint of the file's bytes."""
+    """The whole table (row_id = position in the file), a fingerprint of the file's bytes, and any column
+    name the file repeats (pandas renames a repeated CSV column `x` to `x.1`: validation refuses it)."""
 
     frame: pd.DataFrame
     sha256: str
     uri: str
+    repeated_columns: tuple[str, ...] = ()
 
 
 def parse_table(content: bytes | Path, suffix: str, uri: str) -> pd.DataFrame:
     """Parse CSV or Parquet (bytes, or a local file) into a DataFrame indexed by row position."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     source = io.BytesIO(content) if isinstance(content, bytes) else content
     try:
@@ -120,7 +125,14 @@ def parse_table(content: bytes | Path, suffix: str, uri: str) -> pd.DataFrame:
             # From a file, read page by page rather than whole column chunks first: the same table,
             # without a second copy of the file's bytes at the peak.
             options = {} if isinstance(content, bytes) else {"pre_buffer": False, "buffer_size": 1 << 20}
-            frame = pd.read_parquet(source, **options)
+            repeated = repeated_names(list(pq.read_schema(source).names))
+            if isinstance(source, io.BytesIO):
+                source.seek(0)
+            if repeated:
+                # pandas' reader refuses a repeated name; this one keeps both columns for validation to name.
+                frame = pq.ParquetFile(source, **options).read().to_pandas()
+            else:
+                frame = pd.read_parquet(source, **options)
             # Arrow's allocator keeps freed pages; hand them back before the SHAP phase needs the memory.
             pa.default_memory_pool().release_unused()
         else:
@@ -136,11 +148,30 @@ def parse_table(content: bytes | Path, suffix: str, uri: str) -> pd.DataFrame:
     return frame
 
 
+def repeated_names(names: list[object]) -> tuple[str, ...]:
+    """Column names that appear more than once, in the order they first appear."""
+    seen: dict[str, int] = {}
+    for name in names:
+        seen[str(name)] = seen.get(str(name), 0) + 1
+    return tuple(name for name, count in seen.items() if count > 1)
+
+
+def repeated_columns(frame: pd.DataFrame, content: bytes | Path, suffix: str) -> tuple[str, ...]:
+    """Column names the file has more than once. Parquet keeps them (the frame has both); pandas renames a
+    CSV's repeated `x` to `x.1`, so a CSV whose names have a dot gets its header row read again as it is."""
+    repeated = repeated_names(list(frame.columns))
+    if repeated or suffix != ".csv" or not any("." in str(c) for c in frame.columns):
+        return repeated
+    source = io.BytesIO(content) if isinstance(content, bytes) else content
+    header = pd.read_csv(source, header=None, nrows=1, dtype=str, keep_default_na=False)
+    return repeated_names(header.iloc[0].tolist()) if len(header) else ()
+
+
 def load_data(config: DataConfig) -> LoadedData:
     """Read the configured source and fingerprint it."""
     source = open_source(config)
-    frame, sha256 = source.read_table()
-    return LoadedData(frame=frame, sha256=sha256, uri=source.uri)
+    frame, sha256, repeated = source.read_table()
+    return LoadedData(frame=frame, sha256=sha256, uri=source.uri, repeated_columns=repeated)
 
 
 def feature_columns(frame: pd.DataFrame, config: DataConfig, model_features: list[str] | None) -> list[str]:
@@ -178,9 +209,20 @@ def split_features(
         raise DataError(
             f"data.features: {', '.join(clash)} collide with columns of shap_values.parquet; rename them"
         )
+    missing = [column for column in config.drop if column not in frame.columns]
+    if missing:
+        raise DataError(
+            f"data.drop: {', '.join(repr(c) for c in missing)} not in {config.source} "
+            f"(its columns: {_some(frame.columns)})"
+        )
     target = None
     if config.target is not None:
         if config.target not in frame.columns:
             raise DataError(f"data.target: column {config.target!r} is not in {config.source}")
         target = frame[config.target]
     return frame[features], target
+
+
+def _some(columns: Any, shown: int = 12) -> str:
+    names = [str(c) for c in columns]
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")

@@ -19,6 +19,7 @@ import pandas as pd
 
 from flows.config import EndpointConfig, ExplainerConfig, SageMakerModel
 from tasks.errors import BudgetExceeded, ModelError, TransientModelError
+from tasks.explain import effective_nsamples
 from tasks.limits import RequestLimit, ThreadLimit
 from tasks.models import Predictor
 
@@ -517,14 +518,6 @@ def measure_bytes_per_row(model: SageMakerModel, frame: pd.DataFrame) -> float:
     return len(data) / len(frame)
 
 
-def effective_nsamples(nsamples: int | str, n_features: int) -> int:
-    """Coalitions per row as shap's KernelExplainer uses them: auto is 2M + 2048, capped at 2**M - 2."""
-    wanted = 2 * n_features + 2**11 if nsamples == "auto" else int(nsamples)
-    if n_features <= 30:
-        wanted = min(wanted, 2**n_features - 2)
-    return max(wanted, 0)
-
-
 def estimate_inference(
     model: SageMakerModel,
     rows_to_explain: int,
@@ -535,8 +528,10 @@ def estimate_inference(
     bytes_per_row: float,
     shards: int = 1,
     batch_rows: int = 1,
+    probe_rows: int = 0,
 ) -> dict[str, float]:
-    """Rows and requests the explainer will send the endpoint (an upper bound for kernel)."""
+    """Rows and requests a run will send the endpoint (an upper bound for kernel): the flow's probe of the
+    model, then the explainer's calls."""
     endpoint = model.endpoint
     max_bytes = endpoint.max_payload_mb * BYTES_PER_MB
     if bytes_per_row > max_bytes:
@@ -568,13 +563,13 @@ def estimate_inference(
     # The kernel explainer's f(x) calls are the rows' model outputs; the others ask for them once more.
     kernel = algorithm in ("auto", "kernel")
     outputs_again = 0 if kernel else 1
-    inference_rows = shards * background_rows + rows_to_explain * (outputs_again + 1 + synthetic)
+    inference_rows = probe_rows + shards * background_rows + rows_to_explain * (outputs_again + 1 + synthetic)
     # Kernel rows explained together (batch_rows) send f(x) and their coalitions as one call each.
     # The permutation and exact explainers split a row's masks over several calls, so for them
     # the request count is a lower bound.
     batch = batch_rows if kernel else 1
     sizes = [min(shard_rows, rows_to_explain - start) for start in range(0, rows_to_explain, shard_rows)]
-    inference_requests = sum(
+    inference_requests = requests(probe_rows) + sum(
         requests(background_rows)
         + outputs_again * requests(size)
         + sum(
@@ -600,6 +595,7 @@ def plan_inference(
     explainer: ExplainerConfig,
     algorithm: str,
     shards: int,
+    probe_rows: int = 0,
 ) -> dict[str, float]:
     """estimate_inference for this run's rows and background, bytes per row measured on the background."""
     bytes_per_row = measure_bytes_per_row(model, background)
@@ -616,6 +612,7 @@ def plan_inference(
         bytes_per_row,
         shards=shards,
         batch_rows=batch_rows,
+        probe_rows=probe_rows,
     )
 
 

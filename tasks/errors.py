@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+from tasks.redact import redact
+
 
 class ShaplineError(Exception):
-    """A problem in the user's config, data or model; the CLI prints its message as one line."""
+    """A problem in the user's config, data or model; the CLI prints its message as one line.
+
+    The message is redacted when the error is made, so no copy of it (a Prefect state message, a log
+    line, an MLflow tag, the CLI's line) can carry a credential the user typed.
+    """
 
     exit_code = 1
+    transient = False
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        super().__init__(redact(str(message)), *args)
+
+
+class UnexpectedError(ShaplineError):
+    """A failure shapline did not foresee, re-raised with its message redacted; the original is its cause."""
+
+    def __init__(self, message: object, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class ConfigError(ShaplineError):
@@ -42,3 +60,11 @@ class ExplainError(ShaplineError):
 
 class BudgetExceeded(ShaplineError):
     """The estimated endpoint inference is above model.budget.max_inference_rows."""
+
+
+class PrefectUnavailable(ShaplineError):
+    """No Prefect API to run the flow against: the temporary server did not start, or the server is down."""
+
+
+class TrackingError(ShaplineError):
+    """The MLflow store cannot be written (down, read-only, refusing)."""

@@ -154,6 +154,38 @@ def resolve_explainer(requested: str, predictor: Predictor, kernel_link: str) ->
     return "tree", "logit" if output == "log_odds" else "identity"
 
 
+def effective_nsamples(nsamples: int | str, n_features: int) -> int:
+    """Coalitions per row as shap's KernelExplainer uses them: auto is 2M + 2048, capped at 2**M - 2."""
+    wanted = 2 * n_features + 2**11 if nsamples == "auto" else int(nsamples)
+    if n_features <= 30:
+        wanted = min(wanted, 2**n_features - 2)
+    return max(wanted, 0)
+
+
+def check_kernel_samples(config: ExplainerConfig, n_features: int) -> None:
+    """Refuse explainer.nsamples too few for l1_reg to mean anything, before any compute.
+
+    aic and bic fit LassoLarsIC on the 2 x nsamples augmented rows, which needs more rows than features
+    + 1; the final weighted least squares needs at least as many coalitions as unknowns.
+    """
+    if n_features <= 1:
+        return  # one feature is explained exactly, without a regression
+    samples = effective_nsamples(config.nsamples, n_features)
+    l1_reg = config.l1_reg
+    if l1_reg in ("aic", "bic"):
+        needed = (n_features + 1) // 2 + 1
+    elif isinstance(l1_reg, str) and l1_reg.startswith("num_features("):
+        needed = max(1, min(int(l1_reg[len("num_features(") : -1]), n_features) - 1)
+    else:
+        needed = n_features - 1
+    if samples < needed:
+        raise ExplainError(
+            f"explainer.nsamples {config.nsamples} is too few for l1_reg {str(l1_reg).lower()} with "
+            f"{n_features} features: it needs at least {needed} (aic and bic: more than (features + 1) / 2; "
+            "false: features - 1; num_features(k): k - 1); raise nsamples, or use 'auto'"
+        )
+
+
 def _numeric_or_fail(frame: pd.DataFrame, algorithm: str) -> None:
     non_numeric = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
     if non_numeric:

@@ -9,6 +9,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from tasks.redact import redact
 from tasks.schemas import CLASS, FEATURE, RANK
 
 
@@ -46,5 +47,5 @@ def artifact_key(model: str) -> str:
 def publish_summary_task(model: str, markdown: str) -> None:
     """Publish the run summary as a Prefect markdown artifact."""
     create_markdown_artifact(
-        key=artifact_key(model), markdown=markdown, description=f"SHAP summary of {model}"
+        key=artifact_key(model), markdown=redact(markdown), description=redact(f"SHAP summary of {model}")
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import threading
 import time
@@ -29,8 +28,6 @@ from tasks.limits import RequestLimit
 from tasks.liveness import pid_alive, this_host
 from tasks.models import load_predictor
 from tasks.schemas import CLASS
-
-log = logging.getLogger(__name__)
 
 # The key of shapline's own metadata in a shard file's Parquet schema.
 _META = b"shapline"
@@ -118,6 +115,8 @@ class ShardStore:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        # Shard files found unreadable and removed, each with why: the flow says so in the run's log.
+        self.discarded: list[str] = []
 
     @classmethod
     def open(cls, configured: str | None, config_sha: str, data_sha: str, model_sha: str) -> ShardStore:
@@ -155,7 +154,10 @@ class ShardStore:
                 reused=True,
             )
         except Exception as exc:
-            log.warning("shard %d: %s cannot be read (%s); computing it again", shard.index, path, exc)
+            reason = " ".join(str(exc).split())[:200]
+            self.discarded.append(
+                f"shard {shard.index}: {path} cannot be read ({reason}); computing it again"
+            )
             path.unlink(missing_ok=True)
             return None
         return result

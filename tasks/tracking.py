@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -14,7 +15,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from tasks.errors import TrackingError
 from tasks.liveness import pid_alive, this_host
+from tasks.redact import redact
 
 ERROR_TAG = "shapline.error"
 
@@ -41,12 +44,18 @@ class TrackedRun:
         return MlflowClient(tracking_uri=self.tracking_uri)
 
 
+def sqlite_database(tracking_uri: str) -> Path | None:
+    """The database file of a sqlite:/// tracking URI (also in SQLite's URI form file:...?mode=...)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(database.removeprefix("file:"))
+
+
 def _artifact_root(tracking_uri: str) -> str | None:
     """For a local sqlite store, keep artifacts beside the database rather than in the working folder."""
-    if tracking_uri.startswith("sqlite:///"):
-        database = Path(tracking_uri.removeprefix("sqlite:///"))
-        return (database.resolve().parent / "mlartifacts").as_uri()
-    return None
+    database = sqlite_database(tracking_uri)
+    return None if database is None else (database.resolve().parent / "mlartifacts").as_uri()
 
 
 def ensure_experiment(client: MlflowClient, tracking_uri: str, name: str) -> str:
@@ -96,13 +105,59 @@ def end_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     return ended
 
 
+@contextmanager
+def first_contact(tracking_uri: str) -> Iterator[None]:
+    """Serialise the first contact with a local sqlite store across processes.
+
+    MLflow creates a new store's tables (its schema migrations) on first contact; two runs that start
+    together on a new mlflow.db both migrate and one dies ("Online migration expected to match one
+    row"). A lock file beside the database makes the second wait the first's few seconds.
+    """
+    database = sqlite_database(tracking_uri)
+    if database is None:
+        yield
+        return
+    database.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform
+        yield
+        return
+    with open(database.with_name(database.name + ".lock"), "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _reason(exc: MlflowException) -> str:
+    """MLflow's message without the SQL statement and parameters SQLAlchemy appends to it."""
+    text = " ".join(str(exc.message).split("[SQL:", 1)[0].split())
+    return re.sub(r"^\((?:sqlite3|psycopg2?|pymysql)\.\w+\)\s*", "", text)[:300]
+
+
 def start_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> TrackedRun:
     """Create a RUNNING run in the experiment, tagged with this host and pid; end killed runs' leftovers."""
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment_id = ensure_experiment(client, tracking_uri, experiment)
+    try:
+        return _start_run(tracking_uri, experiment, run_name, tags)
+    except MlflowException as exc:
+        raise TrackingError(
+            f"output.tracking_uri: cannot start a run in experiment {experiment!r} of the MLflow store at "
+            f"{tracking_uri}: {_reason(exc)}"
+        ) from exc
+
+
+def _start_run(tracking_uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> TrackedRun:
+    with first_contact(tracking_uri):
+        client = MlflowClient(tracking_uri=tracking_uri)
+        experiment_id = ensure_experiment(client, tracking_uri, experiment)
     end_orphaned_runs(client, experiment_id)
-    tags = {**tags, HOST_TAG: this_host(), PID_TAG: str(os.getpid())}
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    tags = {
+        key: redact(str(value))
+        for key, value in {**tags, HOST_TAG: this_host(), PID_TAG: os.getpid()}.items()
+    }
+    run = client.create_run(experiment_id, run_name=redact(run_name), tags=tags)
     return TrackedRun(tracking_uri, experiment_id, run.info.run_id)
 
 
@@ -117,8 +172,8 @@ def log_values(
     run.client.log_batch(
         run.run_id,
         metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
-        params=[Param(k, str(v)) for k, v in (params or {}).items()],
-        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+        params=[Param(k, redact(str(v))) for k, v in (params or {}).items()],
+        tags=[RunTag(k, redact(str(v))) for k, v in (tags or {}).items()],
     )
 
 
@@ -151,7 +206,7 @@ def mlflow_run(
     try:
         yield run
     except BaseException as exc:
-        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:4000]
+        message = redact(" ".join(f"{type(exc).__name__}: {exc}".split()))[:4000]
         try:
             run.client.set_tag(run.run_id, ERROR_TAG, message)
         finally:

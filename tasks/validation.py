@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import ValidationConfig
 from tasks.errors import ConfigError
+from tasks.redact import redact
 
 AUTOMATIC = "automatic"
 
@@ -36,7 +37,7 @@ class ValidationReport:
             "failures": self.failures,
             "gx_result": self.result,
         }
-        return json.dumps(summary, indent=2, default=str)
+        return redact(json.dumps(summary, indent=2, default=str))
 
 
 def _expectation_class(name: str, position: int) -> type:
@@ -69,6 +70,50 @@ def build_expectations(features: list[str], config: ValidationConfig) -> list[An
     return suite
 
 
+_COLUMN_ARGUMENTS = ("column", "column_A", "column_B")
+_COLUMN_LIST_ARGUMENTS = ("column_list", "column_set")
+
+
+def _columns_named(kwargs: dict[str, Any]) -> list[str]:
+    """The columns an expectation's arguments name."""
+    named = [str(kwargs[key]) for key in _COLUMN_ARGUMENTS if key in kwargs]
+    for key in _COLUMN_LIST_ARGUMENTS:
+        named += [str(column) for column in kwargs.get(key) or []]
+    return named
+
+
+def shapline_checks(
+    frame: pd.DataFrame, config: ValidationConfig, repeated_columns: tuple[str, ...] = ()
+) -> list[str]:
+    """What must hold before any expectation means anything: unique column names (pandas would rename a
+    repeated CSV column and the run would explain the wrong one) and every column an expectation names."""
+    failures = [
+        f"column {name!r} appears more than once in the data; column names must be unique"
+        for name in repeated_columns
+    ]
+    present = {str(c) for c in frame.columns}
+    for position, item in enumerate(config.expectations):
+        name, kwargs = next(iter(item.items()))
+        for column in _columns_named(kwargs or {}):
+            if column not in present:
+                failures.append(
+                    f"validation.expectations[{position}] {name}: column {column!r} is not in the data"
+                )
+    return failures
+
+
+def _exception_message(result: Any) -> str | None:
+    """The message of an exception GX caught while evaluating, wherever GX 1.x keeps it."""
+    info = result.exception_info or {}
+    if info.get("exception_message"):
+        return str(info["exception_message"])
+    # GX 1.x keys exception_info by metric id when a metric failed.
+    for value in info.values():
+        if isinstance(value, dict) and value.get("exception_message"):
+            return str(value["exception_message"])
+    return None
+
+
 def _describe_failure(result: Any) -> str:
     config = result.expectation_config
     kwargs = {k: v for k, v in config.kwargs.items() if k != "batch_id"}
@@ -78,16 +123,36 @@ def _describe_failure(result: Any) -> str:
         return f"column {kwargs.get('column')!r} is missing (expect_column_to_exist)"
     if config.type == "expect_table_row_count_to_be_between":
         return f"the data has {details.get('observed_value', 0)} rows ({config.type}({arguments}))"
-    exception = (result.exception_info or {}).get("exception_message")
+    exception = _exception_message(result)
     if exception:
         return f"{config.type}({arguments}): could not be evaluated: {' '.join(str(exception).split())[:200]}"
-    observed = details.get("unexpected_count", details.get("observed_value"))
-    noun = "unexpected values" if "unexpected_count" in details else "observed"
-    return f"{config.type}({arguments}): {observed} {noun}"
+    if "unexpected_count" in details:
+        return f"{config.type}({arguments}): {details['unexpected_count']} unexpected values"
+    if "observed_value" in details:
+        return f"{config.type}({arguments}): observed {details['observed_value']!r}"
+    return f"{config.type}({arguments}): failed"
 
 
-def validate_frame(frame: pd.DataFrame, features: list[str], config: ValidationConfig) -> ValidationReport:
-    """Run the expectations on the whole table; `blocking` lists failures that stop the run."""
+def validate_frame(
+    frame: pd.DataFrame,
+    features: list[str],
+    config: ValidationConfig,
+    repeated_columns: tuple[str, ...] = (),
+) -> ValidationReport:
+    """Run the expectations on the whole table; `blocking` lists failures that stop the run.
+
+    shapline's own checks (unique column names, the columns expectations name) always block: on data
+    that is not what the config says, no expectation result means anything.
+    """
+    checks = shapline_checks(frame, config, repeated_columns)
+    if checks:
+        return ValidationReport(
+            success=False,
+            failures=checks,
+            blocking=checks,
+            result={"shapline_checks": checks, "expectations_evaluated": False},
+            evaluated=0,
+        )
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -126,7 +191,7 @@ def validate_frame(frame: pd.DataFrame, features: list[str], config: ValidationC
 
 @task(name="validate-data", cache_policy=NO_CACHE)
 def validate_frame_task(
-    frame: pd.DataFrame, features: list[str], config: ValidationConfig
+    frame: pd.DataFrame, features: list[str], config: ValidationConfig, repeated_columns: tuple[str, ...] = ()
 ) -> ValidationReport:
     """Validate the data with Great Expectations."""
-    return validate_frame(frame, features, config)
+    return validate_frame(frame, features, config, repeated_columns)

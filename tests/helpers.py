@@ -66,3 +66,63 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class Watched:
+    """A classifier that says where it is through marker files `<event>-<pid>` in `folder`, and pauses at the
+    events in `pause_on` so a test can kill the process there: `loading` (a pool worker unpickling it, i.e.
+    warming up), `probing` (the flow process's first call), `predicting` (a pool worker's first call)."""
+
+    PAUSE_S = 4.0
+
+    def __init__(self, model: Any, folder: str, pause_on: set[str]) -> None:
+        self.model = model
+        self.folder = folder
+        self.pause_on = set(pause_on)
+        self.classes_ = model.classes_
+
+    def _mark(self, event: str) -> None:
+        import os
+        import time
+
+        Path(self.folder, f"{event}-{os.getpid()}").touch()
+        if event in self.pause_on:
+            time.sleep(self.PAUSE_S)
+
+    @staticmethod
+    def _in_worker() -> bool:
+        import multiprocessing
+
+        return multiprocessing.parent_process() is not None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._called = False
+        if self._in_worker():
+            self._mark("loading")
+            self._mark("loaded")
+
+    def fit(self, rows: Any, target: Any) -> Watched:
+        self.model.fit(rows, target)
+        return self
+
+    def predict_proba(self, rows: Any) -> Any:
+        if not getattr(self, "_called", False):
+            self._called = True
+            self._mark("predicting" if self._in_worker() else "probing")
+        return self.model.predict_proba(rows)
+
+
+def flow_run_logs(store: str, summary: dict[str, Any]) -> list[str]:
+    """The log lines the Prefect API holds for the flow run behind a `--json` summary (what the UI shows)."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    flow_run = MlflowClient(store).get_run(summary["mlflow_run_id"]).data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(flow_run)])))
+    return [log.message for log in logs]

@@ -84,6 +84,13 @@ def test_override_of_an_unknown_key_names_it() -> None:
         ("invalid_stratified.yaml", r"stratified needs data\.target"),
         ("invalid_not_mapping.yaml", r"expected a mapping of sections"),
         ("does_not_exist.yaml", r"config file not found"),
+        ("invalid_duplicate_key.yaml", r"key 'name' appears twice in one mapping \(lines 2 and 5\)"),
+        ("invalid_cron.yaml", r"schedule: Invalid cron string: \"61 6 \* \* 1\""),
+        ("invalid_timezone.yaml", r"schedule: Invalid timezone: \"Mars/Olympus_Mons\""),
+        ("invalid_long_name.yaml", r"model\.name: String should have at most 200 characters, got 'm+\.\.\.$"),
+        ("invalid_alias_bomb.yaml", r"expands to more than 100,000 values"),
+        ("invalid_deep.yaml", r"nested too deeply to read"),
+        ("invalid_repeated_feature.yaml", r"data\.features: .*'a' listed more than once"),
     ],
 )
 def test_bad_configs_fail_with_one_line_naming_file_and_key(name: str, message: str) -> None:
@@ -91,6 +98,20 @@ def test_bad_configs_fail_with_one_line_naming_file_and_key(name: str, message: 
         load_config(CONFIGS / name)
     assert "\n" not in str(caught.value)
     assert name in str(caught.value)
+    assert len(str(caught.value)) < 400  # an excerpt of what was typed, never all of it
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["invalid_alias_bomb.yaml", "invalid_deep.yaml", "invalid_duplicate_key.yaml", "invalid_cron.yaml"],
+)
+def test_the_cli_refuses_hostile_and_subtly_wrong_configs_with_exit_2(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["validate", str(CONFIGS / name), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1 and name in err and "Traceback" not in err
+    assert json.loads(out.strip().splitlines()[-1])["status"] == "FAILED"
 
 
 def test_cli_prints_one_error_line_and_exits_2_for_a_bad_config(capsys: pytest.CaptureFixture[str]) -> None:

@@ -316,6 +316,63 @@ def _bad_input(
         path = tmp_path / "empty.csv"
         pd.read_csv(cancer_data).head(0).to_csv(path, index=False)
         return {"data": {"source": str(path)}}, []
+    frame = pd.read_csv(cancer_data)
+    if case in ("repeated column in a CSV", "repeated column in a Parquet file"):
+        # The second mean_radius is another measurement under the same name: pandas would call it
+        # mean_radius.1 and the model would be explained on the wrong one.
+        doubled = pd.concat(
+            [frame, frame[["mean_texture"]].rename(columns={"mean_texture": "mean_radius"})], axis=1
+        )
+        if case.endswith("CSV"):
+            path = tmp_path / "doubled.csv"
+            doubled.to_csv(path, index=False)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            path = tmp_path / "doubled.parquet"
+            pq.write_table(
+                pa.Table.from_arrays(
+                    [pa.array(doubled.iloc[:, i]) for i in range(doubled.shape[1])],
+                    names=list(doubled.columns),
+                ),
+                path,
+            )
+        return {"data": {"source": str(path), "features": list(frame.columns[:8])}}, []
+    if case == "dropped column that does not exist":
+        return {"data": {"drop": ["Phone"]}}, []
+    if case == "NaN in one row":
+        path = tmp_path / "with-nan.csv"
+        frame.loc[417, "mean_area"] = float("nan")
+        frame.to_csv(path, index=False)
+        return {"data": {"source": str(path)}}, []
+    if case == "text in a numeric column":
+        path = tmp_path / "with-text.csv"
+        frame["mean_area"] = frame["mean_area"].astype(object)
+        frame.loc[233, "mean_area"] = "abc"
+        frame.to_csv(path, index=False)
+        return {"data": {"source": str(path)}, "explainer": {"algorithm": "kernel"}}, []
+    if case == "kmeans with an all-missing column":
+        path = tmp_path / "empty-column.csv"
+        frame["mean_area"] = float("nan")
+        frame.to_csv(path, index=False)
+        return {"data": {"source": str(path)}, "background": {"method": "kmeans", "size": 5}}, []
+    if case == "nsamples 1 with aic":
+        return {"explainer": {"algorithm": "kernel", "nsamples": 1, "l1_reg": "aic"}}, []
+    if case == "expectation on a column the data lacks":
+        return {
+            "validation": {
+                "expectations": [
+                    {
+                        "expect_column_values_to_be_between": {
+                            "column": "Day Mins",
+                            "min_value": 0,
+                            "max_value": 400,
+                        }
+                    }
+                ]
+            }
+        }, []
     raise AssertionError(case)
 
 
@@ -330,6 +387,27 @@ def _bad_input(
         ),
         ("kmeans on a text column", r"kmeans needs numeric features; non-numeric columns: island, sex"),
         ("empty dataset", r"the data has 0 rows"),
+        ("repeated column in a CSV", r"column 'mean_radius' appears more than once in the data"),
+        ("repeated column in a Parquet file", r"column 'mean_radius' appears more than once in the data"),
+        ("dropped column that does not exist", r"data\.drop: 'Phone' not in .*cancer\.csv"),
+        (
+            "NaN in one row",
+            r"predict_proba\(\) failed on row_id 417 \(missing values in mean_area .*"
+            r"expect_column_values_to_not_be_null.*\): Input X contains NaN",
+        ),
+        (
+            "text in a numeric column",
+            r"predict_proba\(\) failed on row_id 233 \(text in mean_area='abc'\): could not convert string",
+        ),
+        ("kmeans with an all-missing column", r"background\.method kmeans: column 'mean_area' has no values"),
+        (
+            "nsamples 1 with aic",
+            r"explainer\.nsamples 1 is too few for l1_reg aic with 8 features: it needs at least 5",
+        ),
+        (
+            "expectation on a column the data lacks",
+            r"validation\.expectations\[0\] expect_column_values_to_be_between: column 'Day Mins' is not in the data",
+        ),
     ],
 )
 def test_bad_inputs_fail_with_one_clear_line_and_no_finished_run(
@@ -352,6 +430,7 @@ def test_bad_inputs_fail_with_one_clear_line_and_no_finished_run(
     assert re.search(message, errors[0]), errors[0]
     assert "Traceback" not in err
     runs = all_runs(mlflow_store)
+    assert runs, "a run that got this far is in MLflow, FAILED"
     assert all(r.info.status == "FAILED" for r in runs)
     assert all("shapline.error" in r.data.tags for r in runs)
 
@@ -379,3 +458,26 @@ def test_validate_command_checks_without_explaining(
         "column 'nope' is missing (expect_column_to_exist)"
     ]
     assert all_runs(mlflow_store) == []
+
+
+def test_a_read_only_tracking_store_is_one_line_and_no_library_traceback(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    xgb_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    database = tmp_path / "read-only.db"
+    MlflowClient(f"sqlite:///{database}").search_experiments()
+    # Root ignores file modes, so the store is opened read-only the way SQLite itself offers.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///file:{database}?mode=ro&uri=true")
+    config = cancer_config(write_config, cancer_data, xgb_model, model={"kind": "xgboost"})
+    code, summary, err = run_cli(["run", str(config), "--json"], capsys)
+    assert code == 1 and summary["status"] == "FAILED"
+    [line] = [line for line in err.splitlines() if line.startswith("shapline: error:")]
+    assert re.search(
+        r"output\.tracking_uri: cannot start a run .*: attempt to write a readonly database$", line
+    )
+    assert "Traceback" not in err and "[SQL:" not in line
+    assert all_runs(f"sqlite:///{database}") == []

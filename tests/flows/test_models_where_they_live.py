@@ -178,3 +178,32 @@ def test_dask_local_cluster_gives_the_thread_runner_values(
         rtol=1e-12,
         atol=1e-12,
     )
+
+
+def test_the_estimate_counts_every_row_the_run_sends_probe_included(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    mlflow_store: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Eight features and nsamples auto enumerate all 2**8 - 2 coalitions: the kernel estimate is exact.
+    with EndpointServer(str(mlp_model), "counted") as server:
+        config = write_config(
+            model={
+                "name": "cancer-counted",
+                "kind": "sagemaker",
+                "endpoint": {"name": "counted", "endpoint_url": server.url},
+            },
+            data={"source": str(cancer_data), "target": "malignant", "explain_rows": 3, "seed": 4},
+            background={"size": 10},
+            explainer={"algorithm": "kernel"},
+            shards={"size": 3, "workers": 1},
+            output={"plots": []},
+        )
+        code, summary, err = run_cli(["run", str(config), "--json"], capsys)
+        served = server.stats
+    assert code == 0, err
+    metrics = MlflowClient(mlflow_store).get_run(summary["mlflow_run_id"]).data.metrics
+    assert metrics["inference_rows"] == metrics["inference_rows_sent"] == served["rows"]
+    assert metrics["inference_requests"] == metrics["inference_requests_sent"] == served["requests"]

@@ -116,3 +116,42 @@ def test_a_run_keeps_the_shards_another_live_run_is_using(
     other.unlink()  # the other run finished
     assert run()["shards_reused"] == 2
     assert not list(store.glob("shard-*.parquet")), "the last run using the store deletes its shards"
+
+
+def test_a_corrupted_shard_in_the_store_is_computed_again_never_trusted(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    mlflow_store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.helpers import flow_run_logs, logged_values, run_cli
+
+    config = write_config(
+        model={"name": "corrupted", "kind": "sklearn", "path": str(mlp_model)},
+        data={"source": str(cancer_data), "target": "malignant", "explain_rows": 8, "seed": 3},
+        background={"size": 8},
+        explainer={"algorithm": "kernel", "nsamples": 60, "seed": 5},
+        shards={"size": 2, "workers": 2, "keep": True},
+        output={"plots": []},
+    )
+    code, first, err = run_cli(["run", str(config), "--json"], capsys)
+    assert code == 0, err
+    shards = sorted((tmp_path / "shard-cache").glob("*/shard-*.parquet"))
+    assert len(shards) == 4
+    shards[0].write_bytes(b"")  # a disk that filled up
+    shards[2].write_bytes(shards[2].read_bytes()[:200])  # a copy cut short
+    code, second, err = run_cli(["run", str(config), "--json"], capsys)
+    assert code == 0, err
+    assert second["shards_reused"] == 2 and second["shards_computed"] == 2
+    said = [
+        line
+        for line in flow_run_logs(mlflow_store, second)
+        if "cannot be read" in line and "computing it again" in line
+    ]
+    assert len(said) == 2
+    pd.testing.assert_frame_equal(
+        logged_values(mlflow_store, first["mlflow_run_id"], tmp_path / "a"),
+        logged_values(mlflow_store, second["mlflow_run_id"], tmp_path / "b"),
+    )

@@ -3,6 +3,7 @@ never start Prefect servers, an endpoint request limit that holds across process
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -355,3 +356,83 @@ def test_the_retry_rule_retries_faults_and_never_bad_inputs() -> None:
     assert _worth_retrying(None, None, Failed(TransientModelError("endpoint x: ConnectionError")))
     assert _worth_retrying(None, None, Failed(ShardWorkerLost("a worker died")))
     assert _worth_retrying(None, None, Failed(ConnectionResetError("reset")))
+
+
+@pytest.mark.parametrize(
+    ("moment", "pause_on", "kill_at"),
+    [
+        ("warming up", {"loading"}, "loading"),
+        # The flow's probe pauses, so the workers have loaded the model and sit idle when one is killed.
+        ("idle", {"probing"}, "loaded"),
+        ("mid-shard", {"predicting"}, "predicting"),
+    ],
+)
+def test_a_pool_worker_killed_at_any_moment_costs_no_shard(
+    moment: str,
+    pause_on: set[str],
+    kill_at: str,
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    mlflow_store: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`kill -9` of the pool's only worker, once: a new pool, the shards retried, the values unchanged."""
+    import signal
+
+    import joblib
+
+    from tests.helpers import Watched
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    watched = tmp_path / "watched.joblib"
+    joblib.dump(Watched(joblib.load(mlp_model), str(markers), pause_on), watched)
+    common = {
+        "data": {"source": str(cancer_data), "target": "malignant", "explain_rows": 4, "seed": 2},
+        "background": {"size": 8},
+        "explainer": {"algorithm": "kernel", "nsamples": 40, "seed": 7},
+        "output": {"plots": []},
+    }
+    crashing = write_config(
+        model={"name": "cancer-killed", "kind": "sklearn", "path": str(watched)},
+        shards={"size": 1, "runner": "process", "workers": 1},
+        **common,
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    run = subprocess.Popen(
+        [str(BIN / "shapline"), "run", str(crashing), "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    killed = None
+    deadline = time.monotonic() + 240
+    while killed is None and run.poll() is None and time.monotonic() < deadline:
+        found = sorted(markers.glob(f"{kill_at}-*"))
+        flow_waits = moment != "idle" or any(markers.glob("probing-*"))
+        if found and flow_waits:
+            killed = int(found[0].name.rsplit("-", 1)[1])
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    out, err = run.communicate(timeout=300)
+    assert killed is not None, f"never saw {kill_at}: {err[-2000:]}"
+    assert run.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["status"] == "FINISHED" and summary["shards_computed"] == 4
+    plain = write_config(
+        model={"name": "cancer-plain", "kind": "sklearn", "path": str(mlp_model)},
+        shards={"size": 4, "workers": 1},
+        **common,
+    )
+    code, reference, err = run_cli(["run", str(plain), "--json"], capsys)
+    assert code == 0, err
+    pd.testing.assert_frame_equal(
+        logged_values(mlflow_store, summary["mlflow_run_id"], tmp_path / "a"),
+        logged_values(mlflow_store, reference["mlflow_run_id"], tmp_path / "b"),
+        check_exact=False,
+        rtol=1e-12,
+        atol=1e-12,
+    )

@@ -179,3 +179,25 @@ def test_version_id_reads_that_version(endpoint: str, bucket: Any) -> None:
     finally:
         for version in bucket.list_object_versions(Bucket=BUCKET).get("Versions", []):
             bucket.delete_object(Bucket=BUCKET, Key=version["Key"], VersionId=version["VersionId"])
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_a_repeated_column_name_in_an_s3_object_is_named(endpoint: str, bucket: Any, suffix: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = ["age", "income", "age"]
+    if suffix == "csv":
+        body = b"age,income,age\n31,1.5,7\n47,2.25,8\n"
+    else:
+        buffer = io.BytesIO()
+        pq.write_table(
+            pa.Table.from_arrays(
+                [pa.array([31, 47]), pa.array([1.5, 2.25]), pa.array([7, 8])], names=columns
+            ),
+            buffer,
+        )
+        body = buffer.getvalue()
+    bucket.put_object(Bucket=BUCKET, Key=f"tables/doubled.{suffix}", Body=body)
+    loaded = load_data(_config(endpoint, f"s3://{BUCKET}/tables/doubled.{suffix}"))
+    assert loaded.repeated_columns == ("age",)
