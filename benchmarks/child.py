@@ -86,8 +86,8 @@ def preload() -> None:
     import sklearn.linear_model  # noqa: F401
     import xgboost  # noqa: F401
 
-    import flows.cli  # noqa: F401
-    import flows.explain  # noqa: F401
+    import shapline.flows.cli  # noqa: F401
+    import shapline.flows.explain  # noqa: F401
 
 
 def _flow(job: dict[str, Any]) -> dict[str, Any]:

@@ -54,8 +54,8 @@ BYTES_PER_MB = 1_000_000
 
 def _serve(connection: Any, model_path: str, latency_s: float, max_payload_bytes: int, nodelay: bool) -> None:
     """The endpoint in its own process (its CSV parsing must not share the client's GIL); answers stats requests."""
-    from tasks import endpoint_server
-    from tasks.endpoint_server import EndpointServer
+    from shapline.testing import endpoint as endpoint_server
+    from shapline.testing.endpoint import EndpointServer
 
     # The server sets TCP_NODELAY (the default, nodelay=true); with Nagle on, its body write waits for the
     # client's delayed ACK (~40 ms), a hidden 40 ms on top of the 20 ms latency asked for.

@@ -59,19 +59,19 @@ QUICK = {
     "cold_reps": 0,
 }
 
-CLI = "import sys; from flows.cli import main; sys.exit(main())"
+CLI = "import sys; from shapline.flows.cli import main; sys.exit(main())"
 
 
 def direct_compute(config_path: Path, workers: int) -> tuple[np.ndarray, np.ndarray]:
     """The flow's SHAP compute without the flow: shapline's explain_rows on the same shards, same thread count."""
     from threadpoolctl import threadpool_limits
 
-    from flows.config import load_config
-    from tasks.background import Background
-    from tasks.cores import threads_per_worker
-    from tasks.explain import explain_rows
-    from tasks.models import load_predictor
-    from tasks.shards import plan_shards
+    from shapline.tasks.background import Background
+    from shapline.tasks.config import load_config
+    from shapline.tasks.cores import threads_per_worker
+    from shapline.tasks.explain import explain_rows
+    from shapline.tasks.models import load_predictor
+    from shapline.tasks.shards import plan_shards
 
     config = load_config(config_path)
     frame = pd.read_parquet(config.data.source).reset_index(drop=True)

@@ -187,7 +187,7 @@ def run_flow(config: Path, overrides: list[str] | None = None, fetch_values: boo
     """Run `shapline run CONFIG --json` in this process (the Prefect server is already up) and collect its output."""
     from mlflow.tracking import MlflowClient
 
-    from flows.cli import main
+    from shapline.flows.cli import main
 
     extra = [line for line in os.environ.get(EXTRA_OVERRIDES_ENV, "").splitlines() if line]
     overrides = [*extra, *(overrides or []), *fresh_cache_overrides(config.parent)]
@@ -259,7 +259,7 @@ def per_row_kernel_values(
     """Plain shap.KernelExplainer, one row at a time, numpy's global RNG seeded per row as shapline seeds it."""
     import shap
 
-    from tasks.explain import row_seed
+    from shapline.tasks.explain import row_seed
 
     explainer = shap.KernelExplainer(function, background, link=link)
     values = np.empty(rows.shape)

@@ -12,9 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flows import endpoint_cli
-from tasks.errors import PrefectUnavailable, ShaplineError, UnexpectedError
-from tasks.redact import redact, redact_logs, redact_value
+from shapline.flows import endpoint_cli
+from shapline.flows.demo import DEFAULT_CONFIG
+from shapline.tasks.errors import PrefectUnavailable, ShaplineError, UnexpectedError
+from shapline.tasks.redact import redact, redact_logs, redact_value
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -49,11 +50,17 @@ def _say(text: object = "", file: Any = None) -> None:
     print(redact(str(text)), file=file or sys.stdout)
 
 
+def add_debug_flag(command: argparse.ArgumentParser) -> None:
+    """`--debug` after a command too; SUPPRESS keeps the command's default from overwriting the True of
+    `shapline --debug run ...`."""
+    command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shapline", description="Explain ML models with SHAP, logged to MLflow."
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (also after the command)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -68,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
             help="override a config key (value parsed as YAML); repeatable",
         )
         sub.add_argument("--json", action="store_true", help="end stdout with one JSON object")
-        sub.add_argument("--debug", action="store_true", help="show tracebacks")
+        add_debug_flag(sub)
         return sub
 
     run = with_config("run", "explain the model and log everything to MLflow")
@@ -82,24 +89,27 @@ def _parser() -> argparse.ArgumentParser:
     schema.add_argument("--markdown", action="store_true", help="the config reference table instead")
     demo = commands.add_parser("demo", help="train the demo model on real data and explain it")
     demo.add_argument(
-        "--config", default="configs/penguins.yaml", help="the demo config (default: %(default)s)"
+        "--config",
+        default=DEFAULT_CONFIG,
+        help="the demo config (default: %(default)s, shipped with shapline)",
     )
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     demo.add_argument("--json", action="store_true")
-    demo.add_argument("--debug", action="store_true")
+    add_debug_flag(demo)
     deploy = commands.add_parser("deploy", help="create or update one Prefect deployment per config")
     deploy.add_argument("configs", nargs="+", metavar="CONFIG")
     deploy.add_argument("--pool", default="shapline", help="work pool (a process pool, created if missing)")
     deploy.add_argument("--json", action="store_true")
-    deploy.add_argument("--debug", action="store_true")
+    add_debug_flag(deploy)
     serve = commands.add_parser("serve", help="serve the configs' deployments from this process (no worker)")
     serve.add_argument("configs", nargs="+", metavar="CONFIG")
-    serve.add_argument("--debug", action="store_true")
+    add_debug_flag(serve)
     endpoint_cli.add_parser(commands)
     return parser
 
 
 def _print_run_summary(summary: dict[str, Any]) -> None:
+    """The lines a person reads at the end of a run: what was explained, where it is in MLflow."""
     _say(
         f"explained {summary['rows_explained']} rows in {summary['shards']} shards "
         f"({summary['algorithm']}, link {summary['link']}) in {summary['duration_s']:.1f} s"
@@ -153,19 +163,20 @@ def _generous_server_start() -> Iterator[None]:
 
 
 def _run(config_path: str, overrides: list[str], as_json: bool, debug: bool = False) -> int:
-    from flows.config import load_config
+    from shapline.tasks.config import load_config
 
     load_config(config_path, overrides)  # fail fast on a bad config, before Prefect starts
-    from flows.config import ExplainParameters
-    from flows.explain import explain_model
+    from shapline.flows.explain import explain_model
+    from shapline.flows.parameters import ExplainParameters
 
     if not debug:
         _quiet_tracebacks()  # the flow's imports (MLflow, Great Expectations) brought handlers of their own
     redact_logs()
     with _generous_server_start():
-        summary = explain_model(
+        finished = explain_model(
             ExplainParameters(config_path=str(Path(config_path).resolve()), overrides=overrides)
         )
+    summary = finished.to_json()
     _print_run_summary(summary)
     if as_json:
         _say(json.dumps(redact_value(summary), default=str))
@@ -173,7 +184,7 @@ def _run(config_path: str, overrides: list[str], as_json: bool, debug: bool = Fa
 
 
 def _validate(config_path: str, overrides: list[str], as_json: bool) -> int:
-    from flows.check import check_config
+    from shapline.flows.check import check_config
 
     report = check_config(config_path, overrides)
     for line in report["lines"]:
@@ -184,15 +195,15 @@ def _validate(config_path: str, overrides: list[str], as_json: bool) -> int:
 
 
 def _schema(markdown: bool) -> int:
-    from flows.config import config_schema
-    from flows.reference import config_reference
+    from shapline.flows.reference import config_reference
+    from shapline.tasks.config import config_schema
 
     _say(config_reference() if markdown else json.dumps(config_schema(), indent=2))
     return 0
 
 
 def _deploy(configs: list[str], pool: str, as_json: bool) -> int:
-    from flows.deploy import deploy
+    from shapline.flows.deploy import deploy
 
     deployed = deploy(configs, pool)
     for name, deployment_id in deployed:
@@ -212,9 +223,10 @@ def _deploy(configs: list[str], pool: str, as_json: bool) -> int:
 
 
 def _demo(config_path: str, overrides: list[str], as_json: bool, debug: bool = False) -> int:
-    from flows.demo import prepare_demo
+    from shapline.flows.demo import demo_config, prepare_demo
 
-    for line in prepare_demo(config_path):
+    config_path, said = demo_config(config_path)
+    for line in [*said, *prepare_demo(config_path)]:
         _say(line)
     return _run(config_path, overrides, as_json, debug)
 
@@ -237,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "deploy":
             return _deploy(args.configs, args.pool, as_json)
         if args.command == "serve":
-            from flows.deploy import serve
+            from shapline.flows.deploy import serve
 
             serve(args.configs)
             return 0

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import joblib
 
-from flows.config import load_config
+if TYPE_CHECKING:
+    import pandas as pd
+    from sklearn.pipeline import Pipeline
+
+from shapline.tasks.config import SklearnModel, load_config
+from shapline.tasks.errors import ConfigError
+
+DEFAULT_CONFIG = "configs/penguins.yaml"
 
 
-def train_penguin_model(data):  # noqa: ANN001, ANN201 - sklearn types stay local to the demo
+def train_penguin_model(data: pd.DataFrame) -> Pipeline:
     """A scikit-learn Pipeline that imputes, one-hot encodes the text columns and fits a logistic regression."""
     from sklearn.compose import make_column_selector, make_column_transformer
     from sklearn.impute import SimpleImputer
@@ -31,11 +40,25 @@ def train_penguin_model(data):  # noqa: ANN001, ANN201 - sklearn types stay loca
     return make_pipeline(encode, LogisticRegression(C=0.3, max_iter=2000)).fit(features, data["species"])
 
 
+def demo_config(config_path: str) -> tuple[str, list[str]]:
+    """The demo's config: the given file, or (for the default path, when it is not there, as after a
+    `pip install` outside a checkout) a copy of the one shipped inside the package, written there."""
+    path = Path(config_path)
+    if path.exists() or config_path != DEFAULT_CONFIG:
+        return config_path, []
+    shipped = resources.files("shapline.configs").joinpath("penguins.yaml").read_text()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(shipped)
+    return config_path, [f"demo config: the one shipped with shapline -> {path}"]
+
+
 def prepare_demo(config_path: str) -> list[str]:
     """Write the penguins CSV and a trained model where the demo config's data.source and model.path point."""
     from palmerpenguins import load_penguins
 
     config = load_config(config_path)
+    if not isinstance(config.model, SklearnModel):
+        raise ConfigError(f"{config_path}: the demo trains a scikit-learn model: model.kind must be sklearn")
     data = load_penguins()
     data_path, model_path = Path(config.data.source), Path(config.model.path)
     data_path.parent.mkdir(parents=True, exist_ok=True)

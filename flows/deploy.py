@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
-from flows.config import ExplainConfig, load_config
+from shapline.tasks.config import ExplainConfig, load_config
+from shapline.tasks.errors import ConfigError, ShaplineError
 
-# The project root as the worker sees it: flows/explain.py is loaded from here by path.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-ENTRYPOINT = "flows/explain.py:explain_model"
 DEFAULT_POOL = "shapline"
 
 
@@ -31,7 +29,7 @@ def schedules_for(config: ExplainConfig, config_path: str) -> list[Any]:
         ]
     return [
         Interval(
-            timedelta(seconds=schedule.interval_s),
+            timedelta(seconds=schedule.interval_s or 0),
             timezone=schedule.timezone,
             active=schedule.active,
             parameters=parameters,
@@ -39,14 +37,35 @@ def schedules_for(config: ExplainConfig, config_path: str) -> list[Any]:
     ]
 
 
+def check_schedule(config: ExplainConfig, source: str) -> None:
+    """Refuse a schedule Prefect would refuse at deploy time (a bad cron string or timezone), now.
+
+    Prefect's own schedule models judge it, so `validate` and `deploy` cannot disagree.
+    """
+    from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+    from pydantic import ValidationError
+
+    schedule = config.schedule
+    if schedule is None:
+        return
+    try:
+        if schedule.cron is not None:
+            CronSchedule(cron=schedule.cron, timezone=schedule.timezone)
+        else:
+            IntervalSchedule(interval=timedelta(seconds=schedule.interval_s or 1), timezone=schedule.timezone)
+    except ValidationError as exc:
+        reasons = "; ".join(str(error["msg"]).removeprefix("Value error, ") for error in exc.errors())
+        raise ConfigError(f"{source}: schedule: {reasons}") from exc
+
+
 def _loaded(paths: list[str]) -> list[tuple[str, ExplainConfig]]:
     resolved = [str(Path(p).resolve()) for p in paths]
     configs = [(path, load_config(path)) for path in resolved]
+    for path, config in configs:
+        check_schedule(config, path)
     names = [config.model.name for _, config in configs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        from tasks.errors import ConfigError
-
         raise ConfigError(
             f"model.name must differ between configs deployed together: {', '.join(duplicates)}"
         )
@@ -70,44 +89,56 @@ def ensure_work_pool(name: str, pool_type: str = "process") -> None:
             client.create_work_pool(WorkPoolCreate(name=name, type=pool_type))
 
 
-def deploy(paths: list[str], pool: str = DEFAULT_POOL) -> list[tuple[str, UUID]]:
-    """Create or update one deployment per config on `pool`; running it again changes nothing."""
-    from flows.explain import explain_model
+def _deployments(configs: list[tuple[str, ExplainConfig]]) -> list[Any]:
+    """One deployment per config; its entrypoint is the installed module, so a worker needs shapline
+    installed and the config at `config_path`, not this machine's checkout or site-packages."""
+    from prefect.deployments.runner import EntrypointType
 
-    configs = _loaded(paths)
-    ensure_work_pool(pool)
-    source = explain_model.from_source(source=str(PROJECT_ROOT), entrypoint=ENTRYPOINT)
-    deployed = []
-    for path, config in configs:
-        deployment_id = source.deploy(
+    from shapline.flows.explain import explain_model
+
+    return [
+        explain_model.to_deployment(
             name=config.model.name,
-            work_pool_name=pool,
-            build=False,
-            push=False,
+            entrypoint_type=EntrypointType.MODULE_PATH,
             schedules=schedules_for(config, path),
             parameters={"parameters": {"config_path": path}},
             description=_description(config),
             tags=["shapline", f"model:{config.model.name}"],
-            print_next_steps=False,
         )
-        deployed.append((config.model.name, deployment_id))
-    return deployed
+        for path, config in configs
+    ]
+
+
+def deploy(paths: list[str], pool: str = DEFAULT_POOL) -> list[tuple[str, UUID]]:
+    """Create or update one deployment per config on `pool`; running it again changes nothing."""
+    from prefect import deploy as prefect_deploy
+
+    configs = _loaded(paths)
+    ensure_work_pool(pool)
+    deployments = _deployments(configs)
+    # Called outside an event loop, Prefect's sync-compatible deploy returns the list, not a coroutine.
+    ids = cast(
+        "list[UUID]",
+        prefect_deploy(
+            *deployments,
+            work_pool_name=pool,
+            build=False,
+            push=False,
+            print_next_steps_message=False,
+            ignore_warnings=True,
+        ),
+    )
+    if len(ids) != len(deployments):
+        raise ShaplineError(
+            f"{len(deployments) - len(ids)} of {len(deployments)} deployments failed (see above)"
+        )
+    return [
+        (config.model.name, deployment_id) for (_, config), deployment_id in zip(configs, ids, strict=True)
+    ]
 
 
 def serve(paths: list[str]) -> None:
     """Serve the configs' deployments from this process until it is stopped (no worker needed)."""
     from prefect import serve as prefect_serve
 
-    from flows.explain import explain_model
-
-    deployments = [
-        explain_model.to_deployment(
-            name=config.model.name,
-            schedules=schedules_for(config, path),
-            parameters={"parameters": {"config_path": path}},
-            description=_description(config),
-            tags=["shapline", f"model:{config.model.name}"],
-        )
-        for path, config in _loaded(paths)
-    ]
-    prefect_serve(*deployments, print_starting_message=True)
+    prefect_serve(*_deployments(_loaded(paths)), print_starting_message=True)

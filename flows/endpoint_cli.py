@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from tasks.endpoint import BYTES_PER_MB
+from shapline.tasks.wire import BYTES_PER_MB
 
 
 def _fraction(text: str) -> float:
@@ -34,13 +34,13 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         help="answer this fraction of requests with 429 ThrottlingException",
     )
     serve.add_argument("--latency-ms", type=float, default=0.0, metavar="N", help="delay every answer")
-    serve.add_argument("--debug", action="store_true", help="show tracebacks")
+    serve.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return endpoint
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the parsed `endpoint` command; returns the exit code."""
-    from tasks.endpoint_server import serve
+    from shapline.testing.endpoint import serve
 
     max_payload = None if args.max_payload_mb is None else int(args.max_payload_mb * BYTES_PER_MB)
 

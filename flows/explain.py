@@ -1,67 +1,139 @@
-"""The explanation flow: wires the steps in tasks/ together; computes nothing itself."""
+"""The explanation flow: one line per step, each step a plain function of shapline.tasks.
+
+Each step's Prefect task is declared here, once, where the flow is wired: the functions in tasks/
+stay plain and typed, and tests call them without Prefect. The deployment entrypoint is
+`flows/explain.py:explain_model` (or the module path `shapline.flows.explain:explain_model`).
+"""
 
 from __future__ import annotations
 
-import tempfile
+import re
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from pathlib import Path
+from contextlib import contextmanager
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
-from flows.config import (
-    ExplainConfig,
-    ExplainParameters,
-    MlflowModel,
-    SageMakerModel,
-    ShardsConfig,
-    load_config,
+from shapline.flows.parameters import ExplainParameters
+from shapline.tasks.aggregate import Aggregate, aggregate
+from shapline.tasks.config import ExplainConfig, MlflowModel, SageMakerModel, load_config
+from shapline.tasks.cores import threads_per_worker
+from shapline.tasks.errors import ShaplineError, UnexpectedError
+from shapline.tasks.plan import DataCheck, RunPlan, check_data, plan_run
+from shapline.tasks.plots import render_plots
+from shapline.tasks.recording import (
+    record_config,
+    record_data,
+    record_plan,
+    record_results,
+    record_validation,
+    record_values,
+    run_tags,
 )
-from tasks.aggregate import aggregate_task
-from tasks.background import draw_background_task
-from tasks.cores import threads_per_worker
-from tasks.data import feature_columns, load_data_task, select_explain_rows, split_features
-from tasks.endpoint import check_budget, delete_endpoint, plan_inference
-from tasks.errors import ShaplineError, UnexpectedError, ValidationFailed
-from tasks.explain import check_kernel_samples, resolve_explainer
-from tasks.models import (
-    Predictor,
-    link_for,
-    load_predictor,
-    model_fingerprint,
-    probe_predictor,
-    probe_rows,
-)
-from tasks.plots import render_plots_task
-from tasks.redact import redact, redact_logs
-from tasks.registry import resolve_registry_model_task
-from tasks.report import publish_summary_task, summary_markdown
-from tasks.runners import ShardRunner, open_runner
-from tasks.shards import (
-    ShardJob,
-    ShardResult,
-    ShardStore,
-    ShardStoreClaim,
-    plan_jobs,
-    plan_shards,
-)
-from tasks.tracking import (
-    TrackedRun,
-    log_artifact,
-    log_artifacts,
-    log_values,
-    mlflow_run,
-    resolve_tracking_uri,
-    run_url,
-)
-from tasks.validation import validate_frame_task
+from shapline.tasks.redact import redact, redact_logs
+from shapline.tasks.registry import resolve_registry_model
+from shapline.tasks.run import ExplanationRun
+from shapline.tasks.runners import ShardRunner
+from shapline.tasks.shards import ShardJob, ShardResult, ShardStore, plan_jobs
+from shapline.tasks.summary import RunSummary
+from shapline.tasks.tracking import resolve_tracking_uri, run_url
+
+check_data_task = task(name="check-data", cache_policy=NO_CACHE)(check_data)
+plan_run_task = task(name="plan-run", cache_policy=NO_CACHE)(plan_run)
+aggregate_task = task(name="aggregate", cache_policy=NO_CACHE)(aggregate)
+render_plots_task = task(name="render-plots", cache_policy=NO_CACHE)(render_plots)
+resolve_model_task = task(name="resolve-model", cache_policy=NO_CACHE)(resolve_registry_model)
+
+
+@flow(name="shapline-explain")
+def explain_model(parameters: ExplainParameters) -> RunSummary:
+    """Explain one model with SHAP as its YAML config says and log everything to MLflow."""
+    redact_logs()
+    logger = get_run_logger()
+    started = time.perf_counter()
+    with _redacted_failures():
+        config, identity = _pinned(load_config(parameters.config_path, parameters.to_overrides()))
+        tags = run_tags(config, parameters.config_path, parameters.to_overrides(), str(flow_run.id or ""))
+        tags |= identity
+        with ExplanationRun(config, _run_name(config), tags, logger) as run:
+            logger.info("MLflow run %s in %s", run.tracked.run_id, run.tracking_uri)
+            record_config(run.tracked, config, run.artifacts)
+            check = check_data_task(config)
+            record_data(run.tracked, check.data)
+            record_validation(run.tracked, check, run.folder)
+            _say_validation(check)
+            plan = plan_run_task(config, check)
+            record_plan(run.tracked, plan, run.artifacts)
+            _say_plan(config, plan)
+            plan.enforce_budget()
+            results, computed, explain_s = explain_shards(run, config, check, plan)
+            combined = aggregate_task(
+                [r.path for r in results],
+                str(run.artifacts / "shap_values.parquet"),
+                check.features,
+                config.output.aggregations,
+            )
+            plots = _plots(run, config, check, plan, combined)
+            record_values(run.tracked, combined, run.artifacts)
+            plots.result()
+            summary = _summary(run, config, check, plan, results, combined, started, explain_s)
+            record_results(run.tracked, summary, computed, check.predictor.traffic(), run.artifacts)
+            publish_summary(summary)
+            run.finish()
+    logger.info("MLflow run %s FINISHED: %s", summary.mlflow_run_id, summary.run_url)
+    return summary
+
+
+@contextmanager
+def _redacted_failures() -> Iterator[None]:
+    """A failure shapline did not foresee leaves with its message redacted (Prefect keeps it as the run's
+    state message, and an MLflow error quotes the tracking URI); the cause keeps the traceback."""
+    try:
+        yield
+    except ShaplineError:
+        raise
+    except Exception as exc:
+        raise UnexpectedError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _pinned(config: ExplainConfig) -> tuple[ExplainConfig, dict[str, str]]:
+    """A registry model's alias resolved once, so every shard (thread, process or Dask worker) loads one
+    version; and the tags that name it (shapline.model_uri, _name, _version, _run_id)."""
+    if not isinstance(config.model, MlflowModel):
+        return config, {}
+    tracking = config.model.tracking_uri or resolve_tracking_uri(config.output.tracking_uri)
+    model = config.model.model_copy(update={"tracking_uri": tracking})
+    resolved = resolve_model_task(model)
+    pinned = config.model_copy(update={"model": model.model_copy(update={"uri": resolved.pinned_uri})})
+    return pinned, resolved.tags
+
+
+def _say_plan(config: ExplainConfig, plan: RunPlan) -> None:
+    """What an endpoint will be sent, in the run's log, before it is sent."""
+    if plan.estimate is not None and isinstance(config.model, SageMakerModel):
+        get_run_logger().info(
+            "endpoint %s: ~%d inference rows in ~%d requests",
+            config.model.endpoint.name,
+            plan.estimate.inference_rows,
+            plan.estimate.inference_requests,
+        )
+
+
+def _say_validation(check: DataCheck) -> None:
+    """Failed expectations that did not stop the run (validation.on_failure: warn), in the run's log."""
+    for line in check.report.failures:
+        get_run_logger().warning("validation (on_failure: warn): %s", line)
+
+
+def _run_name(config: ExplainConfig) -> str:
+    return f"{config.model.name}-{flow_run.name or time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _is_fault(exc: BaseException) -> bool:
@@ -105,29 +177,56 @@ def explain_shard_task(job: ShardJob, runner: ShardRunner, store: ShardStore) ->
         ) from exc
 
 
-@task(name="load-model", cache_policy=NO_CACHE)
-def load_model_task(config: ExplainConfig) -> Predictor:
-    """Load the model as a Predictor."""
-    return load_predictor(config.model)
-
-
 def explain_shards(
-    jobs: list[ShardJob], shards: ShardsConfig, runner: ShardRunner, store: ShardStore
-) -> list[ShardResult]:
-    """Explain every shard as a task of this flow; finished shards stay in the store even if another fails.
+    run: ExplanationRun, config: ExplainConfig, check: DataCheck, plan: RunPlan
+) -> tuple[list[ShardResult], list[ShardResult], float]:
+    """Explain the shards the store lacks, each a task of this flow; finished ones stay even if another fails.
 
     The tasks run on threads of this process (the runner decides where their compute goes), entered
     here inside the flow rather than in a subflow, which would cost a second of run bookkeeping.
+    Returns every shard in order, the ones computed now, and the seconds the explain phase took.
     """
     logger = get_run_logger()
-    with ThreadPoolTaskRunner(max_workers=shards.workers) as threads:
-        futures = threads.map(
-            explain_shard_task, {"job": jobs, "runner": unmapped(runner), "store": unmapped(store)}
-        )
-        return _collect(futures, len(jobs), logger)
+    store = run.open_store(check.data.sha256)
+    threads = threads_per_worker(config.shards.runner, min(config.shards.workers, len(plan.shards)))
+    jobs, reused = plan_jobs(
+        plan.rows,
+        plan.background,
+        plan.shards,
+        store,
+        config.model,
+        config.explainer,
+        plan.algorithm,
+        plan.link,
+        threads,
+    )
+    for line in store.discarded:
+        logger.warning(line)
+    shard_word = "shard" if len(plan.shards) == 1 else "shards"
+    logger.info(
+        "explaining %d rows in %d %s on %d %s workers (%d already finished: reused)",
+        plan.explain_rows,
+        len(plan.shards),
+        shard_word,
+        config.shards.workers,
+        config.shards.runner,
+        len(reused),
+    )
+    started = time.perf_counter()
+    computed: list[ShardResult] = []
+    if jobs:
+        # Prefect types map() for async tasks only; the shard task is a plain (sync) one.
+        threads_runner: Any
+        with ThreadPoolTaskRunner(max_workers=config.shards.workers) as threads_runner:
+            futures = threads_runner.map(
+                explain_shard_task, {"job": jobs, "runner": unmapped(run.runner), "store": unmapped(store)}
+            )
+            computed = _collect(futures, len(jobs))
+    return sorted([*reused, *computed], key=lambda r: r.index), computed, time.perf_counter() - started
 
 
-def _collect(futures: Any, total: int, logger: Any) -> list[ShardResult]:
+def _collect(futures: Any, total: int) -> list[ShardResult]:
+    logger = get_run_logger()
     finished: list[ShardResult] = []
     failures: list[BaseException] = []
     for future in as_completed(futures):
@@ -151,247 +250,64 @@ def _collect(futures: Any, total: int, logger: Any) -> list[ShardResult]:
     return sorted(finished, key=lambda r: r.index)
 
 
-def run_params(config: ExplainConfig) -> dict[str, Any]:
-    """The explainer, background and shard settings as MLflow params."""
-    params: dict[str, Any] = {
-        "model.kind": config.model.kind,
-        "model.output": config.model.effective_output,
-        "model.class_index": config.model.class_index,
-        "explainer.link": config.link,
-    }
-    for section in ("explainer", "background", "shards"):
-        for key, value in getattr(config, section).model_dump(mode="json").items():
-            params[f"{section}.{key}"] = value
-    params["data.explain_rows"] = config.data.explain_rows
-    return params
-
-
-def _record_validation(run: TrackedRun, report: Any, folder: Path) -> None:
-    path = folder / "validation.json"
-    path.write_text(report.to_json())
-    log_artifact(run, path)
-    log_values(
-        run,
-        metrics={
-            "validation_success": float(report.success),
-            "validation_failures": float(len(report.failures)),
-        },
+def _plots(
+    run: ExplanationRun, config: ExplainConfig, check: DataCheck, plan: RunPlan, combined: Aggregate
+) -> Any:
+    """The plots render (a task of their own) while the values table uploads."""
+    return render_plots_task.submit(
+        combined.values_path,
+        plan.rows,
+        check.features,
+        combined.labels or ["0"],
+        config.output,
+        str(run.artifacts / "plots"),
+        combined.importance,
     )
 
 
-@contextmanager
-def endpoint_lifetime(model: Any, logger: Any) -> Iterator[None]:
-    """Delete a SageMaker endpoint when the run ends if endpoint.delete_after_run says so."""
-    try:
-        yield
-    finally:
-        if isinstance(model, SageMakerModel) and model.endpoint.delete_after_run:
-            try:
-                delete_endpoint(model)
-                logger.info("deleted endpoint %s (endpoint.delete_after_run)", model.endpoint.name)
-            except Exception as exc:
-                logger.warning("endpoint %s was not deleted: %s", model.endpoint.name, exc)
+def _summary(
+    run: ExplanationRun,
+    config: ExplainConfig,
+    check: DataCheck,
+    plan: RunPlan,
+    results: list[ShardResult],
+    combined: Aggregate,
+    started: float,
+    explain_s: float,
+) -> RunSummary:
+    return RunSummary(
+        mlflow_run_id=run.tracked.run_id,
+        experiment_id=run.tracked.experiment_id,
+        experiment=config.experiment_name,
+        tracking_uri=run.tracking_uri,
+        run_url=run_url(run.tracked),
+        model=config.model.name,
+        rows_explained=combined.rows_explained,
+        shards=len(plan.shards),
+        shards_reused=sum(r.reused for r in results),
+        shards_computed=sum(not r.reused for r in results),
+        background_rows=len(plan.background.frame),
+        additivity_max_error=combined.additivity_max_error,
+        duration_s=time.perf_counter() - started,
+        explain_s=explain_s,
+        algorithm=plan.algorithm,
+        link=plan.link,
+        validation_success=check.report.success,
+        importance=combined.importance,
+        ranking=config.output.aggregations[0],
+    )
 
 
-@flow(name="shapline-explain")
-def explain_model(parameters: ExplainParameters) -> dict[str, Any]:
-    """Explain one model with SHAP as its YAML config says and log everything to MLflow."""
-    redact_logs()
-    try:
-        return _explain(parameters)
-    except ShaplineError:
-        raise
-    except Exception as exc:
-        # Its message may quote what the user typed (an MLflow error quotes the tracking URI): Prefect
-        # keeps the message as the run's state, so it is redacted; the cause keeps the traceback.
-        raise UnexpectedError(f"{type(exc).__name__}: {exc}") from exc
+def artifact_key(model: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes."""
+    return "shapline-" + (re.sub(r"[^a-z0-9-]+", "-", model.lower()).strip("-") or "model")
 
 
-def _explain(parameters: ExplainParameters) -> dict[str, Any]:
-    logger = get_run_logger()
-    started = time.perf_counter()
-    config_path, overrides = parameters.config_path, parameters.to_overrides()
-    config = load_config(config_path, overrides)
-    tracking_uri = resolve_tracking_uri(config.output.tracking_uri)
-    tags = {
-        "shapline.model": config.model.name,
-        "shapline.config_sha256": config.sha256(),
-        "shapline.config_path": str(Path(config_path).resolve()),
-        "shapline.overrides": " ".join(overrides)[:4000],
-        "prefect.flow_run_id": str(flow_run.id or ""),
-    }
-    if isinstance(config.model, MlflowModel):
-        model = config.model.model_copy(update={"tracking_uri": config.model.tracking_uri or tracking_uri})
-        resolved = resolve_registry_model_task(model)
-        tags |= resolved.tags
-        # Pin an alias once, so every shard (thread, process or Dask worker) loads the same version.
-        config = config.model_copy(update={"model": model.model_copy(update={"uri": resolved.pinned_uri})})
-    run_name = f"{config.model.name}-{flow_run.name or time.strftime('%Y%m%d-%H%M%S')}"
-    with (
-        endpoint_lifetime(config.model, logger),
-        tempfile.TemporaryDirectory(prefix="shapline-") as workdir,
-        mlflow_run(tracking_uri, config.experiment_name, run_name, tags) as run,
-        # Pool processes or a Dask cluster start now: their start-up overlaps loading and validation.
-        open_runner(
-            config.shards,
-            config.model,
-            threads_per_worker(config.shards.runner, config.shards.workers),
-            run.run_id,
-        ) as runner,
-        ExitStack() as later,
-    ):
-        logger.info("MLflow run %s in %s", run.run_id, tracking_uri)
-        artifacts = Path(workdir, "artifacts")
-        artifacts.mkdir()
-        (artifacts / "config.yaml").write_text(redact(config.to_yaml()))
-        log_artifact(run, artifacts / "config.yaml")
-        log_values(run, params=run_params(config))
-
-        loaded = load_data_task(config.data)
-        log_values(run, tags={"shapline.data_sha256": loaded.sha256, "shapline.data_source": loaded.uri})
-        predictor = load_model_task(config)
-        features = feature_columns(loaded.frame, config.data, predictor.feature_names)
-        report = validate_frame_task(loaded.frame, features, config.validation, loaded.repeated_columns)
-        _record_validation(run, report, Path(workdir))
-        if report.blocking:
-            raise ValidationFailed(f"validation of {loaded.uri} failed: " + "; ".join(report.blocking))
-        for line in report.failures:
-            logger.warning("validation (on_failure: warn): %s", line)
-
-        frame, target = split_features(loaded.frame, config.data, features)
-        rows = select_explain_rows(frame, config.data.explain_rows, config.data.seed)
-        background = draw_background_task(frame, target, config.background)
-        probe = probe_rows(rows, background.frame)
-        probe_predictor(predictor, probe, config.model.class_index)
-        background.to_frame().to_parquet(artifacts / "background.parquet")
-        shards = plan_shards(rows.index, config.shards.size)
-        kernel_link = link_for(predictor, config.explainer.link, config.link, config.model.effective_output)
-        algorithm, link = resolve_explainer(config.explainer.algorithm, predictor, kernel_link)
-        if algorithm == "kernel":
-            check_kernel_samples(config.explainer, len(features))
-        store = ShardStore.open(
-            config.shards.cache_dir, config.values_sha256(), loaded.sha256, model_fingerprint(config.model)
-        )
-        # Released on any exit; the shards are deleted below only by the last live run using them.
-        claim = later.enter_context(ShardStoreClaim(store.folder, run.run_id))
-        jobs, reused = plan_jobs(
-            rows,
-            background,
-            shards,
-            store,
-            config.model,
-            config.explainer,
-            algorithm,
-            link,
-            threads_per_worker(config.shards.runner, min(config.shards.workers, len(shards))),
-        )
-        for line in store.discarded:
-            logger.warning(line)
-        logger.info(
-            "explaining %d rows in %d shards on %d %s workers (%d shards already finished: reused)",
-            len(rows),
-            len(shards),
-            config.shards.workers,
-            config.shards.runner,
-            len(reused),
-        )
-        if isinstance(config.model, SageMakerModel):
-            estimate = plan_inference(
-                config.model,
-                rows,
-                background.frame,
-                config.explainer,
-                algorithm,
-                len(shards),
-                probe_rows=len(probe),
-            )
-            log_values(run, metrics={k: estimate[k] for k in ("inference_rows", "inference_requests")})
-            logger.info(
-                "endpoint %s: ~%d inference rows in ~%d requests",
-                config.model.endpoint.name,
-                estimate["inference_rows"],
-                estimate["inference_requests"],
-            )
-            check_budget(config.model, estimate)
-
-        explain_started = time.perf_counter()
-        computed = explain_shards(jobs, config.shards, runner, store) if jobs else []
-        explain_s = time.perf_counter() - explain_started
-        results = sorted([*reused, *computed], key=lambda r: r.index)
-
-        values_path = str(artifacts / "shap_values.parquet")
-        combined = aggregate_task(
-            [r.path for r in results], values_path, features, config.output.aggregations
-        )
-        combined.importance.to_csv(artifacts / "global_importance.csv", index=False)
-        plots = render_plots_task.submit(
-            values_path,
-            rows,
-            features,
-            combined.labels or ["0"],
-            config.output,
-            str(artifacts / "plots"),
-            combined.importance,
-        )
-        # The values table is the largest artifact by far: it uploads while the plots render.
-        uploaded = ["shap_values.parquet", "global_importance.csv"]
-        for name in uploaded:
-            log_artifact(run, artifacts / name)
-        plots.result()
-
-        # The flow's own calls (the probe), then what each shard counted wherever it was computed.
-        traffic = [t for t in (predictor.traffic(), *(r.traffic for r in computed)) if t]
-        if traffic:
-            sent = {key: sum(t[key] for t in traffic) for key in traffic[0]}
-            sent["max_request_bytes"] = max(t["max_request_bytes"] for t in traffic)
-            log_values(run, metrics={f"inference_{k}_sent": v for k, v in sent.items()})
-        duration_s = time.perf_counter() - started
-        metrics = {
-            "rows_explained": combined.rows_explained,
-            "shards": len(shards),
-            "additivity_max_error": combined.additivity_max_error,
-            "duration_s": duration_s,
-            "explain_s": explain_s,
-            "rows_per_s": combined.rows_explained / max(explain_s, 1e-9),
-            "background_rows": len(background.frame),
-            "shards_reused": len(reused),
-            "shards_computed": len(computed),
-        }
-        log_values(
-            run,
-            metrics=metrics,
-            params={
-                "explainer.algorithm_effective": algorithm,
-                "explainer.link_effective": link,
-            },
-        )
-        log_artifacts(run, artifacts, skip=uploaded)
-        if not config.shards.keep and not claim.release(delete=True):
-            logger.info("kept the finished shards in %s: another run of this config is using them", store)
-        publish_summary_task(
-            config.model.name,
-            summary_markdown(
-                config.model.name, combined.importance, config.output.aggregations[0], run_url(run), metrics
-            ),
-        )
-
-    logger.info("MLflow run %s FINISHED: %s", run.run_id, run_url(run))
-    return {
-        "status": "FINISHED",
-        "mlflow_run_id": run.run_id,
-        "experiment_id": run.experiment_id,
-        "experiment": config.experiment_name,
-        "tracking_uri": tracking_uri,
-        "run_url": run_url(run),
-        "rows_explained": combined.rows_explained,
-        "shards": len(shards),
-        "shards_reused": len(reused),
-        "shards_computed": len(computed),
-        "additivity_max_error": combined.additivity_max_error,
-        "duration_s": round(time.perf_counter() - started, 3),
-        "rows_per_s": metrics["rows_per_s"],
-        "algorithm": algorithm,
-        "link": link,
-        "validation_success": report.success,
-        "top_features": combined.importance.sort_values("rank")["feature"].drop_duplicates().head(5).tolist(),
-    }
+@task(name="publish-summary", cache_policy=NO_CACHE)
+def publish_summary(summary: RunSummary) -> None:
+    """Publish the run summary as a Prefect markdown artifact."""
+    create_markdown_artifact(
+        key=artifact_key(summary.model),
+        markdown=redact(summary.markdown()),
+        description=redact(f"SHAP summary of {summary.model}"),
+    )

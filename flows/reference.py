@@ -10,9 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from flows.config import ExplainConfig, MlflowModel, SageMakerModel, SklearnModel, XGBoostModel
-
-MODEL_KINDS: list[type[BaseModel]] = [SklearnModel, XGBoostModel, MlflowModel, SageMakerModel]
+from shapline.tasks.config import MODEL_KINDS, ExplainConfig, kind_name
 
 
 def _type_name(annotation: Any) -> str:
@@ -53,7 +51,7 @@ def _rows(model: type[BaseModel], prefix: str, kinds: str = "") -> list[str]:
             continue
         if name == "model":
             for kind in MODEL_KINDS:
-                rows += _rows(kind, "model.", kind.model_fields["kind"].annotation.__args__[0])
+                rows += _rows(kind, "model.", kind_name(kind))
             continue
         description = (field.description or "").replace("|", "\\|")
         type_name = _type_name(annotation)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +12,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from tasks.schemas import (
+from shapline.tasks.schemas import (
     BASE_VALUE,
     CLASS,
     FEATURE,
@@ -112,7 +111,7 @@ _AGGREGATIONS = {
 
 
 def global_importance(
-    values_path: str | Path, features: list[str], aggregations: list[str], labels: list[str]
+    values_path: str | Path, features: list[str], aggregations: Sequence[str], labels: list[str]
 ) -> pd.DataFrame:
     """One row per feature (and class): each aggregation of its SHAP values, ranked by the first one."""
     several = len(labels) > 1
@@ -153,17 +152,9 @@ def global_importance(
 
 
 def aggregate(
-    shard_paths: list[str], destination: str | Path, features: list[str], aggregations: list[str]
+    shard_paths: list[str], destination: str | Path, features: list[str], aggregations: Sequence[str]
 ) -> Aggregate:
     """Combine the shards into shap_values.parquet and compute global importance and additivity."""
     rows, worst, labels = combine_shards(shard_paths, destination, features)
     importance = global_importance(destination, features, aggregations, labels)
     return Aggregate(str(destination), importance, rows, worst, labels)
-
-
-@task(name="aggregate", cache_policy=NO_CACHE)
-def aggregate_task(
-    shard_paths: list[str], destination: str, features: list[str], aggregations: list[str]
-) -> Aggregate:
-    """Combine shards into the values table, global importance and the additivity check."""
-    return aggregate(shard_paths, destination, features, aggregations)

@@ -6,11 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from flows.config import BackgroundConfig
-from tasks.errors import DataError
+from shapline.tasks.config import BackgroundConfig
+from shapline.tasks.errors import DataError
 
 WEIGHT_COLUMN = "shapline_weight"
 
@@ -110,11 +108,3 @@ def draw_background(features: pd.DataFrame, target: pd.Series | None, config: Ba
     if target is None:
         raise DataError("background.method stratified needs data.target, the column to stratify by")
     return Background(frame=stratified_background(features, target, config.size, config.seed))
-
-
-@task(name="draw-background", cache_policy=NO_CACHE)
-def draw_background_task(
-    features: pd.DataFrame, target: pd.Series | None, config: BackgroundConfig
-) -> Background:
-    """Draw the background sample."""
-    return draw_background(features, target, config)

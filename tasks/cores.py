@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 
 def usable_cores() -> int:
     """The CPUs this process may run on: its affinity (taskset, a pinned worker) and its cgroup CPU quota
@@ -16,3 +18,22 @@ def threads_per_worker(runner: str, workers: int) -> int | None:
     if runner == "dask":
         return None  # Dask workers are sized by their own deployment.
     return max(1, usable_cores() // max(1, workers))
+
+
+_NATIVE_LIMIT_LOCK = threading.Lock()
+_native_limit: int | None = None
+
+
+def limit_native_threads(threads: int) -> None:
+    """Cap BLAS/OpenMP threads in this process, once per value: finding the libraries costs ~50 ms.
+
+    Set, never restored: a `with threadpool_limits` per shard would restore the process-wide limit
+    when one shard ends while the worker's other shards still run. A run's shards share one limit.
+    """
+    global _native_limit
+    from threadpoolctl import threadpool_limits
+
+    with _NATIVE_LIMIT_LOCK:
+        if _native_limit != threads:
+            threadpool_limits(limits=threads)
+            _native_limit = threads

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.redact import redact
+from shapline.tasks.redact import redact
 
 
 class ShaplineError(Exception):

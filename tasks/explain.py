@@ -10,17 +10,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from flows.config import ExplainerConfig
-from tasks.background import Background
-from tasks.errors import ExplainError
-from tasks.models import (
+from shapline.tasks.background import Background
+from shapline.tasks.coalesce import CoalescedCalls
+from shapline.tasks.config import ExplainerConfig
+from shapline.tasks.errors import ExplainError
+from shapline.tasks.predictors import (
     PROBABILITY_EPS,
     Predictor,
     explained_outputs,
     is_pipeline,
     output_labels,
 )
-from tasks.schemas import BASE_VALUE, CLASS, MODEL_OUTPUT, ROW_ID, values_columns
+from shapline.tasks.schemas import BASE_VALUE, CLASS, MODEL_OUTPUT, ROW_ID, values_columns
 
 # shap's kernel and permutation explainers draw from numpy's global RNG. Holding this lock while
 # a row's coalitions are drawn (not while the model runs) keeps every row's draw seeded by its
@@ -230,55 +231,6 @@ def _kernel_explainer_class() -> type:
     return RowSeededKernelExplainer
 
 
-class CoalescedCalls:
-    """One model function shared by `parties` threads: their calls are merged into one call of `function`.
-
-    Every party calls it some number of times, then leave()s. When each party still present is
-    waiting in a call, the last to arrive makes one call with all their rows concatenated and hands
-    each its slice. No party waits on anything but the others' next call, so this cannot deadlock
-    as long as every party eventually calls or leaves.
-    """
-
-    def __init__(self, function: Any, parties: int) -> None:
-        self.function = function
-        self.present = parties
-        self._waiting: list[tuple[np.ndarray, dict[str, Any]]] = []
-        self._condition = threading.Condition()
-
-    def __call__(self, rows: Any) -> np.ndarray:
-        slot: dict[str, Any] = {}
-        with self._condition:
-            self._waiting.append((np.asarray(rows), slot))
-            self._dispatch_if_complete()
-            while not slot:
-                self._condition.wait()
-        if "error" in slot:
-            raise slot["error"]
-        return slot["output"]
-
-    def leave(self) -> None:
-        with self._condition:
-            self.present -= 1
-            self._dispatch_if_complete()
-
-    def _dispatch_if_complete(self) -> None:
-        # Called holding the condition. Everyone present is waiting, so no one can add to this batch.
-        if not self._waiting or len(self._waiting) < self.present:
-            return
-        batch, self._waiting = self._waiting, []
-        try:
-            merged = self.function(np.concatenate([rows for rows, _ in batch]))
-        except BaseException as exc:  # every party gets the model's error, as a direct call would
-            for _, slot in batch:
-                slot["error"] = exc
-        else:
-            start = 0
-            for rows, slot in batch:
-                slot["output"] = merged[start : start + len(rows)]
-                start += len(rows)
-        self._condition.notify_all()
-
-
 def _kernel_values(
     rows: pd.DataFrame,
     background: Background,
@@ -479,22 +431,3 @@ def explain_rows(
         algorithm=algorithm,
         link=link,
     )
-
-
-_NATIVE_LIMIT_LOCK = threading.Lock()
-_native_limit: int | None = None
-
-
-def limit_native_threads(threads: int) -> None:
-    """Cap BLAS/OpenMP threads in this process, once per value: finding the libraries costs ~50 ms.
-
-    Set, never restored: a `with threadpool_limits` per shard would restore the process-wide limit
-    when one shard ends while the worker's other shards still run. A run's shards share one limit.
-    """
-    global _native_limit
-    from threadpoolctl import threadpool_limits
-
-    with _NATIVE_LIMIT_LOCK:
-        if _native_limit != threads:
-            threadpool_limits(limits=threads)
-            _native_limit = threads

@@ -41,12 +41,12 @@ class RequestLimit(ABC):
         """Free what the limit holds outside this process."""
 
 
-class ThreadLimit(RequestLimit):
-    """For senders that are threads of one process (shards.runner thread)."""
+class _SemaphoreLimit(RequestLimit):
+    """A limit held by a semaphore every sender can reach."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, semaphore: Any) -> None:
         self.limit = limit
-        self._semaphore = threading.BoundedSemaphore(limit)
+        self._semaphore = semaphore
 
     def acquire(self) -> None:
         self._semaphore.acquire()
@@ -55,7 +55,14 @@ class ThreadLimit(RequestLimit):
         self._semaphore.release()
 
 
-class ProcessLimit(RequestLimit):
+class ThreadLimit(_SemaphoreLimit):
+    """For senders that are threads of one process (shards.runner thread)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit, threading.BoundedSemaphore(limit))
+
+
+class ProcessLimit(_SemaphoreLimit):
     """For a process pool's workers: an OS semaphore made from the pool's context, inherited when a worker starts.
 
     A worker killed while it holds a slot breaks the whole pool; the runner then makes a new pool and
@@ -63,14 +70,7 @@ class ProcessLimit(RequestLimit):
     """
 
     def __init__(self, limit: int, context: Any) -> None:
-        self.limit = limit
-        self._semaphore = context.BoundedSemaphore(limit)
-
-    def acquire(self) -> None:
-        self._semaphore.acquire()
-
-    def release(self) -> None:
-        self._semaphore.release()
+        super().__init__(limit, context.BoundedSemaphore(limit))
 
 
 class DaskLimit(RequestLimit):

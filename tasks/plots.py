@@ -1,26 +1,26 @@
-"""Render the SHAP plots people look at in MLflow: bar, beeswarm, waterfalls, an interactive force plot."""
+"""Render the SHAP plots people look at in MLflow: bar, beeswarm, waterfalls, an interactive force plot.
+
+Importing this module leaves matplotlib's backend alone (a notebook keeps its own). Rendering picks Agg
+only when nothing has chosen a backend yet (a worker's flow process, the CLI): shard threads must not
+open GUI windows.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-from flows.config import OutputConfig  # noqa: E402
-from tasks.aggregate import global_importance  # noqa: E402
-from tasks.schemas import BASE_VALUE, CLASS, FEATURE, MODEL_OUTPUT, ROW_ID  # noqa: E402
+from shapline.tasks.aggregate import global_importance
+from shapline.tasks.config import OutputConfig
+from shapline.tasks.schemas import BASE_VALUE, CLASS, FEATURE, MODEL_OUTPUT, ROW_ID
 
 # Beeswarm and force plots of more rows than this show an evenly spaced subset: the picture is
 # the same and a browser can still open the force plot.
@@ -33,13 +33,23 @@ READ_BATCH_ROWS = 65_536
 BAR_AGGREGATION = "mean_abs"
 
 
+def _headless_unless_chosen() -> None:
+    """Agg, unless a backend was chosen already (MPLBACKEND, a notebook, an earlier plot): left as it is."""
+    import matplotlib
+
+    # matplotlib's own test (pyplot uses it): None while the backend is still "auto", unchosen.
+    chosen = getattr(matplotlib.rcParams, "_get_backend_or_none", lambda: "unknown")()
+    if chosen is None:
+        matplotlib.use("Agg")
+
+
 def _safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
 
 
 def _numeric_view(rows: pd.DataFrame) -> pd.DataFrame:
     """Colour values for plots: numbers as they are, other columns as category codes."""
-    view = {}
+    view: dict[str, Any] = {}
     for column in rows.columns:
         series = rows[column]
         if pd.api.types.is_numeric_dtype(series):
@@ -50,7 +60,7 @@ def _numeric_view(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(view, index=rows.index)
 
 
-def _explanation(values: pd.DataFrame, rows: pd.DataFrame, features: list[str]):
+def _explanation(values: pd.DataFrame, rows: pd.DataFrame, features: list[str]) -> Any:
     import shap
 
     ids = values[ROW_ID].to_numpy()
@@ -159,6 +169,7 @@ def render_plots(
     """Write the configured plots under `folder`; several classes get one file per class (suffix _<class>)."""
     import shap
 
+    _headless_unless_chosen()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     several = len(labels) > 1
@@ -213,17 +224,3 @@ def render_plots(
             shap.save_html(str(path), plot)
             written.append(path)
     return written
-
-
-@task(name="render-plots", cache_policy=NO_CACHE)
-def render_plots_task(
-    values_path: str,
-    rows: pd.DataFrame,
-    features: list[str],
-    labels: list[str],
-    config: OutputConfig,
-    folder: str,
-    importance: pd.DataFrame | None = None,
-) -> list[str]:
-    """Render the SHAP plots."""
-    return [str(p) for p in render_plots(values_path, rows, features, labels, config, folder, importance)]

@@ -8,17 +8,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from flows.config import MlflowModel
-from tasks.errors import ModelError
-from tasks.models import BoosterPredictor, LocalPredictor, Predictor, two_d
-from tasks.tracking import resolve_tracking_uri
+from shapline.tasks.config import MlflowModel
+from shapline.tasks.errors import ModelError
+from shapline.tasks.predictors import BoosterPredictor, LocalPredictor, Predictor, two_d
+from shapline.tasks.redact import redact
+from shapline.tasks.tracking import resolve_tracking_uri
 
 _EXPECTED = (
     "expected models:/<name>/<version>, models:/<name>@<alias>, models:/<name>/latest, "
@@ -79,14 +77,6 @@ class PyfuncPredictor(Predictor):
         if isinstance(output, (pd.DataFrame, pd.Series)):
             output = output.to_numpy()
         return two_d(output)
-
-
-def _redact(uri: str) -> str:
-    """The URI without any user:password part, for error messages."""
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 def _bad_uri(uri: str) -> ModelError:
@@ -151,8 +141,8 @@ def _registered_model(client: Any, uri: str, name: str, tracking_uri: str) -> An
         if _is_missing(exc):
             raise ModelError(
                 f"model.uri: {uri}: no registered model named {name!r} "
-                f"in the registry at {_redact(tracking_uri)}"
-            ) from None
+                f"in the registry at {redact(tracking_uri)}"
+            ) from exc
         raise
 
 
@@ -199,8 +189,8 @@ def _from_run(client: Any, uri: str, run_id: str, path: str, tracking_uri: str) 
     except MlflowException as exc:
         if _is_missing(exc):
             raise ModelError(
-                f"model.uri: {uri}: no run {run_id} in the tracking store at {_redact(tracking_uri)}"
-            ) from None
+                f"model.uri: {uri}: no run {run_id} in the tracking store at {redact(tracking_uri)}"
+            ) from exc
         raise
     # MLflow 3 keeps a model logged in a run as a LoggedModel named after its path; MLflow 2 kept it in
     # the run's own artifacts.
@@ -252,8 +242,8 @@ def resolve_registry_model(config: MlflowModel) -> RegistryModel:
                 if _is_missing(exc):
                     raise ModelError(
                         f"model.uri: {config.uri}: no logged model {first} in the tracking store at "
-                        f"{_redact(tracking_uri)}"
-                    ) from None
+                        f"{redact(tracking_uri)}"
+                    ) from exc
                 raise
             return RegistryModel(
                 uri=config.uri,
@@ -275,19 +265,8 @@ def resolve_registry_model(config: MlflowModel) -> RegistryModel:
     except MlflowException as exc:
         message = " ".join(str(exc.message).split())[:300]
         raise ModelError(
-            f"model.uri: {config.uri}: cannot read the registry at {_redact(tracking_uri)}: {message}"
-        ) from None
-
-
-@task(name="resolve-model", cache_policy=NO_CACHE)
-def resolve_registry_model_task(config: MlflowModel) -> RegistryModel:
-    """Resolve model.uri to one concrete model version and its source run."""
-    return resolve_registry_model(config)
-
-
-def model_identity(config: MlflowModel) -> dict[str, str]:
-    """Run tags naming the model: shapline.model_uri, _name, _version, _run_id (and _id in MLflow 3)."""
-    return resolve_registry_model(config).tags
+            f"model.uri: {config.uri}: cannot read the registry at {redact(tracking_uri)}: {message}"
+        ) from exc
 
 
 def _download(model: RegistryModel) -> Path:
@@ -298,7 +277,7 @@ def _download(model: RegistryModel) -> Path:
         local = Path(download_artifacts(artifact_uri=model.location, tracking_uri=model.tracking_uri))
     except (MlflowException, OSError) as exc:
         message = " ".join(str(exc).split())[:300]
-        raise ModelError(f"model.uri: {model.uri}: cannot download the model's files: {message}") from None
+        raise ModelError(f"model.uri: {model.uri}: cannot download the model's files: {message}") from exc
     if not (local / "MLmodel").is_file():
         raise ModelError(
             f"model.uri: {model.uri}: no MLflow model there (no MLmodel file in {model.location})"
@@ -313,12 +292,12 @@ def _load_flavor(flavor: str, local: Path, uri: str) -> Any:
     except ModuleNotFoundError as exc:
         raise ModelError(
             f"model.uri: {uri}: the {flavor} model needs module {exc.name!r}, which is not installed"
-        ) from None
+        ) from exc
     except ModelError:
         raise
     except Exception as exc:
         message = " ".join(str(exc).split())[:300]
-        raise ModelError(f"model.uri: {uri}: cannot load the {flavor} model: {message}") from None
+        raise ModelError(f"model.uri: {uri}: cannot load the {flavor} model: {message}") from exc
 
 
 def _native_predictor(config: MlflowModel, flavor: str, model: Any) -> Predictor | None:

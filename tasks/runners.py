@@ -21,11 +21,11 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from flows.config import ModelConfig, SageMakerModel, ShardsConfig
-from tasks.errors import ShaplineError
-from tasks.explain import ShardValues
-from tasks.limits import DaskLimit, ProcessLimit, RequestLimit, ThreadLimit
-from tasks.shards import ShardJob, explain_shard
+from shapline.tasks.config import ModelConfig, SageMakerModel, ShardsConfig
+from shapline.tasks.errors import ShaplineError
+from shapline.tasks.explain import ShardValues
+from shapline.tasks.limits import DaskLimit, ProcessLimit, RequestLimit, ThreadLimit
+from shapline.tasks.shards import ShardJob, explain_shard
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class ThreadRunner(ShardRunner):
 
 
 # What every pool worker imports; a fork server imports it once and forks the workers from there.
-_PRELOAD = ["tasks.shards", "shap"]
+_PRELOAD = ["shapline.tasks.shards", "shap"]
 # Set in each pool worker by _start_worker: the run's limit on endpoint requests, shared by the pool.
 _worker_limit: RequestLimit | None = None
 
@@ -100,7 +100,7 @@ def _start_worker(
     try:
         import shap  # noqa: F401 - the import is the point
 
-        from tasks.models import load_predictor
+        from shapline.tasks.models import load_predictor
 
         predictor = load_predictor(model)
         if threads is not None:
@@ -178,7 +178,7 @@ class ProcessRunner(ShardRunner):
             return future.result()
         except BrokenProcessPool as exc:
             self._replace(executor)
-            raise ShardWorkerLost(f"shard {job.index}: a worker process died while it ran ({exc})") from None
+            raise ShardWorkerLost(f"shard {job.index}: a worker process died while it ran ({exc})") from exc
 
     def close(self) -> None:
         with self._lock:
@@ -204,7 +204,7 @@ class DaskRunner(ShardRunner):
             except (OSError, TimeoutError) as exc:
                 raise ShaplineError(
                     f"shards.address: cannot reach the Dask scheduler at {shards.address}: {exc}"
-                ) from None
+                ) from exc
         else:
             # One thread per worker process: SHAP's numpy work is single-threaded per shard.
             self.cluster = LocalCluster(
@@ -240,7 +240,7 @@ class DaskRunner(ShardRunner):
         try:
             return future.result()
         except KilledWorker as exc:
-            raise ShardWorkerLost(f"shard {job.index}: Dask workers running it kept dying ({exc})") from None
+            raise ShardWorkerLost(f"shard {job.index}: Dask workers running it kept dying ({exc})") from exc
 
     def close(self) -> None:
         try:

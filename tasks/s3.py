@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from flows.config import DataConfig, S3Config
-from tasks.data import DataSource
-from tasks.errors import DataError
+from shapline.tasks.config import S3Config
+from shapline.tasks.errors import DataError
+from shapline.tasks.sources import DataSource
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 
@@ -77,10 +77,10 @@ def s3_client(config: S3Config) -> Any:
 class S3Object(DataSource):
     """A CSV or Parquet object in S3 or an S3-compatible store."""
 
-    def __init__(self, uri: str, config: DataConfig) -> None:
+    def __init__(self, uri: str, config: S3Config) -> None:
         self.uri = uri
         self.bucket, self.key, self.version = parse_s3_uri(uri)
-        self.config = config.s3
+        self.config = config
 
     @property
     def suffix(self) -> str:
@@ -95,9 +95,9 @@ class S3Object(DataSource):
         try:
             return self._get(s3_client(self.config), request)
         except ClientError as exc:
-            raise self._client_error(exc) from None
+            raise self._client_error(exc) from exc
         except BotoCoreError as exc:
-            raise self._transport_error(exc) from None
+            raise self._transport_error(exc) from exc
 
     def _get(self, client: Any, request: dict[str, str]) -> bytes:
         from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError

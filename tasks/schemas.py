@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pandas as pd
 
 ROW_ID = "row_id"
@@ -23,7 +25,7 @@ def values_columns(features: list[str], several_classes: bool) -> list[str]:
     return [ROW_ID, *([CLASS] if several_classes else []), *features, BASE_VALUE, MODEL_OUTPUT]
 
 
-def importance_columns(aggregations: list[str], several_classes: bool) -> list[str]:
+def importance_columns(aggregations: Sequence[str], several_classes: bool) -> list[str]:
     """global_importance.csv: [class], feature, one column per aggregation, rank."""
     return [*([CLASS] if several_classes else []), FEATURE, *aggregations, RANK]
 

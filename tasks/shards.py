@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from flows.config import ExplainerConfig, ModelConfig
-from tasks.background import Background
-from tasks.explain import ShardValues, explain_rows, limit_native_threads
-from tasks.limits import RequestLimit
-from tasks.liveness import pid_alive, this_host
-from tasks.models import load_predictor
-from tasks.schemas import CLASS
+from shapline.tasks.background import Background
+from shapline.tasks.config import ExplainerConfig, ModelConfig
+from shapline.tasks.cores import limit_native_threads
+from shapline.tasks.explain import ShardValues, explain_rows
+from shapline.tasks.limits import RequestLimit
+from shapline.tasks.liveness import pid_alive, this_host
+from shapline.tasks.models import load_predictor
+from shapline.tasks.schemas import CLASS
 
 # The key of shapline's own metadata in a shard file's Parquet schema.
 _META = b"shapline"

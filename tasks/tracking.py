@@ -15,9 +15,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tasks.errors import TrackingError
-from tasks.liveness import pid_alive, this_host
-from tasks.redact import redact
+from shapline.tasks.errors import TrackingError
+from shapline.tasks.liveness import pid_alive, this_host
+from shapline.tasks.redact import redact
 
 ERROR_TAG = "shapline.error"
 

@@ -9,12 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from flows.config import ValidationConfig
-from tasks.errors import ConfigError
-from tasks.redact import redact
+from shapline.tasks.config import ValidationConfig
+from shapline.tasks.errors import ConfigError
+from shapline.tasks.redact import redact
 
 AUTOMATIC = "automatic"
 
@@ -56,7 +54,9 @@ def build_expectations(features: list[str], config: ValidationConfig) -> list[An
     """The automatic expectations (features present, rows non-empty), then the YAML ones."""
     import great_expectations as gx
 
-    suite = [gx.expectations.ExpectTableRowCountToBeBetween(min_value=1, meta={"shapline": AUTOMATIC})]
+    suite: list[Any] = [
+        gx.expectations.ExpectTableRowCountToBeBetween(min_value=1, meta={"shapline": AUTOMATIC})
+    ]
     suite += [gx.expectations.ExpectColumnToExist(column=f, meta={"shapline": AUTOMATIC}) for f in features]
     for position, item in enumerate(config.expectations):
         name, kwargs = next(iter(item.items()))
@@ -64,9 +64,10 @@ def build_expectations(features: list[str], config: ValidationConfig) -> list[An
         try:
             suite.append(expectation(**(kwargs or {})))
         except Exception as exc:  # GX raises its own (pydantic v1) ValidationError for bad kwargs
-            errors = exc.errors() if callable(getattr(exc, "errors", None)) else []
+            details = getattr(exc, "errors", None)
+            errors = details() if callable(details) else []
             reason = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or str(exc)
-            raise ConfigError(f"validation.expectations[{position}] {name}: {reason}") from None
+            raise ConfigError(f"validation.expectations[{position}] {name}: {reason}") from exc
     return suite
 
 
@@ -177,7 +178,8 @@ def validate_frame(
             continue
         line = _describe_failure(item)
         failures.append(line)
-        automatic = (item.expectation_config.meta or {}).get("shapline") == AUTOMATIC
+        meta = item.expectation_config.meta if item.expectation_config is not None else None
+        automatic = (meta or {}).get("shapline") == AUTOMATIC
         if automatic or config.on_failure == "fail":
             blocking.append(line)
     return ValidationReport(
@@ -187,11 +189,3 @@ def validate_frame(
         result=result.to_json_dict(),
         evaluated=len(result.results),
     )
-
-
-@task(name="validate-data", cache_policy=NO_CACHE)
-def validate_frame_task(
-    frame: pd.DataFrame, features: list[str], config: ValidationConfig, repeated_columns: tuple[str, ...] = ()
-) -> ValidationReport:
-    """Validate the data with Great Expectations."""
-    return validate_frame(frame, features, config, repeated_columns)

@@ -13,8 +13,12 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import joblib  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+# Prefect's console log handler keeps the sys.stderr of the moment Prefect is imported. Imported here,
+# at collection, it keeps pytest's own capture rather than the stream of the first test's capsys,
+# which is closed when that test ends.
+import prefect.main  # noqa: E402, F401
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
@@ -35,6 +39,19 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("SHAPLINE_CACHE_DIR", str(tmp_path / "shard-cache"))
     return uri
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Dummy AWS credentials for the local endpoint (boto3's chain needs some); no real account is reached."""
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+    }.items():
+        monkeypatch.setenv(key, value)
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +109,7 @@ def penguins(models_dir: Path) -> tuple[Path, Path]:
     """Real mixed-type data (text, numbers, missing values) and a Pipeline with encoders trained on it."""
     from palmerpenguins import load_penguins
 
-    from flows.demo import train_penguin_model
+    from shapline.flows.demo import train_penguin_model
 
     data = load_penguins()
     data_path, model_path = models_dir / "penguins.csv", models_dir / "penguins.joblib"
@@ -113,32 +130,3 @@ def write_config(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
-
-
-def exact_shapley(
-    function: Callable[[np.ndarray], np.ndarray],
-    x: np.ndarray,
-    background: np.ndarray,
-    link: Callable[[np.ndarray], np.ndarray] = lambda v: v,
-) -> np.ndarray:
-    """Shapley values by enumerating every coalition: v(S) = link(mean over background of f(x_S, b_rest))."""
-    from itertools import combinations
-    from math import factorial
-
-    m = len(x)
-
-    def value(subset: tuple[int, ...]) -> float:
-        rows = background.copy()
-        rows[:, list(subset)] = x[list(subset)]
-        return float(link(np.mean(function(rows))))
-
-    cache = {s: value(s) for k in range(m + 1) for s in combinations(range(m), k)}
-    phi = np.zeros(m)
-    for i in range(m):
-        others = [j for j in range(m) if j != i]
-        for k in range(m):
-            weight = factorial(k) * factorial(m - k - 1) / factorial(m)
-            for subset in combinations(others, k):
-                with_i = tuple(sorted((*subset, i)))
-                phi[i] += weight * (cache[with_i] - cache[subset])
-    return phi

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows.cli import main
+from shapline.flows.cli import main
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any], str]:
@@ -39,26 +41,16 @@ def logged_values(uri: str, run_id: str, folder: Path) -> pd.DataFrame:
     return pd.read_parquet(artifact(uri, run_id, "shap_values.parquet", folder))
 
 
-class DiesOnceInAWorker:
-    """A classifier whose first predict in a worker process kills that process, as an OOM kill would."""
-
-    def __init__(self, model: Any, marker: str) -> None:
-        self.model = model
-        self.marker = marker
-        self.classes_ = model.classes_
-
-    def fit(self, rows: Any, target: Any) -> DiesOnceInAWorker:
-        self.model.fit(rows, target)
-        return self
-
-    def predict_proba(self, rows: Any) -> Any:
-        import multiprocessing
-        import os
-
-        if multiprocessing.parent_process() is not None and not Path(self.marker).exists():
-            Path(self.marker).touch()
-            os._exit(9)
-        return self.model.predict_proba(rows)
+def assert_same_values(
+    uri: str, first: dict[str, Any], second: dict[str, Any], folder: Path, atol: float = 1e-12
+) -> None:
+    """Two runs (their --json summaries) logged the same SHAP values table, to `atol` (0: bit for bit)."""
+    left = logged_values(uri, first["mlflow_run_id"], folder / "first")
+    right = logged_values(uri, second["mlflow_run_id"], folder / "second")
+    if atol == 0:
+        pd.testing.assert_frame_equal(left, right)
+    else:
+        pd.testing.assert_frame_equal(left, right, check_exact=False, rtol=min(atol, 1e-12), atol=atol)
 
 
 def free_port() -> int:
@@ -113,6 +105,23 @@ class Watched:
         return self.model.predict_proba(rows)
 
 
+def flow_run_of(store: str, summary: dict[str, Any]) -> str:
+    """The Prefect flow run behind a `--json` summary, from its MLflow run's tag."""
+    return str(MlflowClient(store).get_run(summary["mlflow_run_id"]).data.tags["prefect.flow_run_id"])
+
+
+def shard_task_runs(flow_run: str) -> list[Any]:
+    """The flow run's explain-shard task runs, as the Prefect API (and so the UI) has them."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run)])))
+    return sorted((r for r in runs if r.name.startswith("explain-shard-")), key=lambda r: r.name)
+
+
 def flow_run_logs(store: str, summary: dict[str, Any]) -> list[str]:
     """The log lines the Prefect API holds for the flow run behind a `--json` summary (what the UI shows)."""
     from uuid import UUID
@@ -122,7 +131,37 @@ def flow_run_logs(store: str, summary: dict[str, Any]) -> list[str]:
     from prefect.logging.handlers import APILogHandler
 
     APILogHandler().flush()
-    flow_run = MlflowClient(store).get_run(summary["mlflow_run_id"]).data.tags["prefect.flow_run_id"]
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(flow_run)])))
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(flow_run_of(store, summary))]))
+        )
     return [log.message for log in logs]
+
+
+def exact_shapley(
+    function: Callable[[np.ndarray], np.ndarray],
+    x: np.ndarray,
+    background: np.ndarray,
+    link: Callable[[np.ndarray], np.ndarray] = lambda v: v,
+) -> np.ndarray:
+    """Shapley values by enumerating every coalition: v(S) = link(mean over background of f(x_S, b_rest))."""
+    from itertools import combinations
+    from math import factorial
+
+    m = len(x)
+
+    def value(subset: tuple[int, ...]) -> float:
+        rows = background.copy()
+        rows[:, list(subset)] = x[list(subset)]
+        return float(link(np.mean(function(rows))))
+
+    cache = {s: value(s) for k in range(m + 1) for s in combinations(range(m), k)}
+    phi = np.zeros(m)
+    for i in range(m):
+        others = [j for j in range(m) if j != i]
+        for k in range(m):
+            weight = factorial(k) * factorial(m - k - 1) / factorial(m)
+            for subset in combinations(others, k):
+                with_i = tuple(sorted((*subset, i)))
+                phi[i] += weight * (cache[with_i] - cache[subset])
+    return phi

@@ -234,7 +234,7 @@ def test_dockerfile_installs_the_project() -> None:
     steps = dockerfile_instructions(DOCKER / "Dockerfile")
     assert steps[0] == ("FROM", "python:3.11-slim")
     copies = [args for op, args in steps if op == "COPY"]
-    for source in ("pyproject.toml", "README.md", "flows/", "tasks/", "configs/"):
+    for source in ("pyproject.toml", "README.md", "shapline/", "flows/", "tasks/", "configs/"):
         assert any(args.split()[0] == source for args in copies), f"COPY {source} missing"
     runs = [args for op, args in steps if op == "RUN"]
     assert any(re.search(r"pip install[^&]*\s\.(\s|$)", run) for run in runs), "no `pip install .`"

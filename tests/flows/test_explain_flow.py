@@ -14,10 +14,15 @@ import pytest
 import shap
 from mlflow.tracking import MlflowClient
 
-from tasks.explain import ModelFunction
-from tasks.models import LocalPredictor
-from tests.conftest import exact_shapley
-from tests.helpers import DiesOnceInAWorker, all_runs, artifact, logged_values, run_cli
+from shapline.tasks.explain import ModelFunction
+from shapline.tasks.predictors import LocalPredictor
+from tests.helpers import (
+    all_runs,
+    artifact,
+    assert_same_values,
+    exact_shapley,
+    run_cli,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -179,43 +184,7 @@ def test_many_shards_on_two_processes_equal_one_shard(
     code_one, first, _ = run_cli(["run", str(one), "--json"], capsys)
     code_many, second, _ = run_cli(["run", str(many), "--json"], capsys)
     assert code_one == 0 and code_many == 0 and first["shards"] == 1 and second["shards"] == 4
-    left = pd.read_parquet(
-        artifact(mlflow_store, first["mlflow_run_id"], "shap_values.parquet", tmp_path / "a")
-    )
-    right = pd.read_parquet(
-        artifact(mlflow_store, second["mlflow_run_id"], "shap_values.parquet", tmp_path / "b")
-    )
-    pd.testing.assert_frame_equal(left, right, check_exact=False, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.slow
-def test_a_worker_process_that_dies_is_replaced_and_its_shard_retried(
-    write_config: Callable[..., Path],
-    cancer_data: Path,
-    mlp_model: Path,
-    mlflow_store: str,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    """A worker killed mid-shard breaks the pool: a new pool starts, the shards retry, values are unchanged."""
-    marker = tmp_path / "died"
-    dying = tmp_path / "dies-once.joblib"
-    joblib.dump(DiesOnceInAWorker(joblib.load(mlp_model), str(marker)), dying)
-    common = {
-        "data": {"explain_rows": 8, "seed": 2},
-        "explainer": {"algorithm": "kernel", "nsamples": 40, "seed": 7},
-        "output": {"plots": []},
-    }
-    plain = cancer_config(write_config, cancer_data, mlp_model, shards={"size": 8, "workers": 1}, **common)
-    crashing = cancer_config(
-        write_config, cancer_data, dying, shards={"size": 2, "runner": "process", "workers": 2}, **common
-    )
-    code, crashed, _ = run_cli(["run", str(crashing), "--json"], capsys)
-    assert code == 0 and marker.exists() and crashed["shards_computed"] == 4
-    code, reference, _ = run_cli(["run", str(plain), "--json"], capsys)
-    left = logged_values(mlflow_store, crashed["mlflow_run_id"], tmp_path / "a")
-    right = logged_values(mlflow_store, reference["mlflow_run_id"], tmp_path / "b")
-    pd.testing.assert_frame_equal(left, right, check_exact=False, rtol=1e-12, atol=1e-12)
+    assert_same_values(mlflow_store, first, second, tmp_path)
 
 
 def test_mixed_type_pipeline_explains_every_class(

@@ -13,23 +13,10 @@ import pytest
 import shap
 from mlflow.tracking import MlflowClient
 
-from tasks.endpoint_server import EndpointServer
-from tests.helpers import logged_values, run_cli
+from shapline.testing.endpoint import EndpointServer
+from tests.helpers import assert_same_values, logged_values, run_cli
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
-
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Dummy credentials for the local endpoint (boto3's chain needs some); no real account is reached."""
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(tmp_path / "none"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
-    }.items():
-        monkeypatch.setenv(key, value)
+pytestmark = pytest.mark.usefixtures("prefect_server", "aws_env")
 
 
 def kernel_sections(cancer_data: Path) -> dict[str, Any]:
@@ -75,9 +62,7 @@ def test_endpoint_run_equals_the_local_model_and_respects_the_payload_cap(
     )
     code, reference, err = run_cli(["run", str(local), "--json"], capsys)
     assert code == 0, err
-    left = logged_values(mlflow_store, summary["mlflow_run_id"], tmp_path / "remote")
-    right = logged_values(mlflow_store, reference["mlflow_run_id"], tmp_path / "local")
-    pd.testing.assert_frame_equal(left, right, check_exact=False, atol=1e-6)
+    assert_same_values(mlflow_store, summary, reference, tmp_path, atol=1e-6)
     assert stats["too_large"] == 0 and stats["max_body_bytes"] <= cap_mb * 1e6
     metrics = MlflowClient(mlflow_store).get_run(summary["mlflow_run_id"]).data.metrics
     assert metrics["inference_rows"] > 6 * 10 * 120 and metrics["inference_requests"] >= 6
@@ -171,13 +156,7 @@ def test_dask_local_cluster_gives_the_thread_runner_values(
     code_thread, first, _ = run_cli(["run", str(thread), "--json"], capsys)
     code_dask, second, err = run_cli(["run", str(dask), "--json"], capsys)
     assert code_thread == 0 and code_dask == 0, err
-    pd.testing.assert_frame_equal(
-        logged_values(mlflow_store, first["mlflow_run_id"], tmp_path / "a"),
-        logged_values(mlflow_store, second["mlflow_run_id"], tmp_path / "b"),
-        check_exact=False,
-        rtol=1e-12,
-        atol=1e-12,
-    )
+    assert_same_values(mlflow_store, first, second, tmp_path)
 
 
 def test_the_estimate_counts_every_row_the_run_sends_probe_included(

@@ -4,10 +4,22 @@ from pathlib import Path
 
 import yaml
 
-from flows.config import ExplainParameters, load_config
-from flows.deploy import ENTRYPOINT
+from shapline.flows.parameters import ExplainParameters
+from shapline.tasks.config import load_config
 
 ROOT = Path(__file__).parents[2]
+# prefect.yaml's entrypoint: the flow file of a checkout (SHAPLINE_HOME); `shapline deploy` uses the
+# installed module instead (shapline.flows.explain.explain_model), which needs no checkout.
+ENTRYPOINT = "flows/explain.py:explain_model"
+
+
+def test_the_file_entrypoint_of_a_checkout_loads_the_installed_flow() -> None:
+    from prefect.flows import load_flow_from_entrypoint
+
+    from shapline.flows.explain import explain_model
+
+    loaded = load_flow_from_entrypoint(str(ROOT / ENTRYPOINT))
+    assert loaded.name == explain_model.name == "shapline-explain"
 
 
 def test_prefect_yaml_matches_the_configs_it_deploys() -> None:

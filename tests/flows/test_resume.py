@@ -11,11 +11,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows.cli import main
+from shapline.flows.cli import main
+from tests.helpers import assert_same_values
 
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 
@@ -41,7 +41,7 @@ def test_rerun_after_a_killed_process_reuses_finished_shards(
     cache = tmp_path / "shard-cache"
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "SHAPLINE_CACHE_DIR": str(cache)}
     crashing = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", str(config)],
+        [sys.executable, "-m", "shapline", "run", str(config)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -72,14 +72,7 @@ def test_rerun_after_a_killed_process_reuses_finished_shards(
     assert main(["run", str(config), "--json", "--set", f"shards.cache_dir={tmp_path / 'fresh'}"]) == 0
     fresh = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert fresh["shards_reused"] == 0
-    client = MlflowClient(mlflow_store)
-    left = pd.read_parquet(
-        client.download_artifacts(resumed["mlflow_run_id"], "shap_values.parquet", str(tmp_path / "a"))
-    )
-    right = pd.read_parquet(
-        client.download_artifacts(fresh["mlflow_run_id"], "shap_values.parquet", str(tmp_path / "b"))
-    )
-    pd.testing.assert_frame_equal(left, right, check_exact=False, rtol=1e-12, atol=1e-12)
+    assert_same_values(mlflow_store, resumed, fresh, tmp_path)
 
 
 def test_a_run_keeps_the_shards_another_live_run_is_using(
@@ -126,7 +119,7 @@ def test_a_corrupted_shard_in_the_store_is_computed_again_never_trusted(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from tests.helpers import flow_run_logs, logged_values, run_cli
+    from tests.helpers import assert_same_values, flow_run_logs, run_cli
 
     config = write_config(
         model={"name": "corrupted", "kind": "sklearn", "path": str(mlp_model)},
@@ -151,7 +144,4 @@ def test_a_corrupted_shard_in_the_store_is_computed_again_never_trusted(
         if "cannot be read" in line and "computing it again" in line
     ]
     assert len(said) == 2
-    pd.testing.assert_frame_equal(
-        logged_values(mlflow_store, first["mlflow_run_id"], tmp_path / "a"),
-        logged_values(mlflow_store, second["mlflow_run_id"], tmp_path / "b"),
-    )
+    assert_same_values(mlflow_store, first, second, tmp_path, atol=0)

@@ -14,29 +14,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import psutil
 import pytest
 
-import tasks.endpoint as endpoint_module
-from tasks.endpoint_server import EndpointServer
-from tests.helpers import free_port, logged_values, run_cli
+import shapline.tasks.endpoint as endpoint_module
+from shapline.testing.endpoint import EndpointServer
+from tests.helpers import assert_same_values, flow_run_of, free_port, run_cli, shard_task_runs
 
-pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
+pytestmark = [pytest.mark.usefixtures("prefect_server", "aws_env"), pytest.mark.slow]
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Dummy credentials for the local endpoint (boto3's chain needs some); no real account is reached."""
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(tmp_path / "none"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
-    }.items():
-        monkeypatch.setenv(key, value)
 
 
 def kernel_sections(cancer_data: Path, **shards: Any) -> dict[str, Any]:
@@ -54,7 +40,7 @@ def can_unshare() -> bool:
     if shutil.which("unshare") is None:
         return False
     probe = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs none /tmp"],
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs none /mnt"],
         capture_output=True,
     )
     return probe.returncode == 0
@@ -73,9 +59,11 @@ def prefect_servers() -> set[int]:
 @pytest.fixture(scope="module")
 def remote_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A scheduler and a two-process `dask worker` started apart from the flow, the worker in its own mount
-    namespace with an empty /tmp: it cannot see the flow's temporary folders, its shard store or its data.
-    Only the model is shared, from a folder outside /tmp, as the README says a remote worker needs."""
+    namespace where pytest's temporary folders (the tests' data, the flow's scratch folders, which the
+    tests put there, and its shard store) are an empty tmpfs. Only the model is shared, from a folder
+    outside them, as the README says a remote worker needs."""
     logs = tmp_path_factory.mktemp("dask-logs")
+    hidden = tmp_path_factory.getbasetemp().parent
     shared = Path(tempfile.mkdtemp(prefix="shapline-shared-model-", dir="/var/tmp"))
     port = free_port()
     env = {**os.environ}
@@ -108,13 +96,11 @@ def remote_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
             "private",
             "sh",
             "-c",
-            'mount -t tmpfs shapline-worker-tmp /tmp && exec "$@"',
+            f'mount -t tmpfs shapline-worker-tmp "{hidden}" && exec "$@"',
             "sh",
             *worker_command,
         ]
-    worker = subprocess.Popen(
-        worker_command, env={**env, "TMPDIR": "/tmp"}, stdout=worker_log, stderr=subprocess.STDOUT
-    )
+    worker = subprocess.Popen(worker_command, env=env, stdout=worker_log, stderr=subprocess.STDOUT)
     try:
         from distributed import Client
 
@@ -135,6 +121,7 @@ def remote_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
 
 
 def test_a_remote_dask_worker_that_shares_only_the_model_explains_every_shard(
+    monkeypatch: pytest.MonkeyPatch,
     remote_cluster: dict[str, Any],
     write_config: Callable[..., Path],
     cancer_data: Path,
@@ -147,6 +134,8 @@ def test_a_remote_dask_worker_that_shares_only_the_model_explains_every_shard(
 
     model = remote_cluster["shared"] / "cancer-mlp.joblib"
     shutil.copy(mlp_model, model)
+    # The flow's scratch folders go under this test's folder, which the worker cannot see.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     if remote_cluster["isolated"]:
         with Client(remote_cluster["address"]) as client:
             seen = client.run(
@@ -166,37 +155,12 @@ def test_a_remote_dask_worker_that_shares_only_the_model_explains_every_shard(
     code, summary, err = run_cli(["run", str(remote), "--json"], capsys)
     assert code == 0, err + (remote_cluster["logs"] / "worker.log").read_text()[-3000:]
     assert summary["shards_computed"] == 3
-    pd.testing.assert_frame_equal(
-        logged_values(mlflow_store, reference["mlflow_run_id"], tmp_path / "a"),
-        logged_values(mlflow_store, summary["mlflow_run_id"], tmp_path / "b"),
-        check_exact=False,
-        rtol=1e-12,
-        atol=1e-12,
-    )
+    assert_same_values(mlflow_store, reference, summary, tmp_path)
     # The shard tasks reported to the flow's own Prefect API, and no worker started a server of its own.
     assert prefect_servers() <= before
     assert "Starting temporary server" not in (remote_cluster["logs"] / "worker.log").read_text()
-    assert sorted(shard_task_names(summary)) == ["explain-shard-0", "explain-shard-1", "explain-shard-2"]
-
-
-def shard_task_names(summary: dict[str, Any]) -> list[str]:
-    """The names of the flow run's shard task runs, read from the flow's Prefect API."""
-    from uuid import UUID
-
-    from mlflow.tracking import MlflowClient
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    flow_run_id = (
-        MlflowClient(summary["tracking_uri"])
-        .get_run(summary["mlflow_run_id"])
-        .data.tags["prefect.flow_run_id"]
-    )
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)]))
-        )
-    return [r.name for r in runs if r.name.startswith("explain-shard-")]
+    names = [r.name for r in shard_task_runs(flow_run_of(mlflow_store, summary))]
+    assert names == ["explain-shard-0", "explain-shard-1", "explain-shard-2"]
 
 
 def test_a_local_dask_cluster_leaves_nothing_running(
@@ -221,7 +185,7 @@ def test_a_local_dask_cluster_leaves_nothing_running(
     )
     code, summary, err = run_cli(["run", str(config), "--json"], capsys)
     assert code == 0, err
-    assert len(shard_task_names(summary)) == 3
+    assert len(shard_task_runs(flow_run_of(summary["tracking_uri"], summary))) == 3
     assert prefect_servers() <= before_servers
     deadline = time.monotonic() + 30
     while (left := ours() - before_children) and (time.monotonic() < deadline):
@@ -269,20 +233,6 @@ def endpoint_config(write_config: Callable[..., Path], cancer_data: Path, url: s
     )
 
 
-def shard_run_counts(summary_or_error_run: str) -> list[int]:
-    """How many times each shard task of the flow run that logged this MLflow run ran."""
-    from uuid import UUID
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(summary_or_error_run)]))
-        )
-    return [r.run_count for r in runs if r.name.startswith("explain-shard-")]
-
-
 def test_a_dropped_endpoint_connection_is_retried_by_the_task_after_the_predictor_gives_up(
     write_config: Callable[..., Path],
     cancer_data: Path,
@@ -291,7 +241,6 @@ def test_a_dropped_endpoint_connection_is_retried_by_the_task_after_the_predicto
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from mlflow.tracking import MlflowClient
 
     # Request 1 is the flow's probe. The shard's first request is reset every time it is tried, by
     # botocore (its first try and max_attempts retries) within each of the predictor's attempts: the
@@ -304,19 +253,13 @@ def test_a_dropped_endpoint_connection_is_retried_by_the_task_after_the_predicto
         stats = server.stats
     assert code == 0, err
     assert stats["reset"] == attempts
-    flow_run = MlflowClient(mlflow_store).get_run(summary["mlflow_run_id"]).data.tags["prefect.flow_run_id"]
-    assert shard_run_counts(flow_run) == [2]
+    assert [r.run_count for r in shard_task_runs(flow_run_of(mlflow_store, summary))] == [2]
     local = write_config(
         model={"name": "cancer-faults-local", "kind": "sklearn", "path": str(mlp_model)},
         **{**kernel_sections(cancer_data), "shards": {"size": 6, "workers": 1}},
     )
     code, reference, err = run_cli(["run", str(local), "--json"], capsys)
-    pd.testing.assert_frame_equal(
-        logged_values(mlflow_store, summary["mlflow_run_id"], tmp_path / "a"),
-        logged_values(mlflow_store, reference["mlflow_run_id"], tmp_path / "b"),
-        check_exact=False,
-        atol=1e-6,
-    )
+    assert_same_values(mlflow_store, summary, reference, tmp_path, atol=1e-6)
 
 
 def test_a_bad_request_is_not_retried(
@@ -336,13 +279,13 @@ def test_a_bad_request_is_not_retried(
     assert code == 1 and "HTTP 413" in summary["error"] and too_large == 1
     [run] = all_runs(mlflow_store)
     assert run.info.status == "FAILED"
-    assert shard_run_counts(run.data.tags["prefect.flow_run_id"]) == [1]
+    assert [r.run_count for r in shard_task_runs(run.data.tags["prefect.flow_run_id"])] == [1]
 
 
 def test_the_retry_rule_retries_faults_and_never_bad_inputs() -> None:
-    from flows.explain import _worth_retrying
-    from tasks.errors import ModelError, TransientModelError
-    from tasks.runners import ShardWorkerLost
+    from shapline.flows.explain import _worth_retrying
+    from shapline.tasks.errors import ModelError, TransientModelError
+    from shapline.tasks.runners import ShardWorkerLost
 
     class Failed:
         def __init__(self, error: BaseException) -> None:
@@ -429,10 +372,4 @@ def test_a_pool_worker_killed_at_any_moment_costs_no_shard(
     )
     code, reference, err = run_cli(["run", str(plain), "--json"], capsys)
     assert code == 0, err
-    pd.testing.assert_frame_equal(
-        logged_values(mlflow_store, summary["mlflow_run_id"], tmp_path / "a"),
-        logged_values(mlflow_store, reference["mlflow_run_id"], tmp_path / "b"),
-        check_exact=False,
-        rtol=1e-12,
-        atol=1e-12,
-    )
+    assert_same_values(mlflow_store, summary, reference, tmp_path)

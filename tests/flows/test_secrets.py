@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks.endpoint_server import EndpointServer
+from shapline.testing.endpoint import EndpointServer
 from tests.helpers import all_runs, free_port, run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

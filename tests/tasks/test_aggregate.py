@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.aggregate import aggregate, combine_shards
-from tasks.explain import ShardValues
-from tasks.schemas import SchemaError, check_columns, importance_columns, values_columns
+from shapline.tasks.aggregate import aggregate, combine_shards
+from shapline.tasks.explain import ShardValues
+from shapline.tasks.schemas import SchemaError, check_columns, importance_columns, values_columns
 
 FEATURES = ["a", "b", "c"]
 

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.config import BackgroundConfig
-from tasks.background import WEIGHT_COLUMN, Background, draw_background
-from tasks.errors import DataError
+from shapline.tasks.background import WEIGHT_COLUMN, Background, draw_background
+from shapline.tasks.config import BackgroundConfig
+from shapline.tasks.errors import DataError
 
 
 @pytest.fixture

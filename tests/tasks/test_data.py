@@ -6,17 +6,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from flows.config import DataConfig
-from tasks import data
-from tasks.data import (
-    feature_columns,
-    file_sha256,
-    load_data,
-    parse_table,
-    select_explain_rows,
-    split_features,
-)
-from tasks.errors import DataError
+from shapline.tasks import sources
+from shapline.tasks.config import DataConfig
+from shapline.tasks.data import feature_columns, load_data, select_explain_rows, split_features
+from shapline.tasks.errors import DataError
+from shapline.tasks.sources import file_sha256, parse_table
 
 
 @pytest.fixture
@@ -47,7 +41,7 @@ def test_load_keeps_mixed_types_and_numbers_rows_by_position(
 def test_hashing_by_chunks_gives_the_sha256_of_the_whole_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(data, "HASH_CHUNK_BYTES", 7)
+    monkeypatch.setattr(sources, "HASH_CHUNK_BYTES", 7)
     path = tmp_path / "d.bin"
     path.write_bytes(bytes(range(256)) * 41)  # not a whole number of chunks
     assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -66,7 +60,7 @@ def test_a_file_changed_while_read_is_refused(
 ) -> None:
     path = tmp_path / "d.csv"
     mixed.to_csv(path, index=False)
-    parse = data.parse_table
+    parse = sources.parse_table
 
     def parse_then_append(content: bytes | Path, suffix: str, uri: str) -> pd.DataFrame:
         frame = parse(content, suffix, uri)
@@ -74,7 +68,7 @@ def test_a_file_changed_while_read_is_refused(
             handle.write("KS,1.0,5,no\n")
         return frame
 
-    monkeypatch.setattr(data, "parse_table", parse_then_append)
+    monkeypatch.setattr(sources, "parse_table", parse_then_append)
     with pytest.raises(DataError, match="changed while it was read"):
         load_data(DataConfig(source=str(path)))
 

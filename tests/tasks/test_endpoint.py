@@ -14,26 +14,18 @@ import pytest
 from sklearn.datasets import load_breast_cancer
 from sklearn.ensemble import HistGradientBoostingClassifier
 
-import tasks.endpoint as endpoint_module
-from flows.config import ExplainerConfig, SageMakerModel
-from flows.endpoint_cli import add_parser
-from tasks.background import Background
-from tasks.endpoint import (
-    BudgetExceeded,
-    check_budget,
-    delete_endpoint,
-    effective_nsamples,
-    estimate_inference,
-    load_endpoint_predictor,
-    parse_scores,
-    plan_inference,
-    plan_requests,
-    serialize_rows,
-)
-from tasks.endpoint_server import EndpointServer
-from tasks.errors import ModelError, ShaplineError
-from tasks.explain import explain_rows
-from tasks.models import LocalPredictor
+import shapline.tasks.endpoint as endpoint_module
+import shapline.tasks.inference as inference_module
+from shapline.flows.endpoint_cli import add_parser
+from shapline.tasks.background import Background
+from shapline.tasks.config import ExplainerConfig, SageMakerModel
+from shapline.tasks.endpoint import SageMakerPredictor, delete_endpoint
+from shapline.tasks.errors import BudgetExceeded, ModelError, ShaplineError
+from shapline.tasks.explain import effective_nsamples, explain_rows
+from shapline.tasks.inference import InferenceEstimate, check_budget, estimate_inference, plan_inference
+from shapline.tasks.predictors import LocalPredictor
+from shapline.tasks.wire import parse_scores, plan_requests, serialize_rows
+from shapline.testing.endpoint import EndpointServer
 
 N_FEATURES = 8
 
@@ -188,33 +180,36 @@ def test_effective_nsamples_follows_shap(nsamples: int | str, n_features: int, e
 def test_estimate_inference_simple_case() -> None:
     estimate = estimate_inference(_offline_config(max_payload_mb=1.0), 10, 4, 20, "auto", "kernel", 1000.0)
     # Per row: f(x) (also its model output) + 14 coalitions x 20 background rows; once: the background.
-    assert estimate["nsamples_effective"] == 14
-    assert estimate["inference_rows"] == 20 + 10 * (1 + 14 * 20)
+    assert estimate.nsamples_effective == 14
+    assert estimate.inference_rows == 20 + 10 * (1 + 14 * 20)
     # 1000 rows fit under 1 MB at 1000 bytes a row: every call is one request.
-    assert estimate["rows_per_request"] == 1000
-    assert estimate["inference_requests"] == 1 + 10 * 2
+    assert estimate.rows_per_request == 1000
+    assert estimate.inference_requests == 1 + 10 * 2
 
 
 def test_estimate_inference_splits_calls_by_payload() -> None:
     estimate = estimate_inference(
         _offline_config(max_payload_mb=0.1), 2, 8, 50, 200, "kernel", 500.0, shards=2
     )
-    assert estimate["rows_per_request"] == 200
-    assert estimate["inference_rows"] == 2 * 50 + 2 * (1 + 200 * 50)
-    assert estimate["inference_requests"] == 2 * 1 + 2 * (1 + 50)
+    assert estimate.rows_per_request == 200
+    assert estimate.inference_rows == 2 * 50 + 2 * (1 + 200 * 50)
+    assert estimate.inference_requests == 2 * 1 + 2 * (1 + 50)
 
 
 def test_check_budget_refuses_over_and_passes_under() -> None:
+    def estimate(rows: int, requests: int) -> InferenceEstimate:
+        return InferenceEstimate(rows, requests, 0.0, 0, 1, 1)
+
     config = _offline_config()
-    check_budget(config, {"inference_rows": 10_000, "inference_requests": 3})
+    check_budget(config, estimate(10_000, 3))
     with pytest.raises(
         BudgetExceeded,
         match=r"model m: .*~10,001 rows .* endpoint ep, over model.budget.max_inference_rows 10,000",
     ):
-        check_budget(config, {"inference_rows": 10_001, "inference_requests": 3})
+        check_budget(config, estimate(10_001, 3))
     assert issubclass(BudgetExceeded, ShaplineError)
     unlimited = SageMakerModel.model_validate({"kind": "sagemaker", "name": "m", "endpoint": {"name": "ep"}})
-    check_budget(unlimited, {"inference_rows": 10**12, "inference_requests": 10**9})
+    check_budget(unlimited, estimate(10**12, 10**9))
 
 
 def test_cli_parses_endpoint_serve() -> None:
@@ -264,7 +259,7 @@ def test_predictions_equal_the_local_model(
     score_column: Any,
 ) -> None:
     config = sagemaker_config(server, content_type=content_type, accept=accept, score_column=score_column)
-    predictor = load_endpoint_predictor(config)
+    predictor = SageMakerPredictor(config)
     rows = features.iloc[:60]
     assert rows.isna().any().any()
     output = predictor.predict(rows)
@@ -278,7 +273,7 @@ def test_big_batch_is_split_under_the_payload_cap(
 ) -> None:
     rows = many_rows(features, 3000)
     with EndpointServer(model_path, "cap", max_payload_bytes=20_000) as server:
-        predictor = load_endpoint_predictor(sagemaker_config(server, max_payload_mb=0.02, max_concurrency=4))
+        predictor = SageMakerPredictor(sagemaker_config(server, max_payload_mb=0.02, max_concurrency=4))
         output = predictor.predict(rows)
         stats = server.stats
     np.testing.assert_allclose(output, model.predict_proba(rows), rtol=0, atol=1e-9)
@@ -289,7 +284,7 @@ def test_big_batch_is_split_under_the_payload_cap(
 
 
 def test_max_rows_per_request_caps_each_request(server: EndpointServer, features: pd.DataFrame) -> None:
-    predictor = load_endpoint_predictor(sagemaker_config(server, max_rows_per_request=100))
+    predictor = SageMakerPredictor(sagemaker_config(server, max_rows_per_request=100))
     predictor.predict(many_rows(features, 1050))
     assert server.stats["requests"] == predictor.stats()["requests"] == 11
 
@@ -300,7 +295,7 @@ def test_throttling_is_retried_to_the_same_values(
     monkeypatch.setattr(endpoint_module, "BACKOFF_BASE_S", 0.01)
     rows = many_rows(features, 3000)
     with EndpointServer(model_path, "busy", max_payload_bytes=20_000, throttle_fraction=0.3) as server:
-        predictor = load_endpoint_predictor(sagemaker_config(server, max_payload_mb=0.02))
+        predictor = SageMakerPredictor(sagemaker_config(server, max_payload_mb=0.02))
         output = predictor.predict(rows)
         stats = server.stats
     np.testing.assert_allclose(output, model.predict_proba(rows), rtol=0, atol=1e-9)
@@ -311,13 +306,13 @@ def test_throttling_is_retried_to_the_same_values(
 
 def test_malformed_response_names_the_endpoint(model_path: Path, features: pd.DataFrame) -> None:
     with EndpointServer(model_path, "broken", malformed=True) as server:
-        predictor = load_endpoint_predictor(sagemaker_config(server))
+        predictor = SageMakerPredictor(sagemaker_config(server))
         with pytest.raises(ModelError, match=r"^endpoint broken: response has 9 lines for 10 rows sent: '0,"):
             predictor.predict(features.iloc[:10])
 
 
 def test_unknown_endpoint_is_one_clear_error(server: EndpointServer, features: pd.DataFrame) -> None:
-    predictor = load_endpoint_predictor(sagemaker_config(server, name="no-such-endpoint"))
+    predictor = SageMakerPredictor(sagemaker_config(server, name="no-such-endpoint"))
     with pytest.raises(ModelError) as caught:
         predictor.predict(features.iloc[:3])
     message = str(caught.value)
@@ -328,7 +323,7 @@ def test_unknown_endpoint_is_one_clear_error(server: EndpointServer, features: p
 
 def test_payload_too_large_is_a_clear_error(model_path: Path, features: pd.DataFrame) -> None:
     with EndpointServer(model_path, "small", max_payload_bytes=1_000) as server:
-        predictor = load_endpoint_predictor(sagemaker_config(server))
+        predictor = SageMakerPredictor(sagemaker_config(server))
         with pytest.raises(
             ModelError, match=r"^endpoint small: ValidationError \(HTTP 413\) for a request of 50 rows"
         ):
@@ -344,7 +339,7 @@ def test_unreachable_endpoint_is_retried_then_reported(
     config = SageMakerModel.model_validate(
         {"kind": "sagemaker", "name": "m", "endpoint": {"name": "gone", "endpoint_url": "http://127.0.0.1:9"}}
     )
-    predictor = load_endpoint_predictor(config)
+    predictor = SageMakerPredictor(config)
     with pytest.raises(ModelError, match=r"^endpoint gone: EndpointConnectionError after 4 attempts"):
         predictor.predict(features.iloc[:2])
     assert predictor.stats()["retries"] == endpoint_module.RETRY_ATTEMPTS - 1
@@ -355,7 +350,7 @@ def test_missing_credentials_are_named_not_shown(
 ) -> None:
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    predictor = load_endpoint_predictor(sagemaker_config(server))
+    predictor = SageMakerPredictor(sagemaker_config(server))
     with pytest.raises(ModelError, match=r"^endpoint churn-local: boto3 found no AWS credentials"):
         predictor.predict(features.iloc[:2])
 
@@ -363,12 +358,12 @@ def test_missing_credentials_are_named_not_shown(
 def test_a_runs_request_limit_holds_across_threads_and_predictors(
     model_path: Path, features: pd.DataFrame
 ) -> None:
-    from tasks.limits import ThreadLimit
+    from shapline.tasks.limits import ThreadLimit
 
     with EndpointServer(model_path, "shared", latency_s=0.03) as server:
         config = sagemaker_config(server, max_rows_per_request=10, max_concurrency=2)
         run_limit = ThreadLimit(2)
-        predictors = [load_endpoint_predictor(config).bounded(run_limit) for _ in range(2)]
+        predictors = [SageMakerPredictor(config).bounded(run_limit) for _ in range(2)]
         errors: list[BaseException] = []
 
         def shard(index: int) -> None:
@@ -393,9 +388,7 @@ def test_kernel_explainer_through_the_endpoint_equals_local(
     background = Background(frame=features.iloc[100:110])
     rows = features.iloc[[3, 250]]
     config = ExplainerConfig(algorithm="kernel", nsamples=200, seed=0)
-    remote = explain_rows(
-        rows, background, load_endpoint_predictor(sagemaker_config(server)), config, "logit", 1
-    )
+    remote = explain_rows(rows, background, SageMakerPredictor(sagemaker_config(server)), config, "logit", 1)
     local = explain_rows(rows, background, LocalPredictor("m", model, "predict_proba"), config, "logit", 1)
     np.testing.assert_allclose(remote.values, local.values, rtol=0, atol=1e-6)
     np.testing.assert_allclose(remote.base_values, local.base_values, rtol=0, atol=1e-6)
@@ -418,17 +411,17 @@ def test_estimate_matches_what_the_kernel_explainer_sends(
 ) -> None:
     # With 8 features, nsamples auto enumerates all 2**8 - 2 coalitions, so the upper bound is exact.
     config = sagemaker_config(server, max_rows_per_request=1000)
-    predictor = load_endpoint_predictor(config)
+    predictor = SageMakerPredictor(config)
     background = Background(frame=features.iloc[100:110])
     rows = features.iloc[[3, 250]]
     explainer = ExplainerConfig(algorithm="kernel", seed=0, batch_rows=batch_rows)
     before = dict(server.stats)
     explain_rows(rows, background, predictor, explainer, "logit", 1)
     estimate = plan_inference(config, rows, background.frame, explainer, "kernel", shards=1)
-    assert estimate["nsamples_effective"] == 254
+    assert estimate.nsamples_effective == 254
     sent = {key: server.stats[key] - before.get(key, 0) for key in ("rows", "requests")}
-    assert sent["rows"] == predictor.stats()["rows"] == estimate["inference_rows"] == 10 + 2 * 2541
-    assert sent["requests"] == predictor.stats()["requests"] == estimate["inference_requests"] == requests
+    assert sent["rows"] == predictor.stats()["rows"] == estimate.inference_rows == 10 + 2 * 2541
+    assert sent["requests"] == predictor.stats()["requests"] == estimate.inference_requests == requests
 
 
 def test_delete_endpoint_then_gone(server: EndpointServer, features: pd.DataFrame) -> None:
@@ -437,7 +430,7 @@ def test_delete_endpoint_then_gone(server: EndpointServer, features: pd.DataFram
     assert server.deleted
     delete_endpoint(config)  # already gone: fine
     with pytest.raises(ModelError, match="endpoint churn-local: ValidationError"):
-        load_endpoint_predictor(config).predict(features.iloc[:2])
+        SageMakerPredictor(config).predict(features.iloc[:2])
 
 
 def test_numeric_rows_serialize_fast_and_read_back_exactly() -> None:
@@ -446,7 +439,7 @@ def test_numeric_rows_serialize_fast_and_read_back_exactly() -> None:
     frame["n"] = rng.integers(-5, 5, size=500)
     frame.iloc[7, 1] = np.nan
     frame.iloc[8, 0] = -0.0
-    body, ends = endpoint_module.serialize_rows(frame, "text/csv")
+    body, ends = serialize_rows(frame, "text/csv")
     assert len(ends) == len(frame) and ends[-1] == len(body)
     back = pd.read_csv(pd.io.common.BytesIO(body), header=None, names=frame.columns)
     np.testing.assert_array_equal(back.to_numpy(), frame.to_numpy())  # NaN in place, every float exact
@@ -484,6 +477,6 @@ def test_bad_csv_scores_still_name_the_line(body: bytes, message: str) -> None:
 
 
 def test_auto_batch_rows_fills_one_request() -> None:
-    assert endpoint_module.auto_batch_rows(5_000_000, 200, 500) == 16  # 100 kB per row's call: capped
-    assert endpoint_module.auto_batch_rows(5_000_000, 200, 5_000) == 5  # 1 MB per call
-    assert endpoint_module.auto_batch_rows(5_000_000, 200, 105_400) == 1  # one call already spans requests
+    assert inference_module.auto_batch_rows(5_000_000, 200, 500) == 16  # 100 kB per row's call: capped
+    assert inference_module.auto_batch_rows(5_000_000, 200, 5_000) == 5  # 1 MB per call
+    assert inference_module.auto_batch_rows(5_000_000, 200, 105_400) == 1  # one call already spans requests

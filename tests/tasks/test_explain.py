@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import os
 import threading
+from pathlib import Path
+from typing import Any
 
 import joblib
 import numpy as np
@@ -8,13 +11,13 @@ import pandas as pd
 import pytest
 import shap
 
-from flows.config import ExplainerConfig
-from tasks.background import Background
-from tasks.errors import ExplainError
-from tasks.explain import ModelFunction, explain_rows, resolve_algorithm, row_seed
-from tasks.models import LocalPredictor
-from tasks.shards import plan_shards
-from tests.conftest import exact_shapley
+from shapline.tasks.background import Background
+from shapline.tasks.config import ExplainerConfig
+from shapline.tasks.errors import ExplainError
+from shapline.tasks.explain import ModelFunction, explain_rows, resolve_algorithm, row_seed
+from shapline.tasks.predictors import LocalPredictor
+from shapline.tasks.shards import plan_shards
+from tests.helpers import exact_shapley
 
 
 def logit(p: np.ndarray) -> np.ndarray:
@@ -22,7 +25,7 @@ def logit(p: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def cancer(cancer_data) -> pd.DataFrame:  # noqa: ANN001
+def cancer(cancer_data: Path) -> pd.DataFrame:
     return pd.read_csv(cancer_data)
 
 
@@ -38,11 +41,22 @@ def test_shards_split_rows_in_order() -> None:
 
 
 def test_row_seed_depends_only_on_seed_and_row() -> None:
-    assert row_seed(0, 7) == row_seed(0, 7)
+    # The same in another process with another hash seed: resume and the shard store depend on it.
+    import subprocess
+    import sys
+
+    elsewhere = subprocess.run(
+        [sys.executable, "-c", "from shapline.tasks.explain import row_seed; print(row_seed(0, 7))"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+        check=True,
+    )
+    assert int(elsewhere.stdout) == row_seed(0, 7)
     assert len({row_seed(0, 7), row_seed(1, 7), row_seed(0, 8)}) == 3
 
 
-def test_kernel_with_every_coalition_equals_exact_shapley(mlp_model, features: pd.DataFrame) -> None:  # noqa: ANN001
+def test_kernel_with_every_coalition_equals_exact_shapley(mlp_model: Path, features: pd.DataFrame) -> None:
     """M = 8 features, nsamples >= 2^M: the kernel estimate must be the exact Shapley value in logit space."""
     model = joblib.load(mlp_model)
     predictor = LocalPredictor("mlp", model, "predict_proba")
@@ -60,7 +74,7 @@ def test_kernel_with_every_coalition_equals_exact_shapley(mlp_model, features: p
     assert np.abs(additivity).max() < 1e-9
 
 
-def test_exact_explainer_equals_enumeration(mlp_model, features: pd.DataFrame) -> None:  # noqa: ANN001
+def test_exact_explainer_equals_enumeration(mlp_model: Path, features: pd.DataFrame) -> None:
     model = joblib.load(mlp_model)
     predictor = LocalPredictor("mlp", model, "predict_proba")
     background, rows = features.iloc[:5], features.iloc[200:202]
@@ -75,7 +89,7 @@ def test_exact_explainer_equals_enumeration(mlp_model, features: pd.DataFrame) -
         np.testing.assert_allclose(result.values[position, :, 0], expected, atol=1e-6)
 
 
-def test_tree_equals_shap_tree_explainer_in_log_odds(xgb_model, features: pd.DataFrame) -> None:  # noqa: ANN001
+def test_tree_equals_shap_tree_explainer_in_log_odds(xgb_model: Path, features: pd.DataFrame) -> None:
     model = joblib.load(xgb_model)
     predictor = LocalPredictor("xgb", model, "predict_proba")
     rows = features.iloc[:40]
@@ -89,7 +103,7 @@ def test_tree_equals_shap_tree_explainer_in_log_odds(xgb_model, features: pd.Dat
     assert np.abs(result.base_values + result.values.sum(axis=1) - result.model_output).max() < 1e-4
 
 
-def test_tree_class_zero_of_a_binary_model_is_the_negative(xgb_model, features: pd.DataFrame) -> None:  # noqa: ANN001
+def test_tree_class_zero_of_a_binary_model_is_the_negative(xgb_model: Path, features: pd.DataFrame) -> None:
     predictor = LocalPredictor("xgb", joblib.load(xgb_model), "predict_proba")
     rows = features.iloc[:5]
     one = explain_rows(rows, Background(frame=rows), predictor, ExplainerConfig(), "logit", 1)
@@ -112,7 +126,7 @@ def test_linear_model_uses_linear_explainer(features: pd.DataFrame, cancer: pd.D
     np.testing.assert_allclose(result.model_output[:, 0], model.decision_function(rows))
 
 
-def test_multiclass_kernel_gives_values_per_class(penguins) -> None:  # noqa: ANN001
+def test_multiclass_kernel_gives_values_per_class(penguins: tuple[Path, Path]) -> None:
     data_path, model_path = penguins
     data = pd.read_csv(data_path).drop(columns=["species"])
     predictor = LocalPredictor("penguins", joblib.load(model_path), "predict_proba")
@@ -136,7 +150,9 @@ def test_multiclass_kernel_gives_values_per_class(penguins) -> None:  # noqa: AN
     assert np.abs(result.base_values + result.values.sum(axis=1) - result.model_output).max() < 1e-9
 
 
-def test_sampled_kernel_is_deterministic_under_concurrent_threads(mlp_model, features: pd.DataFrame) -> None:  # noqa: ANN001
+def test_sampled_kernel_is_deterministic_under_concurrent_threads(
+    mlp_model: Path, features: pd.DataFrame
+) -> None:
     """nsamples << 2^M, so rows draw random coalitions: threads must not change anyone's draw."""
     predictor = LocalPredictor("mlp", joblib.load(mlp_model), "predict_proba")
     background = Background(frame=features.iloc[:10])
@@ -159,7 +175,7 @@ def test_sampled_kernel_is_deterministic_under_concurrent_threads(mlp_model, fea
     np.testing.assert_array_equal(whole, np.concatenate(alone))
 
 
-def test_permutation_is_additive_and_seeded(mlp_model, features: pd.DataFrame) -> None:  # noqa: ANN001
+def test_permutation_is_additive_and_seeded(mlp_model: Path, features: pd.DataFrame) -> None:
     predictor = LocalPredictor("mlp", joblib.load(mlp_model), "predict_proba")
     background, rows = Background(frame=features.iloc[:10]), features.iloc[:4]
     config = ExplainerConfig(algorithm="permutation", seed=1)
@@ -169,7 +185,7 @@ def test_permutation_is_additive_and_seeded(mlp_model, features: pd.DataFrame) -
     assert np.abs(first.base_values + first.values.sum(axis=1) - first.model_output).max() < 1e-6
 
 
-def test_non_numeric_data_with_permutation_names_the_columns(penguins) -> None:  # noqa: ANN001
+def test_non_numeric_data_with_permutation_names_the_columns(penguins: tuple[Path, Path]) -> None:
     data_path, model_path = penguins
     data = pd.read_csv(data_path).drop(columns=["species"])
     predictor = LocalPredictor("penguins", joblib.load(model_path), "predict_proba")
@@ -184,7 +200,7 @@ def test_non_numeric_data_with_permutation_names_the_columns(penguins) -> None: 
         )
 
 
-def test_tree_on_a_pipeline_is_refused(penguins) -> None:  # noqa: ANN001
+def test_tree_on_a_pipeline_is_refused(penguins: tuple[Path, Path]) -> None:
     predictor = LocalPredictor("penguins", joblib.load(penguins[1]), "predict_proba")
     with pytest.raises(
         ExplainError, match="explainer.algorithm tree needs the model object itself, got Pipeline"
@@ -196,7 +212,7 @@ def test_tree_on_a_pipeline_is_refused(penguins) -> None:  # noqa: ANN001
 class CountingPredictor(LocalPredictor):
     """A local model that counts predict() calls and the rows in each."""
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.calls: list[int] = []
         self._calls_lock = threading.Lock()
@@ -210,7 +226,7 @@ class CountingPredictor(LocalPredictor):
 @pytest.mark.parametrize("batch_rows", [2, 5, 16])
 def test_batched_kernel_rows_give_the_same_values_in_fewer_calls(
     mlp_model, features: pd.DataFrame, batch_rows: int
-) -> None:  # noqa: ANN001
+) -> None:
     """Rows explained together merge their model calls; each row's values stay exactly those of a lone row."""
     background = Background(frame=features.iloc[:10])
     rows = features.iloc[20:31]
@@ -233,7 +249,7 @@ def test_batched_kernel_rows_give_the_same_values_in_fewer_calls(
     assert len(merged.calls) == 2 + 2 * batches
 
 
-def test_batched_kernel_with_rows_that_need_no_coalitions(mlp_model, features: pd.DataFrame) -> None:  # noqa: ANN001
+def test_batched_kernel_with_rows_that_need_no_coalitions(mlp_model: Path, features: pd.DataFrame) -> None:
     """A row equal to the background varies no feature and calls the model once: the others must not wait for it."""
     background = Background(frame=features.iloc[:1])
     rows = pd.concat([features.iloc[[0]], features.iloc[[5, 6]]])
@@ -250,7 +266,7 @@ def test_batched_kernel_with_rows_that_need_no_coalitions(mlp_model, features: p
 
 def test_a_model_error_in_a_batch_reaches_every_row_and_frees_the_rng(
     mlp_model, features: pd.DataFrame
-) -> None:  # noqa: ANN001
+) -> None:
     class Failing(LocalPredictor):
         def predict(self, frame: pd.DataFrame) -> np.ndarray:
             if len(frame) > 100:
@@ -268,13 +284,13 @@ def test_a_model_error_in_a_batch_reaches_every_row_and_frees_the_rng(
     explain_rows(features.iloc[20:22], Background(frame=features.iloc[:10]), ok, config, "logit", 1)
 
 
-def _shards_in(store) -> list[str]:  # noqa: ANN001
+def _shards_in(store: Path) -> list[str]:
     return sorted(p.name for p in store.glob("shard-*"))
 
 
-def test_the_last_run_using_a_shard_store_deletes_it(tmp_path) -> None:  # noqa: ANN001
+def test_the_last_run_using_a_shard_store_deletes_it(tmp_path: Path) -> None:
     """A scheduled and a manual run of one config share a store: the first to finish must not delete it."""
-    from tasks.shards import ShardStoreClaim
+    from shapline.tasks.shards import ShardStoreClaim
 
     store = tmp_path / "store"
     store.mkdir()
@@ -286,13 +302,13 @@ def test_the_last_run_using_a_shard_store_deletes_it(tmp_path) -> None:  # noqa:
     assert _shards_in(store) == []
 
 
-def test_a_killed_runs_claim_does_not_keep_the_store(tmp_path) -> None:  # noqa: ANN001
+def test_a_killed_runs_claim_does_not_keep_the_store(tmp_path: Path) -> None:
     import json
     import socket
     import subprocess
     import sys
 
-    from tasks.shards import ShardStoreClaim
+    from shapline.tasks.shards import ShardStoreClaim
 
     store = tmp_path / "store"
     store.mkdir()
@@ -309,8 +325,8 @@ def test_a_killed_runs_claim_does_not_keep_the_store(tmp_path) -> None:  # noqa:
     assert _shards_in(store) == [] and not (store / ".claims" / "killed").exists()
 
 
-def test_a_failed_run_releases_its_claim_without_deleting(tmp_path) -> None:  # noqa: ANN001
-    from tasks.shards import ShardStoreClaim
+def test_a_failed_run_releases_its_claim_without_deleting(tmp_path: Path) -> None:
+    from shapline.tasks.shards import ShardStoreClaim
 
     store = tmp_path / "store"
     store.mkdir()
@@ -323,13 +339,13 @@ def test_a_failed_run_releases_its_claim_without_deleting(tmp_path) -> None:  # 
 
 def test_a_shard_leaves_its_native_thread_limit_for_the_workers_other_shards(
     mlp_model, features: pd.DataFrame, tmp_path
-) -> None:  # noqa: ANN001
+) -> None:
     """Shards share a worker: one ending must not restore the process-wide BLAS limit under the others."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    import tasks.explain as explain_module
-    from flows.config import SklearnModel
-    from tasks.shards import ShardJob, explain_shard
+    import shapline.tasks.cores as cores_module
+    from shapline.tasks.config import SklearnModel
+    from shapline.tasks.shards import ShardJob, explain_shard
 
     def blas_threads() -> set[int]:
         return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
@@ -337,7 +353,7 @@ def test_a_shard_leaves_its_native_thread_limit_for_the_workers_other_shards(
     original = threadpool_info()
     try:
         threadpool_limits(limits=2)
-        explain_module._native_limit = None
+        cores_module._native_limit = None
         model = SklearnModel(name="mlp", kind="sklearn", path=str(mlp_model))
         job = ShardJob(
             index=0,
@@ -353,4 +369,4 @@ def test_a_shard_leaves_its_native_thread_limit_for_the_workers_other_shards(
         assert blas_threads() == {1}
     finally:
         threadpool_limits(limits=original)
-        explain_module._native_limit = None
+        cores_module._native_limit = None

@@ -7,9 +7,10 @@ import joblib
 import pandas as pd
 import pytest
 
-from flows.config import SklearnModel, XGBoostModel
-from tasks.errors import ModelError
-from tasks.models import LocalPredictor, link_for, load_predictor, probe_predictor
+from shapline.tasks.config import SklearnModel, XGBoostModel
+from shapline.tasks.errors import ModelError
+from shapline.tasks.models import link_for, load_predictor
+from shapline.tasks.predictors import LocalPredictor, probe_predictor
 
 
 def test_limiting_threads_while_other_shards_predict_is_safe(xgb_model: Path, cancer_data: Path) -> None:

@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.config import OutputConfig
-from tasks import plots
-from tasks.aggregate import global_importance
-from tasks.explain import ShardValues
-from tasks.plots import bar_values, read_plotted_rows, read_rows_at, render_plots
+from shapline.tasks import plots
+from shapline.tasks.aggregate import global_importance
+from shapline.tasks.config import OutputConfig
+from shapline.tasks.explain import ShardValues
+from shapline.tasks.plots import bar_values, read_plotted_rows, read_rows_at, render_plots
 
 FEATURES = ["mins", "state"]
 

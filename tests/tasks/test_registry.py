@@ -18,11 +18,17 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 
-from flows.config import MlflowModel
-from tasks.errors import ModelError
-from tasks.explain import resolve_algorithm
-from tasks.models import BoosterPredictor, LocalPredictor, load_predictor
-from tasks.registry import PyfuncPredictor, load_registry_predictor, model_identity, parse_model_uri
+from shapline.tasks.config import MlflowModel
+from shapline.tasks.errors import ModelError
+from shapline.tasks.explain import resolve_algorithm
+from shapline.tasks.models import load_predictor
+from shapline.tasks.predictors import BoosterPredictor, LocalPredictor
+from shapline.tasks.registry import (
+    PyfuncPredictor,
+    load_registry_predictor,
+    parse_model_uri,
+    resolve_registry_model,
+)
 
 # skops refuses tree internals unless the producer vouches for them; a real producer does the same.
 TREE_TYPES = ["sklearn.tree._tree.Tree"]
@@ -135,14 +141,14 @@ def test_run_uri_loads_and_finds_its_registered_version(store: Store) -> None:
     config = _config(store, f"runs:/{store.boosted_run_id}/model")
     predictor = load_registry_predictor(config)
     np.testing.assert_array_equal(predictor.predict(store.rows), store.boosted.predict_proba(store.rows))
-    tags = model_identity(config)
+    tags = resolve_registry_model(config).tags
     assert tags["shapline.model_name"] == "rf"
     assert tags["shapline.model_version"] == "2"
     assert tags["shapline.model_run_id"] == store.boosted_run_id
 
 
 def test_identity_resolves_the_alias_to_its_version_and_run(store: Store) -> None:
-    tags = model_identity(_config(store, "models:/rf@champion"))
+    tags = resolve_registry_model(_config(store, "models:/rf@champion")).tags
     assert tags["shapline.model_uri"] == "models:/rf@champion"
     assert tags["shapline.model_name"] == "rf"
     assert tags["shapline.model_version"] == "1"
@@ -165,13 +171,13 @@ def test_pyfunc_only_model_is_explained_through_predict(store: Store) -> None:
     expected = 2.0 * store.rows.to_numpy(dtype=float).sum(axis=1, keepdims=True)
     np.testing.assert_allclose(predictor.predict(store.rows), expected)
     assert resolve_algorithm("auto", predictor) == "kernel"
-    assert "shapline.model_version" not in model_identity(config)
+    assert "shapline.model_version" not in resolve_registry_model(config).tags
 
 
 def test_tracking_uri_defaults_to_the_environment(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
     config = MlflowModel(kind="mlflow", name="rf", uri="models:/rf/1")
-    assert model_identity(config)["shapline.model_version"] == "1"
+    assert resolve_registry_model(config).tags["shapline.model_version"] == "1"
 
 
 def test_load_predictor_dispatches_mlflow_kind(store: Store) -> None:

@@ -13,11 +13,12 @@ import pytest
 from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
-from flows.config import DataConfig
-from tasks import s3
-from tasks.data import load_data, parse_table
-from tasks.errors import DataError
-from tasks.s3 import S3Object, parse_s3_uri
+from shapline.tasks import s3
+from shapline.tasks.config import DataConfig, S3Config
+from shapline.tasks.data import load_data
+from shapline.tasks.errors import DataError
+from shapline.tasks.s3 import S3Object, parse_s3_uri
+from shapline.tasks.sources import parse_table
 
 BUCKET = "shapline-data"
 TABLE = pd.DataFrame({"age": [31, 47, 52], "income": [1.5, 2.25, None], "city": ["Lyon", "Oslo", "Lima"]})
@@ -132,7 +133,7 @@ def _client_error(code: str, status: int, **extra: Any) -> ClientError:
     ],
 )
 def test_client_errors_become_one_line(code: str, status: int, expected: str) -> None:
-    source = S3Object("s3://bkt/k.csv", DataConfig(source="s3://bkt/k.csv"))
+    source = S3Object("s3://bkt/k.csv", S3Config())
     message = str(source._client_error(_client_error(code, status)))
     assert message.startswith(f"data.source: s3://bkt/k.csv: {expected}")
 
@@ -163,7 +164,7 @@ def test_parse_s3_uri(uri: str, parsed: tuple[str, str, str | None]) -> None:
 )
 def test_malformed_uri_is_refused_before_any_request(uri: str, expected: str) -> None:
     with pytest.raises(DataError, match="^data.source: ") as error:
-        S3Object(uri, DataConfig(source=uri))
+        S3Object(uri, S3Config())
     assert expected in str(error.value)
 
 

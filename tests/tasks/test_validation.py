@@ -5,9 +5,9 @@ import json
 import pandas as pd
 import pytest
 
-from flows.config import ValidationConfig
-from tasks.errors import ConfigError
-from tasks.validation import validate_frame
+from shapline.tasks.config import ValidationConfig
+from shapline.tasks.errors import ConfigError
+from shapline.tasks.validation import validate_frame
 
 
 @pytest.fixture

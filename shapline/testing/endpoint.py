@@ -20,7 +20,7 @@ import joblib
 import numpy as np
 import pandas as pd
 
-from tasks.errors import ModelError
+from shapline.tasks.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class EndpointModel:
         try:
             self.model = joblib.load(path)
         except Exception as exc:
-            raise ModelError(f"endpoint model: {path}: not a joblib model ({type(exc).__name__})") from None
+            raise ModelError(f"endpoint model: {path}: not a joblib model ({type(exc).__name__})") from exc
         names = getattr(self.model, "feature_names_in_", None)
         self.features = [str(n) for n in names] if names is not None else None
         self.n_features = (
@@ -95,7 +95,7 @@ class EndpointModel:
                     float_precision="round_trip",
                 )
             except (pd.errors.ParserError, ValueError) as exc:
-                raise _container_error(400, f"unreadable CSV: {exc}") from None
+                raise _container_error(400, f"unreadable CSV: {exc}") from exc
             return self._frame(table)
         if content_type.startswith(("application/jsonlines", "application/json")):
             rows = []
@@ -104,8 +104,8 @@ class EndpointModel:
                     continue
                 try:
                     item = json.loads(line)
-                except json.JSONDecodeError:
-                    raise _container_error(400, f"not a JSON line: {line[:80]}") from None
+                except json.JSONDecodeError as exc:
+                    raise _container_error(400, f"not a JSON line: {line[:80]}") from exc
                 if isinstance(item, dict) and "features" in item:
                     item = item["features"]
                 if isinstance(item, dict) and self.features:
@@ -320,7 +320,7 @@ class EndpointServer:
             raise
         except Exception as exc:
             self._count(rejected=1)
-            raise _container_error(500, f"{type(exc).__name__}: {exc}") from None
+            raise _container_error(500, f"{type(exc).__name__}: {exc}") from exc
         self._count(ok=1, rows=len(inputs))
         return answer
 

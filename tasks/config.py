@@ -1,4 +1,8 @@
-"""The per-model YAML config: one strict, frozen pydantic model, validated once at the flow's door."""
+"""The per-model YAML config: one strict, frozen pydantic model, validated once at the flow's door.
+
+The bottom layer: every step receives the section it needs, and this module imports only pydantic,
+yaml and the errors.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +10,15 @@ import copy
 import hashlib
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PlainSerializer,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
-from tasks.errors import ConfigError
-from tasks.redact import redact
+from shapline.tasks.errors import ConfigError
 
 
 class _Strict(BaseModel):
@@ -118,6 +115,13 @@ class MlflowModel(_ModelBase):
 ModelConfig = Annotated[
     SklearnModel | XGBoostModel | SageMakerModel | MlflowModel, Field(discriminator="kind")
 ]
+# The model kinds, declared once (above): whatever lists the kinds derives from this.
+MODEL_KINDS: tuple[type[_ModelBase], ...] = typing.get_args(typing.get_args(ModelConfig)[0])
+
+
+def kind_name(model: type[_ModelBase]) -> str:
+    """The `model.kind` value of a model config class."""
+    return str(typing.get_args(model.model_fields["kind"].annotation)[0])
 
 
 class S3Config(_Strict):
@@ -245,6 +249,8 @@ class ShardsConfig(_Strict):
 
 Plot = Literal["bar", "beeswarm", "waterfall", "force"]
 Aggregation = Literal["mean_abs", "mean", "median", "mean_sq", "std", "max_abs"]
+ALL_PLOTS: tuple[Plot, ...] = ("bar", "beeswarm", "waterfall", "force")
+DEFAULT_AGGREGATIONS: tuple[Aggregation, ...] = ("mean_abs", "mean", "median", "mean_sq", "std")
 
 
 class OutputConfig(_Strict):
@@ -253,12 +259,12 @@ class OutputConfig(_Strict):
     )
     experiment: str | None = Field(None, description="Default: shapline/<model.name>.")
     plots: list[Plot] = Field(
-        default_factory=lambda: ["bar", "beeswarm", "waterfall", "force"],
+        default_factory=lambda: list(ALL_PLOTS),
         description="Plots logged under plots/: bar, beeswarm, waterfall, force.",
     )
     top_k: int = Field(10, ge=0, description="Waterfall plots for the top_k rows by model output.")
     aggregations: list[Aggregation] = Field(
-        default_factory=lambda: ["mean_abs", "mean", "median", "mean_sq", "std"],
+        default_factory=lambda: list(DEFAULT_AGGREGATIONS),
         min_length=1,
         description="Columns of global_importance.csv; the first one ranks the features.",
     )
@@ -280,27 +286,7 @@ class ScheduleConfig(_Strict):
     def _one_trigger(self) -> ScheduleConfig:
         if (self.cron is None) == (self.interval_s is None):
             raise ValueError("schedule needs exactly one of cron or interval_s")
-        self._check_with_prefect()
         return self
-
-    def _check_with_prefect(self) -> None:
-        """Prefect's own rules for the cron string and the timezone, so `validate` refuses what `deploy` would.
-
-        Imported here, not at the top: only a config with a schedule pays for importing Prefect.
-        """
-        from datetime import timedelta
-
-        from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
-        from pydantic import ValidationError as PrefectRefused
-
-        try:
-            if self.cron is not None:
-                CronSchedule(cron=self.cron, timezone=self.timezone)
-            else:
-                IntervalSchedule(interval=timedelta(seconds=self.interval_s or 1), timezone=self.timezone)
-        except PrefectRefused as exc:
-            reasons = "; ".join(str(error["msg"]).removeprefix("Value error, ") for error in exc.errors())
-            raise ValueError(reasons) from None
 
 
 class ExplainConfig(_Strict):
@@ -353,49 +339,6 @@ class ExplainConfig(_Strict):
         """A stable hash of the resolved config."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-_PARAMETER_KEYS = {
-    "explain_rows": "data.explain_rows",
-    "background_size": "background.size",
-    "algorithm": "explainer.algorithm",
-    "nsamples": "explainer.nsamples",
-    "shard_size": "shards.size",
-    "workers": "shards.workers",
-}
-
-
-class ExplainParameters(BaseModel):
-    """The flow's parameters, as the Prefect UI shows them: the config plus what people change by hand."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    config_path: str = Field(description="The model's YAML config, as the worker sees it.")
-    explain_rows: Annotated[int, Field(ge=1)] | Literal["all"] | None = Field(
-        None, description="Override data.explain_rows."
-    )
-    background_size: int | None = Field(None, ge=1, description="Override background.size.")
-    algorithm: Literal["auto", "tree", "kernel", "permutation", "exact", "linear"] | None = Field(
-        None, description="Override explainer.algorithm."
-    )
-    nsamples: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
-        None, description="Override explainer.nsamples."
-    )
-    shard_size: int | None = Field(None, ge=1, description="Override shards.size.")
-    workers: int | None = Field(None, ge=1, description="Override shards.workers.")
-    # Stored by Prefect with the flow run: serialized redacted (a URL's password stays in this process).
-    overrides: list[Annotated[str, PlainSerializer(redact, when_used="json")]] = Field(
-        default_factory=list, description="Any other key.path=value, as with --set."
-    )
-
-    def to_overrides(self) -> list[str]:
-        """The named fields as --set style overrides, then the free-form ones (which win)."""
-        named = [
-            f"{key}={getattr(self, field)}"
-            for field, key in _PARAMETER_KEYS.items()
-            if getattr(self, field) is not None
-        ]
-        return [*named, *self.overrides]
 
 
 # Bounds on what a config may be: a real one is a few KB with a few hundred values. Without them a
@@ -481,11 +424,11 @@ def read_yaml(text: str, source: str) -> Any:
             raise ConfigError(f"{source}: nested {depth} levels deep; a config needs a few")
         return loader.construct_document(node)
     except _DuplicateKey as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: nested too deeply to read; a config needs a few levels") from None
+        raise ConfigError(f"{source}: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{source}: nested too deeply to read; a config needs a few levels") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML ({_first_line(exc)})") from None
+        raise ConfigError(f"{source}: not valid YAML ({_first_line(exc)})") from exc
     finally:
         loader.dispose()
 
@@ -535,7 +478,7 @@ def _resolve_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
     return raw
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     location = ".".join(
         str(part) for part in error["loc"] if not (isinstance(part, str) and part in _KIND_TAGS)
     )
@@ -552,7 +495,7 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{location}: {message}" if location else message
 
 
-_KIND_TAGS = {"sklearn", "xgboost", "mlflow", "sagemaker"}
+_KIND_TAGS = {kind_name(model) for model in MODEL_KINDS}
 
 
 def parse_config(raw: Any, source: str = "<config>") -> ExplainConfig:
@@ -565,7 +508,7 @@ def parse_config(raw: Any, source: str = "<config>") -> ExplainConfig:
         return ExplainConfig.model_validate(raw)
     except ValidationError as exc:
         details = "; ".join(_describe(error) for error in exc.errors())
-        raise ConfigError(f"{source}: {details}") from None
+        raise ConfigError(f"{source}: {details}") from exc
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExplainConfig:
@@ -576,7 +519,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Explain
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the config ({type(exc).__name__})") from None
+        raise ConfigError(f"{path}: cannot read the config ({type(exc).__name__})") from exc
     raw = read_yaml(text, str(path))
     if raw is None:
         raise ConfigError(f"{path}: the file is empty")

@@ -1,0 +1,117 @@
+"""One preparation for `run`, `validate` and `--dry-run`: everything decided before any SHAP compute.
+
+First the data check (load the data and the model, choose the features, validate), whose report a
+run records before it stops on a failure; then the plan (the rows to explain, the background, the
+probe of the model, the explainer and the space it explains in, the shards, and for an endpoint the
+inference estimate), resolved once for every shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from shapline.tasks.background import Background, draw_background
+from shapline.tasks.config import ExplainConfig, SageMakerModel
+from shapline.tasks.data import LoadedData, feature_columns, load_data, select_explain_rows, split_features
+from shapline.tasks.errors import BudgetExceeded, ValidationFailed
+from shapline.tasks.explain import check_kernel_samples, resolve_explainer
+from shapline.tasks.inference import InferenceEstimate, over_budget, plan_inference
+from shapline.tasks.models import link_for, load_predictor
+from shapline.tasks.predictors import Predictor, probe_predictor, probe_rows
+from shapline.tasks.shards import Shard, plan_shards
+from shapline.tasks.validation import ValidationReport, validate_frame
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    """The data as read, the model as loaded, the features chosen, and what validation found."""
+
+    data: LoadedData
+    predictor: Predictor
+    features: list[str]
+    report: ValidationReport
+
+    def refusal(self) -> ValidationFailed | None:
+        """The error that stops the run when validation found blocking failures, else None."""
+        if not self.report.blocking:
+            return None
+        return ValidationFailed(f"validation of {self.data.uri} failed: " + "; ".join(self.report.blocking))
+
+
+def check_data(config: ExplainConfig) -> DataCheck:
+    """Read the data, load the model, choose the features and validate them with Great Expectations."""
+    data = load_data(config.data)
+    predictor = load_predictor(config.model)
+    features = feature_columns(data.frame, config.data, predictor.feature_names)
+    report = validate_frame(data.frame, features, config.validation, data.repeated_columns)
+    return DataCheck(data=data, predictor=predictor, features=features, report=report)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run will explain, and how, decided once before any SHAP compute."""
+
+    rows: pd.DataFrame
+    background: Background
+    probe: pd.DataFrame
+    outputs: int
+    algorithm: str
+    link: str
+    shards: list[Shard]
+    estimate: InferenceEstimate | None
+    budget_problem: str | None
+
+    @property
+    def explain_rows(self) -> int:
+        return len(self.rows)
+
+    def enforce_budget(self) -> None:
+        """Refuse to start a run its endpoint budget (model.budget.max_inference_rows) does not allow."""
+        if self.budget_problem is not None:
+            raise BudgetExceeded(self.budget_problem)
+
+
+def plan_run(config: ExplainConfig, check: DataCheck) -> RunPlan:
+    """The rows, background, explainer, link, shards and (for an endpoint) the inference estimate.
+
+    The model is probed here, on the rows and background cells it is most likely to refuse, so a model
+    that cannot take the data fails with one line naming the row before any shard starts.
+    """
+    refusal = check.refusal()
+    if refusal is not None:
+        raise refusal
+    frame, target = split_features(check.data.frame, config.data, check.features)
+    rows = select_explain_rows(frame, config.data.explain_rows, config.data.seed)
+    background = draw_background(frame, target, config.background)
+    probe = probe_rows(rows, background.frame)
+    outputs = probe_predictor(check.predictor, probe, config.model.class_index)
+    kernel_link = link_for(check.predictor, config.explainer.link, config.link, config.model.effective_output)
+    algorithm, link = resolve_explainer(config.explainer.algorithm, check.predictor, kernel_link)
+    if algorithm == "kernel":
+        check_kernel_samples(config.explainer, len(check.features))
+    shards = plan_shards(rows.index.tolist(), config.shards.size)
+    estimate, problem = None, None
+    if isinstance(config.model, SageMakerModel):
+        estimate = plan_inference(
+            config.model,
+            rows,
+            background.frame,
+            config.explainer,
+            algorithm,
+            len(shards),
+            probe_rows=len(probe),
+        )
+        problem = over_budget(config.model, estimate)
+    return RunPlan(
+        rows=rows,
+        background=background,
+        probe=probe,
+        outputs=outputs,
+        algorithm=algorithm,
+        link=link,
+        shards=shards,
+        estimate=estimate,
+        budget_problem=problem,
+    )

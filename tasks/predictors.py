@@ -1,0 +1,289 @@
+"""Every model, wherever it lives, is a Predictor: frame in, a 2-D array of outputs out."""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from shapline.tasks.errors import ModelError
+from shapline.tasks.limits import RequestLimit
+
+# Probabilities are clipped before the logit link so a model that is certain (p = 0 or 1)
+# gives large finite log-odds instead of infinities that would poison every sum.
+PROBABILITY_EPS = 1e-7
+_THREAD_LIMIT_LOCK = threading.Lock()
+
+
+class Predictor(ABC):
+    """A model behind one call signature; the explainer never knows where it lives."""
+
+    name: str
+    method: str
+    feature_names: list[str] | None = None
+    class_labels: list[str] | None = None
+    # Columns predict() returns, when known without asking the model (saves a remote model a round trip).
+    output_width: int | None = None
+
+    @abstractmethod
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        """The configured output for each row, always 2-D: (rows, outputs)."""
+
+    @property
+    def native(self) -> Any | None:
+        """The in-process model object for tree and linear explainers, or None for a remote model."""
+        return None
+
+    def raw_output(self, frame: pd.DataFrame, space: str) -> np.ndarray:
+        """The model's own output in an explainer's space ('log_odds', 'probability' or 'raw'), 2-D."""
+        raise ModelError(f"model {self.name}: cannot compute {space} output for the additivity check")
+
+    def rows_to_merge(self, nsamples: int | str, background: pd.DataFrame) -> int:
+        """How many explained rows' kernel calls (nsamples coalitions x background rows each) to merge into
+        one (explainer.batch_rows auto). In-process models gain little and would hold more memory."""
+        return 1
+
+    def bounded(self, limit: RequestLimit | None) -> Predictor:
+        """This model under a run's limit on requests in flight; only a remote model has one to honour."""
+        return self
+
+    def traffic(self) -> dict[str, float] | None:
+        """What this predictor sent to a remote model (requests, rows, bytes, ...), None for a local one."""
+        return None
+
+    def limit_threads(self, threads: int) -> None:
+        """Cap the model's own threads, once: reconfiguring a model another thread predicts with is unsafe."""
+        with _THREAD_LIMIT_LOCK:
+            if getattr(self, "_threads", None) == threads:
+                return
+            self._set_threads(threads)
+            self._threads = threads
+
+    def _set_threads(self, threads: int) -> None:  # noqa: B027 - a remote model has no threads of its own
+        """Set the model's thread count (overridden by in-process models)."""
+
+
+def two_d(values: Any) -> np.ndarray:
+    array = np.asarray(values, dtype=float)
+    return array.reshape(len(array), -1) if array.ndim != 2 else array
+
+
+def final_estimator(model: Any) -> Any:
+    """The last step of a Pipeline, or the model itself."""
+    steps = getattr(model, "steps", None)
+    return steps[-1][1] if steps else model
+
+
+def is_pipeline(model: Any) -> bool:
+    """A scikit-learn Pipeline (or anything with steps): explained as a whole, model-agnostically."""
+    return hasattr(model, "steps")
+
+
+class LocalPredictor(Predictor):
+    """A scikit-learn estimator, Pipeline or XGBoost model held in this process."""
+
+    def __init__(self, name: str, model: Any, method: str) -> None:
+        self.name = name
+        self.model = model
+        self.method = method
+        if not callable(getattr(model, method, None)):
+            raise ModelError(f"model.output: model {name} ({type(model).__name__}) has no {method}()")
+        names = getattr(model, "feature_names_in_", None)
+        self.feature_names = [str(n) for n in names] if names is not None else None
+        classes = getattr(final_estimator(model), "classes_", None)
+        self.class_labels = [str(c) for c in classes] if classes is not None else None
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        return two_d(getattr(self.model, self.method)(frame))
+
+    def _set_threads(self, threads: int) -> None:
+        estimator = final_estimator(self.model)
+        # XGBoost and scikit-learn ensembles default to every core; W workers doing that oversubscribe.
+        if "n_jobs" in getattr(estimator, "get_params", dict)():
+            estimator.set_params(n_jobs=threads)
+
+    @property
+    def native(self) -> Any:
+        return self.model
+
+    def raw_output(self, frame: pd.DataFrame, space: str) -> np.ndarray:
+        model = self.model
+        if space == "probability":
+            return two_d(model.predict_proba(frame))
+        if space == "log_odds":
+            if is_xgboost(model):
+                return two_d(model.predict(frame, output_margin=True))
+            return two_d(model.decision_function(frame))
+        return two_d(model.predict(frame))
+
+
+def is_xgboost(model: Any) -> bool:
+    return type(model).__module__.startswith("xgboost")
+
+
+class BoosterPredictor(Predictor):
+    """A raw xgboost.Booster loaded from .json or .ubj."""
+
+    def __init__(self, name: str, booster: Any, method: str) -> None:
+        self.name = name
+        self.booster = booster
+        self.method = method
+        self.feature_names = list(booster.feature_names) if booster.feature_names else None
+        objective = _booster_objective(booster)
+        self.binary = objective.startswith("binary:")
+        n_classes = int(_booster_param(booster, "num_class") or 0)
+        if self.binary:
+            self.class_labels = ["0", "1"]
+        elif n_classes > 1:
+            self.class_labels = [str(i) for i in range(n_classes)]
+
+    def _matrix(self, frame: pd.DataFrame) -> Any:
+        import xgboost
+
+        return xgboost.DMatrix(frame, enable_categorical=True)
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        if self.method == "decision_function":
+            return self.raw_output(frame, "log_odds")
+        output = two_d(self.booster.predict(self._matrix(frame)))
+        if self.binary and self.method == "predict_proba":
+            return np.column_stack([1.0 - output[:, 0], output[:, 0]])
+        if self.binary and self.method == "predict":
+            return (output >= 0.5).astype(float)
+        return output
+
+    @property
+    def native(self) -> Any:
+        return self.booster
+
+    def _set_threads(self, threads: int) -> None:
+        self.booster.set_param({"nthread": threads})
+
+    def raw_output(self, frame: pd.DataFrame, space: str) -> np.ndarray:
+        if space == "probability":
+            return self.predict(frame)
+        return two_d(self.booster.predict(self._matrix(frame), output_margin=True))
+
+
+def _booster_objective(booster: Any) -> str:
+    import json
+
+    config = json.loads(booster.save_config())
+    return config["learner"]["objective"]["name"]
+
+
+def _booster_param(booster: Any, key: str) -> str | None:
+    import json
+
+    config = json.loads(booster.save_config())
+    return config["learner"]["learner_model_param"].get(key)
+
+
+def explained_outputs(n_outputs: int, class_index: int | None, labels: list[str] | None) -> list[int]:
+    """Indices of the output columns to explain: one column, the configured class, or every class."""
+    if n_outputs == 1:
+        return [0]
+    if class_index is None:
+        return list(range(n_outputs))
+    if class_index >= n_outputs:
+        raise ModelError(
+            f"model.class_index: {class_index} is out of range; the model has {n_outputs} outputs"
+        )
+    return [class_index]
+
+
+def output_labels(outputs: list[int], labels: list[str] | None) -> list[str]:
+    """A label per explained output: the class name where the model knows it."""
+    if labels is not None and len(labels) > max(outputs):
+        return [labels[i] for i in outputs]
+    return [str(i) for i in outputs]
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _text_among_numbers(column: pd.Series) -> pd.Series:
+    """Cells of a text column that do not read as numbers, when most of its cells do (a typo in a number
+    column: 'abc' among '12.5', '13.1'); an empty selection for a real text column."""
+    if pd.api.types.is_numeric_dtype(column) or column.isna().all():
+        return column.iloc[:0]
+    present = column.dropna()
+    numeric = present.map(_is_number)
+    if numeric.mean() < 0.5:
+        return column.iloc[:0]
+    return present[~numeric]
+
+
+def probe_rows(frame: pd.DataFrame, *others: pd.DataFrame) -> pd.DataFrame:
+    """A few rows that try the model on what the explainer will give it: the first two rows, and for each
+    column the first row (of `frame` or `others`, e.g. the background) with a missing value in it and the
+    first with text among numbers."""
+    picked: list[pd.DataFrame] = [frame.iloc[:2]]
+    for table in (frame, *others):
+        for column in table.columns:
+            missing = table.index[table[column].isna().to_numpy()]
+            odd = _text_among_numbers(table[column]).index
+            picked += [table.loc[[index]] for index in (missing[:1].tolist() + odd[:1].tolist())]
+    probe = pd.concat(picked)
+    return probe[~probe.index.duplicated()]
+
+
+def _what_is_odd(row: pd.Series) -> str:
+    """The cells of one row a model is likely to refuse: missing values, text among numbers."""
+    missing = [str(c) for c, v in row.items() if pd.isna(v)]
+    text = [f"{c}={v!r}" for c, v in row.items() if isinstance(v, str) and not _is_number(v)]
+    parts = []
+    if missing:
+        parts.append(
+            f"missing values in {', '.join(missing)} (refuse such data with expect_column_values_to_not_be_null, "
+            "or impute in the model)"
+        )
+    if text:
+        parts.append(f"text in {', '.join(text)}")
+    return "; ".join(parts)
+
+
+def probe_predictor(predictor: Predictor, rows: pd.DataFrame, class_index: int | None) -> int:
+    """Call the model on the probe rows before any SHAP compute; return its number of outputs.
+
+    A failure names the first row the model refuses (its row_id) and what is odd about it, rather than
+    leaving a shard to fail later with the model's own message.
+    """
+    try:
+        output = predictor.predict(rows)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(_refusal(predictor, rows, exc)) from exc
+    if output.shape[0] != len(rows):
+        raise ModelError(
+            f"model {predictor.name}: {predictor.method}() returned {output.shape[0]} rows for {len(rows)}"
+        )
+    if class_index is not None and output.shape[1] > 1 and class_index >= output.shape[1]:
+        raise ModelError(
+            f"model.class_index: {class_index} is out of range; the model has {output.shape[1]} outputs"
+        )
+    return int(output.shape[1])
+
+
+def _refusal(predictor: Predictor, rows: pd.DataFrame, exc: Exception) -> str:
+    message = " ".join(str(exc).split())[:300]
+    where = "the data"
+    for position in range(len(rows)):
+        try:
+            predictor.predict(rows.iloc[position : position + 1])
+        except Exception:
+            odd = _what_is_odd(rows.iloc[position])
+            # A model that refuses ordinary rows refuses the data as a whole; name a row only when it is special.
+            if odd or position >= 2:
+                where = f"row_id {rows.index[position]}" + (f" ({odd})" if odd else "")
+            break
+    return f"model {predictor.name}: {predictor.method}() failed on {where}: {message}"

@@ -1,0 +1,97 @@
+"""One explanation run's resources, opened with the run and closed with it, whatever the outcome.
+
+Its MLflow run (FINISHED only if the block completes), its shard runner (pool processes or a Dask
+cluster, and the endpoint request limit they share), a scratch folder for the artifacts, its claim on
+the shard store, and the endpoint's lifetime (endpoint.delete_after_run).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from shapline.tasks.config import ExplainConfig
+from shapline.tasks.cores import threads_per_worker
+from shapline.tasks.endpoint import endpoint_lifetime
+from shapline.tasks.models import model_fingerprint
+from shapline.tasks.runners import ShardRunner, open_runner
+from shapline.tasks.shards import ShardStore, ShardStoreClaim
+from shapline.tasks.tracking import TrackedRun, mlflow_run, resolve_tracking_uri
+
+
+class ExplanationRun:
+    """The resources of one run of one config; use as a context manager."""
+
+    def __init__(
+        self,
+        config: ExplainConfig,
+        run_name: str,
+        tags: dict[str, str],
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+    ) -> None:
+        self.config = config
+        self.run_name = run_name
+        self.tags = tags
+        self.logger = logger
+        self.tracking_uri = resolve_tracking_uri(config.output.tracking_uri)
+        self._stack = ExitStack()
+        self._claim: ShardStoreClaim | None = None
+        self.store: ShardStore | None = None
+
+    def __enter__(self) -> ExplanationRun:
+        stack = self._stack.__enter__()
+        try:
+            # Entered in this order, closed in the reverse: the endpoint is deleted last, after the run ended.
+            stack.enter_context(endpoint_lifetime(self.config.model, self.logger))
+            self.folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="shapline-")))
+            self.artifacts = self.folder / "artifacts"
+            self.artifacts.mkdir()
+            self.tracked: TrackedRun = stack.enter_context(
+                mlflow_run(self.tracking_uri, self.config.experiment_name, self.run_name, self.tags)
+            )
+            # Pool processes or a Dask cluster start now: their start-up overlaps loading and validation.
+            shards = self.config.shards
+            self.runner: ShardRunner = stack.enter_context(
+                open_runner(
+                    shards,
+                    self.config.model,
+                    threads_per_worker(shards.runner, shards.workers),
+                    self.tracked.run_id,
+                )
+            )
+        except BaseException:
+            # What was opened closes with the error, so the MLflow run (if started) ends FAILED with it.
+            if not self._stack.__exit__(*sys.exc_info()):
+                raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> bool | None:
+        return self._stack.__exit__(kind, error, trace)
+
+    def open_store(self, data_sha256: str) -> ShardStore:
+        """The shard store of this config, data and model, claimed by this run until it ends."""
+        config = self.config
+        store = ShardStore.open(
+            config.shards.cache_dir, config.values_sha256(), data_sha256, model_fingerprint(config.model)
+        )
+        # Released on any exit; the shards are deleted by finish() only if no other live run uses them.
+        self._claim = self._stack.enter_context(ShardStoreClaim(store.folder, self.tracked.run_id))
+        self.store = store
+        return store
+
+    def finish(self) -> None:
+        """After a successful run: delete the finished shards (unless shards.keep) if no other run uses them."""
+        if self._claim is None or self.config.shards.keep:
+            return
+        if not self._claim.release(delete=True):
+            self.logger.info(
+                "kept the finished shards in %s: another run of this config is using them",
+                self.store.folder if self.store else "the store",
+            )

@@ -1,0 +1,102 @@
+"""What a finished run says about itself, once: the `--json` line, the MLflow metrics and the Prefect artifact."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from shapline.tasks.schemas import CLASS, FEATURE, RANK
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One finished run: where it is logged, what it explained, what it cost."""
+
+    mlflow_run_id: str
+    experiment_id: str
+    experiment: str
+    tracking_uri: str
+    run_url: str
+    model: str
+    rows_explained: int
+    shards: int
+    shards_reused: int
+    shards_computed: int
+    background_rows: int
+    additivity_max_error: float
+    duration_s: float
+    explain_s: float
+    algorithm: str
+    link: str
+    validation_success: bool
+    importance: pd.DataFrame = field(repr=False)
+    ranking: str = "mean_abs"
+    status: str = "FINISHED"
+
+    @property
+    def rows_per_s(self) -> float:
+        """Rows explained per second of the sharded SHAP phase."""
+        return self.rows_explained / max(self.explain_s, 1e-9)
+
+    @property
+    def top_features(self) -> list[str]:
+        """The five most important features (by the ranking aggregation, over every class)."""
+        return self.importance.sort_values(RANK)[FEATURE].drop_duplicates().head(5).tolist()
+
+    def to_json(self) -> dict[str, Any]:
+        """The `--json` object (its field names are a contract: scripts read them)."""
+        return {
+            "status": self.status,
+            "mlflow_run_id": self.mlflow_run_id,
+            "experiment_id": self.experiment_id,
+            "experiment": self.experiment,
+            "tracking_uri": self.tracking_uri,
+            "run_url": self.run_url,
+            "rows_explained": self.rows_explained,
+            "shards": self.shards,
+            "shards_reused": self.shards_reused,
+            "shards_computed": self.shards_computed,
+            "additivity_max_error": self.additivity_max_error,
+            "duration_s": round(self.duration_s, 3),
+            "rows_per_s": self.rows_per_s,
+            "algorithm": self.algorithm,
+            "link": self.link,
+            "validation_success": self.validation_success,
+            "top_features": self.top_features,
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """The run's MLflow metrics (names are a contract)."""
+        return {
+            "rows_explained": float(self.rows_explained),
+            "shards": float(self.shards),
+            "additivity_max_error": self.additivity_max_error,
+            "duration_s": self.duration_s,
+            "explain_s": self.explain_s,
+            "rows_per_s": self.rows_per_s,
+            "background_rows": float(self.background_rows),
+            "shards_reused": float(self.shards_reused),
+            "shards_computed": float(self.shards_computed),
+        }
+
+    def markdown(self, top: int = 10) -> str:
+        """The Prefect markdown artifact: the run's numbers, the top features by the ranking aggregation."""
+        lines = [f"# SHAP explanation of `{self.model}`", "", f"MLflow run: {self.run_url}", ""]
+        lines += [f"- **{key}**: {value:g}" for key, value in self.metrics().items()]
+        importance = self.importance
+        groups = (
+            importance.groupby(CLASS, sort=False) if CLASS in importance.columns else [(None, importance)]
+        )
+        for label, part in groups:
+            lines += [
+                "",
+                f"## Top features{f' for class {label!s}' if label is not None else ''}",
+                "",
+                f"| rank | feature | {self.ranking} |",
+                "|---:|---|---:|",
+            ]
+            for _, row in part.sort_values(RANK).head(top).iterrows():
+                lines.append(f"| {row[RANK]} | {row[FEATURE]} | {row[self.ranking]:.4g} |")
+        return "\n".join(lines) + "\n"
