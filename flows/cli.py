@@ -111,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
 def _print_run_summary(summary: dict[str, Any]) -> None:
     """The lines a person reads at the end of a run: what was explained, where it is in MLflow."""
     _say(
-        f"explained {summary['rows_explained']} rows in {summary['shards']} shards "
+        f"explained {summary['rows_explained']} rows in {summary['shards']} "
+        f"shard{'s' if summary['shards'] != 1 else ''} "
         f"({summary['algorithm']}, link {summary['link']}) in {summary['duration_s']:.1f} s"
     )
     _say(f"additivity max error: {summary['additivity_max_error']:.3g}")
@@ -173,8 +174,9 @@ def _run(config_path: str, overrides: list[str], as_json: bool, debug: bool = Fa
         _quiet_tracebacks()  # the flow's imports (MLflow, Great Expectations) brought handlers of their own
     redact_logs()
     with _generous_server_start():
+        # As one object: Prefect stores it with the overrides redacted (a typed password stays here).
         finished = explain_model(
-            ExplainParameters(config_path=str(Path(config_path).resolve()), overrides=overrides)
+            parameters=ExplainParameters(config_path=str(Path(config_path).resolve()), overrides=overrides)
         )
     summary = finished.to_json()
     _print_run_summary(summary)

@@ -20,9 +20,7 @@ def schedules_for(config: ExplainConfig, config_path: str) -> list[Any]:
     schedule = config.schedule
     if schedule is None:
         return []
-    parameters = (
-        {"parameters": {"config_path": config_path, **schedule.parameters}} if schedule.parameters else None
-    )
+    parameters = {"config_path": config_path, **schedule.parameters} if schedule.parameters else None
     if schedule.cron is not None:
         return [
             Cron(schedule.cron, timezone=schedule.timezone, active=schedule.active, parameters=parameters)
@@ -89,24 +87,44 @@ def ensure_work_pool(name: str, pool_type: str = "process") -> None:
             client.create_work_pool(WorkPoolCreate(name=name, type=pool_type))
 
 
-def _deployments(configs: list[tuple[str, ExplainConfig]]) -> list[Any]:
-    """One deployment per config; its entrypoint is the installed module, so a worker needs shapline
-    installed and the config at `config_path`, not this machine's checkout or site-packages."""
+def _config_values(config: ExplainConfig) -> dict[str, Any]:
+    """The values the form's fields fall back on, by config key."""
+    return {
+        "data.explain_rows": config.data.explain_rows,
+        "background.size": config.background.size,
+        "explainer.algorithm": config.explainer.algorithm,
+        "explainer.nsamples": config.explainer.nsamples,
+        "shards.size": config.shards.size,
+        "shards.workers": config.shards.workers,
+    }
+
+
+def _deployment(path: str, config: ExplainConfig) -> Any:
+    """A config's deployment: the installed module as entrypoint (a worker needs shapline installed and the
+    config at `config_path`, not this machine's checkout or site-packages), a form that says what the
+    config uses for each field left empty."""
     from prefect.deployments.runner import EntrypointType
+    from prefect.utilities.callables import ParameterSchema
 
     from shapline.flows.explain import explain_model
+    from shapline.flows.parameters import form_for_config
 
-    return [
-        explain_model.to_deployment(
-            name=config.model.name,
-            entrypoint_type=EntrypointType.MODULE_PATH,
-            schedules=schedules_for(config, path),
-            parameters={"parameters": {"config_path": path}},
-            description=_description(config),
-            tags=["shapline", f"model:{config.model.name}"],
-        )
-        for path, config in configs
-    ]
+    # Called from sync code, to_deployment returns the deployment itself (its type says "or a coroutine").
+    deployment: Any = explain_model.to_deployment(
+        name=config.model.name,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        schedules=schedules_for(config, path),
+        parameters={"config_path": path},
+        description=_description(config),
+        tags=["shapline", f"model:{config.model.name}"],
+    )
+    schema = form_for_config(deployment._parameter_openapi_schema.model_dump(), _config_values(config))
+    deployment._parameter_openapi_schema = ParameterSchema(**schema)
+    return deployment
+
+
+def _deployments(configs: list[tuple[str, ExplainConfig]]) -> list[Any]:
+    return [_deployment(path, config) for path, config in configs]
 
 
 def deploy(paths: list[str], pool: str = DEFAULT_POOL) -> list[tuple[str, UUID]]:

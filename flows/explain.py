@@ -7,11 +7,13 @@ stay plain and typed, and tests call them without Prefect. The deployment entryp
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -20,8 +22,9 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
+from pydantic.json_schema import SkipJsonSchema
 
-from shapline.flows.parameters import ExplainParameters
+from shapline.flows.parameters import Algorithm, ExplainParameters, form_field
 from shapline.tasks.aggregate import Aggregate, aggregate
 from shapline.tasks.config import ExplainConfig, MlflowModel, SageMakerModel, load_config
 from shapline.tasks.cores import threads_per_worker
@@ -29,12 +32,14 @@ from shapline.tasks.errors import ShaplineError, UnexpectedError
 from shapline.tasks.plan import DataCheck, RunPlan, check_data, plan_run
 from shapline.tasks.plots import render_plots
 from shapline.tasks.recording import (
+    PrefectContext,
     record_config,
     record_data,
     record_plan,
     record_results,
     record_validation,
     record_values,
+    run_name,
     run_tags,
 )
 from shapline.tasks.redact import redact, redact_logs
@@ -53,24 +58,50 @@ resolve_model_task = task(name="resolve-model", cache_policy=NO_CACHE)(resolve_r
 
 
 @flow(name="shapline-explain")
-def explain_model(parameters: ExplainParameters) -> RunSummary:
-    """Explain one model with SHAP as its YAML config says and log everything to MLflow."""
+def explain_model(
+    config_path: str = form_field("config_path", ...),
+    explain_rows: int | Literal["all"] | None = form_field("explain_rows"),
+    background_size: int | None = form_field("background_size"),
+    algorithm: Algorithm | None = form_field("algorithm"),
+    nsamples: int | Literal["auto"] | None = form_field("nsamples"),
+    shard_size: int | None = form_field("shard_size"),
+    workers: int | None = form_field("workers"),
+    overrides: list[str] | None = form_field("overrides"),
+    parameters: SkipJsonSchema[ExplainParameters | None] = None,
+) -> RunSummary:
+    """Explain one model with SHAP as its YAML config says and log everything to MLflow.
+
+    `parameters` is the same set as one object, not in the form: what the CLI passes (Prefect stores it
+    with the overrides redacted) and what deployments made before the form was flat hold. It wins.
+    """
     redact_logs()
+    one_line_failures()
     logger = get_run_logger()
-    started = time.perf_counter()
+    started, when = time.perf_counter(), datetime.now(UTC)
     with _redacted_failures():
-        config, identity = _pinned(load_config(parameters.config_path, parameters.to_overrides()))
-        tags = run_tags(config, parameters.config_path, parameters.to_overrides(), str(flow_run.id or ""))
-        tags |= identity
-        with ExplanationRun(config, _run_name(config), tags, logger) as run:
+        given = parameters or ExplainParameters.from_form(
+            config_path=config_path,
+            explain_rows=explain_rows,
+            background_size=background_size,
+            algorithm=algorithm,
+            nsamples=nsamples,
+            shard_size=shard_size,
+            workers=workers,
+            overrides=overrides,
+        )
+        overridden = given.to_overrides()
+        config, identity = _pinned(load_config(given.config_path, overridden))
+        prefect = _prefect_context()
+        tags = run_tags(config, given.config_path, overridden, prefect) | identity
+        with ExplanationRun(config, run_name(config, when), tags, logger) as run:
             logger.info("MLflow run %s in %s", run.tracked.run_id, run.tracking_uri)
             record_config(run.tracked, config, run.artifacts)
             check = check_data_task(config)
-            record_data(run.tracked, check.data)
+            record_data(run.tracked, config, check.data, run.model_fingerprint, identity)
             record_validation(run.tracked, check, run.folder)
             _say_validation(check)
             plan = plan_run_task(config, check)
-            record_plan(run.tracked, plan, run.artifacts)
+            record_plan(run.tracked, config, plan, run.artifacts)
             _say_plan(config, plan)
             plan.enforce_budget()
             results, computed, explain_s = explain_shards(run, config, check, plan)
@@ -84,7 +115,7 @@ def explain_model(parameters: ExplainParameters) -> RunSummary:
             record_values(run.tracked, combined, run.artifacts)
             plots.result()
             summary = _summary(run, config, check, plan, results, combined, started, explain_s)
-            record_results(run.tracked, summary, computed, check.predictor.traffic(), run.artifacts)
+            record_results(run.tracked, config, check, plan, summary, computed, prefect, run.artifacts)
             publish_summary(summary)
             run.finish()
     logger.info("MLflow run %s FINISHED: %s", summary.mlflow_run_id, summary.run_url)
@@ -132,8 +163,15 @@ def _say_validation(check: DataCheck) -> None:
         get_run_logger().warning("validation (on_failure: warn): %s", line)
 
 
-def _run_name(config: ExplainConfig) -> str:
-    return f"{config.model.name}-{flow_run.name or time.strftime('%Y%m%d-%H%M%S')}"
+def _prefect_context() -> PrefectContext:
+    """This flow run, its UI page (when Prefect knows its UI's URL) and its deployment (when it has one)."""
+    from prefect.runtime import deployment
+    from prefect.utilities.urls import url_for
+
+    run_id = str(flow_run.id or "")
+    # The "View at" link Prefect logs; None when Prefect does not know its UI's URL (a temporary server).
+    url = url_for("flow-run", obj_id=run_id) if run_id else None
+    return PrefectContext(flow_run_id=run_id, flow_run_url=url or None, deployment=deployment.name or None)
 
 
 def _is_fault(exc: BaseException) -> bool:
@@ -262,6 +300,8 @@ def _plots(
         config.output,
         str(run.artifacts / "plots"),
         combined.importance,
+        plan.explained,
+        config.model.name,
     )
 
 
@@ -303,11 +343,42 @@ def artifact_key(model: str) -> str:
     return "shapline-" + (re.sub(r"[^a-z0-9-]+", "-", model.lower()).strip("-") or "model")
 
 
-@task(name="publish-summary", cache_policy=NO_CACHE)
 def publish_summary(summary: RunSummary) -> None:
-    """Publish the run summary as a Prefect markdown artifact."""
+    """The run's summary as a Prefect markdown artifact of the flow run itself (made in the flow, not a
+    task, so the flow run's Artifacts tab holds it), with where the MLflow run is and how to open it."""
+    if summary.tracking_uri.startswith(("http://", "https://")):
+        where = f"[Open the MLflow run]({summary.run_url})"
+    else:
+        where = (
+            f"MLflow run `{summary.mlflow_run_id}` in a local store: open it with "
+            f"`mlflow ui --backend-store-uri {summary.tracking_uri}` (then http://127.0.0.1:5000)"
+        )
     create_markdown_artifact(
         key=artifact_key(summary.model),
-        markdown=redact(summary.markdown()),
+        markdown=redact(f"{where}\n\n{summary.markdown()}"),
         description=redact(f"SHAP summary of {summary.model}"),
     )
+
+
+class _OneLine(logging.Filter):
+    """Prefect logs a failed task or flow with its traceback. For shapline's own errors (a bad config, data
+    that failed validation) the message is the whole story: the record keeps one line, and the traceback
+    goes to the same logger at DEBUG, where `PREFECT_LOGGING_LEVEL=DEBUG` shows it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ShaplineError) and not isinstance(error, UnexpectedError):
+            exc_info, record.exc_info, record.exc_text = record.exc_info, None, None
+            logging.getLogger(record.name).debug("traceback of: %s", error, exc_info=exc_info)
+        return True
+
+
+_ONE_LINE = _OneLine()
+
+
+def one_line_failures() -> None:
+    """Put the one-line filter on Prefect's flow and task run loggers (idempotent)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if _ONE_LINE not in logger.filters:
+            logger.addFilter(_ONE_LINE)

@@ -31,7 +31,7 @@ def explain_model(parameters: ExplainParameters) -> RunSummary:
     """Run the Prefect flow (shapline.flows.explain.explain_model), imported when first called: Prefect is heavy."""
     from shapline.flows.explain import explain_model as flow
 
-    return flow(parameters)
+    return flow(parameters=parameters)
 
 
 __all__ = [

@@ -25,6 +25,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
+def _unique(values: list[str] | None, what: str) -> list[str] | None:
+    repeated = sorted({v for v in values or [] if (values or []).count(v) > 1})
+    if repeated:
+        raise ValueError(f"{', '.join(map(repr, repeated))} listed more than once in {what}")
+    return values
+
+
 class _ModelBase(_Strict):
     name: str = Field(
         min_length=1,
@@ -41,6 +48,19 @@ class _ModelBase(_Strict):
     class_index: int | None = Field(
         1, ge=0, description="Which class (output column) to explain; null explains every class."
     )
+    class_labels: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="A name for each output column (class), in order, for models that do not say "
+        "(an endpoint); default: the model's classes_.",
+    )
+
+    @field_validator("class_labels")
+    @classmethod
+    def _labels_once(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not label.strip() for label in value):
+            raise ValueError("a class label is empty")
+        return _unique(value, "model.class_labels")
 
     @property
     def effective_output(self) -> str:
@@ -146,13 +166,6 @@ class DataConfig(_Strict):
     @classmethod
     def _each_column_once(cls, value: list[str] | None) -> list[str] | None:
         return _unique(value, "the list")
-
-
-def _unique(values: list[str] | None, what: str) -> list[str] | None:
-    repeated = sorted({v for v in values or [] if (values or []).count(v) > 1})
-    if repeated:
-        raise ValueError(f"{', '.join(map(repr, repeated))} listed more than once in {what}")
-    return values
 
 
 class ValidationConfig(_Strict):

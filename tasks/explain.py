@@ -155,6 +155,50 @@ def resolve_explainer(requested: str, predictor: Predictor, kernel_link: str) ->
     return "tree", "logit" if output == "log_odds" else "identity"
 
 
+@dataclass(frozen=True)
+class ExplainedOutput:
+    """One explained output in words: its class, the model output, and the units of its SHAP values."""
+
+    label: str | None
+    output: str
+    short: str
+    units: str
+
+
+def explained_outputs_in_words(
+    predictor: Predictor, width: int, class_index: int | None, method: str, task: str, link: str
+) -> list[ExplainedOutput]:
+    """What each explained output is (for the class column, params, titles and the run's description)."""
+    classes = predictor.class_labels if task == "classification" else None
+    indices = explained_outputs(width, class_index, classes)
+    labels: list[str | None] = (
+        list(output_labels(indices, classes)) if classes is not None else [None] * len(indices)
+    )
+    if link == "logit":
+        units = "log-odds"
+    elif method == "predict_proba":
+        units = "probability"
+    elif method == "decision_function":
+        units = "raw margin"
+    elif task == "regression":
+        units = "units of the target"
+    else:
+        units = "model output"
+    described = []
+    for label in labels:
+        named = label if label is not None else "the output"
+        if method == "predict_proba":
+            output, short = f"probability of {named}", f"P({named})"
+        elif method == "decision_function":
+            output, short = f"decision function of {named}", f"margin({named})"
+        elif task == "regression":
+            output, short = "prediction", "prediction"
+        else:
+            output, short = f"output for {named}", f"output({named})"
+        described.append(ExplainedOutput(label=label, output=output, short=short, units=units))
+    return described
+
+
 def effective_nsamples(nsamples: int | str, n_features: int) -> int:
     """Coalitions per row as shap's KernelExplainer uses them: auto is 2M + 2048, capped at 2**M - 2."""
     wanted = 2 * n_features + 2**11 if nsamples == "auto" else int(nsamples)

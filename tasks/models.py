@@ -57,13 +57,18 @@ def _load_cached(config_json: str, mtime_ns: int | None) -> Predictor:
     The one place each model kind meets its loader: a new kind is a config class and a case here.
     """
     config = _parse_model_config(config_json)
+    predictor: Predictor
     match config:
         case SageMakerModel():
-            return SageMakerPredictor(config)
+            predictor = SageMakerPredictor(config)
         case MlflowModel():
-            return load_registry_predictor(config)
+            predictor = load_registry_predictor(config)
         case SklearnModel() | XGBoostModel():
-            return _load_file(config)
+            predictor = _load_file(config)
+    if config.class_labels is not None:
+        # The config names the classes where the model cannot (an endpoint answers numbers only).
+        predictor.class_labels = list(config.class_labels)
+    return predictor
 
 
 def _load_file(config: SklearnModel | XGBoostModel) -> Predictor:

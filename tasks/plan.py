@@ -15,8 +15,13 @@ import pandas as pd
 from shapline.tasks.background import Background, draw_background
 from shapline.tasks.config import ExplainConfig, SageMakerModel
 from shapline.tasks.data import LoadedData, feature_columns, load_data, select_explain_rows, split_features
-from shapline.tasks.errors import BudgetExceeded, ValidationFailed
-from shapline.tasks.explain import check_kernel_samples, resolve_explainer
+from shapline.tasks.errors import BudgetExceeded, ConfigError, ValidationFailed
+from shapline.tasks.explain import (
+    ExplainedOutput,
+    check_kernel_samples,
+    explained_outputs_in_words,
+    resolve_explainer,
+)
 from shapline.tasks.inference import InferenceEstimate, over_budget, plan_inference
 from shapline.tasks.models import link_for, load_predictor
 from shapline.tasks.predictors import Predictor, probe_predictor, probe_rows
@@ -59,6 +64,7 @@ class RunPlan:
     outputs: int
     algorithm: str
     link: str
+    explained: list[ExplainedOutput]
     shards: list[Shard]
     estimate: InferenceEstimate | None
     budget_problem: str | None
@@ -71,6 +77,14 @@ class RunPlan:
         """Refuse to start a run its endpoint budget (model.budget.max_inference_rows) does not allow."""
         if self.budget_problem is not None:
             raise BudgetExceeded(self.budget_problem)
+
+
+def _check_class_labels(config: ExplainConfig, outputs: int) -> None:
+    labels = config.model.class_labels
+    if labels is not None and outputs > 1 and len(labels) != outputs:
+        raise ConfigError(
+            f"model.class_labels: {len(labels)} labels for a model with {outputs} outputs; give one per output"
+        )
 
 
 def plan_run(config: ExplainConfig, check: DataCheck) -> RunPlan:
@@ -88,7 +102,11 @@ def plan_run(config: ExplainConfig, check: DataCheck) -> RunPlan:
     probe = probe_rows(rows, background.frame)
     outputs = probe_predictor(check.predictor, probe, config.model.class_index)
     kernel_link = link_for(check.predictor, config.explainer.link, config.link, config.model.effective_output)
+    _check_class_labels(config, outputs)
     algorithm, link = resolve_explainer(config.explainer.algorithm, check.predictor, kernel_link)
+    explained = explained_outputs_in_words(
+        check.predictor, outputs, config.model.class_index, check.predictor.method, config.model.task, link
+    )
     if algorithm == "kernel":
         check_kernel_samples(config.explainer, len(check.features))
     shards = plan_shards(rows.index.tolist(), config.shards.size)
@@ -111,6 +129,7 @@ def plan_run(config: ExplainConfig, check: DataCheck) -> RunPlan:
         outputs=outputs,
         algorithm=algorithm,
         link=link,
+        explained=explained,
         shards=shards,
         estimate=estimate,
         budget_problem=problem,

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from shapline.tasks.aggregate import global_importance
 from shapline.tasks.config import OutputConfig
+from shapline.tasks.explain import ExplainedOutput
 from shapline.tasks.schemas import BASE_VALUE, CLASS, FEATURE, MODEL_OUTPUT, ROW_ID
 
 # Beeswarm and force plots of more rows than this show an evenly spaced subset: the picture is
@@ -43,20 +44,27 @@ def _headless_unless_chosen() -> None:
         matplotlib.use("Agg")
 
 
+def _as_probability(output: float, explained: ExplainedOutput | None) -> str:
+    """A log-odds output also as the probability it is (what a person reads)."""
+    if explained is None or explained.units != "log-odds":
+        return ""
+    return f" (P = {1.0 / (1.0 + np.exp(-output)):.3f})"
+
+
 def _safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
 
 
 def _numeric_view(rows: pd.DataFrame) -> pd.DataFrame:
-    """Colour values for plots: numbers as they are, other columns as category codes."""
+    """Colour values for the beeswarm: numbers as they are; text and categories have no High/Low, so they
+    are missing (shap draws those grey) rather than category codes on a numeric scale."""
     view: dict[str, Any] = {}
     for column in rows.columns:
         series = rows[column]
-        if pd.api.types.is_numeric_dtype(series):
+        if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
             view[column] = series.astype(float)
         else:
-            codes = pd.Categorical(series).codes.astype(float)
-            view[column] = np.where(codes < 0, np.nan, codes)
+            view[column] = np.full(len(series), np.nan)
     return pd.DataFrame(view, index=rows.index)
 
 
@@ -74,9 +82,21 @@ def _explanation(values: pd.DataFrame, rows: pd.DataFrame, features: list[str]) 
     )
 
 
-def _save(path: Path) -> Path:
+# Readable on a laptop screen and in MLflow's artifact viewer: a width that fits the page, enough dots.
+FIGURE_WIDTH_IN = 10.0
+DPI = 144
+
+
+def _save(path: Path, title: str | None = None, xlabel: str | None = None) -> Path:
     figure = plt.gcf()
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+    if xlabel and figure.axes:
+        figure.axes[0].set_xlabel(xlabel, fontsize=12)
+    width, height = figure.get_size_inches()
+    if width < FIGURE_WIDTH_IN:
+        figure.set_size_inches(FIGURE_WIDTH_IN, height * FIGURE_WIDTH_IN / width)
+    if title:
+        figure.suptitle(title, fontsize=11, x=0.02, ha="left", y=1.0)
+    figure.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close("all")
     return path
 
@@ -157,6 +177,13 @@ def bar_values(
     return bars
 
 
+def _row_name(values: pd.DataFrame, position: int, row_id: int, id_column: str | None) -> str:
+    """How a plot names a row: by data.id_column when the run has one (with its row_id), else by row_id."""
+    if id_column and id_column in values.columns:
+        return f"{id_column} {values[id_column].iloc[position]} (row_id {row_id})"
+    return f"row_id {row_id}"
+
+
 def render_plots(
     values_path: str | Path,
     rows: pd.DataFrame,
@@ -165,9 +192,22 @@ def render_plots(
     config: OutputConfig,
     folder: str | Path,
     importance: pd.DataFrame | None = None,
+    explained: list[ExplainedOutput] | None = None,
+    model: str = "model",
+    id_column: str | None = None,
 ) -> list[Path]:
-    """Write the configured plots under `folder`; several classes get one file per class (suffix _<class>)."""
+    """Write the configured plots under `folder`; several classes get one file per class (suffix _<class>).
+
+    Every plot is titled with the model, what was explained and the units (`explained`, one per label).
+    """
     import shap
+
+    named = dict(zip(labels, explained or [], strict=False))
+
+    def title(label: str, what: str = "") -> str:
+        output = named.get(label)
+        said = f"{output.short} · SHAP values in {output.units}" if output else f"output {label}"
+        return " · ".join(part for part in (model, said, what) if part)
 
     _headless_unless_chosen()
     folder = Path(folder)
@@ -191,7 +231,12 @@ def render_plots(
         else:
             only_values = shap.Explanation(values=bars[labels[0]].reshape(1, -1), feature_names=features)
             shap.plots.bar(only_values, max_display=max_display, show=False)
-        written.append(_save(folder / "bar.png"))
+        heading = (
+            f"{model} · mean |SHAP value| per class" if several else title(labels[0], "mean |SHAP value|")
+        )
+        units = named[labels[0]].units if labels[0] in named else None
+        axis = f"mean |SHAP value| ({units})" if units else None
+        written.append(_save(folder / "bar.png", heading, axis))
     if not {"beeswarm", "waterfall", "force"} & set(config.plots):
         return written
     plotted = read_plotted_rows(values_path, labels, config)
@@ -204,20 +249,26 @@ def render_plots(
                 max_display=max_display,
                 show=False,
             )
-            written.append(_save(folder / f"beeswarm{suffix}.png"))
+            shown = f"{len(part.beeswarm):,} rows; text columns grey"
+            output = named.get(label)
+            axis = f"SHAP value ({output.units} of {output.short})" if output else None
+            written.append(_save(folder / f"beeswarm{suffix}.png", title(label, shown), axis))
         if "waterfall" in config.plots and config.top_k > 0:
             top = part.waterfall
             explanation = _explanation(top, rows, features)
             for position, row_id in enumerate(top[ROW_ID].to_numpy()):
                 shap.plots.waterfall(explanation[position], max_display=max_display, show=False)
-                written.append(_save(folder / f"waterfall_{int(row_id)}{suffix}.png"))
+                value = float(top[MODEL_OUTPUT].iloc[position])
+                said = f"model output {value:.4g}{_as_probability(value, named.get(label))}"
+                row = f"{_row_name(top, position, int(row_id), id_column)}: {said}"
+                written.append(_save(folder / f"waterfall_{int(row_id)}{suffix}.png", title(label, row)))
         if "force" in config.plots:
-            shown = part.force
-            data = rows.loc[shown[ROW_ID].to_numpy(), features].astype(object)
+            forced = part.force
+            data = rows.loc[forced[ROW_ID].to_numpy(), features].astype(object)
             plot = shap.plots.force(
-                float(shown[BASE_VALUE].iloc[0]),
-                shown[features].to_numpy(dtype=float),
-                data if len(shown) > 1 else data.iloc[0],
+                float(forced[BASE_VALUE].iloc[0]),
+                forced[features].to_numpy(dtype=float),
+                data if len(forced) > 1 else data.iloc[0],
                 feature_names=features,
             )
             path = folder / f"force{suffix}.html"

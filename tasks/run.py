@@ -7,6 +7,7 @@ the shard store, and the endpoint's lifetime (endpoint.delete_after_run).
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import tempfile
@@ -75,11 +76,16 @@ class ExplanationRun:
     ) -> bool | None:
         return self._stack.__exit__(kind, error, trace)
 
+    @functools.cached_property
+    def model_fingerprint(self) -> str:
+        """What identifies the model's behaviour (a model file's sha256): computed once for the run."""
+        return model_fingerprint(self.config.model)
+
     def open_store(self, data_sha256: str) -> ShardStore:
         """The shard store of this config, data and model, claimed by this run until it ends."""
         config = self.config
         store = ShardStore.open(
-            config.shards.cache_dir, config.values_sha256(), data_sha256, model_fingerprint(config.model)
+            config.shards.cache_dir, config.values_sha256(), data_sha256, self.model_fingerprint
         )
         # Released on any exit; the shards are deleted by finish() only if no other live run uses them.
         self._claim = self._stack.enter_context(ShardStoreClaim(store.folder, self.tracked.run_id))

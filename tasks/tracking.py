@@ -58,19 +58,33 @@ def _artifact_root(tracking_uri: str) -> str | None:
     return None if database is None else (database.resolve().parent / "mlartifacts").as_uri()
 
 
+# MLflow 3's UI opens an experiment on the view its kind names; without it, on the GenAI overview
+# (traces, token usage). shapline's experiments are model development: the runs list.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def ensure_experiment(client: MlflowClient, tracking_uri: str, name: str) -> str:
-    """The experiment's id, creating it if needed (safe when two runs create it at once)."""
+    """The experiment's id, creating it if needed (safe when two runs create it at once), of the kind
+    MLflow's UI opens on its runs."""
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    root = _artifact_root(tracking_uri)
-    try:
-        return client.create_experiment(name, artifact_location=f"{root}/{_slug(name)}" if root else None)
-    except MlflowException:
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
+    if found is None:
+        root = _artifact_root(tracking_uri)
+        try:
+            experiment_id = client.create_experiment(
+                name,
+                artifact_location=f"{root}/{_slug(name)}" if root else None,
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
+        except MlflowException:
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+        else:
+            return experiment_id
+    if EXPERIMENT_KIND_TAG not in found.tags:  # one made before shapline set the kind
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return found.experiment_id
 
 
 def _slug(name: str) -> str:
@@ -192,6 +206,14 @@ def log_artifacts(run: TrackedRun, folder: str | Path, skip: Iterable[str] = ())
             run.client.log_artifact(run.run_id, str(path))
 
 
+def log_inputs(run: TrackedRun, datasets: list[Any], model_ids: list[str] | None = None) -> None:
+    """Log dataset inputs (mlflow.entities.DatasetInput) and models the run used (MLflow 3 logged models)."""
+    from mlflow.entities import LoggedModelInput
+
+    models = [LoggedModelInput(model_id) for model_id in model_ids or []]
+    run.client.log_inputs(run.run_id, datasets=datasets, models=models or None)
+
+
 def log_artifact(run: TrackedRun, path: str | Path, artifact_dir: str | None = None) -> None:
     """Upload one file."""
     run.client.log_artifact(run.run_id, str(path), artifact_dir)
@@ -215,9 +237,21 @@ def mlflow_run(
     run.client.set_terminated(run.run_id, status="FINISHED")
 
 
+# MLflow 3.17's UI picks an experiment's view from a GenAI / model-training switch kept per browser
+# (default GenAI), not from the experiment's kind; the links shapline writes ask for model training.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def experiment_url(tracking_uri: str, experiment_id: str) -> str | None:
+    """The experiment's runs list in the MLflow UI (None for a store with no server)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}?{MODEL_TRAINING_VIEW}"
+
+
 def run_url(run: TrackedRun) -> str:
     """Where a person opens the run: the server's page, or the store URI for a local store."""
     if run.tracking_uri.startswith(("http://", "https://")):
         base = run.tracking_uri.rstrip("/")
-        return f"{base}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
+        return f"{base}/#/experiments/{run.experiment_id}/runs/{run.run_id}?{MODEL_TRAINING_VIEW}"
     return f"{run.tracking_uri} (experiment {run.experiment_id}, run {run.run_id})"

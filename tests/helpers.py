@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -165,3 +168,17 @@ def exact_shapley(
                 with_i = tuple(sorted((*subset, i)))
                 phi[i] += weight * (cache[with_i] - cache[subset])
     return phi
+
+
+def wait_for(url: str, process: subprocess.Popen[Any], seconds: float = 120) -> None:
+    """Wait until `url` answers 200, failing early if the server's process exits."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"server for {url} exited with {process.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not come up")

@@ -104,22 +104,14 @@ def test_tree_model_run_logs_everything_and_matches_tree_explainer(
     assert importance.loc[importance["rank"] == 1, "feature"].item() == values[features].abs().mean().idxmax()
 
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as prefect:
-        response = prefect.request(
-            "POST",
-            "/artifacts/filter",
-            json={
-                "artifacts": {"key": {"any_": ["shapline-cancer"]}},
-                "limit": 10,
-                "offset": 0,
-                "sort": "CREATED_DESC",
-                "flow_runs": {},
-                "task_runs": {},
-            },
+        published = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["shapline-cancer"]))
         )
-    published = response.json()
-    assert published and published[0]["type"] == "markdown"
+    assert published and published[0].type == "markdown" and published[0].task_run_id is None
+    published = [artifact.model_dump() for artifact in published]
     assert summary["mlflow_run_id"] in published[0]["data"] and "| 1 | " in published[0]["data"]
 
 
@@ -326,6 +318,8 @@ def _bad_input(
         frame["mean_area"] = float("nan")
         frame.to_csv(path, index=False)
         return {"data": {"source": str(path)}, "background": {"method": "kmeans", "size": 5}}, []
+    if case == "class labels that do not match the outputs":
+        return {"model": {"class_labels": ["benign", "malignant", "unsure"]}}, []
     if case == "nsamples 1 with aic":
         return {"explainer": {"algorithm": "kernel", "nsamples": 1, "l1_reg": "aic"}}, []
     if case == "expectation on a column the data lacks":
@@ -369,6 +363,10 @@ def _bad_input(
             r"predict_proba\(\) failed on row_id 233 \(text in mean_area='abc'\): could not convert string",
         ),
         ("kmeans with an all-missing column", r"background\.method kmeans: column 'mean_area' has no values"),
+        (
+            "class labels that do not match the outputs",
+            r"model\.class_labels: 3 labels for a model with 2 outputs; give one per output",
+        ),
         (
             "nsamples 1 with aic",
             r"explainer\.nsamples 1 is too few for l1_reg aic with 8 features: it needs at least 5",

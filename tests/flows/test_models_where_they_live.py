@@ -173,6 +173,8 @@ def test_the_estimate_counts_every_row_the_run_sends_probe_included(
                 "name": "cancer-counted",
                 "kind": "sagemaker",
                 "endpoint": {"name": "counted", "endpoint_url": server.url},
+                # An endpoint answers numbers: the config names its classes.
+                "class_labels": ["benign", "malignant"],
             },
             data={"source": str(cancer_data), "target": "malignant", "explain_rows": 3, "seed": 4},
             background={"size": 10},
@@ -183,6 +185,10 @@ def test_the_estimate_counts_every_row_the_run_sends_probe_included(
         code, summary, err = run_cli(["run", str(config), "--json"], capsys)
         served = server.stats
     assert code == 0, err
-    metrics = MlflowClient(mlflow_store).get_run(summary["mlflow_run_id"]).data.metrics
+    run = MlflowClient(mlflow_store).get_run(summary["mlflow_run_id"])
+    metrics = run.data.metrics
+    assert run.data.params["model.class_label"] == "malignant"
+    assert run.data.tags["shapline.endpoint"] == "counted"
+    assert "probability of malignant" in run.data.tags["mlflow.note.content"]
     assert metrics["inference_rows"] == metrics["inference_rows_sent"] == served["rows"]
     assert metrics["inference_requests"] == metrics["inference_requests_sent"] == served["requests"]

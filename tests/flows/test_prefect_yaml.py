@@ -27,7 +27,7 @@ def test_prefect_yaml_matches_the_configs_it_deploys() -> None:
     assert project["deployments"]
     for deployment in project["deployments"]:
         assert deployment["entrypoint"] == ENTRYPOINT
-        parameters = ExplainParameters.model_validate(deployment["parameters"]["parameters"])
+        parameters = ExplainParameters.model_validate(deployment["parameters"])
         config = load_config(ROOT / parameters.config_path)
         assert deployment["name"] == config.model.name
         assert config.schedule is not None

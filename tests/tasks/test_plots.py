@@ -132,5 +132,57 @@ def test_bar_chart_is_the_one_drawn_from_every_row(tmp_path: Path, labels: list[
     else:
         every_row = shap.Explanation(values=values[FEATURES].to_numpy(dtype=float), feature_names=FEATURES)
         shap.plots.bar(every_row, max_display=max_display, show=False)
-    reference = plots._save(tmp_path / "reference.png")
+    title = (
+        "model · mean |SHAP value| per class" if len(labels) > 1 else "model · output 1 · mean |SHAP value|"
+    )
+    reference = plots._save(tmp_path / "reference.png", title)
     assert (tmp_path / "plots" / "bar.png").read_bytes() == reference.read_bytes()
+
+
+def test_every_plot_is_titled_with_the_model_the_class_and_the_units(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from shapline.tasks.explain import ExplainedOutput
+
+    path, _, rows = values_and_rows(tmp_path, ["1"], n=50)
+    explained = [
+        ExplainedOutput(
+            label="malignant", output="probability of malignant", short="P(malignant)", units="log-odds"
+        )
+    ]
+    titles: list[str] = []
+    original = plots._save
+
+    def remember(target: Path, title: str | None = None, xlabel: str | None = None) -> Path:
+        titles.append(f"{target.name}: {title} | {xlabel}")
+        return original(target, title, xlabel)
+
+    plots._save = remember
+    try:
+        written = render_plots(
+            path,
+            rows,
+            FEATURES,
+            ["1"],
+            OutputConfig(plots=["bar", "beeswarm", "waterfall"], top_k=1),
+            tmp_path / "plots",
+            None,
+            explained,
+            "cancer",
+        )
+    finally:
+        plots._save = original
+    assert (
+        titles[0]
+        == "bar.png: cancer · P(malignant) · SHAP values in log-odds · mean |SHAP value| | mean |SHAP value| (log-odds)"
+    )
+    assert titles[1].startswith("beeswarm.png: cancer · P(malignant) · SHAP values in log-odds · 50 rows")
+    assert "SHAP value (log-odds of P(malignant))" in titles[1]
+    assert (
+        titles[2].startswith("waterfall_")
+        and "row_id" in titles[2]
+        and "model output" in titles[2]
+        and "(P = " in titles[2]
+    )
+    width, _ = Image.open(written[0]).size
+    assert width >= 1200  # readable on a laptop: about 10 inches at 144 dpi (bbox_inches="tight" trims)

@@ -1,0 +1,117 @@
+"""What a run records: metric keys, importance metrics, params that apply, what was explained in words."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from shapline.tasks.config import parse_config
+from shapline.tasks.explain import explained_outputs_in_words
+from shapline.tasks.predictors import Predictor
+from shapline.tasks.recording import importance_metrics, metric_key, run_params
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("importance.bill_length_mm", "importance.bill_length_mm"),
+        ("importance.Day Mins", "importance.Day Mins"),
+        ("importance.Churn?", "importance.Churn_"),
+        ("importance.bill length (mm)", "importance.bill length _mm_"),
+        ("importance.größe/Zoll", "importance.gr__e/Zoll"),
+    ],
+)
+def test_metric_keys_keep_what_mlflow_allows_and_replace_the_rest(name: str, key: str) -> None:
+    assert metric_key(name) == key
+
+
+def test_importance_metrics_name_the_class_when_there_are_several() -> None:
+    importance = pd.DataFrame(
+        {
+            "class": ["Adelie", "Gentoo"],
+            "feature": ["bill (mm)", "bill (mm)"],
+            "mean_abs": [0.5, 0.25],
+            "rank": [1, 1],
+        }
+    )
+    assert importance_metrics(importance, "mean_abs") == {
+        "importance.Adelie.bill _mm_": 0.5,
+        "importance.Gentoo.bill _mm_": 0.25,
+    }
+    one = importance.drop(columns=["class"]).head(1)
+    assert importance_metrics(one, "mean_abs") == {"importance.bill _mm_": 0.5}
+
+
+def test_params_that_do_not_apply_to_the_run_are_not_logged() -> None:
+    config = parse_config(
+        {"model": {"name": "m", "kind": "sklearn", "path": "m.joblib"}, "data": {"source": "d.csv"}}
+    )
+    params = run_params(config)
+    assert "shards.address" not in params and params["shards.runner"] == "thread"
+    dask = config.model_copy(update={"shards": config.shards.model_copy(update={"runner": "dask"})})
+    assert "shards.address" in run_params(dask)
+
+
+class _Fake(Predictor):
+    def __init__(self, labels: list[str] | None) -> None:
+        self.name, self.method, self.class_labels = "m", "predict_proba", labels
+
+    def predict(self, frame: pd.DataFrame) -> object:  # type: ignore[override]
+        raise AssertionError("not called")
+
+
+@pytest.mark.parametrize(
+    ("labels", "width", "class_index", "method", "task", "link", "said"),
+    [
+        (
+            ["Adelie", "Chinstrap", "Gentoo"],
+            3,
+            1,
+            "predict_proba",
+            "classification",
+            "logit",
+            [("probability of Chinstrap", "P(Chinstrap)", "log-odds")],
+        ),
+        (
+            ["no", "yes"],
+            2,
+            1,
+            "predict_proba",
+            "classification",
+            "identity",
+            [("probability of yes", "P(yes)", "probability")],
+        ),
+        (
+            ["no", "yes"],
+            2,
+            None,
+            "decision_function",
+            "classification",
+            "identity",
+            [
+                ("decision function of no", "margin(no)", "raw margin"),
+                ("decision function of yes", "margin(yes)", "raw margin"),
+            ],
+        ),
+        (
+            None,
+            1,
+            1,
+            "predict",
+            "regression",
+            "identity",
+            [("prediction", "prediction", "units of the target")],
+        ),
+    ],
+)
+def test_what_was_explained_in_words(
+    labels: list[str] | None,
+    width: int,
+    class_index: int | None,
+    method: str,
+    task: str,
+    link: str,
+    said: list[tuple[str, str, str]],
+) -> None:
+    described = explained_outputs_in_words(_Fake(labels), width, class_index, method, task, link)
+    assert [(d.output, d.short, d.units) for d in described] == said

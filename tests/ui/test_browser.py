@@ -1,0 +1,194 @@
+"""What a person sees, in a real browser (headless Chromium driven by Playwright): the MLflow run page and
+experiment, the Prefect Custom Run form. Screenshots are kept under $SHAPLINE_SCREENSHOTS (default: the
+test's temporary folder) for a person to look at.
+
+Run with `.venv/bin/pytest -m browser` once Chromium is installed (`apt-get install -y chromium`) and
+`pip install playwright` (it drives that Chromium; no browser is downloaded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import free_port, wait_for
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# As the probe of this machine starts it: no sandbox as root, nothing reaching for the network.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install -y chromium")
+    with playwright.sync_playwright() as driver:
+        launched = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("SHAPLINE_SCREENSHOTS", tmp_path / "screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def start(command: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    handle = open(log, "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(command, env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The demo explained into a store an MLflow server (with its UI) serves, and a Prefect server with
+    its UI holding the demo's deployment."""
+    folder = tmp_path_factory.mktemp("ui")
+    mlflow_port, prefect_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(folder / "prefect-home"),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{folder / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "true",
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
+        "SHAPLINE_CACHE_DIR": str(folder / "cache"),
+    }
+    env.pop("PREFECT_API_URL", None)
+    prefect = start(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+        folder / "prefect.log",
+        env,
+        folder,
+    )
+    mlflow = None
+    try:
+        api = f"http://127.0.0.1:{prefect_port}/api"
+        wait_for(api + "/health", prefect)
+        env["PREFECT_API_URL"] = api
+        demo = subprocess.run(
+            [str(BIN / "shapline"), "demo", "--set", "data.explain_rows=30", "--json"],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert demo.returncode == 0, demo.stderr[-3000:]
+        summary = json.loads(demo.stdout.strip().splitlines()[-1])
+        deployed = subprocess.run(
+            [str(BIN / "shapline"), "deploy", "configs/penguins.yaml", "--pool", "ui-pool", "--json"],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert deployed.returncode == 0, deployed.stderr[-3000:]
+        [deployment] = json.loads(deployed.stdout.strip().splitlines()[-1])["deployments"].values()
+        mlflow = start(
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                env["MLFLOW_TRACKING_URI"],
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mlflow_port),
+                "--workers",
+                "1",
+            ],
+            folder / "mlflow.log",
+            env,
+            folder,
+        )
+        wait_for(f"http://127.0.0.1:{mlflow_port}/health", mlflow)
+        yield {
+            "mlflow": f"http://127.0.0.1:{mlflow_port}",
+            "prefect": f"http://127.0.0.1:{prefect_port}",
+            "summary": summary,
+            "deployment": deployment,
+        }
+    finally:
+        for process in (mlflow, prefect):
+            if process is not None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+
+def shown(page: Any, url: str, expected: str, picture: Path) -> str:
+    """Open `url`, wait until `expected` is on the page (or a minute), take the screenshot, return the text."""
+    page.goto(url)
+    try:
+        page.get_by_text(expected).first.wait_for(timeout=20_000)
+    finally:
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(picture), full_page=True)
+    return str(page.inner_text("body"))
+
+
+def test_the_mlflow_run_page_says_what_was_explained(
+    browser: Any, demo_run: dict[str, Any], shots: Path
+) -> None:
+    summary = demo_run["summary"]
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    page.goto(
+        f"{demo_run['mlflow']}/#/experiments/{summary['experiment_id']}/runs/{summary['mlflow_run_id']}"
+    )
+    page.get_by_text("probability of Chinstrap").first.wait_for(timeout=60_000)
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(shots / "mlflow-run.png"), full_page=True)
+    text = page.inner_text("body")
+    assert "SHAP values in" in text and "log-odds" in text and "Top features" in text
+    assert "No description" not in text
+    assert "penguins.csv" in text  # the dataset input
+
+
+def test_the_mlflow_experiment_opens_on_its_runs(browser: Any, demo_run: dict[str, Any], shots: Path) -> None:
+    summary = demo_run["summary"]
+    page = browser.new_page(viewport={"width": 1440, "height": 900})
+    # The experiment link shapline writes (the report and the summary have it).
+    from shapline.tasks.tracking import experiment_url
+
+    url = experiment_url(demo_run["mlflow"], summary["experiment_id"])
+    text = shown(page, str(url), "penguins-species ·", shots / "mlflow-experiment.png")
+    # The runs list, not the GenAI overview of traces (which says it has no data).
+    assert "1 matching run" in text and "penguins.csv" in text
+    assert "No data available for the selected time range" not in text
+
+
+def test_the_prefect_custom_run_form_has_flat_titled_fields(
+    browser: Any, demo_run: dict[str, Any], shots: Path
+) -> None:
+    page = browser.new_page(viewport={"width": 1440, "height": 1400})
+    url = f"{demo_run['prefect']}/deployments/deployment/{demo_run['deployment']}/run"
+    text = shown(page, url, "Rows to explain", shots / "prefect-custom-run.png")
+    for title in ("Config file", "Rows to explain", "Background rows", "Explainer", "Coalitions per row"):
+        assert title in text
+    assert "Empty: the config's 'all' (data.explain_rows)." in text
