@@ -12,15 +12,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from shapline.flows import endpoint_cli
+from shapline.flows import compare_cli, endpoint_cli
 from shapline.flows.demo import DEFAULT_CONFIG
-from shapline.tasks.errors import PrefectUnavailable, ShaplineError, UnexpectedError
+from shapline.tasks.errors import AttributionDrift, PrefectUnavailable, ShaplineError, UnexpectedError
 from shapline.tasks.redact import redact, redact_logs, redact_value
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 # This machine (and many production ones) cannot reach Prefect's telemetry endpoint; don't try.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# A progress bar per downloaded baseline artifact is noise in a run's output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 class _NoTracebacks(logging.Filter):
@@ -105,11 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("configs", nargs="+", metavar="CONFIG")
     add_debug_flag(serve)
     endpoint_cli.add_parser(commands)
+    add_debug_flag(compare_cli.add_parser(commands))
     return parser
 
 
 def _print_run_summary(summary: dict[str, Any]) -> None:
-    """The lines a person reads at the end of a run: what was explained, where it is in MLflow."""
+    """The lines a person reads at the end of a run: what was explained, drift, where it is in MLflow."""
     _say(
         f"explained {summary['rows_explained']} rows in {summary['shards']} "
         f"shard{'s' if summary['shards'] != 1 else ''} "
@@ -117,6 +120,11 @@ def _print_run_summary(summary: dict[str, Any]) -> None:
     )
     _say(f"additivity max error: {summary['additivity_max_error']:.3g}")
     _say(f"top features: {', '.join(summary['top_features'])}")
+    if summary.get("attribution_ndcg") is not None:
+        verdict = "DRIFT" if summary.get("drift") else "no drift"
+        _say(
+            f"attribution NDCG {summary['attribution_ndcg']:.3f} against run {summary['baseline_run_id']}: {verdict}"
+        )
     _say(
         f"MLflow run {summary['mlflow_run_id']} in experiment '{summary['experiment']}' "
         f"(id {summary['experiment_id']}), tracking URI {summary['tracking_uri']}"
@@ -173,11 +181,22 @@ def _run(config_path: str, overrides: list[str], as_json: bool, debug: bool = Fa
     if not debug:
         _quiet_tracebacks()  # the flow's imports (MLflow, Great Expectations) brought handlers of their own
     redact_logs()
-    with _generous_server_start():
-        # As one object: Prefect stores it with the overrides redacted (a typed password stays here).
-        finished = explain_model(
-            parameters=ExplainParameters(config_path=str(Path(config_path).resolve()), overrides=overrides)
-        )
+    try:
+        with _generous_server_start():
+            # As one object: Prefect stores it with the overrides redacted (a typed password stays here).
+            finished = explain_model(
+                parameters=ExplainParameters(
+                    config_path=str(Path(config_path).resolve()), overrides=overrides
+                )
+            )
+    except AttributionDrift as drift:
+        # The explanation is complete (its MLflow run FINISHED): the summary, then the one line, exit 3.
+        if drift.summary:
+            _print_run_summary(drift.summary)
+        _say(f"shapline: error: {drift}", file=sys.stderr)
+        if as_json:
+            _say(json.dumps(redact_value({**drift.summary, "error": str(drift)}), default=str))
+        return drift.exit_code
     summary = finished.to_json()
     _print_run_summary(summary)
     if as_json:
@@ -224,6 +243,15 @@ def _deploy(configs: list[str], pool: str, as_json: bool) -> int:
     return 0
 
 
+def _compare(run_a: str, run_b: str, tracking_uri: str | None, as_json: bool) -> int:
+    lines, result = compare_cli.compare(run_a, run_b, tracking_uri)
+    for line in lines:
+        _say(line)
+    if as_json:
+        _say(json.dumps(redact_value(result), default=str))
+    return 0
+
+
 def _demo(config_path: str, overrides: list[str], as_json: bool, debug: bool = False) -> int:
     from shapline.flows.demo import demo_config, prepare_demo
 
@@ -255,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
 
             serve(args.configs)
             return 0
+        if args.command == "compare":
+            return _compare(args.run_a, args.run_b, args.tracking_uri, as_json)
         if args.command == "validate":
             return _validate(args.config, args.overrides, as_json)
         if args.command == "schema":

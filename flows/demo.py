@@ -16,6 +16,20 @@ from shapline.tasks.config import SklearnModel, load_config
 from shapline.tasks.errors import ConfigError
 
 DEFAULT_CONFIG = "configs/penguins.yaml"
+# The demo data's row identity (data.id_column): the same bird keeps its id in every file.
+ID_COLUMN = "penguin_id"
+# Next week's birds, for a second demo run that drifts: the Dream island only (no Gentoo lives there,
+# every Chinstrap does), written beside the demo data.
+DREAM_FILE = "penguins-dream.csv"
+
+
+def penguins_with_ids() -> pd.DataFrame:
+    """The palmerpenguins data with a penguin_id column (P001, P002, ...) in front."""
+    from palmerpenguins import load_penguins
+
+    data = load_penguins()
+    data.insert(0, ID_COLUMN, [f"P{i + 1:03d}" for i in range(len(data))])
+    return data
 
 
 def train_penguin_model(data: pd.DataFrame) -> Pipeline:
@@ -26,7 +40,7 @@ def train_penguin_model(data: pd.DataFrame) -> Pipeline:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-    features = data.drop(columns=["species"])
+    features = data.drop(columns=["species", ID_COLUMN], errors="ignore")
     encode = make_column_transformer(
         (
             make_pipeline(SimpleImputer(strategy="most_frequent"), OneHotEncoder(handle_unknown="ignore")),
@@ -54,18 +68,20 @@ def demo_config(config_path: str) -> tuple[str, list[str]]:
 
 def prepare_demo(config_path: str) -> list[str]:
     """Write the penguins CSV and a trained model where the demo config's data.source and model.path point."""
-    from palmerpenguins import load_penguins
-
     config = load_config(config_path)
     if not isinstance(config.model, SklearnModel):
         raise ConfigError(f"{config_path}: the demo trains a scikit-learn model: model.kind must be sklearn")
-    data = load_penguins()
+    data = penguins_with_ids()
     data_path, model_path = Path(config.data.source), Path(config.model.path)
     data_path.parent.mkdir(parents=True, exist_ok=True)
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    data.to_csv(data_path, index=False)
+    dream = data_path.parent / DREAM_FILE
+    if data_path.name != DREAM_FILE:
+        data.to_csv(data_path, index=False)
+    data[data["island"] == "Dream"].to_csv(dream, index=False)
     joblib.dump(train_penguin_model(data), model_path)
     return [
         f"demo data: {len(data)} penguins with {data.shape[1]} columns (text, numbers, missing values) -> {data_path}",
+        f"next week's birds (Dream island only, for a second run that drifts) -> {dream}",
         f"demo model: scikit-learn Pipeline(impute, one-hot, logistic regression) -> {model_path}",
     ]

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -28,7 +29,9 @@ from shapline.flows.parameters import Algorithm, ExplainParameters, form_field
 from shapline.tasks.aggregate import Aggregate, aggregate
 from shapline.tasks.config import ExplainConfig, MlflowModel, SageMakerModel, load_config
 from shapline.tasks.cores import threads_per_worker
-from shapline.tasks.errors import ShaplineError, UnexpectedError
+from shapline.tasks.drift import Baseline, resolve_baseline
+from shapline.tasks.errors import AttributionDrift, ShaplineError, UnexpectedError
+from shapline.tasks.monitor import Monitoring, drift_event, monitor
 from shapline.tasks.plan import DataCheck, RunPlan, check_data, plan_run
 from shapline.tasks.plots import render_plots
 from shapline.tasks.recording import (
@@ -41,13 +44,15 @@ from shapline.tasks.recording import (
     record_values,
     run_name,
     run_tags,
+    traffic_sent,
 )
-from shapline.tasks.redact import redact, redact_logs
+from shapline.tasks.redact import redact, redact_logs, redact_value
 from shapline.tasks.registry import resolve_registry_model
+from shapline.tasks.report import REPORT, ReportFacts, write_report
 from shapline.tasks.run import ExplanationRun
 from shapline.tasks.runners import ShardRunner
 from shapline.tasks.shards import ShardJob, ShardResult, ShardStore, plan_jobs
-from shapline.tasks.summary import RunSummary
+from shapline.tasks.summary import Phases, RunSummary
 from shapline.tasks.tracking import resolve_tracking_uri, run_url
 
 check_data_task = task(name="check-data", cache_policy=NO_CACHE)(check_data)
@@ -55,6 +60,8 @@ plan_run_task = task(name="plan-run", cache_policy=NO_CACHE)(plan_run)
 aggregate_task = task(name="aggregate", cache_policy=NO_CACHE)(aggregate)
 render_plots_task = task(name="render-plots", cache_policy=NO_CACHE)(render_plots)
 resolve_model_task = task(name="resolve-model", cache_policy=NO_CACHE)(resolve_registry_model)
+resolve_baseline_task = task(name="resolve-baseline", cache_policy=NO_CACHE)(resolve_baseline)
+monitor_task = task(name="monitor", cache_policy=NO_CACHE)(monitor)
 
 
 @flow(name="shapline-explain")
@@ -77,7 +84,7 @@ def explain_model(
     redact_logs()
     one_line_failures()
     logger = get_run_logger()
-    started, when = time.perf_counter(), datetime.now(UTC)
+    started, when, phases = time.perf_counter(), datetime.now(UTC), Phases()
     with _redacted_failures():
         given = parameters or ExplainParameters.from_form(
             config_path=config_path,
@@ -100,26 +107,120 @@ def explain_model(
             record_data(run.tracked, config, check.data, run.model_fingerprint, identity)
             record_validation(run.tracked, check, run.folder)
             _say_validation(check)
+            phases.lap("load and validate")
             plan = plan_run_task(config, check)
             record_plan(run.tracked, config, plan, run.artifacts)
             _say_plan(config, plan)
             plan.enforce_budget()
+            baseline = resolve_baseline_task(
+                run.tracking_uri,
+                run.tracked.experiment_id,
+                run.tracked.run_id,
+                config.model.name,
+                config.monitor.baseline,
+                run.folder,
+            )
+            _say_baseline(baseline)
+            phases.lap("plan")
             results, computed, explain_s = explain_shards(run, config, check, plan)
+            phases.lap("explain")
             combined = aggregate_task(
                 [r.path for r in results],
                 str(run.artifacts / "shap_values.parquet"),
                 check.features,
                 config.output.aggregations,
+                _row_names(config, check),
+                config.data.id_column,
             )
+            phases.lap("aggregate")
             plots = _plots(run, config, check, plan, combined)
             record_values(run.tracked, combined, run.artifacts)
             plots.result()
-            summary = _summary(run, config, check, plan, results, combined, started, explain_s)
-            record_results(run.tracked, config, check, plan, summary, computed, prefect, run.artifacts)
+            phases.lap("plots and upload")
+            monitoring = monitor_task(run.tracked, config, baseline, combined, plan.explained, run.artifacts)
+            phases.lap("drift")
+            traffic = traffic_sent([check.predictor.traffic(), *(r.traffic for r in computed)])
+            summary = _summary(
+                run, config, check, plan, results, combined, started, explain_s, monitoring, phases
+            )
+            write_report(
+                _report_facts(run, config, check, plan, summary, identity, traffic, monitoring, prefect),
+                run.artifacts,
+            )
+            record_results(
+                run.tracked, config, check, plan, summary, traffic, monitoring, prefect, run.artifacts
+            )
             publish_summary(summary)
+            _say_drift(config, monitoring, run.tracked, summary.run_url)
             run.finish()
     logger.info("MLflow run %s FINISHED: %s", summary.mlflow_run_id, summary.run_url)
+    if monitoring.drift and config.monitor.on_drift == "fail" and monitoring.comparison is not None:
+        # The MLflow run is FINISHED with every artifact; the flow run fails with the one line.
+        raise AttributionDrift(monitoring.comparison.line(), summary=summary.to_json())
     return summary
+
+
+def _row_names(config: ExplainConfig, check: DataCheck) -> Any:
+    """data.id_column's values by row_id (the values table carries them beside row_id), or None."""
+    if config.data.id_column is None:
+        return None
+    return check.data.frame[config.data.id_column]
+
+
+def _say_baseline(baseline: Baseline) -> None:
+    if baseline.found:
+        get_run_logger().info("baseline: run %s (monitor.baseline)", baseline.run_id)
+    else:
+        get_run_logger().info("no baseline: %s", baseline.reason)
+
+
+def _say_drift(config: ExplainConfig, monitoring: Monitoring, tracked: Any, url: str) -> None:
+    """The drift line in the run's log (a warning when the explanation moved) and the Prefect event."""
+    comparison = monitoring.comparison
+    if comparison is None:
+        return
+    logger = get_run_logger()
+    if not comparison.drifted:
+        logger.info(comparison.line())
+        return
+    if config.monitor.on_drift == "warn":
+        logger.warning("%s (monitor.on_drift: warn)", comparison.line())
+    event = drift_event(config, monitoring, tracked, url)
+    if event is not None:
+        emit_event(event=event["event"], resource=event["resource"], payload=redact_value(event["payload"]))
+
+
+def _report_facts(
+    run: ExplanationRun,
+    config: ExplainConfig,
+    check: DataCheck,
+    plan: RunPlan,
+    summary: RunSummary,
+    identity: dict[str, str],
+    traffic: dict[str, float],
+    monitoring: Monitoring,
+    prefect: PrefectContext,
+) -> ReportFacts:
+    fingerprint = (
+        {"shapline.model_sha256": run.model_fingerprint}
+        if config.model.kind in ("sklearn", "xgboost")
+        else {}
+    )
+    return ReportFacts(
+        config=config,
+        check=check,
+        plan=plan,
+        summary=summary,
+        model_identity={**identity, **fingerprint},
+        phases=summary.phases,
+        traffic=traffic,
+        baseline=monitoring.baseline,
+        comparison=monitoring.comparison,
+        plots=run.artifacts / "plots",
+        mlflow_url=summary.run_url,
+        prefect_url=prefect.flow_run_url,
+        id_column=config.data.id_column,
+    )
 
 
 @contextmanager
@@ -302,6 +403,7 @@ def _plots(
         combined.importance,
         plan.explained,
         config.model.name,
+        config.data.id_column,
     )
 
 
@@ -314,7 +416,10 @@ def _summary(
     combined: Aggregate,
     started: float,
     explain_s: float,
+    monitoring: Monitoring,
+    phases: Phases,
 ) -> RunSummary:
+    comparison = monitoring.comparison
     return RunSummary(
         mlflow_run_id=run.tracked.run_id,
         experiment_id=run.tracked.experiment_id,
@@ -335,6 +440,11 @@ def _summary(
         validation_success=check.report.success,
         importance=combined.importance,
         ranking=config.output.aggregations[0],
+        report=REPORT,
+        drift=monitoring.drift,
+        attribution_ndcg=comparison.ndcg if comparison is not None else None,
+        baseline_run_id=comparison.baseline_run_id if comparison is not None else None,
+        phases=dict(phases.seconds),
     )
 
 

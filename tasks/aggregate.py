@@ -41,12 +41,30 @@ class Aggregate:
         return len(self.labels) > 1
 
 
+# The values file's metadata names its id column (data.id_column), so a reader tells it from a feature.
+ID_COLUMN_METADATA = b"shapline.id_column"
+
+
+def _with_ids(table: pa.Table, ids: pd.Series, id_column: str) -> pa.Table:
+    """The shard's table with the id of each row (by row_id) after row_id, and the metadata naming it."""
+    named = ids.loc[table.column(ROW_ID).to_numpy()].to_numpy()
+    table = table.add_column(1, id_column, pa.array(named))
+    return table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), ID_COLUMN_METADATA: id_column.encode()}
+    )
+
+
 def combine_shards(
-    shard_paths: list[str], destination: str | Path, features: list[str]
+    shard_paths: list[str],
+    destination: str | Path,
+    features: list[str],
+    row_names: pd.Series | None = None,
+    id_column: str | None = None,
 ) -> tuple[int, float, list[str]]:
     """Stream the shard files, in order, into one parquet file; return rows, max additivity error, classes.
 
     One shard is in memory at a time, as Arrow columns: the checks read them without a pandas copy.
+    With `row_names` (data.id_column's values by row_id), each row carries its id beside row_id.
     """
     writer = None
     rows = 0
@@ -74,6 +92,8 @@ def combine_shards(
                 worst = max(worst, float(np.nanmax(np.abs(gap))))
             # Sorted ids (checked above): each new id starts where the id steps up.
             rows += int(len(ids) > 0) + int(np.count_nonzero(steps))
+            if row_names is not None and id_column is not None:
+                table = _with_ids(table, row_names, id_column)
             if writer is None:
                 writer = pq.ParquetWriter(str(destination), table.schema, use_dictionary=[CLASS])
             writer.write_table(table)
@@ -152,9 +172,14 @@ def global_importance(
 
 
 def aggregate(
-    shard_paths: list[str], destination: str | Path, features: list[str], aggregations: Sequence[str]
+    shard_paths: list[str],
+    destination: str | Path,
+    features: list[str],
+    aggregations: Sequence[str],
+    row_names: pd.Series | None = None,
+    id_column: str | None = None,
 ) -> Aggregate:
     """Combine the shards into shap_values.parquet and compute global importance and additivity."""
-    rows, worst, labels = combine_shards(shard_paths, destination, features)
+    rows, worst, labels = combine_shards(shard_paths, destination, features, row_names, id_column)
     importance = global_importance(destination, features, aggregations, labels)
     return Aggregate(str(destination), importance, rows, worst, labels)

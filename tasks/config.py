@@ -161,6 +161,30 @@ class DataConfig(_Strict):
         "all", description="How many rows to explain (sampled with data.seed), or all."
     )
     seed: int = Field(0, description="Seed for sampling the rows to explain.")
+    id_column: str | None = Field(
+        None,
+        min_length=1,
+        description="Column that identifies a row (kept out of the features, validated unique and non-null); "
+        "carried in shap_values.parquet beside row_id, names rows in plots and the report.",
+    )
+
+    @field_validator("id_column")
+    @classmethod
+    def _not_a_values_column(cls, value: str | None) -> str | None:
+        if value in ("row_id", "class", "base_value", "model_output"):
+            raise ValueError(f"{value!r} is a column of shap_values.parquet; name the data's own id column")
+        return value
+
+    @model_validator(mode="after")
+    def _id_is_not_a_feature(self) -> DataConfig:
+        if self.id_column is not None:
+            if self.features is not None and self.id_column in self.features:
+                raise ValueError(
+                    f"id_column {self.id_column!r} is also in data.features; an id is not a feature"
+                )
+            if self.id_column == self.target:
+                raise ValueError(f"id_column {self.id_column!r} is also data.target")
+        return self
 
     @field_validator("features", "drop")
     @classmethod
@@ -302,6 +326,34 @@ class ScheduleConfig(_Strict):
         return self
 
 
+# An MLflow run id: 32 lowercase hex characters.
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class MonitorConfig(_Strict):
+    """Attribution drift against a baseline run (the previous one, or one named by its MLflow run id)."""
+
+    baseline: str = Field(
+        "previous",
+        description="previous (the latest FINISHED run of this model that explained the same output), "
+        "none, or an MLflow run id.",
+    )
+    ndcg_threshold: float = Field(
+        0.90, gt=0, le=1, description="attribution_ndcg below this is drift (SageMaker Clarify's default)."
+    )
+    on_drift: Literal["warn", "fail"] = Field(
+        "warn",
+        description="warn: a warning, exit 0; fail: the flow run Failed, exit 3 (MLflow run FINISHED).",
+    )
+
+    @field_validator("baseline")
+    @classmethod
+    def _previous_none_or_run_id(cls, value: str) -> str:
+        if value in ("previous", "none") or _RUN_ID.match(value):
+            return value
+        raise ValueError(f"expected previous, none or an MLflow run id (32 hex characters), got {value!r}")
+
+
 class ExplainConfig(_Strict):
     """Everything one explanation run needs; the YAML file's top-level keys."""
 
@@ -312,6 +364,7 @@ class ExplainConfig(_Strict):
     explainer: ExplainerConfig = Field(default_factory=ExplainerConfig)
     shards: ShardsConfig = Field(default_factory=ShardsConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     schedule: ScheduleConfig | None = Field(None, description="When `shapline deploy` schedules this model.")
 
     @model_validator(mode="after")
@@ -345,6 +398,8 @@ class ExplainConfig(_Strict):
             name: getattr(self, name).model_dump(mode="json")
             for name in ("model", "data", "background", "explainer")
         }
+        if self.data.id_column is None:  # as before data.id_column existed: finished shards stay valid
+            del parts["data"]["id_column"]
         canonical = json.dumps({**parts, "link": self.link}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

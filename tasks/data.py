@@ -48,8 +48,12 @@ def feature_columns(frame: pd.DataFrame, config: DataConfig, model_features: lis
     if config.features is not None:
         return list(config.features)
     if model_features is not None:
+        if config.id_column is not None and config.id_column in model_features:
+            raise DataError(
+                f"data.id_column: {config.id_column!r} is one of the model's features; an id is not a feature"
+            )
         return list(model_features)
-    excluded = set(config.drop) | ({config.target} if config.target else set())
+    excluded = set(config.drop) | {c for c in (config.target, config.id_column) if c is not None}
     return [column for column in frame.columns if column not in excluded]
 
 

@@ -68,3 +68,18 @@ class PrefectUnavailable(ShaplineError):
 
 class TrackingError(ShaplineError):
     """The MLflow store cannot be written (down, read-only, refusing)."""
+
+
+class AttributionDrift(ShaplineError):
+    """The run's explanation moved past monitor.ndcg_threshold and monitor.on_drift is `fail`.
+
+    Raised after the MLflow run ended FINISHED with every artifact (the explanation is valid; it is the
+    model that moved): it fails the Prefect flow run and gives `shapline run` exit code 3. `summary` is
+    the run's --json object.
+    """
+
+    exit_code = 3
+
+    def __init__(self, message: object, summary: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary or {}

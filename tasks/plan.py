@@ -50,7 +50,9 @@ def check_data(config: ExplainConfig) -> DataCheck:
     data = load_data(config.data)
     predictor = load_predictor(config.model)
     features = feature_columns(data.frame, config.data, predictor.feature_names)
-    report = validate_frame(data.frame, features, config.validation, data.repeated_columns)
+    report = validate_frame(
+        data.frame, features, config.validation, data.repeated_columns, config.data.id_column
+    )
     return DataCheck(data=data, predictor=predictor, features=features, report=report)
 
 

@@ -8,6 +8,7 @@ open GUI windows.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,9 @@ import pyarrow.parquet as pq
 
 from shapline.tasks.aggregate import global_importance
 from shapline.tasks.config import OutputConfig
+from shapline.tasks.drift import Comparison
 from shapline.tasks.explain import ExplainedOutput
-from shapline.tasks.schemas import BASE_VALUE, CLASS, FEATURE, MODEL_OUTPUT, ROW_ID
+from shapline.tasks.schemas import BASE_VALUE, CLASS, FEATURE, MODEL_OUTPUT, ROW_ID, metric_key
 
 # Beeswarm and force plots of more rows than this show an evenly spaced subset: the picture is
 # the same and a browser can still open the force plot.
@@ -244,11 +246,14 @@ def render_plots(
         part = plotted[label]
         suffix = f"_{_safe(label)}" if several else ""
         if "beeswarm" in config.plots:
-            shap.plots.beeswarm(
-                _explanation(part.beeswarm, rows, features),
-                max_display=max_display,
-                show=False,
-            )
+            with warnings.catch_warnings():
+                # Text columns have no colour value (NaN by design): numpy warns of an all-NaN slice.
+                warnings.filterwarnings("ignore", "All-NaN slice encountered", RuntimeWarning)
+                shap.plots.beeswarm(
+                    _explanation(part.beeswarm, rows, features),
+                    max_display=max_display,
+                    show=False,
+                )
             shown = f"{len(part.beeswarm):,} rows; text columns grey"
             output = named.get(label)
             axis = f"SHAP value ({output.units} of {output.short})" if output else None
@@ -275,3 +280,50 @@ def render_plots(
             shap.save_html(str(path), plot)
             written.append(path)
     return written
+
+
+# How many features the drift plot follows.
+DRIFT_FEATURES = 8
+
+
+def render_drift_plot(
+    trend: pd.DataFrame, comparison: Comparison, path: str | Path, title: str, ranking: str, label: str | None
+) -> Path:
+    """plots/drift.png: left, the top features' importance across the last runs (oldest to newest, this run
+    last); right, mean |SHAP value| of each top feature in the baseline and in this run.
+
+    With several classes, the class whose NDCG is lowest (`label`) is drawn.
+    """
+    _headless_unless_chosen()
+    table = comparison.table
+    if label is not None and CLASS in table.columns:
+        table = table[table[CLASS] == label]
+    # The features that matter in either run: one that stopped mattering is the news.
+    larger = np.maximum(table["mean_abs"].to_numpy(float), table["baseline_mean_abs"].to_numpy(float))
+    top = table.iloc[np.argsort(-larger, kind="stable")[:DRIFT_FEATURES]]
+    features = top["feature"].astype(str).tolist()
+    figure, (left, right) = plt.subplots(
+        1, 2, figsize=(FIGURE_WIDTH_IN * 1.4, 5.0), gridspec_kw={"width_ratios": [3, 2]}
+    )
+    columns = [f"{label}.{f}" if label is not None else f for f in features]
+    columns = [metric_key(c) for c in columns]
+    x = np.arange(len(trend))
+    for feature, column in zip(features, columns, strict=True):
+        if column in trend.columns:
+            left.plot(x, trend[column].to_numpy(dtype=float), marker="o", markersize=4, label=feature)
+    left.set_xticks(x, trend.index.tolist(), rotation=45, ha="right", fontsize=8)
+    left.set_ylabel(f"{ranking} (importance.* metric)")
+    left.set_title(f"the last {len(trend)} runs, oldest to newest (UTC)", fontsize=10)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, -0.22), ncol=4, frameon=False)
+    y = np.arange(len(features))[::-1]
+    right.barh(
+        y + 0.2, top["baseline_mean_abs"].to_numpy(dtype=float), height=0.4, label="baseline", color="#9aa5b1"
+    )
+    right.barh(y - 0.2, top["mean_abs"].to_numpy(dtype=float), height=0.4, label="this run", color="#d1495b")
+    right.set_yticks(y, features, fontsize=9)
+    right.set_xlabel("mean |SHAP value|")
+    right.set_title(f"against run {comparison.baseline_run_id[:8]}", fontsize=10)
+    right.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    return _save(Path(path), title)

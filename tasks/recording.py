@@ -6,7 +6,6 @@ Names are a contract (people script against them): new ones are added, none rena
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -17,10 +16,11 @@ import pandas as pd
 from shapline.tasks.aggregate import Aggregate
 from shapline.tasks.config import ExplainConfig, MlflowModel, SageMakerModel, SklearnModel, XGBoostModel
 from shapline.tasks.data import LoadedData
+from shapline.tasks.drift import ndcg_metrics
+from shapline.tasks.monitor import Monitoring
 from shapline.tasks.plan import DataCheck, RunPlan
 from shapline.tasks.redact import redact
-from shapline.tasks.schemas import CLASS, FEATURE
-from shapline.tasks.shards import ShardResult
+from shapline.tasks.schemas import CLASS, FEATURE, importance_metrics
 from shapline.tasks.sources import file_sha256
 from shapline.tasks.summary import RunSummary
 from shapline.tasks.tracking import TrackedRun, log_artifact, log_artifacts, log_inputs, log_values
@@ -102,6 +102,10 @@ def run_params(config: ExplainConfig) -> dict[str, Any]:
             continue
         params[f"shards.{key}"] = value
     params["data.explain_rows"] = config.data.explain_rows
+    if config.data.id_column is not None:
+        params["data.id_column"] = config.data.id_column
+    for key, value in config.monitor.model_dump(mode="json").items():
+        params[f"monitor.{key}"] = value
     return params
 
 
@@ -223,23 +227,6 @@ def record_plan(run: TrackedRun, config: ExplainConfig, plan: RunPlan, folder: P
     log_values(run, params=explainer_params(config, plan), metrics=metrics)
 
 
-def metric_key(name: str) -> str:
-    """A name made legal for an MLflow metric key: every character but letters, digits, `_`, `-`, `.`, ` `
-    and `/` becomes `_` (so `bill length (mm)` is `bill length _mm_`); the tables keep the true names."""
-    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)[:250]
-
-
-def importance_metrics(importance: pd.DataFrame, ranking: str) -> dict[str, float]:
-    """`importance.<feature>` (`importance.<class>.<feature>` with several classes) = the ranking aggregation,
-    so MLflow's compare view and charts follow each feature across runs."""
-    several = CLASS in importance.columns
-    metrics = {}
-    for _, row in importance.iterrows():
-        name = f"{row[CLASS]}.{row[FEATURE]}" if several else str(row[FEATURE])
-        metrics[metric_key(f"importance.{name}")] = float(row[ranking])
-    return metrics
-
-
 def traffic_sent(traffic: list[dict[str, float] | None]) -> dict[str, float]:
     """What went to an endpoint, summed over the flow's own calls and every shard: inference_*_sent metrics."""
     counted = [t for t in traffic if t]
@@ -258,7 +245,12 @@ def record_values(run: TrackedRun, combined: Aggregate, folder: Path) -> None:
 
 
 def description(
-    config: ExplainConfig, check: DataCheck, plan: RunPlan, summary: RunSummary, prefect: PrefectContext
+    config: ExplainConfig,
+    check: DataCheck,
+    plan: RunPlan,
+    summary: RunSummary,
+    prefect: PrefectContext,
+    monitoring: Monitoring | None = None,
 ) -> str:
     """The run's description (mlflow.note.content, markdown): the paragraph a person reads first."""
     model = config.model
@@ -294,11 +286,21 @@ def description(
         else f"validation: {len(report.failures)} of {report.evaluated} expectations failed (on_failure: warn)"
     )
     lines += ["", f"Checks: additivity max error {summary.additivity_max_error:.2g}; {validation}."]
+    if monitoring is not None and monitoring.comparison is not None:
+        comparison = monitoring.comparison
+        verdict = "**attribution drift**" if comparison.drifted else "no attribution drift"
+        lines += [
+            "",
+            f"Drift: {verdict}, NDCG {comparison.ndcg:.3f} (threshold {config.monitor.ndcg_threshold:.2f}) "
+            f"against run `{comparison.baseline_run_id}`; top movers: {comparison.movers_text(3)}.",
+        ]
+    elif monitoring is not None:
+        lines += ["", f"Drift: no comparison ({monitoring.baseline.reason})."]
     links = []
     if prefect.flow_run_url:
         links.append(f"[Prefect flow run]({prefect.flow_run_url})")
     if summary.report:
-        links.append(f"report: the `{summary.report}` artifact")
+        links.append(f"report: the `{summary.report}` artifact (open it first)")
     if links:
         lines += ["", " · ".join(links)]
     return redact("\n".join(lines))
@@ -310,17 +312,22 @@ def record_results(
     check: DataCheck,
     plan: RunPlan,
     summary: RunSummary,
-    computed: list[ShardResult],
+    traffic: dict[str, float],
+    monitoring: Monitoring,
     prefect: PrefectContext,
     folder: Path,
 ) -> None:
-    """The run's metrics (importance included), its description, and every artifact not uploaded yet."""
+    """The run's metrics (importance and drift included), its description and drift tags, and every
+    artifact not uploaded yet (the report, drift.csv, the plots)."""
     metrics = {
         **summary.metrics(),
         **importance_metrics(summary.importance, summary.ranking),
-        **traffic_sent([check.predictor.traffic(), *(r.traffic for r in computed)]),
+        **traffic,
+        **(ndcg_metrics(monitoring.comparison) if monitoring.comparison is not None else {}),
     }
-    log_values(
-        run, metrics=metrics, tags={"mlflow.note.content": description(config, check, plan, summary, prefect)}
-    )
+    tags = {
+        "mlflow.note.content": description(config, check, plan, summary, prefect, monitoring),
+        **monitoring.tags(),
+    }
+    log_values(run, metrics=metrics, tags=tags)
     log_artifacts(run, folder, skip=(*VALUES_ARTIFACTS, "config.yaml"))

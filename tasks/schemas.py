@@ -1,7 +1,8 @@
-"""The one definition of the columns of shap_values.parquet and global_importance.csv."""
+"""The one definition of the columns of shap_values.parquet and global_importance.csv, and of metric names."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import pandas as pd
@@ -41,3 +42,20 @@ def check_columns(frame: pd.DataFrame, expected: list[str], table: str) -> pd.Da
 def reserved_feature_names(features: list[str]) -> list[str]:
     """Features whose names collide with the values table's own columns."""
     return [f for f in features if f in RESERVED]
+
+
+def metric_key(name: str) -> str:
+    """A name made legal for an MLflow metric key: every character but letters, digits, `_`, `-`, `.`, ` `
+    and `/` becomes `_` (so `bill length (mm)` is `bill length _mm_`); the tables keep the true names."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)[:250]
+
+
+def importance_metrics(importance: pd.DataFrame, ranking: str) -> dict[str, float]:
+    """`importance.<feature>` (`importance.<class>.<feature>` with several classes) = the ranking aggregation,
+    so MLflow's compare view and charts follow each feature across runs."""
+    several = CLASS in importance.columns
+    metrics = {}
+    for _, row in importance.iterrows():
+        name = f"{row[CLASS]}.{row[FEATURE]}" if several else str(row[FEATURE])
+        metrics[metric_key(f"importance.{name}")] = float(row[ranking])
+    return metrics

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
 from shapline.tasks.schemas import CLASS, FEATURE, RANK
+
+
+class Phases:
+    """Seconds per phase of a run: `lap(name)` ends the phase that began at the last lap."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._last, 3)
+        self._last = now
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,12 @@ class RunSummary:
     status: str = "FINISHED"
     # The run's report artifact (report.html), when it has one.
     report: str | None = None
+    # Against the baseline (monitor:): None when there was none to compare with.
+    drift: bool | None = None
+    attribution_ndcg: float | None = None
+    baseline_run_id: str | None = None
+    # Seconds per phase of the run, in order (the report's checks).
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def rows_per_s(self) -> float:
@@ -67,6 +87,10 @@ class RunSummary:
             "link": self.link,
             "validation_success": self.validation_success,
             "top_features": self.top_features,
+            "drift": self.drift,
+            "attribution_ndcg": self.attribution_ndcg,
+            "baseline_run_id": self.baseline_run_id,
+            "report": self.report,
         }
 
     def metrics(self) -> dict[str, float]:
@@ -88,6 +112,11 @@ class RunSummary:
         """The Prefect markdown artifact: the run's numbers, the top features by the ranking aggregation."""
         lines = [f"# SHAP explanation of `{self.model}`", "", f"MLflow run: {self.run_url}", ""]
         lines += [f"- **{key}**: {value:g}" for key, value in self.metrics().items()]
+        if self.attribution_ndcg is not None:
+            verdict = "**drift**" if self.drift else "no drift"
+            lines.append(
+                f"- **attribution_ndcg**: {self.attribution_ndcg:.3f} against run `{self.baseline_run_id}` ({verdict})"
+            )
         importance = self.importance
         groups = (
             importance.groupby(CLASS, sort=False) if CLASS in importance.columns else [(None, importance)]

@@ -15,6 +15,8 @@ from shapline.tasks.errors import ConfigError
 from shapline.tasks.redact import redact
 
 AUTOMATIC = "automatic"
+# An automatic expectation's meta names the config key it checks (its failure line starts with it).
+ROLE = "shapline_checks"
 
 
 @dataclass(frozen=True)
@@ -50,14 +52,23 @@ def _expectation_class(name: str, position: int) -> type:
     return expectation
 
 
-def build_expectations(features: list[str], config: ValidationConfig) -> list[Any]:
-    """The automatic expectations (features present, rows non-empty), then the YAML ones."""
+def build_expectations(
+    features: list[str], config: ValidationConfig, id_column: str | None = None
+) -> list[Any]:
+    """The automatic expectations (features present, rows non-empty, the id column present, non-null and
+    unique), then the YAML ones."""
     import great_expectations as gx
 
-    suite: list[Any] = [
-        gx.expectations.ExpectTableRowCountToBeBetween(min_value=1, meta={"shapline": AUTOMATIC})
-    ]
-    suite += [gx.expectations.ExpectColumnToExist(column=f, meta={"shapline": AUTOMATIC}) for f in features]
+    automatic = {"shapline": AUTOMATIC}
+    suite: list[Any] = [gx.expectations.ExpectTableRowCountToBeBetween(min_value=1, meta=automatic)]
+    suite += [gx.expectations.ExpectColumnToExist(column=f, meta=automatic) for f in features]
+    if id_column is not None:
+        identity = {**automatic, ROLE: "data.id_column"}
+        suite += [
+            gx.expectations.ExpectColumnToExist(column=id_column, meta=identity),
+            gx.expectations.ExpectColumnValuesToNotBeNull(column=id_column, meta=identity),
+            gx.expectations.ExpectColumnValuesToBeUnique(column=id_column, meta=identity),
+        ]
     for position, item in enumerate(config.expectations):
         name, kwargs = next(iter(item.items()))
         expectation = _expectation_class(name, position)
@@ -139,6 +150,7 @@ def validate_frame(
     features: list[str],
     config: ValidationConfig,
     repeated_columns: tuple[str, ...] = (),
+    id_column: str | None = None,
 ) -> ValidationReport:
     """Run the expectations on the whole table; `blocking` lists failures that stop the run.
 
@@ -161,7 +173,7 @@ def validate_frame(
     for name in ("great_expectations", "great_expectations.data_context.types.base"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
-    expectations = build_expectations(features, config)
+    expectations = build_expectations(features, config, id_column)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = context.data_sources.add_pandas("shapline")
@@ -177,8 +189,10 @@ def validate_frame(
         if item.success:
             continue
         line = _describe_failure(item)
-        failures.append(line)
         meta = item.expectation_config.meta if item.expectation_config is not None else None
+        if (meta or {}).get(ROLE):
+            line = f"{(meta or {})[ROLE]}: {line}"
+        failures.append(line)
         automatic = (meta or {}).get("shapline") == AUTOMATIC
         if automatic or config.on_failure == "fail":
             blocking.append(line)

@@ -8,7 +8,8 @@ import pytest
 from shapline.tasks.config import parse_config
 from shapline.tasks.explain import explained_outputs_in_words
 from shapline.tasks.predictors import Predictor
-from shapline.tasks.recording import importance_metrics, metric_key, run_params
+from shapline.tasks.recording import run_params
+from shapline.tasks.schemas import importance_metrics, metric_key
 
 
 @pytest.mark.parametrize(

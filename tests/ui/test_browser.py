@@ -98,6 +98,26 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         )
         assert demo.returncode == 0, demo.stderr[-3000:]
         summary = json.loads(demo.stdout.strip().splitlines()[-1])
+        # Next week's birds (the Dream island): the second run is compared with the first.
+        again = subprocess.run(
+            [
+                str(BIN / "shapline"),
+                "demo",
+                "--set",
+                "data.source=../demo/penguins-dream.csv",
+                "--set",
+                "data.explain_rows=30",
+                "--json",
+            ],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert again.returncode == 0, again.stderr[-3000:]
+        second = json.loads(again.stdout.strip().splitlines()[-1])
+        assert second["baseline_run_id"] == summary["mlflow_run_id"]
         deployed = subprocess.run(
             [str(BIN / "shapline"), "deploy", "configs/penguins.yaml", "--pool", "ui-pool", "--json"],
             cwd=folder,
@@ -130,7 +150,9 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
             "mlflow": f"http://127.0.0.1:{mlflow_port}",
             "prefect": f"http://127.0.0.1:{prefect_port}",
             "summary": summary,
+            "second": second,
             "deployment": deployment,
+            "folder": folder,
         }
     finally:
         for process in (mlflow, prefect):
@@ -179,7 +201,7 @@ def test_the_mlflow_experiment_opens_on_its_runs(browser: Any, demo_run: dict[st
     url = experiment_url(demo_run["mlflow"], summary["experiment_id"])
     text = shown(page, str(url), "penguins-species ·", shots / "mlflow-experiment.png")
     # The runs list, not the GenAI overview of traces (which says it has no data).
-    assert "1 matching run" in text and "penguins.csv" in text
+    assert "2 matching runs" in text and "penguins.csv" in text
     assert "No data available for the selected time range" not in text
 
 
@@ -192,3 +214,58 @@ def test_the_prefect_custom_run_form_has_flat_titled_fields(
     for title in ("Config file", "Rows to explain", "Background rows", "Explainer", "Coalitions per row"):
         assert title in text
     assert "Empty: the config's 'all' (data.explain_rows)." in text
+
+
+def test_the_report_shows_what_was_explained_and_the_drift(
+    browser: Any, demo_run: dict[str, Any], shots: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    second = demo_run["second"]
+    folder = demo_run["folder"] / "report"
+    folder.mkdir(exist_ok=True)
+    report = Path(
+        MlflowClient(demo_run["mlflow"]).download_artifacts(
+            second["mlflow_run_id"], "report.html", str(folder)
+        )
+    )
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    # From a file, with the network refused: the report needs neither a server nor the internet.
+    page.route("http*://**", lambda route: route.abort())
+    page.goto(report.as_uri())
+    page.screenshot(path=str(shots / "report-top.png"))
+    page.locator("#drift").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "report-drift.png"))
+    text = page.inner_text("body")
+    for said in (
+        "probability of Chinstrap, SHAP values in log-odds",
+        "Great Expectations: passed",
+        "expect_column_values_to_be_unique",
+        "Global importance",
+        "Attribution NDCG",
+        f"against run {second['baseline_run_id']}",
+        "Top movers: island",
+        "time: explain",
+        "additivity max error",
+        "penguin_id",
+    ):
+        assert said in text, said
+    # Every image drew (inlined: nothing to fetch).
+    broken = page.evaluate("[...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).length")
+    assert broken == 0 and page.evaluate("document.images.length") >= 4
+
+
+def test_the_report_opens_in_mlflows_artifact_viewer(
+    browser: Any, demo_run: dict[str, Any], shots: Path
+) -> None:
+    second = demo_run["second"]
+    page = browser.new_page(viewport={"width": 1440, "height": 1100})
+    page.goto(
+        f"{demo_run['mlflow']}/#/experiments/{second['experiment_id']}/runs/{second['mlflow_run_id']}"
+        "/artifacts/report.html"
+    )
+    frame = page.frame_locator("iframe").first
+    frame.get_by_text("Attribution NDCG").first.wait_for(timeout=60_000)
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(shots / "mlflow-report.png"))
+    assert "probability of Chinstrap" in frame.locator("body").inner_text()

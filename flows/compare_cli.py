@@ -1,0 +1,74 @@
+"""`shapline compare RUN_A RUN_B`: the drift comparison of any two runs, without running anything."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from shapline.tasks.drift import load_comparison, same_rows
+from shapline.tasks.tracking import resolve_tracking_uri
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    compare = commands.add_parser(
+        "compare", help="compare two runs' explanations (RUN_B against RUN_A as its baseline)"
+    )
+    compare.add_argument("run_a", metavar="RUN_A", help="the baseline run's id")
+    compare.add_argument("run_b", metavar="RUN_B", help="the run compared with it")
+    compare.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="the MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)",
+    )
+    compare.add_argument("--json", action="store_true", help="end stdout with one JSON object")
+    return compare
+
+
+def compare(run_a: str, run_b: str, tracking_uri: str | None) -> tuple[list[str], dict[str, Any]]:
+    """The lines a person reads and the --json object."""
+    uri = resolve_tracking_uri(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="shapline-compare-") as folder:
+        comparison, (_, path_a), (_, path_b) = load_comparison(uri, run_a, run_b, Path(folder))
+        rows = same_rows(path_a, path_b)
+    lines = [f"run {run_b} against run {run_a} (baseline) in {uri}"]
+    threshold = comparison.threshold
+    verdict = ""
+    if threshold is not None:
+        verdict = f" ({'below' if comparison.drifted else 'at or above'} the threshold {threshold:.2f})"
+    lines.append(f"attribution NDCG {comparison.ndcg:.3f}{verdict}")
+    for label, value in comparison.ndcg_by_class.items():
+        lines.append(f"  class {label}: NDCG {value:.3f}")
+    lines.append(f"top movers: {comparison.movers_text(5)}")
+    table = comparison.table.head(10)
+    lines.append("feature: baseline_mean_abs -> mean_abs (change), rank baseline -> now, wasserstein")
+    for row in table.itertuples():
+        named = f"{row.feature} [{getattr(row, 'class')}]" if "class" in table.columns else str(row.feature)
+        lines.append(
+            f"  {named}: {row.baseline_mean_abs:.4g} -> {row.mean_abs:.4g} ({row.change:+.4g}), "
+            f"rank {row.baseline_rank} -> {row.rank}, {row.wasserstein:.4g}"
+        )
+    result: dict[str, Any] = {**comparison.to_json(), "run_a": run_a, "run_b": run_b, "tracking_uri": uri}
+    result["features"] = json.loads(comparison.table.to_json(orient="records"))
+    if rows is None:
+        lines.append("same rows: not compared (both runs need data.id_column)")
+        result["same_rows"] = None
+    else:
+        lines.append(
+            f"same rows (by {rows.id_column}): {rows.rows_in_both} in both, {rows.rows_only_a} only in "
+            f"{run_a}, {rows.rows_only_b} only in {run_b}"
+        )
+        for row in rows.per_feature.head(5).itertuples():
+            lines.append(
+                f"  {row.feature}: mean |change| {row.mean_abs_diff:.4g}, largest {row.max_abs_diff:.4g}"
+            )
+        moved = ", ".join(
+            f"{r[rows.id_column]} ({r['total_abs_diff']:.3g}, most in {r['most_moved_feature']})"
+            for r in rows.moved_rows.to_dict(orient="records")
+        )
+        if moved:
+            lines.append(f"  rows that moved most: {moved}")
+        result["same_rows"] = json.loads(json.dumps(rows.to_json(), default=str))
+    return lines, result
