@@ -60,6 +60,33 @@ def child_flow_side(
     return run
 
 
+def kernel_config(
+    folder: Any,
+    name: str,
+    model: dict[str, Any],
+    data_path: Any,
+    rows: int,
+    params: dict[str, Any],
+    shard_size: int,
+) -> Any:
+    """The flow's config for a kernel comparison: random background, logit, the comparison's knobs."""
+    return write_config(
+        folder,
+        name,
+        model=model,
+        data={"source": str(data_path), "target": "target", "explain_rows": rows, "seed": params["seed"]},
+        background={"method": "random", "size": params["background"], "seed": params["seed"]},
+        explainer={
+            "algorithm": "kernel",
+            "link": "logit",
+            "nsamples": params["nsamples"],
+            "l1_reg": params["l1_reg"],
+            "seed": params["seed"],
+        },
+        shards={"size": shard_size},
+    )
+
+
 def run(context: Context, params: dict[str, Any]) -> ComparisonResult:
     """Plain shap.KernelExplainer vs shapline with 1 and 2 thread and process workers, same values."""
     dataset = breast_cancer(context.cache)
@@ -80,25 +107,14 @@ def run(context: Context, params: dict[str, Any]) -> ComparisonResult:
             "shard_size": shard_size,
         },
     )
-    config = write_config(
+    config = kernel_config(
         context.folder("kernel"),
         "kernel",
-        model={"name": "bench-kernel", "kind": "xgboost", "path": str(dataset.model_path)},
-        data={
-            "source": str(dataset.data_path),
-            "target": "target",
-            "explain_rows": len(rows),
-            "seed": params["seed"],
-        },
-        background={"method": "random", "size": params["background"], "seed": params["seed"]},
-        explainer={
-            "algorithm": "kernel",
-            "link": "logit",
-            "nsamples": params["nsamples"],
-            "l1_reg": params["l1_reg"],
-            "seed": params["seed"],
-        },
-        shards={"size": shard_size},
+        {"name": "bench-kernel", "kind": "xgboost", "path": str(dataset.model_path)},
+        dataset.data_path,
+        len(rows),
+        params,
+        shard_size,
     )
     row_ids = rows.index.to_numpy()
 

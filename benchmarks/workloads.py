@@ -120,6 +120,25 @@ def breast_cancer(cache: Path, n_estimators: int = 100) -> Dataset:
     return Dataset(data_path, model_path, features)
 
 
+def penguins(cache: Path) -> Dataset:
+    """The demo's data (palmerpenguins, 344 birds: text, numbers, missing values) and its Pipeline."""
+    import joblib
+
+    folder = cache / "penguins"
+    data_path, model_path = folder / "data.parquet", folder / "model.joblib"
+    if not model_path.is_file():
+        from palmerpenguins import load_penguins
+
+        from shapline.flows.demo import train_penguin_model
+
+        folder.mkdir(parents=True, exist_ok=True)
+        frame = load_penguins()
+        joblib.dump(train_penguin_model(frame), model_path)
+        frame.rename(columns={"species": TARGET}).to_parquet(data_path)
+    features = [c for c in pd.read_parquet(data_path).columns if c != TARGET]
+    return Dataset(data_path, model_path, features)
+
+
 def synthetic(cache: Path, rows: int, n_features: int = 30, train_rows: int = 100_000) -> Dataset:
     """make_classification data of `rows` rows and an XGBoost classifier (50 trees, depth 4) trained on the first `train_rows`."""
     import joblib

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shapline.tasks.cores import usable_cores
 from shapline.tasks.schemas import (
     BASE_VALUE,
     CLASS,
@@ -156,7 +156,7 @@ def global_importance(
         return records
 
     # One column per thread (numpy and Arrow release the GIL): memory stays a column per core.
-    workers = max(1, min(len(features), os.cpu_count() or 1))
+    workers = max(1, min(len(features), usable_cores()))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shapline-importance") as pool:
         records = [record for part in pool.map(feature_records, features) for record in part]
     table = pd.DataFrame.from_records(records)

@@ -63,6 +63,8 @@ def _is_retryable(exc: Any) -> bool:
 class SageMakerPredictor(Predictor):
     """A model behind a SageMaker runtime endpoint: each predict() is split, sent in parallel and reassembled."""
 
+    pays_per_row = True
+
     def __init__(self, config: SageMakerModel, limit: RequestLimit | None = None) -> None:
         self.config = config
         # Requests in flight, among every sender of this run: the shard runner hands its run's limit to

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 
 from shapline.tasks.background import Background
-from shapline.tasks.coalesce import CoalescedCalls
 from shapline.tasks.config import ExplainerConfig
 from shapline.tasks.errors import ExplainError
 from shapline.tasks.predictors import (
@@ -49,6 +48,8 @@ class ShardValues:
     # Requests, rows and bytes this shard sent to an endpoint (None for in-process models).
     traffic: dict[str, float] | None = field(default=None)
     seconds: float = 0.0
+    # Model rows not sent because an identical row was in the same call (kernel, endpoints).
+    rows_saved: int = 0
 
     def to_frame(self) -> pd.DataFrame:
         """Long table in row order (then class): the shap_values.parquet layout."""
@@ -240,41 +241,6 @@ def _numeric_or_fail(frame: pd.DataFrame, algorithm: str) -> None:
         )
 
 
-def _kernel_explainer_class() -> type:
-    import shap
-
-    class RowSeededKernelExplainer(shap.KernelExplainer):
-        """shap's KernelExplainer with a seed per row, drawn under the global-RNG lock."""
-
-        seed = 0
-        _holding = False
-
-        def explain(self, incoming_instance: Any, **kwargs: Any) -> Any:
-            try:
-                return super().explain(incoming_instance, **kwargs)
-            finally:
-                self._release()
-
-        def allocate(self) -> None:
-            # shap draws a row's coalitions between allocate() and run(), and nothing else there
-            # touches the RNG or calls the model; f(x), the model calls and the solve run unlocked.
-            _GLOBAL_RNG.acquire()
-            self._holding = True
-            np.random.seed(self.seed)
-            super().allocate()
-
-        def run(self) -> None:
-            self._release()
-            super().run()
-
-        def _release(self) -> None:
-            if self._holding:
-                self._holding = False
-                _GLOBAL_RNG.release()
-
-    return RowSeededKernelExplainer
-
-
 def _kernel_values(
     rows: pd.DataFrame,
     background: Background,
@@ -282,57 +248,26 @@ def _kernel_values(
     config: ExplainerConfig,
     link: str,
     batch_rows: int = 1,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Values, base values and each row's model output f(x), which the explainer computes anyway."""
-    from shap.utils._legacy import DenseData
+    dedupe: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Values, base values, each row's model output f(x), and the model rows deduplication saved.
+
+    shap's KernelExplainer reproduced by `KernelEngine` (the same coalitions from the same per-row seeds,
+    the same solve; equal to shap's values to rounding), with the synthetic rows built column by column,
+    the model calls of `batch_rows` rows merged into one, and with `dedupe` (an endpoint, which costs per
+    row) each distinct synthetic row of a call sent once.
+    """
+    from shapline.tasks.kernel_engine import KernelEngine
 
     columns = list(rows.columns)
-    data = background.frame[columns].to_numpy()
-    weights = None if background.weights is None else np.asarray(background.weights, dtype=float).copy()
-    dense = DenseData(data, columns, None, weights) if weights is not None else DenseData(data, columns)
-    explainer = _kernel_explainer_class()(function, dense, link=link)
-    options: dict[str, Any] = {"nsamples": config.nsamples, "l1_reg": config.l1_reg, "silent": True}
-    values = np.empty((len(rows), len(columns), len(function.outputs)))
-    fx = np.empty((len(rows), len(function.outputs)))
-    row_ids, data_rows = rows.index.to_numpy(), rows.to_numpy()
-
-    def explain(position: int, row_explainer: Any) -> None:
-        row_explainer.seed = row_seed(config.seed, int(row_ids[position]))
-        row = data_rows[position].reshape(1, -1)
-        values[position] = np.asarray(row_explainer.shap_values(row, **options)).reshape(len(columns), -1)
-        fx[position] = np.asarray(row_explainer.fx, dtype=float).reshape(-1)
-
-    if batch_rows <= 1 or len(rows) == 1:
-        for position in range(len(rows)):
-            explain(position, explainer)
-    else:
-        for start in range(0, len(rows), batch_rows):
-            _explain_together(explainer, explain, range(start, min(start + batch_rows, len(rows))))
-    base = np.broadcast_to(
-        np.asarray(explainer.expected_value, dtype=float).reshape(1, -1), (len(rows), len(function.outputs))
+    weights = None if background.weights is None else np.asarray(background.weights, dtype=float)
+    engine = KernelEngine(function, background.frame[columns], weights=weights, link=link)
+    seeds = [row_seed(config.seed, int(row_id)) for row_id in rows.index]
+    values, fx = engine.explain(
+        rows, seeds, nsamples=config.nsamples, l1_reg=config.l1_reg, batch_rows=batch_rows, dedupe=dedupe
     )
-    return values, base, fx
-
-
-def _explain_together(explainer: Any, explain: Any, positions: range) -> None:
-    """Explain some rows at once, one thread and explainer copy each, their model calls merged into one."""
-    import copy
-    from concurrent.futures import ThreadPoolExecutor
-
-    calls = CoalescedCalls(explainer.model.f, len(positions))
-
-    def one(position: int) -> None:
-        try:
-            row_explainer = copy.copy(explainer)  # explain() only rebinds per-row state on the copy
-            row_explainer.model = copy.copy(explainer.model)
-            row_explainer.model.f = calls
-            explain(position, row_explainer)
-        finally:
-            calls.leave()
-
-    with ThreadPoolExecutor(max_workers=len(positions), thread_name_prefix="kernel-row") as pool:
-        for future in [pool.submit(one, position) for position in positions]:
-            future.result()
+    base = np.broadcast_to(engine.expected_value.reshape(1, -1), (len(rows), len(function.outputs)))
+    return values, base, fx, engine.rows_saved
 
 
 def _masker_values(
@@ -446,6 +381,7 @@ def explain_rows(
     `algorithm` is the one the run resolved (resolved here from config.algorithm when not given).
     """
     algorithm = algorithm or resolve_algorithm(config.algorithm, predictor)
+    saved = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if algorithm in ("tree", "linear"):
@@ -460,7 +396,9 @@ def explain_rows(
                 batch = config.batch_rows
                 if batch == "auto":
                     batch = predictor.rows_to_merge(config.nsamples, background.frame[list(rows.columns)])
-                values, base, fx = _kernel_values(rows, background, function, config, link, batch)
+                values, base, fx, saved = _kernel_values(
+                    rows, background, function, config, link, batch, dedupe=predictor.pays_per_row
+                )
                 output = _link_f(link, fx)
             else:
                 values, base = _masker_values(rows, background, function, config, link, algorithm)
@@ -474,4 +412,5 @@ def explain_rows(
         model_output=np.asarray(output, dtype=float),
         algorithm=algorithm,
         link=link,
+        rows_saved=saved,
     )

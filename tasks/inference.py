@@ -88,8 +88,9 @@ def estimate_inference(
     shard_rows = math.ceil(rows_to_explain / shards)
     if algorithm in ("auto", "kernel"):
         # Remote models always resolve auto to kernel. Per shard (one explainer each): the background
-        # once for the base value; per explained row: f(x) once (also the row's model output), then
-        # every coalition over every background row in one call.
+        # once for the base value; per batch of explained rows one call: their f(x) (also the rows' model
+        # outputs) and every coalition over every background row. Distinct rows only are sent (an upper
+        # bound: categorical data repeats synthetic rows, which are sent once).
         per_row_samples = effective_nsamples(nsamples, n_features)
     elif algorithm == "permutation":
         per_row_samples = int(nsamples) if nsamples != "auto" else max(500, 2 * n_features + 1)
@@ -102,7 +103,6 @@ def estimate_inference(
     kernel = algorithm in ("auto", "kernel")
     outputs_again = 0 if kernel else 1
     inference_rows = probe_rows + shards * background_rows + rows_to_explain * (outputs_again + 1 + synthetic)
-    # Kernel rows explained together (batch_rows) send f(x) and their coalitions as one call each.
     # The permutation and exact explainers split a row's masks over several calls, so for them
     # the request count is a lower bound.
     batch = batch_rows if kernel else 1
@@ -111,7 +111,10 @@ def estimate_inference(
         requests(background_rows)
         + outputs_again * requests(size)
         + sum(
-            requests(min(batch, size - first)) + requests(min(batch, size - first) * synthetic)
+            # kernel: one call per batch, its rows' f(x) and all their coalitions together
+            requests(min(batch, size - first) * (1 + synthetic))
+            if kernel
+            else requests(min(batch, size - first)) + requests(min(batch, size - first) * synthetic)
             for first in range(0, size, batch)
         )
         for size in sizes

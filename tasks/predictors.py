@@ -27,6 +27,8 @@ class Predictor(ABC):
     class_labels: list[str] | None = None
     # Columns predict() returns, when known without asking the model (saves a remote model a round trip).
     output_width: int | None = None
+    # Each row sent costs (an endpoint bills its inference): the kernel explainer sends a distinct row once.
+    pays_per_row: bool = False
 
     @abstractmethod
     def predict(self, frame: pd.DataFrame) -> np.ndarray:

@@ -232,9 +232,15 @@ def traffic_sent(traffic: list[dict[str, float] | None]) -> dict[str, float]:
     counted = [t for t in traffic if t]
     if not counted:
         return {}
-    sent = {key: sum(t[key] for t in counted) for key in counted[0]}
+    keys = dict.fromkeys(key for t in counted for key in t)
+    sent = {key: sum(t.get(key, 0.0) for t in counted) for key in keys}
     sent["max_request_bytes"] = max(t["max_request_bytes"] for t in counted)
-    return {f"inference_{key}_sent": value for key, value in sent.items()}
+    # Rows the kernel explainer did not send: a synthetic row identical to one already in the call.
+    saved = sent.pop("rows_saved", None)
+    metrics = {f"inference_{key}_sent": value for key, value in sent.items()}
+    if saved is not None:
+        metrics["inference_rows_saved"] = saved
+    return metrics
 
 
 def record_values(run: TrackedRun, combined: Aggregate, folder: Path) -> None:

@@ -88,7 +88,10 @@ def explain_shard(job: ShardJob, limit: RequestLimit | None = None) -> ShardValu
         job.model.class_index,
         algorithm=job.algorithm,
     )
-    values.traffic = predictor.traffic()
+    traffic = predictor.traffic()
+    if traffic is not None:
+        traffic = {**traffic, "rows_saved": float(values.rows_saved)}
+    values.traffic = traffic
     values.seconds = time.perf_counter() - started
     return values
 

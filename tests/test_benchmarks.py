@@ -15,7 +15,7 @@ from benchmarks.harness import ComparisonResult, Measurement, Ratio, Tolerance, 
 from benchmarks.scaling import fit_line
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPARISONS = ["kernel", "overhead", "endpoint", "tree", "scaling"]
+COMPARISONS = ["kernel", "percore", "overhead", "endpoint", "tree", "scaling"]
 
 
 def test_alternate_rotates_the_order_and_keeps_every_sample() -> None:
@@ -80,7 +80,7 @@ def test_quick_run_writes_the_report_and_every_comparison_agrees(tmp_path: Path)
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())

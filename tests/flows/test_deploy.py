@@ -302,7 +302,10 @@ def test_deploy_trigger_with_overrides_and_read_results_over_http(
     assert "nsamples: 64" in Path(effective).read_text() and "top_k: 1" in Path(effective).read_text()
     values = pd.read_parquet(mlflow.download_artifacts(run.info.run_id, "shap_values.parquet", str(tmp_path)))
     assert len(values) == 6
-    assert {"bar.png"} == {Path(f.path).name for f in mlflow.list_artifacts(run.info.run_id, "plots")}
+    # The configured plots, and the drift plot when the run was compared with an earlier run of the model.
+    compared = "shapline.baseline_run_id" in run.data.tags
+    expected = {"bar.png", "drift.png"} if compared else {"bar.png"}
+    assert expected == {Path(f.path).name for f in mlflow.list_artifacts(run.info.run_id, "plots")}
 
 
 def test_scheduled_runs_are_made_by_the_server_and_complete_with_the_schedules_parameters(

@@ -179,12 +179,12 @@ def test_effective_nsamples_follows_shap(nsamples: int | str, n_features: int, e
 
 def test_estimate_inference_simple_case() -> None:
     estimate = estimate_inference(_offline_config(max_payload_mb=1.0), 10, 4, 20, "auto", "kernel", 1000.0)
-    # Per row: f(x) (also its model output) + 14 coalitions x 20 background rows; once: the background.
+    # Per row one call: f(x) (also its model output) + 14 coalitions x 20 background rows; once: the background.
     assert estimate.nsamples_effective == 14
     assert estimate.inference_rows == 20 + 10 * (1 + 14 * 20)
     # 1000 rows fit under 1 MB at 1000 bytes a row: every call is one request.
     assert estimate.rows_per_request == 1000
-    assert estimate.inference_requests == 1 + 10 * 2
+    assert estimate.inference_requests == 1 + 10
 
 
 def test_estimate_inference_splits_calls_by_payload() -> None:
@@ -193,7 +193,7 @@ def test_estimate_inference_splits_calls_by_payload() -> None:
     )
     assert estimate.rows_per_request == 200
     assert estimate.inference_rows == 2 * 50 + 2 * (1 + 200 * 50)
-    assert estimate.inference_requests == 2 * 1 + 2 * (1 + 50)
+    assert estimate.inference_requests == 2 * (1 + 51)  # per shard: the background; one call of 10,001 rows
 
 
 def test_check_budget_refuses_over_and_passes_under() -> None:
@@ -400,10 +400,10 @@ def test_kernel_explainer_through_the_endpoint_equals_local(
 @pytest.mark.parametrize(
     ("batch_rows", "requests"),
     [
-        # background; per row f(x) and 2540 coalition rows in 3 requests of <= 1000
-        (1, 1 + 2 * (1 + 3)),
-        # auto (16 for an endpoint): both rows' f(x) in one request, their 5080 coalition rows in 6
-        ("auto", 1 + 1 + 6),
+        # background; per row one call of f(x) and 2540 coalition rows: 3 requests of <= 1000
+        (1, 1 + 2 * 3),
+        # auto (16 for an endpoint): both rows' f(x) and their 5080 coalition rows in one call: 6
+        ("auto", 1 + 6),
     ],
 )
 def test_estimate_matches_what_the_kernel_explainer_sends(
@@ -480,3 +480,38 @@ def test_auto_batch_rows_fills_one_request() -> None:
     assert inference_module.auto_batch_rows(5_000_000, 200, 500) == 16  # 100 kB per row's call: capped
     assert inference_module.auto_batch_rows(5_000_000, 200, 5_000) == 5  # 1 MB per call
     assert inference_module.auto_batch_rows(5_000_000, 200, 105_400) == 1  # one call already spans requests
+
+
+@pytest.mark.parametrize(("kind", "some_saved"), [("penguins", True), ("cancer", False)])
+def test_an_endpoint_is_sent_each_distinct_row_once(
+    kind: str,
+    some_saved: bool,
+    penguins: tuple[Path, Path],
+    model_path: Path,
+    features: pd.DataFrame,
+) -> None:
+    """Kernel SHAP's synthetic rows repeat when background rows agree on the features left out (text and
+    one-hot columns): an endpoint, which costs per row, gets each distinct row of a call once, and the
+    values are those of the model called on every row."""
+    if kind == "penguins":
+        data_path, path = penguins
+        frame = pd.read_csv(data_path).drop(columns=["species"])
+        background, rows = Background(frame=frame.iloc[::7].head(20)), frame.iloc[[3, 150, 300]]
+    else:
+        path, frame = model_path, features
+        background, rows = Background(frame=frame.iloc[100:120]), frame.iloc[[3, 250, 400]]
+    config = ExplainerConfig(algorithm="kernel", nsamples=300, seed=0, l1_reg="aic", batch_rows=1)
+    with EndpointServer(path, f"dedupe-{kind}") as server:
+        remote = explain_rows(
+            rows, background, SageMakerPredictor(sagemaker_config(server)), config, "logit", 1
+        )
+        sent = server.stats["rows"]
+    local = explain_rows(
+        rows, background, LocalPredictor("m", joblib.load(path), "predict_proba"), config, "logit", 1
+    )
+    np.testing.assert_allclose(remote.values, local.values, rtol=0, atol=1e-6)
+    coalitions = effective_nsamples(300, rows.shape[1])  # capped at 2**M - 2
+    every = len(background.frame) + len(rows) * (1 + coalitions * len(background.frame))
+    assert sent + remote.rows_saved == every
+    assert (remote.rows_saved > 0.2 * every) if some_saved else (remote.rows_saved < 0.01 * every)
+    assert local.rows_saved == 0  # an in-process model is called on every row

@@ -243,10 +243,10 @@ def test_batched_kernel_rows_give_the_same_values_in_fewer_calls(
     np.testing.assert_allclose(together.model_output, alone.model_output, rtol=0, atol=1e-12)
     assert sum(merged.calls) == sum(one.calls)  # the same rows reach the model
     batches = -(-len(rows) // batch_rows)
-    # probe, background; then per batch one f(x) call and one call for the coalitions (the rows' model
-    # outputs are the f(x) the explainer computed, not another call)
-    assert len(one.calls) == 2 + 2 * len(rows)
-    assert len(merged.calls) == 2 + 2 * batches
+    # the output width, the background; then one call per batch holding its rows (f(x)) and all their
+    # coalitions (the rows' model outputs are that f(x), not another call)
+    assert len(one.calls) == 2 + len(rows)
+    assert len(merged.calls) == 2 + batches
 
 
 def test_batched_kernel_with_rows_that_need_no_coalitions(mlp_model: Path, features: pd.DataFrame) -> None:
