@@ -36,6 +36,7 @@ from shapline.tasks.plan import DataCheck, RunPlan, check_data, plan_run
 from shapline.tasks.plots import render_plots
 from shapline.tasks.recording import (
     PrefectContext,
+    model_tags,
     record_config,
     record_data,
     record_plan,
@@ -201,17 +202,12 @@ def _report_facts(
     monitoring: Monitoring,
     prefect: PrefectContext,
 ) -> ReportFacts:
-    fingerprint = (
-        {"shapline.model_sha256": run.model_fingerprint}
-        if config.model.kind in ("sklearn", "xgboost")
-        else {}
-    )
     return ReportFacts(
         config=config,
         check=check,
         plan=plan,
         summary=summary,
-        model_identity={**identity, **fingerprint},
+        model_identity={**identity, **model_tags(config, run.model_fingerprint)},
         phases=summary.phases,
         traffic=traffic,
         baseline=monitoring.baseline,
