@@ -97,9 +97,11 @@ class LocalPredictor(Predictor):
         self.feature_names = [str(n) for n in names] if names is not None else None
         classes = getattr(final_estimator(model), "classes_", None)
         self.class_labels = [str(c) for c in classes] if classes is not None else None
+        self._takes_arrays = is_xgboost(model)
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
-        return two_d(getattr(self.model, self.method)(frame))
+        model_input = numeric_array(frame, self.feature_names) if self._takes_arrays else None
+        return two_d(getattr(self.model, self.method)(frame if model_input is None else model_input))
 
     def _set_threads(self, threads: int) -> None:
         estimator = final_estimator(self.model)
@@ -126,6 +128,21 @@ def is_xgboost(model: Any) -> bool:
     return type(model).__module__.startswith("xgboost")
 
 
+def numeric_array(frame: pd.DataFrame, feature_names: list[str] | None) -> np.ndarray | None:
+    """The frame as one float or int array when XGBoost would read the same numbers from it, else None.
+
+    XGBoost reads a frame column by column (~5 ms more per 100,000 rows x 30 than the same numbers as one
+    array, 10% of a kernel row). The array carries no names, so it is used only when the columns are the
+    model's own in its order (or the model knows no names), and only for plain numeric columns: booleans,
+    categories and nullable types keep the frame, where XGBoost has its own rules for them.
+    """
+    if feature_names is not None and list(frame.columns) != feature_names:
+        return None
+    if not all(isinstance(t, np.dtype) and t.kind in "fiu" for t in frame.dtypes):
+        return None
+    return frame.to_numpy()
+
+
 class BoosterPredictor(Predictor):
     """A raw xgboost.Booster loaded from .json or .ubj."""
 
@@ -145,6 +162,9 @@ class BoosterPredictor(Predictor):
     def _matrix(self, frame: pd.DataFrame) -> Any:
         import xgboost
 
+        array = numeric_array(frame, self.feature_names)
+        if array is not None:
+            return xgboost.DMatrix(array, feature_names=list(frame.columns))
         return xgboost.DMatrix(frame, enable_categorical=True)
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:

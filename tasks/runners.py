@@ -22,6 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from shapline.tasks.config import ModelConfig, SageMakerModel, ShardsConfig
+from shapline.tasks.cores import limit_native_threads
 from shapline.tasks.errors import ShaplineError
 from shapline.tasks.explain import ShardValues
 from shapline.tasks.limits import DaskLimit, ProcessLimit, RequestLimit, ThreadLimit
@@ -105,6 +106,8 @@ def _start_worker(
         predictor = load_predictor(model)
         if threads is not None:
             predictor.limit_threads(threads)
+            # Finding the BLAS/OpenMP libraries costs ~50 ms: paid here, while the flow validates the data.
+            limit_native_threads(threads)
     except Exception:
         log.debug("warm-up could not load model %s", model.name, exc_info=True)
 

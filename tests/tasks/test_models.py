@@ -4,13 +4,14 @@ import threading
 from pathlib import Path
 
 import joblib
+import numpy as np
 import pandas as pd
 import pytest
 
 from shapline.tasks.config import SklearnModel, XGBoostModel
 from shapline.tasks.errors import ModelError
 from shapline.tasks.models import link_for, load_predictor
-from shapline.tasks.predictors import LocalPredictor, probe_predictor
+from shapline.tasks.predictors import LocalPredictor, numeric_array, probe_predictor
 
 
 def test_limiting_threads_while_other_shards_predict_is_safe(xgb_model: Path, cancer_data: Path) -> None:
@@ -44,6 +45,35 @@ def test_booster_files_and_pickles_load_as_predictors(xgb_model: Path, cancer_da
         pd.DataFrame(booster.predict(rows)), pd.DataFrame(wrapper.predict(rows)), atol=1e-6
     )
     assert booster.class_labels == ["0", "1"] and booster.predict(rows).shape == (5, 2)
+
+
+@pytest.mark.parametrize("suffix", [".joblib", ".json"])
+def test_xgboost_gets_numeric_frames_as_one_array_with_the_same_outputs(
+    xgb_model: Path, cancer_data: Path, suffix: str
+) -> None:
+    """The array path (~10% of a kernel row) must not change a single output bit."""
+    import xgboost
+
+    rows = pd.read_csv(cancer_data).drop(columns=["malignant"]).head(200)
+    predictor = load_predictor(
+        XGBoostModel(name="x", kind="xgboost", path=str(xgb_model.with_suffix(suffix)))
+    )
+    assert predictor.feature_names == list(rows.columns)
+    assert numeric_array(rows, predictor.feature_names) is not None
+    booster = joblib.load(xgb_model).get_booster()
+    # XGBoost's own frame path, as the model would be called without shapline.
+    reference = booster.predict(xgboost.DMatrix(rows))
+    assert np.array_equal(predictor.predict(rows)[:, 1], reference)
+
+
+def test_numeric_array_keeps_the_frame_when_an_array_could_mean_other_numbers() -> None:
+    numbers = pd.DataFrame({"a": [1.0, 2.0], "b": [3, 4]})
+    assert np.array_equal(numeric_array(numbers, ["a", "b"]), [[1.0, 3.0], [2.0, 4.0]])
+    assert numeric_array(numbers, None) is not None  # a model without names reads columns by position
+    assert numeric_array(numbers, ["b", "a"]) is None  # the model's order differs: names must decide
+    assert numeric_array(numbers.assign(c=[True, False]), ["a", "b", "c"]) is None
+    assert numeric_array(numbers.assign(c=pd.Categorical(["x", "y"])), ["a", "b", "c"]) is None
+    assert numeric_array(numbers.astype({"b": "Int64"}), ["a", "b"]) is None
 
 
 def test_missing_and_wrong_model_files_name_the_key(tmp_path: Path, xgb_model: Path) -> None:
