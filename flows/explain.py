@@ -306,7 +306,8 @@ def explain_shard_task(job: ShardJob, runner: ShardRunner, store: ShardStore) ->
         raise
     except Exception as exc:
         # Named by shard and rows, redacted, and retried only if it was a fault (a lost worker, a timeout).
-        rows = f"rows {job.row_ids[0]}-{job.row_ids[-1]}" if job.row_ids else "no rows"
+        ids = job.row_ids
+        rows = f"rows {ids[0]}-{ids[-1]}" if len(ids) else "no rows"
         raise UnexpectedError(
             f"shard {job.index} ({rows}): {type(exc).__name__}: {exc}", transient=_is_fault(exc)
         ) from exc

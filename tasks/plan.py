@@ -111,7 +111,7 @@ def plan_run(config: ExplainConfig, check: DataCheck) -> RunPlan:
     )
     if algorithm == "kernel":
         check_kernel_samples(config.explainer, len(check.features))
-    shards = plan_shards(rows.index.tolist(), config.shards.size)
+    shards = plan_shards(rows.index.to_numpy(), config.shards.size)
     estimate, problem = None, None
     if isinstance(config.model, SageMakerModel):
         estimate = plan_inference(

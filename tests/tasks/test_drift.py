@@ -17,6 +17,7 @@ from shapline.tasks.drift import (
     ndcg,
     same_rows,
     signed,
+    wasserstein,
 )
 
 
@@ -167,3 +168,16 @@ def test_signature_and_sign() -> None:
     assert explained_signature(params) != explained_signature({**params, "model.class_label": "Adelie"})
     assert explained_signature(params) == explained_signature({**params, "shards.workers": "4"})
     assert signed(0.314) == "+0.31" and signed(-0.12) == "\u22120.12"
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_wasserstein_is_scipys_bit_for_bit(seed: int) -> None:
+    """Random sizes (one point included), and every third case rounded so the samples share many ties."""
+    rng = np.random.default_rng(seed)
+    u = rng.normal(size=int(rng.integers(1, 3000)))
+    v = rng.normal(loc=0.3, scale=1.5, size=int(rng.integers(1, 3000)))
+    if seed % 3 == 0:
+        u, v = np.round(u, 1), np.round(v, 1)
+    assert wasserstein(u, v) == wasserstein_distance(u, v)
+    assert wasserstein(v, v) == 0.0
+    assert np.isnan(wasserstein(u, np.empty(0)))

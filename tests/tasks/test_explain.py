@@ -36,7 +36,7 @@ def features(cancer: pd.DataFrame) -> pd.DataFrame:
 
 def test_shards_split_rows_in_order() -> None:
     shards = plan_shards([3, 5, 8, 9, 10], 2)
-    assert [s.row_ids for s in shards] == [(3, 5), (8, 9), (10,)]
+    assert [s.row_ids.tolist() for s in shards] == [[3, 5], [8, 9], [10]]
     assert [s.index for s in shards] == [0, 1, 2]
 
 
