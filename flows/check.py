@@ -16,12 +16,12 @@ def check_config(config_path: str, overrides: list[str] | None = None) -> dict[s
     lines = [f"config {config_path}: valid (model {config.model.name}, kind {config.model.kind})"]
     check = check_data(config)
     report = check.report
-    lines.append(f"data {check.data.uri}: {len(check.data.frame)} rows, {len(check.features)} features")
+    lines.append(f"data {check.data.uri}: {check.data.rows} rows, {len(check.features)} features")
     lines.append(f"validation: {report.evaluated} expectations, {len(report.failures)} failed")
     lines += [f"  {'FAIL' if line in report.blocking else 'warn'}: {line}" for line in report.failures]
     result: dict[str, Any] = {
         "ok": not report.blocking,
-        "rows": len(check.data.frame),
+        "rows": check.data.rows,
         "features": check.features,
         "validation_success": report.success,
         "validation_failures": report.failures,

@@ -52,7 +52,8 @@ from shapline.tasks.registry import resolve_registry_model
 from shapline.tasks.report import REPORT, ReportFacts, write_report
 from shapline.tasks.run import ExplanationRun
 from shapline.tasks.runners import ShardRunner
-from shapline.tasks.shards import ShardJob, ShardResult, ShardStore, plan_jobs
+from shapline.tasks.shards import ShardResult, ShardStore
+from shapline.tasks.staging import StagedJob, StagedRows, plan_jobs, return_freed_memory, stage_rows
 from shapline.tasks.summary import Phases, RunSummary
 from shapline.tasks.tracking import resolve_tracking_uri, run_url
 
@@ -63,6 +64,7 @@ render_plots_task = task(name="render-plots", cache_policy=NO_CACHE)(render_plot
 resolve_model_task = task(name="resolve-model", cache_policy=NO_CACHE)(resolve_registry_model)
 resolve_baseline_task = task(name="resolve-baseline", cache_policy=NO_CACHE)(resolve_baseline)
 monitor_task = task(name="monitor", cache_policy=NO_CACHE)(monitor)
+stage_rows_task = task(name="stage-rows", cache_policy=NO_CACHE)(stage_rows)
 
 
 @flow(name="shapline-explain")
@@ -122,21 +124,27 @@ def explain_model(
                 run.folder,
             )
             _say_baseline(baseline)
+            row_names = _row_names(config, check)
+            staged = stage_rows_task(plan.rows, plan.shards, str(run.folder / "rows"))
+            # The data's rows are staged for the shards: from here the flow holds none of them.
+            check, plan = check.without_frame(), plan.without_rows()
+            return_freed_memory()
             phases.lap("plan")
-            results, computed, explain_s = explain_shards(run, config, check, plan)
+            results, computed, explain_s = explain_shards(run, config, check, plan, staged)
             phases.lap("explain")
             combined = aggregate_task(
                 [r.path for r in results],
                 str(run.artifacts / "shap_values.parquet"),
                 check.features,
                 config.output.aggregations,
-                _row_names(config, check),
+                row_names,
                 config.data.id_column,
             )
             phases.lap("aggregate")
-            plots = _plots(run, config, check, plan, combined)
+            plots = _plots(run, config, check, plan, combined, staged)
             record_values(run.tracked, combined, run.artifacts)
             plots.result()
+            return_freed_memory()  # the plots' figures and the upload's buffers, before drift reads columns
             phases.lap("plots and upload")
             monitoring = monitor_task(run.tracked, config, baseline, combined, plan.explained, run.artifacts)
             phases.lap("drift")
@@ -162,10 +170,13 @@ def explain_model(
 
 
 def _row_names(config: ExplainConfig, check: DataCheck) -> Any:
-    """data.id_column's values by row_id (the values table carries them beside row_id), or None."""
+    """data.id_column's values by row_id (the values table carries them beside row_id), or None.
+
+    A copy: a column of a consolidated frame is a view that would keep every column alive.
+    """
     if config.data.id_column is None:
         return None
-    return check.data.frame[config.data.id_column]
+    return check.data.frame[config.data.id_column].copy()
 
 
 def _say_baseline(baseline: Baseline) -> None:
@@ -298,10 +309,12 @@ def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     retry_condition_fn=_worth_retrying,
     task_run_name="explain-shard-{job.index}",
 )
-def explain_shard_task(job: ShardJob, runner: ShardRunner, store: ShardStore) -> ShardResult:
+def explain_shard_task(job: StagedJob, runner: ShardRunner, store: ShardStore) -> ShardResult:
     """Explain one shard of rows with SHAP on the run's runner and keep its values in the store."""
     try:
-        return store.write(job.index, runner.compute(job))
+        result = store.write(job.index, runner.compute(job.job()))
+        return_freed_memory()  # the shard's rows and values
+        return result
     except ShaplineError:
         raise
     except Exception as exc:
@@ -314,7 +327,7 @@ def explain_shard_task(job: ShardJob, runner: ShardRunner, store: ShardStore) ->
 
 
 def explain_shards(
-    run: ExplanationRun, config: ExplainConfig, check: DataCheck, plan: RunPlan
+    run: ExplanationRun, config: ExplainConfig, check: DataCheck, plan: RunPlan, staged: StagedRows
 ) -> tuple[list[ShardResult], list[ShardResult], float]:
     """Explain the shards the store lacks, each a task of this flow; finished ones stay even if another fails.
 
@@ -326,9 +339,8 @@ def explain_shards(
     store = run.open_store(check.data.sha256)
     threads = threads_per_worker(config.shards.runner, min(config.shards.workers, len(plan.shards)))
     jobs, reused = plan_jobs(
-        plan.rows,
+        staged,
         plan.background,
-        plan.shards,
         store,
         config.model,
         config.explainer,
@@ -387,12 +399,17 @@ def _collect(futures: Any, total: int) -> list[ShardResult]:
 
 
 def _plots(
-    run: ExplanationRun, config: ExplainConfig, check: DataCheck, plan: RunPlan, combined: Aggregate
+    run: ExplanationRun,
+    config: ExplainConfig,
+    check: DataCheck,
+    plan: RunPlan,
+    combined: Aggregate,
+    staged: StagedRows,
 ) -> Any:
     """The plots render (a task of their own) while the values table uploads."""
     return render_plots_task.submit(
         combined.values_path,
-        plan.rows,
+        staged,
         check.features,
         combined.labels or ["0"],
         config.output,

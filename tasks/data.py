@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
@@ -34,6 +34,17 @@ class LoadedData:
     sha256: str
     uri: str
     repeated_columns: tuple[str, ...] = ()
+    # The rows the data had, once `without_frame` let them go (else the frame's length).
+    row_count: int | None = None
+
+    @property
+    def rows(self) -> int:
+        """Rows in the data."""
+        return self.row_count if self.row_count is not None else len(self.frame)
+
+    def without_frame(self) -> LoadedData:
+        """The same facts about the data with an empty frame of its columns and dtypes (the rows let go)."""
+        return replace(self, frame=self.frame.iloc[:0].copy(), row_count=self.rows)
 
 
 def load_data(config: DataConfig) -> LoadedData:

@@ -8,7 +8,7 @@ inference estimate), resolved once for every shard.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 
@@ -20,6 +20,7 @@ from shapline.tasks.explain import (
     ExplainedOutput,
     check_kernel_samples,
     explained_outputs_in_words,
+    load_shap,
     resolve_explainer,
 )
 from shapline.tasks.inference import InferenceEstimate, over_budget, plan_inference
@@ -38,6 +39,10 @@ class DataCheck:
     features: list[str]
     report: ValidationReport
 
+    def without_frame(self) -> DataCheck:
+        """This check with the data's rows let go (the flow does once they are staged for the shards)."""
+        return replace(self, data=self.data.without_frame())
+
     def refusal(self) -> ValidationFailed | None:
         """The error that stops the run when validation found blocking failures, else None."""
         if not self.report.blocking:
@@ -47,6 +52,7 @@ class DataCheck:
 
 def check_data(config: ExplainConfig) -> DataCheck:
     """Read the data, load the model, choose the features and validate them with Great Expectations."""
+    load_shap()  # first, while nothing big is on the stack its import would keep
     data = load_data(config.data)
     predictor = load_predictor(config.model)
     features = feature_columns(data.frame, config.data, predictor.feature_names)
@@ -73,7 +79,11 @@ class RunPlan:
 
     @property
     def explain_rows(self) -> int:
-        return len(self.rows)
+        return sum(len(shard.row_ids) for shard in self.shards)
+
+    def without_rows(self) -> RunPlan:
+        """This plan with the rows to explain let go (empty, same columns and dtypes): they are staged."""
+        return replace(self, rows=self.rows.iloc[:0].copy())
 
     def enforce_budget(self) -> None:
         """Refuse to start a run its endpoint budget (model.budget.max_inference_rows) does not allow."""

@@ -24,6 +24,7 @@ from shapline.tasks.config import OutputConfig
 from shapline.tasks.drift import Comparison
 from shapline.tasks.explain import ExplainedOutput
 from shapline.tasks.schemas import BASE_VALUE, CLASS, FEATURE, MODEL_OUTPUT, ROW_ID, metric_key
+from shapline.tasks.staging import StagedRows
 
 # Beeswarm and force plots of more rows than this show an evenly spaced subset: the picture is
 # the same and a browser can still open the force plot.
@@ -188,7 +189,7 @@ def _row_name(values: pd.DataFrame, position: int, row_id: int, id_column: str |
 
 def render_plots(
     values_path: str | Path,
-    rows: pd.DataFrame,
+    rows: pd.DataFrame | StagedRows,
     features: list[str],
     labels: list[str],
     config: OutputConfig,
@@ -242,6 +243,17 @@ def render_plots(
     if not {"beeswarm", "waterfall", "force"} & set(config.plots):
         return written
     plotted = read_plotted_rows(values_path, labels, config)
+    # The data of only the rows drawn, from the staged shards when the flow no longer holds the data.
+    drawn = np.unique(
+        np.concatenate(
+            [
+                frame[ROW_ID].to_numpy()
+                for part in plotted.values()
+                for frame in (part.beeswarm, part.waterfall, part.force)
+            ]
+        )
+    )
+    rows = rows.loc[drawn] if isinstance(rows, pd.DataFrame) else rows.take(drawn)
     for label in labels:
         part = plotted[label]
         suffix = f"_{_safe(label)}" if several else ""

@@ -255,7 +255,8 @@ def probe_rows(frame: pd.DataFrame, *others: pd.DataFrame) -> pd.DataFrame:
             odd = _text_among_numbers(table[column]).index
             picked += [table.loc[[index]] for index in (missing[:1].tolist() + odd[:1].tolist())]
     probe = pd.concat(picked)
-    return probe[~probe.index.duplicated()]
+    # A copy: a slice of a column is a view of the whole column, which the plan would keep alive.
+    return probe[~probe.index.duplicated()].copy()
 
 
 def _what_is_odd(row: pd.Series) -> str:

@@ -272,7 +272,7 @@ def description(
     ranking = summary.ranking
     lines = [
         f"**{model.name}** ({model.kind}, {where}) explained on `{check.data.uri}` "
-        f"({len(check.data.frame):,} rows, sha256 `{check.data.sha256[:12]}…`): "
+        f"({check.data.rows:,} rows, sha256 `{check.data.sha256[:12]}…`): "
         f"**{what}**, SHAP values in **{explained[0].units}**; {plan.algorithm} explainer, "
         f"{len(plan.background.frame)} background rows ({config.background.method}), "
         f"{summary.rows_explained:,} rows explained in {summary.shards} shard{'s' if summary.shards != 1 else ''}.",

@@ -120,7 +120,7 @@ def _what(facts: ReportFacts) -> str:
     data: list[tuple[str, object]] = [
         ("source", check.data.uri),
         ("sha256", check.data.sha256),
-        ("rows in the data", f"{len(check.data.frame):,}"),
+        ("rows in the data", f"{check.data.rows:,}"),
         ("rows explained", f"{summary.rows_explained:,}"),
         ("features", f"{len(check.features)}"),
     ]

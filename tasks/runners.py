@@ -99,9 +99,10 @@ def _start_worker(
     os.environ.update(environment)
     _worker_limit = limit
     try:
-        import shap  # noqa: F401 - the import is the point
-
+        from shapline.tasks.explain import load_shap
         from shapline.tasks.models import load_predictor
+
+        load_shap()
 
         predictor = load_predictor(model)
         if threads is not None:

@@ -24,7 +24,7 @@ import pandas as pd
 from shapline.tasks.background import Background
 from shapline.tasks.config import ExplainerConfig, ModelConfig
 from shapline.tasks.cores import limit_native_threads
-from shapline.tasks.explain import ShardValues, explain_rows
+from shapline.tasks.explain import ShardValues, explain_rows, load_shap
 from shapline.tasks.limits import RequestLimit
 from shapline.tasks.liveness import pid_alive, this_host
 from shapline.tasks.models import load_predictor
@@ -76,6 +76,7 @@ class ShardJob:
 def explain_shard(job: ShardJob, limit: RequestLimit | None = None) -> ShardValues:
     """Explain one shard's rows: compute only (no files, no Prefect), wherever the shard runner runs it."""
     started = time.perf_counter()
+    load_shap()  # in a fresh worker, before its first import could keep this job's frames
     shared = load_predictor(job.model)
     if job.threads is not None:
         shared.limit_threads(job.threads)
@@ -170,12 +171,11 @@ class ShardStore:
 
     def write(self, index: int, values: ShardValues) -> ShardResult:
         """Write a shard's values atomically: a crash leaves either no file or a complete one."""
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         path = self.path(index, values.row_ids)
         partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-        table = pa.Table.from_pandas(values.to_frame(), preserve_index=False)
+        table = values.to_table()
         meta = {"rows": len(values.row_ids), "algorithm": values.algorithm, "link": values.link}
         table = table.replace_schema_metadata(
             {**(table.schema.metadata or {}), _META: json.dumps(meta).encode()}
@@ -196,43 +196,6 @@ class ShardStore:
         """Remove every finished and partial shard file."""
         for path in [*self.folder.glob("shard-*.parquet"), *self.folder.glob("shard-*.partial")]:
             path.unlink(missing_ok=True)
-
-
-def plan_jobs(
-    rows: pd.DataFrame,
-    background: Background,
-    shards: list[Shard],
-    store: ShardStore,
-    model: ModelConfig,
-    explainer: ExplainerConfig,
-    algorithm: str,
-    link: str,
-    threads: int | None = None,
-) -> tuple[list[ShardJob], list[ShardResult]]:
-    """Jobs for the shards the store lacks, and the finished ones found there.
-
-    A job's rows are a slice of `rows` (shards are contiguous), not a copy.
-    """
-    jobs, finished = [], []
-    for shard in shards:
-        found = store.finished(shard)
-        if found is not None:
-            finished.append(found)
-            continue
-        part = rows.iloc[shard.start : shard.start + len(shard.row_ids)]
-        jobs.append(
-            ShardJob(
-                index=shard.index,
-                rows=part,
-                background=background,
-                model=model,
-                explainer=explainer,
-                algorithm=algorithm,
-                link=link,
-                threads=threads,
-            )
-        )
-    return jobs, finished
 
 
 class ShardStoreClaim:

@@ -183,7 +183,13 @@ def validate_frame(
         .get_batch(batch_parameters={"dataframe": frame.reset_index(drop=True)})
     )
     suite = gx.ExpectationSuite(name="shapline", expectations=expectations)
-    result = batch.validate(suite)
+    try:
+        result = batch.validate(suite)
+    finally:
+        # GX keeps its last context (and the context its data sources' batches) for the process's
+        # lifetime: without this the whole table outlives validation, through every later phase.
+        context.data_sources.delete("shapline")
+        del batch
     failures, blocking = [], []
     for item in result.results:
         if item.success:

@@ -14,7 +14,7 @@ import shap
 from shapline.tasks.background import Background
 from shapline.tasks.config import ExplainerConfig
 from shapline.tasks.errors import ExplainError
-from shapline.tasks.explain import ModelFunction, explain_rows, resolve_algorithm, row_seed
+from shapline.tasks.explain import ModelFunction, ShardValues, explain_rows, resolve_algorithm, row_seed
 from shapline.tasks.predictors import LocalPredictor
 from shapline.tasks.shards import plan_shards
 from tests.helpers import exact_shapley
@@ -370,3 +370,24 @@ def test_a_shard_leaves_its_native_thread_limit_for_the_workers_other_shards(
     finally:
         threadpool_limits(limits=original)
         cores_module._native_limit = None
+
+
+@pytest.mark.parametrize("classes", [["1"], ["Adelie", "Chinstrap", "Gentoo"]])
+def test_a_shard_table_is_its_frame_without_the_pandas_copy(classes: list[str]) -> None:
+    """The store writes `to_table`; `to_frame` is the layout's definition: the same columns, types, values."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    n, m, c = 7, 4, len(classes)
+    values = ShardValues(
+        row_ids=np.arange(n) * 3 + 5,
+        features=["a", "b", "c", "d"],
+        labels=classes,
+        values=rng.normal(size=(n, m, c)),
+        base_values=rng.normal(size=(n, c)),
+        model_output=rng.normal(size=(n, c)),
+        algorithm="kernel",
+        link="identity",
+    )
+    expected = pa.Table.from_pandas(values.to_frame(), preserve_index=False).replace_schema_metadata(None)
+    assert values.to_table().equals(expected)
