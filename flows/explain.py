@@ -313,7 +313,7 @@ def explain_shard_task(job: StagedJob, runner: ShardRunner, store: ShardStore) -
     """Explain one shard of rows with SHAP on the run's runner and keep its values in the store."""
     try:
         result = store.write(job.index, runner.compute(job.job()))
-        return_freed_memory()  # the shard's rows and values
+        return_freed_memory(cycles=False)  # the shard's rows and values (freed as their references went)
         return result
     except ShaplineError:
         raise

@@ -93,15 +93,32 @@ class _Batch:
 
 
 class _Buffers:
-    """Memory reused from one model call to the next within an `explain` call.
+    """Memory reused from one model call to the next, within an `explain` call and across a thread's calls.
 
     A call of batch_rows=4 benchmark rows is ~100 MB; glibc maps blocks over 32 MB afresh each time, and
-    page-faulting them in cost ~2 ms per explained row. A buffer is reused only when nothing else still
-    refers to it (predict may keep the frame it was given, or a view of it), so reuse is never visible.
+    page-faulting them in cost ~2 ms per explained row (and, on a shard's first row, a fresh mapping of
+    25 MB cost up to 60 ms here). A buffer is reused only when nothing else still refers to it (predict may
+    keep the frame it was given, or a view of it), so reuse is never visible. A thread keeps its buffers
+    for its next shard up to KEPT_BYTES; a larger set (an endpoint's merged calls) is let go.
     """
+
+    KEPT_BYTES = 64_000_000
 
     def __init__(self) -> None:
         self._buffers: dict[object, np.ndarray] = {}
+
+    @classmethod
+    def of_this_thread(cls) -> _Buffers:
+        """This thread's buffers (new ones the first time)."""
+        buffers = getattr(_THREAD, "buffers", None)
+        if buffers is None:
+            buffers = _THREAD.buffers = cls()
+        return buffers
+
+    def keep_or_release(self) -> None:
+        """After an `explain` call: keep small buffers for the thread's next call, let large ones go."""
+        if sum(buffer.nbytes for buffer in self._buffers.values()) > self.KEPT_BYTES:
+            self._buffers.clear()
 
     def get(self, key: object, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         """An uninitialised array of `shape`, in last call's memory for `key` when that is free."""
@@ -111,6 +128,10 @@ class _Buffers:
         if buffer is None or buffer.dtype != dtype or buffer.size < size or sys.getrefcount(buffer) > 3:
             buffer = self._buffers[key] = np.empty(size, dtype=dtype)
         return buffer[:size].reshape(shape)
+
+
+# Per thread: a thread explains one shard at a time, so its buffers are never shared.
+_THREAD = threading.local()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -247,7 +268,7 @@ class KernelEngine:
         values = np.zeros((len(frame), len(self.columns), self.n_outputs))
         fx = np.zeros((len(frame), self.n_outputs))
         data = self._prepare(frame)
-        buffers = _Buffers()
+        buffers = _Buffers.of_this_thread()
         n = len(self.background)
         step = max(1, int(batch_rows))
         for start in range(0, len(frame), step):
@@ -259,6 +280,7 @@ class KernelEngine:
                 fx[start + i] = outputs[i]
                 mine = outputs[batch.offsets[i] : batch.offsets[i] + plan.filled * n]
                 values[start + i] = self._solve(plan, self._background_mean(plan, mine), outputs[i], l1_reg)
+        buffers.keep_or_release()
         return values, fx
 
     # ----------------------------------------------------------------------------------------------

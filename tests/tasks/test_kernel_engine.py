@@ -349,6 +349,34 @@ def test_frames_kept_by_predict_are_never_overwritten(numeric: pd.DataFrame) -> 
     assert len(kept) == 4 and all(frame.equals(copy) for frame, copy in kept)
 
 
+def test_a_threads_buffers_carry_nothing_from_one_engine_to_the_next(
+    numeric: pd.DataFrame, penguin_pipeline: tuple[pd.DataFrame, object]
+) -> None:
+    """Buffers outlive an `explain` call in their thread (a shard's first row skips fresh memory): other
+    engines, other widths and mixed dtypes in between must leave every value as a fresh thread computes."""
+    f = smooth_model(np.linspace(-1, 1, 8).reshape(8, 1), logit=True)
+    wide = KernelEngine(on_frame(f), numeric.iloc[:10], link="logit")
+    narrow = KernelEngine(on_frame(lambda x: f(np.hstack([x, x[:, :4]]))), numeric.iloc[:6, :4], link="logit")
+    frame, model = penguin_pipeline
+    mixed = KernelEngine(lambda rows: model.predict_proba(rows), frame.iloc[:8])  # type: ignore[attr-defined]
+
+    def run() -> list[np.ndarray]:
+        return [
+            wide.explain(numeric.iloc[10:14], [1, 2, 3, 4], nsamples=150, l1_reg="aic")[0],
+            narrow.explain(numeric.iloc[20:23, :4], [5, 6, 7], nsamples=12, l1_reg=False)[0],
+            mixed.explain(frame.iloc[30:33], [8, 9, 10], nsamples=40, l1_reg=False)[0],
+            wide.explain(numeric.iloc[10:14], [1, 2, 3, 4], nsamples=150, l1_reg="aic", batch_rows=3)[0],
+        ]
+
+    fresh: list[list[np.ndarray]] = []
+    thread = threading.Thread(target=lambda: fresh.append(run()))
+    thread.start()
+    thread.join()
+    for _ in range(2):  # this thread: its buffers now hold every earlier call's rows
+        for got, expected in zip(run(), fresh[0], strict=True):
+            assert np.array_equal(got, expected)
+
+
 def test_plan_then_solve_by_hand_equals_explain(penguin_pipeline: tuple[pd.DataFrame, object]) -> None:
     features, model = penguin_pipeline
     f_frame = penguin_functions(features, model)[1]
