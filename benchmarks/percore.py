@@ -147,6 +147,16 @@ def run(context: Context, params: dict[str, Any]) -> ComparisonResult:
                 note="explain phase; both at one native thread",
             )
         )
+        result.ratio(
+            Ratio(
+                f"{name}: share of the limit, per core",
+                f"{name}: model only",
+                f"{name}: shapline thread x1",
+                "explain_s",
+                0.8,
+                note="(plain / shapline x1) / (plain / model only): 1 is as fast as the model allows",
+            )
+        )
         if not context.quick:
             result.ratio(
                 Ratio(
