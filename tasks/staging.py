@@ -15,7 +15,7 @@ import ctypes
 import ctypes.util
 import gc
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,16 +76,11 @@ def stage_rows(rows: pd.DataFrame, shards: list[Shard], folder: str | Path) -> S
 @dataclass(frozen=True)
 class StagedJob:
     """A shard's work before its rows are read: the flow's shard task calls `job()` when it starts, so only
-    running shards hold rows. Everything but the rows is resolved once for the run."""
+    running shards hold rows. `settings` is the run's job with no rows: everything else is resolved once."""
 
     shard: Shard
     staged: StagedRows
-    background: Background
-    model: ModelConfig
-    explainer: ExplainerConfig
-    algorithm: str
-    link: str
-    threads: int | None = None
+    settings: ShardJob
 
     @property
     def index(self) -> int:
@@ -97,16 +92,7 @@ class StagedJob:
 
     def job(self) -> ShardJob:
         """The self-contained job (its rows read back now) that a thread, pool process or Dask worker runs."""
-        return ShardJob(
-            index=self.shard.index,
-            rows=self.staged.shard_rows(self.shard),
-            background=self.background,
-            model=self.model,
-            explainer=self.explainer,
-            algorithm=self.algorithm,
-            link=self.link,
-            threads=self.threads,
-        )
+        return replace(self.settings, index=self.shard.index, rows=self.staged.shard_rows(self.shard))
 
 
 def plan_jobs(
@@ -120,13 +106,14 @@ def plan_jobs(
     threads: int | None = None,
 ) -> tuple[list[StagedJob], list[ShardResult]]:
     """Jobs for the shards the store lacks, and the finished ones found there (their rows never read)."""
+    settings = ShardJob(-1, pd.DataFrame(), background, model, explainer, algorithm, link, threads)
     jobs, finished = [], []
     for shard in staged.shards:
         found = store.finished(shard)
         if found is not None:
             finished.append(found)
             continue
-        jobs.append(StagedJob(shard, staged, background, model, explainer, algorithm, link, threads))
+        jobs.append(StagedJob(shard, staged, settings))
     return jobs, finished
 
 

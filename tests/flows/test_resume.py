@@ -20,6 +20,9 @@ from tests.helpers import assert_same_values
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 
 
+SHARDS = 32
+
+
 def test_rerun_after_a_killed_process_reuses_finished_shards(
     write_config: Callable[..., Path],
     cancer_data: Path,
@@ -32,7 +35,9 @@ def test_rerun_after_a_killed_process_reuses_finished_shards(
 
     config = write_config(
         model={"name": "resume", "kind": "sklearn", "path": str(mlp_model)},
-        data={"source": str(cancer_data), "target": "malignant", "explain_rows": 16, "seed": 3},
+        # 32 shards of 2 rows: the kill must land while some are finished and others not, and a shard of
+        # this small model takes only milliseconds, so the window is many shards wide (and polled often).
+        data={"source": str(cancer_data), "target": "malignant", "explain_rows": 2 * SHARDS, "seed": 3},
         background={"size": 10},
         explainer={"algorithm": "kernel", "nsamples": 400, "seed": 5},
         shards={"size": 2, "workers": 1},
@@ -51,18 +56,20 @@ def test_rerun_after_a_killed_process_reuses_finished_shards(
     while len(list(cache.glob("*/shard-*.parquet"))) < 2:
         assert crashing.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline, "no shard finished in time"
-        time.sleep(0.2)
+        time.sleep(0.02)
     os.killpg(crashing.pid, signal.SIGKILL)
     crashing.wait()
     finished_before = len(list(cache.glob("*/shard-*.parquet")))
-    assert 2 <= finished_before < 8
+    assert 2 <= finished_before < SHARDS
 
     assert main(["run", str(config), "--json"]) == 0
     resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert resumed["shards_reused"] == finished_before
-    assert resumed["shards_computed"] == 8 - finished_before
+    assert resumed["shards_computed"] == SHARDS - finished_before
     metrics = MlflowClient(mlflow_store).get_run(resumed["mlflow_run_id"]).data.metrics
-    assert metrics["shards_reused"] == finished_before and metrics["shards_computed"] == 8 - finished_before
+    assert (
+        metrics["shards_reused"] == finished_before and metrics["shards_computed"] == SHARDS - finished_before
+    )
     assert not list(cache.glob("*/shard-*.parquet")), "finished shards are removed after a successful run"
     # The killed run could not end itself; the next run in the experiment marked it KILLED, with why.
     experiment = MlflowClient(mlflow_store).get_run(resumed["mlflow_run_id"]).info.experiment_id
