@@ -31,6 +31,7 @@ from shapline.tasks.config import ExplainConfig, MlflowModel, SageMakerModel, lo
 from shapline.tasks.cores import threads_per_worker
 from shapline.tasks.drift import Baseline, resolve_baseline
 from shapline.tasks.errors import AttributionDrift, ShaplineError, UnexpectedError
+from shapline.tasks.memory import return_freed_memory
 from shapline.tasks.monitor import Monitoring, drift_event, monitor
 from shapline.tasks.plan import DataCheck, RunPlan, check_data, plan_run
 from shapline.tasks.plots import render_plots
@@ -53,7 +54,7 @@ from shapline.tasks.report import REPORT, ReportFacts, write_report
 from shapline.tasks.run import ExplanationRun
 from shapline.tasks.runners import ShardRunner
 from shapline.tasks.shards import ShardResult, ShardStore
-from shapline.tasks.staging import StagedJob, StagedRows, plan_jobs, return_freed_memory, stage_rows
+from shapline.tasks.staging import StagedJob, StagedRows, plan_jobs, stage_rows
 from shapline.tasks.summary import Phases, RunSummary
 from shapline.tasks.tracking import resolve_tracking_uri, run_url
 

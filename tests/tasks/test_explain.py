@@ -391,3 +391,26 @@ def test_a_shard_table_is_its_frame_without_the_pandas_copy(classes: list[str]) 
     )
     expected = pa.Table.from_pandas(values.to_frame(), preserve_index=False).replace_schema_metadata(None)
     assert values.to_table().equals(expected)
+
+
+def test_the_first_shap_import_keeps_nothing_that_was_on_the_stack() -> None:
+    """shap keeps its failed optional imports' exceptions; their tracebacks held every frame on the stack at
+    its first import (in a run, the plan's, with the data). In a fresh interpreter, as a run first meets it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc, weakref\n"
+        "from shapline.tasks.explain import load_shap\n"
+        "class Data: pass\n"
+        "def plan():\n"
+        "    data = Data()\n"
+        "    load_shap()\n"
+        "    return weakref.ref(data)\n"
+        "ref = plan()\n"
+        "gc.collect()\n"
+        "print('released' if ref() is None else 'kept')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "released"

@@ -54,7 +54,7 @@ def test_the_plan_lets_go_of_the_data_once_its_rows_are_staged(
     a small slice (a slice of a column is a view that keeps the whole column: the probe rows did)."""
     import pyarrow as pa
 
-    from shapline.tasks.staging import return_freed_memory
+    from shapline.tasks.memory import return_freed_memory
 
     data = pd.read_csv(cancer_data)
     big = data.sample(200_000, replace=True, random_state=0).reset_index(drop=True)
