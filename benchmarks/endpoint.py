@@ -279,7 +279,7 @@ def _shapline(config: Any, rows: pd.DataFrame, features: list[str]) -> Callable[
             flow.seconds,
             values_matrix(flow.values, features, rows.index.to_numpy()),
             {
-                "explain_s": flow.metrics["explain_s"],
+                "explain_s": flow.summary["explain_s"],
                 "client_max_body_bytes": flow.metrics.get("inference_max_request_bytes_sent", float("nan")),
             },
         )

@@ -37,7 +37,7 @@ def flow_side(
         return Measurement(
             flow.seconds,
             values_matrix(flow.values, features, row_ids),
-            {"explain_s": flow.metrics["explain_s"], "flow_duration_s": flow.metrics["duration_s"]},
+            {"explain_s": flow.summary["explain_s"], "flow_duration_s": flow.summary["duration_s"]},
         )
 
     return run

@@ -227,7 +227,7 @@ def run(context: Context, params: dict[str, Any]) -> ComparisonResult:
         return Measurement(
             run_.seconds,
             values_matrix(run_.values, dataset.features, np.sort(ids)),
-            {"explain_s": run_.metrics["explain_s"], "flow_duration_s": run_.metrics["duration_s"]},
+            {"explain_s": run_.summary["explain_s"], "flow_duration_s": run_.summary["duration_s"]},
         )
 
     def direct() -> Measurement:
@@ -318,9 +318,9 @@ def run(context: Context, params: dict[str, Any]) -> ComparisonResult:
             ["tiny run (5 rows, tree), warm process", float(np.median([w.seconds for w in warm])), len(warm)]
         )
         fixed.append(
-            ["  of which explain phase", float(np.median([w.metrics["explain_s"] for w in warm])), len(warm)]
+            ["  of which explain phase", float(np.median([w.summary["explain_s"] for w in warm])), len(warm)]
         )
-        duration = float(np.median([w.metrics["duration_s"] for w in warm]))
+        duration = float(np.median([w.summary["duration_s"] for w in warm]))
         fixed.append(["  of which the flow body (duration_s)", duration, len(warm)])
         for name, seconds in flow_phases(_flow_run_id(warm[-1].summary)):
             fixed.append([f"  task: {name}", seconds, 1])

@@ -228,7 +228,7 @@ def _flow_side(config: Any, features: list[str], n: int, params: dict[str, Any])
         return Measurement(
             flow.seconds,
             values_matrix(flow.values, features, np.arange(n)),
-            {"explain_s": flow.metrics["explain_s"], "shards": flow.metrics["shards"]},
+            {"explain_s": flow.summary["explain_s"], "shards": flow.metrics["shards"]},
         )
 
     return run_side

@@ -302,7 +302,13 @@ def _kernel_values(
 
     columns = list(rows.columns)
     weights = None if background.weights is None else np.asarray(background.weights, dtype=float)
-    engine = KernelEngine(function, background.frame[columns], weights=weights, link=link)
+    engine = KernelEngine(
+        function,
+        background.frame[columns],
+        weights=weights,
+        link=link,
+        float32=function.predictor.reads_float32,
+    )
     seeds = [row_seed(config.seed, int(row_id)) for row_id in rows.index]
     values, fx = engine.explain(
         rows, seeds, nsamples=config.nsamples, l1_reg=config.l1_reg, batch_rows=batch_rows, dedupe=dedupe

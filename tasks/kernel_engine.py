@@ -165,11 +165,15 @@ class KernelEngine:
         background: pd.DataFrame,
         weights: np.ndarray | None = None,
         link: str = "identity",
+        float32: bool = False,
     ) -> None:
         """`predict` maps a frame with the background's columns and dtypes to (rows, outputs) floats.
 
         `predict` must be thread-safe if the engine is used from several threads. `weights` weigh the background rows
-        (e.g. k-means cluster sizes); they are normalised to sum to one, as shap's DenseData does.
+        (e.g. k-means cluster sizes); they are normalised to sum to one, as shap's DenseData does. With
+        `float32` (a model that reads every number as float32, as XGBoost does), the synthetic rows' float64
+        columns are built as float32: the model sees the same numbers, and the call writes and reads half the
+        memory (~2 ms of a 50 ms breast-cancer row).
         """
         if link not in _LINKS:
             raise ValueError(f"link must be one of {sorted(_LINKS)}, got {link!r}")
@@ -197,6 +201,8 @@ class KernelEngine:
         for j, column in enumerate(self.columns):
             dtype = self.dtypes[column]
             if isinstance(dtype, np.dtype):
+                if float32 and dtype == np.float64:
+                    dtype = np.dtype(np.float32)
                 self._blocks.setdefault(dtype, []).append(j)
         self._extension = [j for j, c in enumerate(self.columns) if not isinstance(self.dtypes[c], np.dtype)]
         self._bg_blocks = {
@@ -287,7 +293,7 @@ class KernelEngine:
     # coalitions
 
     def _plan(self, rows: _Rows, i: int, seed: int, nsamples: int | str) -> RowPlan:
-        x = rows.frame.iloc[[i]]
+        x = rows.frame.iloc[i : i + 1]
         varying = self._varying(rows.values[i])
         m = len(varying)
         if m <= 1:  # shap draws nothing: no feature matters, or the only one takes all the effect

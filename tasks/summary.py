@@ -82,6 +82,7 @@ class RunSummary:
             "shards_computed": self.shards_computed,
             "additivity_max_error": self.additivity_max_error,
             "duration_s": round(self.duration_s, 3),
+            "explain_s": round(self.explain_s, 3),
             "rows_per_s": self.rows_per_s,
             "algorithm": self.algorithm,
             "link": self.link,

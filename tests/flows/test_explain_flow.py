@@ -57,6 +57,7 @@ def test_tree_model_run_logs_everything_and_matches_tree_explainer(
     assert summary["tracking_uri"] == mlflow_store
     for key in ("mlflow_run_id", "experiment_id", "additivity_max_error", "duration_s"):
         assert key in summary
+    assert 0 < summary["explain_s"] <= summary["duration_s"]
 
     client = MlflowClient(mlflow_store)
     run = client.get_run(summary["mlflow_run_id"])

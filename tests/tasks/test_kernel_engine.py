@@ -426,6 +426,37 @@ def test_matches_shap_on_the_breast_cancer_benchmark() -> None:
     np.testing.assert_array_equal(fx, f(rows))
 
 
+def test_float32_rows_for_a_model_that_reads_float32_change_no_bit() -> None:
+    """XGBoost casts every number to float32 (round to nearest, as numpy): building the synthetic rows in
+    float32 gives the same values and f(x), bit for bit, on numbers float32 cannot hold exactly, NaN and
+    an integer column (which keeps its dtype)."""
+    xgboost = pytest.importorskip("xgboost")
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer(as_frame=True)
+    data = bunch.data.iloc[:, :6].copy() * (1 + 1e-9)  # far from float32's grid
+    data.iloc[::7, 2] = np.nan
+    data["count"] = np.arange(len(data)) % 5
+    model = xgboost.XGBClassifier(n_estimators=20, max_depth=3, n_jobs=1, random_state=0)
+    model.fit(data, bunch.target)
+    seen: list[dict[str, np.dtype]] = []
+
+    def f(frame: pd.DataFrame) -> np.ndarray:
+        seen.append(frame.dtypes.to_dict())
+        return np.clip(model.predict_proba(frame.to_numpy())[:, 1:2], EPS, 1 - EPS)
+
+    background, rows = data.iloc[:20], data.iloc[[40, 41, 42]]
+    seeds = [5, 6, 7]
+    reference = KernelEngine(f, background, link="logit").explain(rows, seeds, nsamples=200, l1_reg="aic")
+    seen.clear()
+    values = KernelEngine(f, background, link="logit", float32=True).explain(
+        rows, seeds, nsamples=200, l1_reg="aic"
+    )
+    np.testing.assert_array_equal(values[0], reference[0])
+    np.testing.assert_array_equal(values[1], reference[1])
+    assert seen[-1]["mean radius"] == np.float32 and seen[-1]["count"] == data["count"].dtype
+
+
 def test_rejects_mismatched_inputs(numeric: pd.DataFrame) -> None:
     engine = KernelEngine(on_frame(smooth_model(np.ones((8, 1)), False)), numeric.iloc[:5])
     with pytest.raises(ValueError, match="seeds"):

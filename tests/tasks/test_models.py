@@ -66,6 +66,25 @@ def test_xgboost_gets_numeric_frames_as_one_array_with_the_same_outputs(
     assert np.array_equal(predictor.predict(rows)[:, 1], reference)
 
 
+def test_only_models_that_cast_to_float32_say_they_read_float32(
+    xgb_model: Path, cancer_data: Path, tmp_path: Path
+) -> None:
+    """The kernel engine builds float32 rows only for these: a Pipeline ending in XGBoost reads its
+    steps' float64 first, and a scikit-learn model computes in float64."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    frame = pd.read_csv(cancer_data)
+    x, y = frame.drop(columns=["malignant"]), frame["malignant"]
+    booster = load_predictor(XGBoostModel(name="b", kind="xgboost", path=str(xgb_model.with_suffix(".json"))))
+    wrapper = load_predictor(XGBoostModel(name="w", kind="xgboost", path=str(xgb_model)))
+    assert booster.reads_float32 and wrapper.reads_float32
+    pipeline = make_pipeline(StandardScaler(), joblib.load(xgb_model)).fit(x, y)
+    assert not LocalPredictor("p", pipeline, "predict_proba").reads_float32
+    assert not LocalPredictor("l", LogisticRegression(max_iter=1000).fit(x, y), "predict_proba").reads_float32
+
+
 def test_numeric_array_keeps_the_frame_when_an_array_could_mean_other_numbers() -> None:
     numbers = pd.DataFrame({"a": [1.0, 2.0], "b": [3, 4]})
     assert np.array_equal(numeric_array(numbers, ["a", "b"]), [[1.0, 3.0], [2.0, 4.0]])
