@@ -27,6 +27,8 @@ import numpy as np
 import pandas as pd
 from scipy.special import binom
 
+from shapline.tasks.lars import lasso_path_gram
+
 __all__ = ["KernelEngine", "RowPlan"]
 
 # shap's LogitLink clips to [1e-15, 1 - 1e-15] before taking log-odds.
@@ -632,9 +634,7 @@ def _random_coalitions(
     while True:
         # Enough draws for the remaining budget if each were new and paired, plus some for repeats.
         count = min(len(sizes) - drawn, needed // 2 + 64)
-        perms = np.tile(order, (count, 1))
-        for perm in perms:
-            rng.shuffle(perm)  # consumes the RNG exactly as rng.permutation(m)
+        perms = _permutations(m, count, rng)
         ranks = np.empty_like(perms)
         ranks[np.arange(count)[:, None], perms] = order
         chunks.append(ranks < sizes[drawn : drawn + count, None])
@@ -665,6 +665,30 @@ def _random_coalitions(
     np.add.at(weights, earlier[repeat], 1.0)
     np.add.at(weights, earlier[repeat & paired[:stop]] + 1, 1.0)
     return start + n_rows
+
+
+def _permutations(m: int, count: int, rng: np.random.RandomState) -> np.ndarray:
+    """`count` rows of rng.permutation(m), drawn in order: the same permutations and RNG state as
+    calling rng.shuffle on each row of np.tile(np.arange(m), (count, 1)), in a quarter less time.
+
+    RandomState.shuffle is a Fisher-Yates pass from the last position: position i swaps with j uniform
+    in [0, i], drawn by masked rejection on 32-bit outputs. randint with one upper bound per draw draws
+    every j the same way, in the same order (both are frozen by numpy's legacy stream guarantee), so
+    one call replaces `count` Python-level shuffles; the swaps then run across all rows per position.
+    """
+    perms = np.tile(np.arange(m), (count, 1))
+    if m < 2 or count == 0:
+        return perms
+    bounds = np.tile(np.arange(m, 1, -1, dtype=np.int32), count)  # i + 1 for i = m - 1 down to 1
+    swaps = rng.randint(0, bounds, dtype=np.int32).reshape(count, m - 1)
+    flat = perms.reshape(-1)
+    first = np.arange(count) * m
+    for step, i in enumerate(range(m - 1, 0, -1)):
+        here, there = first + i, first + swaps[:, step]
+        held = flat[here]
+        flat[here] = flat[there]
+        flat[there] = held
+    return perms
 
 
 def _coalition_keys(coalitions: np.ndarray) -> np.ndarray:
@@ -782,15 +806,13 @@ def _solve_output(
 def _information_criterion_support(design: _Design, target_aug: np.ndarray, criterion: str) -> np.ndarray:
     """The features of make_pipeline(StandardScaler(with_mean=False), LassoLarsIC(criterion)).fit(...).
 
-    The LARS path is scikit-learn's own (lars_path_gram) on bit-identical inputs: the same scaling,
-    centring and Gram as the pipeline. Only scoring the path is cheaper: LassoLarsIC refits an OLS on
+    The LARS path is scikit-learn's (`lars.lasso_path_gram`: its lars_path_gram step for step, bit for bit)
+    on bit-identical inputs: the same scaling, centring and Gram as the pipeline. Only scoring the path is cheaper: LassoLarsIC refits an OLS on
     the whole augmented design (an SVD) for the noise variance and multiplies the design by every
     point of the path for its residuals; here both come from the Gram (the OLS residual still taken
     directly). Both agree with scikit-learn to ~1e-14 relative; if another point of the path scores
     within a margin far above that of the best, scikit-learn's exact scoring decides instead.
     """
-    from sklearn.linear_model import lars_path_gram
-
     x, gram = design.centred()
     n, p = x.shape
     if n <= p + 1:
@@ -800,9 +822,7 @@ def _information_criterion_support(design: _Design, target_aug: np.ndarray, crit
         )
     y = target_aug - np.mean(target_aug)
     xy = np.dot(x.T, y)
-    _, _, path = lars_path_gram(
-        xy, gram, n_samples=n, alpha_min=0.0, method="lasso", max_iter=500, eps=np.finfo(float).eps
-    )
+    _, _, path = lasso_path_gram(xy, gram, n_samples=n, max_iter=500, eps=np.finfo(float).eps)
     dof = np.sum(np.abs(path) > np.finfo(path.dtype).eps, axis=0)
     factor = 2 if criterion == "aic" else math.log(n)
 

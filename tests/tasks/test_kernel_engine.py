@@ -14,7 +14,7 @@ import pytest
 import shap
 from shap.utils._legacy import DenseData
 
-from shapline.tasks.kernel_engine import KernelEngine
+from shapline.tasks.kernel_engine import KernelEngine, _permutations
 
 EPS = 1e-7
 ATOL = 1e-6
@@ -455,6 +455,18 @@ def test_float32_rows_for_a_model_that_reads_float32_change_no_bit() -> None:
     np.testing.assert_array_equal(values[0], reference[0])
     np.testing.assert_array_equal(values[1], reference[1])
     assert seen[-1]["mean radius"] == np.float32 and seen[-1]["count"] == data["count"].dtype
+
+
+@pytest.mark.parametrize("m", [2, 3, 17, 30, 64, 200])
+def test_permutations_are_the_shuffles_shap_draws_and_leave_the_same_rng_state(m: int) -> None:
+    for seed in (0, 1, 2**31 + 5):
+        shuffled, drawn = np.random.RandomState(seed), np.random.RandomState(seed)
+        expected = np.tile(np.arange(m), (40, 1))
+        for row in expected:
+            shuffled.shuffle(row)
+        np.testing.assert_array_equal(_permutations(m, 40, drawn), expected)
+        assert drawn.randint(0, 2**31) == shuffled.randint(0, 2**31)  # the stream goes on alike
+    assert _permutations(5, 0, np.random.RandomState(0)).shape == (0, 5)
 
 
 def test_rejects_mismatched_inputs(numeric: pd.DataFrame) -> None:
