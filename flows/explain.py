@@ -31,7 +31,7 @@ from shapline.tasks.config import ExplainConfig, MlflowModel, SageMakerModel, lo
 from shapline.tasks.cores import threads_per_worker
 from shapline.tasks.drift import Baseline, resolve_baseline
 from shapline.tasks.errors import AttributionDrift, ShaplineError, UnexpectedError
-from shapline.tasks.memory import return_freed_memory
+from shapline.tasks.memory import collections_see_only_this_run, return_freed_memory
 from shapline.tasks.monitor import Monitoring, drift_event, monitor
 from shapline.tasks.plan import DataCheck, RunPlan, check_data, plan_run
 from shapline.tasks.plots import render_plots
@@ -104,7 +104,10 @@ def explain_model(
         config, identity = _pinned(load_config(given.config_path, overridden))
         prefect = _prefect_context()
         tags = run_tags(config, given.config_path, overridden, prefect) | identity
-        with ExplanationRun(config, run_name(config, when), tags, logger) as run:
+        with (
+            collections_see_only_this_run(),
+            ExplanationRun(config, run_name(config, when), tags, logger) as run,
+        ):
             logger.info("MLflow run %s in %s", run.tracked.run_id, run.tracking_uri)
             record_config(run.tracked, config, run.artifacts)
             check = check_data_task(config)

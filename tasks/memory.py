@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
+import threading
+from collections.abc import Iterator
 
 
 def return_freed_memory(cycles: bool = True) -> None:
@@ -17,11 +20,42 @@ def return_freed_memory(cycles: bool = True) -> None:
     """
     import pyarrow as pa
 
-    if cycles:  # a full collection costs ~0.2 s in a flow process: worth it once, not per shard
+    if cycles:  # ~0.3 s walking the imports' objects, unless inside collections_see_only_this_run()
         gc.collect()
     pa.default_memory_pool().release_unused()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def collections_see_only_this_run() -> Iterator[None]:
+    """Within the block, a garbage collection walks only the objects created inside it.
+
+    A full collection in a flow process walks every object the imports made (~500,000 from Prefect,
+    MLflow, Great Expectations, pandas...): 0.2-0.4 s here, twice a run. gc.freeze() sets the objects
+    that exist when the block starts aside (they stay alive and are freed by reference counting as
+    ever; only cyclic garbage among them waits), and gc.unfreeze() hands them back when the last block
+    in the process ends. A process that froze objects itself (a pre-fork server) is left as it is.
+    """
+    global _BLOCKS, _OWNED
+    with _FREEZE_LOCK:
+        if _BLOCKS == 0:
+            _OWNED = gc.get_freeze_count() == 0
+        _BLOCKS += 1
+        if _OWNED:
+            gc.freeze()
+    try:
+        yield
+    finally:
+        with _FREEZE_LOCK:
+            _BLOCKS -= 1
+            if _BLOCKS == 0 and _OWNED:
+                gc.unfreeze()
+
+
+_FREEZE_LOCK = threading.Lock()
+_BLOCKS = 0  # blocks open in this process (runs in threads, subflows)
+_OWNED = False  # whether the open blocks froze the heap (and so unfreeze it)
 
 
 def _libc() -> ctypes.CDLL | None:

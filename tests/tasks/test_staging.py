@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import weakref
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pandas as pd
 import pytest
 
 from shapline.tasks.config import load_config
+from shapline.tasks.memory import collections_see_only_this_run
 from shapline.tasks.plan import check_data, plan_run
 from shapline.tasks.shards import plan_shards
 from shapline.tasks.staging import stage_rows
@@ -47,11 +50,49 @@ def test_take_reads_rows_by_id_in_the_order_asked(tmp_path: Path) -> None:
         staged.take([1])  # row 1 is not among every third row
 
 
+@pytest.mark.parametrize("in_a_run", [False, True])
 def test_the_plan_lets_go_of_the_data_once_its_rows_are_staged(
-    tmp_path: Path, xgb_model: Path, cancer_data: Path, write_config: object
+    tmp_path: Path, xgb_model: Path, cancer_data: Path, write_config: object, in_a_run: bool
 ) -> None:
     """What the flow does before the shards start: nothing it keeps still refers to the data's rows, not even
-    a small slice (a slice of a column is a view that keeps the whole column: the probe rows did)."""
+    a small slice (a slice of a column is a view that keeps the whole column: the probe rows did); and so
+    inside a run's collections_see_only_this_run(), as the flow calls it."""
+    with collections_see_only_this_run() if in_a_run else contextlib.nullcontext():
+        _stage_and_release(tmp_path, xgb_model, cancer_data, write_config)
+
+
+def test_collections_in_a_run_see_its_own_objects_and_the_heap_comes_back_after() -> None:
+    class Node:
+        other: object = None
+
+    before = gc.get_freeze_count()
+    with collections_see_only_this_run():
+        frozen = gc.get_freeze_count()
+        assert frozen > before
+        with collections_see_only_this_run():  # a nested block (a subflow) leaves the outer one's set aside
+            pass
+        assert gc.get_freeze_count() >= frozen
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle made inside the run: a collection still finds it
+        gone = weakref.ref(a)
+        del a, b
+        gc.collect()
+        assert gone() is None
+    assert gc.get_freeze_count() == before == 0
+
+
+def test_a_heap_the_process_froze_itself_stays_frozen() -> None:
+    gc.freeze()  # as a pre-fork server does
+    try:
+        frozen = gc.get_freeze_count()
+        with collections_see_only_this_run():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+
+
+def _stage_and_release(tmp_path: Path, xgb_model: Path, cancer_data: Path, write_config: object) -> None:
     import pyarrow as pa
 
     from shapline.tasks.memory import return_freed_memory
