@@ -168,27 +168,34 @@ def _columns_by_class(path: str | Path, feature: str, classes: list[str] | None)
 
 
 def wasserstein(u: np.ndarray, v: np.ndarray) -> float:
-    """The 1-Wasserstein distance of two samples, equal bit for bit to scipy's `wasserstein_distance`.
+    """The 1-Wasserstein distance of two samples (float64 or integers), equal bit for bit to scipy's.
 
     scipy argsorts both samples, sorts their union, and binary-searches each sorted sample for every
     point of the union (0.65 s for 10^6 against 10^6, 20 s for a 30-feature run). Here the two sorted
     samples are merged by a stable sort (a linear merge of two runs) and each CDF is a running count of
     its sample's points: the same CDF values wherever the union steps (inside a run of ties the step is
-    0, so the count there never matters), the same steps, the same dot product; ~9x faster.
+    0, so the count there never matters), the same steps, the same dot product. Four arrays the size of
+    the union are allocated, each used twice: fresh memory is paged in at a cost near the arithmetic's.
     """
-    if not len(u) or not len(v):
+    n, m = len(u), len(v)
+    if not n or not m:
         return float("nan")
-    merged = np.concatenate([np.sort(u), np.sort(v)])
+    merged = np.empty(n + m, dtype=np.result_type(u, v))
+    merged[:n], merged[n:] = u, v
+    merged[:n].sort()
+    merged[n:].sort()
     order = np.argsort(merged, kind="stable")
-    steps = np.diff(merged[order])
-    del merged
-    # Points of u among the first k + 1 of the union; those of v are the rest, counted exactly.
-    u_count = np.cumsum(order[:-1] < len(u))
-    del order
-    v_count = np.arange(1, len(u_count) + 1) - u_count
-    cdf_gap = u_count / len(u)
-    cdf_gap -= v_count / len(v)
-    del u_count, v_count
+    ordered = merged.take(order)
+    from_u = order[:-1] < n
+    steps = np.subtract(ordered[1:], ordered[:-1], out=merged[:-1])
+    # Points of u among the first k + 1 of the union; those of v are the rest, counted exactly (integers
+    # below 2**53 are exact as floats, so v's count divided by m is the same float as from integers).
+    u_count = np.cumsum(from_u, out=order[:-1])
+    cdf_gap = u_count / n if ordered.dtype != np.float64 else np.divide(u_count, n, out=ordered[:-1])
+    v_part = np.arange(1.0, n + m)
+    v_part -= u_count
+    v_part /= m
+    cdf_gap -= v_part
     return float(np.vecdot(np.abs(cdf_gap, out=cdf_gap), steps))
 
 

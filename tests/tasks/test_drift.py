@@ -180,4 +180,6 @@ def test_wasserstein_is_scipys_bit_for_bit(seed: int) -> None:
         u, v = np.round(u, 1), np.round(v, 1)
     assert wasserstein(u, v) == wasserstein_distance(u, v)
     assert wasserstein(v, v) == 0.0
+    counts_u, counts_v = np.floor(u * 3).astype(int), np.floor(v * 3).astype(int)  # integer samples
+    assert wasserstein(counts_u, counts_v) == wasserstein_distance(counts_u, counts_v)
     assert np.isnan(wasserstein(u, np.empty(0)))
