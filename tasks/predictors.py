@@ -100,11 +100,11 @@ class LocalPredictor(Predictor):
         self.feature_names = [str(n) for n in names] if names is not None else None
         classes = getattr(final_estimator(model), "classes_", None)
         self.class_labels = [str(c) for c in classes] if classes is not None else None
-        self._takes_arrays = is_xgboost(model)
-        self.reads_float32 = is_xgboost(model)  # the model itself, not a Pipeline ending in one
+        # XGBoost itself (not a Pipeline ending in it): it reads numbers as float32, from one array as well.
+        self.reads_float32 = is_xgboost(model)
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
-        model_input = numeric_array(frame, self.feature_names) if self._takes_arrays else None
+        model_input = numeric_array(frame, self.feature_names) if self.reads_float32 else None
         return two_d(getattr(self.model, self.method)(frame if model_input is None else model_input))
 
     def _set_threads(self, threads: int) -> None:

@@ -108,6 +108,26 @@ class Watched:
         return self.model.predict_proba(rows)
 
 
+class FreezeWitness:
+    """A classifier that records, at every call in this process, how many objects gc.freeze() set aside."""
+
+    seen: list[int] = []  # class-level: the flow's copy of the model (loaded from its file) records here
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.classes_ = model.classes_
+
+    def fit(self, rows: Any, target: Any) -> FreezeWitness:
+        self.model.fit(rows, target)
+        return self
+
+    def predict_proba(self, rows: Any) -> Any:
+        import gc
+
+        FreezeWitness.seen.append(gc.get_freeze_count())
+        return self.model.predict_proba(rows)
+
+
 def flow_run_of(store: str, summary: dict[str, Any]) -> str:
     """The Prefect flow run behind a `--json` summary, from its MLflow run's tag."""
     return str(MlflowClient(store).get_run(summary["mlflow_run_id"]).data.tags["prefect.flow_run_id"])

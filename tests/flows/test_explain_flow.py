@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from shapline.tasks.explain import ModelFunction
 from shapline.tasks.predictors import LocalPredictor
 from tests.helpers import (
+    FreezeWitness,
     all_runs,
     artifact,
     assert_same_values,
@@ -449,3 +450,32 @@ def test_a_read_only_tracking_store_is_one_line_and_no_library_traceback(
     )
     assert "Traceback" not in err and "[SQL:" not in line
     assert all_runs(f"sqlite:///{database}") == []
+
+
+def test_a_runs_collections_skip_what_existed_before_it(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """While the flow runs, the heap that existed before it is frozen (a full collection walks only the
+    run's objects); after it, nothing stays frozen. The model sees it from inside the run's shards."""
+    import gc
+
+    witness = tmp_path / "witness.joblib"
+    joblib.dump(FreezeWitness(joblib.load(mlp_model)), witness)
+    FreezeWitness.seen.clear()
+    before = gc.get_freeze_count()
+    config = cancer_config(
+        write_config,
+        cancer_data,
+        witness,
+        data={"explain_rows": 4},
+        explainer={"algorithm": "kernel", "nsamples": 40},
+        output={"plots": []},
+    )
+    code, summary, _ = run_cli(["run", str(config), "--json"], capsys)
+    assert code == 0 and summary["status"] == "FINISHED"
+    assert FreezeWitness.seen and min(FreezeWitness.seen) > before == 0
+    assert gc.get_freeze_count() == 0
