@@ -289,14 +289,15 @@ def _kernel_values(
     config: ExplainerConfig,
     link: str,
     batch_rows: int = 1,
-    dedupe: bool = False,
+    dedupe: bool | str = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Values, base values, each row's model output f(x), and the model rows deduplication saved.
 
     shap's KernelExplainer reproduced by `KernelEngine` (the same coalitions from the same per-row seeds,
     the same solve; equal to shap's values to rounding), with the synthetic rows built column by column,
     the model calls of `batch_rows` rows merged into one, and with `dedupe` (an endpoint, which costs per
-    row) each distinct synthetic row of a call sent once.
+    row; "auto": where rows repeat often enough to pay for finding them) each distinct synthetic row of
+    a call sent once.
     """
     from shapline.tasks.kernel_engine import KernelEngine
 
@@ -445,8 +446,10 @@ def explain_rows(
                 batch = config.batch_rows
                 if batch == "auto":
                     batch = predictor.rows_to_merge(config.nsamples, background.frame[list(rows.columns)])
+                # An endpoint is paid per row: never send a row twice. A local model's time per row decides.
+                dedupe = True if predictor.pays_per_row else "auto"
                 values, base, fx, saved = _kernel_values(
-                    rows, background, function, config, link, batch, dedupe=predictor.pays_per_row
+                    rows, background, function, config, link, batch, dedupe=dedupe
                 )
                 output = _link_f(link, fx)
             else:

@@ -234,8 +234,10 @@ def traffic_sent(traffic: list[dict[str, float] | None]) -> dict[str, float]:
         return {}
     keys = dict.fromkeys(key for t in counted for key in t)
     sent = {key: sum(t.get(key, 0.0) for t in counted) for key in keys}
-    sent["max_request_bytes"] = max(t["max_request_bytes"] for t in counted)
-    # Rows the kernel explainer did not send: a synthetic row identical to one already in the call.
+    if "max_request_bytes" in sent:
+        sent["max_request_bytes"] = max(t.get("max_request_bytes", 0.0) for t in counted)
+    # Rows the kernel explainer did not send: a synthetic row identical to one already in the call (an
+    # endpoint's, or a local model's where rows repeat enough; a local model logs only this).
     saved = sent.pop("rows_saved", None)
     metrics = {f"inference_{key}_sent": value for key, value in sent.items()}
     if saved is not None:

@@ -92,8 +92,8 @@ def explain_shard(job: ShardJob, limit: RequestLimit | None = None) -> ShardValu
         algorithm=job.algorithm,
     )
     traffic = predictor.traffic()
-    if traffic is not None:
-        traffic = {**traffic, "rows_saved": float(values.rows_saved)}
+    if traffic is not None or values.rows_saved:  # a local model has no traffic, but may be spared rows
+        traffic = {**(traffic or {}), "rows_saved": float(values.rows_saved)}
     values.traffic = traffic
     values.seconds = time.perf_counter() - started
     return values

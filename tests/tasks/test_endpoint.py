@@ -492,7 +492,7 @@ def test_an_endpoint_is_sent_each_distinct_row_once(
 ) -> None:
     """Kernel SHAP's synthetic rows repeat when background rows agree on the features left out (text and
     one-hot columns): an endpoint, which costs per row, gets each distinct row of a call once, and the
-    values are those of the model called on every row."""
+    values are those of the model in process."""
     if kind == "penguins":
         data_path, path = penguins
         frame = pd.read_csv(data_path).drop(columns=["species"])
@@ -514,4 +514,6 @@ def test_an_endpoint_is_sent_each_distinct_row_once(
     every = len(background.frame) + len(rows) * (1 + coalitions * len(background.frame))
     assert sent + remote.rows_saved == every
     assert (remote.rows_saved > 0.2 * every) if some_saved else (remote.rows_saved < 0.01 * every)
-    assert local.rows_saved == 0  # an in-process model is called on every row
+    # An in-process model is spared repeated rows only where they are common enough to pay for finding
+    # them (values equal to no deduplication: test_kernel_engine's dedupe tests).
+    assert local.rows_saved == (remote.rows_saved if some_saved else 0)

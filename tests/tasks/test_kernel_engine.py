@@ -313,6 +313,42 @@ def test_dedupe_on_numeric_rows_equals_no_dedupe(numeric: pd.DataFrame) -> None:
     assert engine.rows_saved > 0
 
 
+def test_repeat_share_is_the_rows_own_share_of_repeats_when_the_sample_is_the_whole_row(
+    penguin_pipeline: tuple[pd.DataFrame, object],
+) -> None:
+    features, model = penguin_pipeline
+    engine = KernelEngine(penguin_functions(features, model)[1], shap.sample(features, 15, random_state=2))
+    data = engine._prepare(engine._as_rows(features.iloc[[3]]))
+    plan = engine._plan(data, 0, 7, "auto")
+    assert 0 < plan.filled <= 128  # 7 features: every coalition is in the sample
+    synthetic = engine.synthetic_rows(features.iloc[3], 7).frame
+    counted = synthetic.duplicated().mean()  # NaN equal to NaN, as the engine counts
+    assert counted > 0.2
+    assert engine.repeat_share(engine._batch([plan], data, 0)) == pytest.approx(counted, abs=1e-12)
+
+
+def test_auto_dedupe_where_rows_repeat_and_not_where_they_do_not(
+    penguin_pipeline: tuple[pd.DataFrame, object], numeric: pd.DataFrame
+) -> None:
+    """One decision per engine, from its first call; the values are the same either way."""
+    features, model = penguin_pipeline
+    rows, seeds = features.iloc[[3, 8, 40, 41]], [7, 8, 9, 10]
+    engine = KernelEngine(penguin_functions(features, model)[1], shap.sample(features, 15, random_state=2))
+    plain, _ = engine.explain(rows, seeds, l1_reg="aic")
+    auto = KernelEngine(penguin_functions(features, model)[1], shap.sample(features, 15, random_state=2))
+    values, _ = auto.explain(rows, seeds, l1_reg="aic", dedupe="auto")
+    np.testing.assert_allclose(values, plain, rtol=0, atol=1e-12)
+    assert auto.rows_saved > 0.2 * (auto.rows_sent + auto.rows_saved)
+
+    f = smooth_model(np.linspace(-1, 1, 8).reshape(8, 1), logit=False)
+    continuous = KernelEngine(on_frame(f), numeric.iloc[:10])
+    continuous.explain(numeric.iloc[10:14], [1, 2, 3, 4], nsamples=200, l1_reg="aic", dedupe="auto")
+    assert continuous.rows_saved == 0 and continuous._auto_dedupe is False
+
+    with pytest.raises(ValueError, match="dedupe must be true, false or 'auto', got 'yes'"):
+        engine.explain(rows, seeds, dedupe="yes")
+
+
 def test_concurrent_threads_give_the_sequential_values(numeric: pd.DataFrame) -> None:
     f = smooth_model(np.linspace(-1, 1, 8).reshape(8, 1), logit=True)
     engine = KernelEngine(on_frame(f), numeric.iloc[:10], link="logit")
