@@ -47,6 +47,27 @@ _REPEAT_SAMPLE = 128
 _Palette = np.ndarray | pd.api.extensions.ExtensionArray
 
 
+def _exact_keys(palette: _Palette) -> _Palette:
+    """Values that are equal only where a model cannot tell them apart, for deduplicating rows.
+
+    pandas (like ==) takes -0.0 for 0.0, True for 1 and 1.0, and None for NaN; a model may not (1 / x,
+    a one-hot of an object column, an imputer of NaN only). Floats are keyed by their bits (every NaN
+    one key), other objects by type and value.
+    """
+    if pd.api.types.is_float_dtype(palette.dtype):
+        if isinstance(palette, np.ndarray):
+            values = palette
+        else:  # a nullable float column: NA is NaN here
+            values = palette.to_numpy(dtype=np.float64, na_value=np.nan)
+        as_int = np.dtype(f"i{values.dtype.itemsize}")
+        return np.where(np.isnan(values), np.array(np.nan, values.dtype).view(as_int), values.view(as_int))
+    if palette.dtype == object:
+        keys = np.empty(len(palette), dtype=object)
+        keys[:] = [(type(v), v.hex() if isinstance(v, float) else v) for v in palette]
+        return keys
+    return palette
+
+
 def _identity(values: np.ndarray) -> np.ndarray:
     return values
 
@@ -497,7 +518,7 @@ class KernelEngine:
         table_x = np.empty((b, p), dtype=np.uint64)
         rng = np.random.default_rng(_HASH_SEED)
         for j, palette in enumerate(batch.palettes):
-            codes, uniques = pd.factorize(palette, use_na_sentinel=False)  # type: ignore[arg-type]
+            codes, uniques = pd.factorize(_exact_keys(palette), use_na_sentinel=False)  # type: ignore[arg-type]
             randoms = rng.integers(
                 0, np.iinfo(np.uint64).max, size=len(uniques), dtype=np.uint64, endpoint=True
             )

@@ -313,6 +313,32 @@ def test_dedupe_on_numeric_rows_equals_no_dedupe(numeric: pd.DataFrame) -> None:
     assert engine.rows_saved > 0
 
 
+def test_dedupe_merges_only_rows_a_model_cannot_tell_apart() -> None:
+    """-0.0 is == 0.0, True == 1 == 1.0 and pandas takes None for NaN; a model may not (here it does
+    not), so deduplicating must not give one's output to the other."""
+    background = pd.DataFrame(
+        {
+            "zero": [0.0, -0.0, 0.0, -0.0, np.nan, 1.0],
+            "flag": np.array([True, 1, 1.0, None, np.nan, True], dtype=object),
+            "n": [1.0, 2.0, 1.0, 2.0, 1.0, 2.0],
+        }
+    )
+
+    def f(frame: pd.DataFrame) -> np.ndarray:
+        zero = np.copysign(1.0, frame["zero"].to_numpy(dtype=float))
+        kind = {bool: 1.0, int: 2.0, float: 3.0, type(None): 4.0}
+        flag = np.array([kind[type(v)] + (v != v) for v in frame["flag"]])
+        return (zero * 0.7 + flag * 0.3 + frame["n"].to_numpy(dtype=float) * 0.1)[:, None]
+
+    rows = background.iloc[[0, 1, 3]].copy()
+    rows["n"] = [3.0, 4.0, 5.0]
+    engine = KernelEngine(f, background)
+    plain, fx_plain = engine.explain(rows, [1, 2, 3], l1_reg=False)
+    deduped, fx_deduped = engine.explain(rows, [1, 2, 3], l1_reg=False, dedupe=True)
+    assert engine.rows_saved > 0  # rows do repeat: the ones whose values are the same objects
+    assert np.array_equal(deduped, plain) and np.array_equal(fx_deduped, fx_plain)
+
+
 def test_repeat_share_is_the_rows_own_share_of_repeats_when_the_sample_is_the_whole_row(
     penguin_pipeline: tuple[pd.DataFrame, object],
 ) -> None:
