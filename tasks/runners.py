@@ -138,7 +138,31 @@ class ProcessRunner(ShardRunner):
         self.concurrency = concurrency
         self._lock = threading.Lock()
         self._closed = False
-        self._executor = self._start()
+        self._executor: ProcessPoolExecutor | None = None
+        self._start_error: Exception | None = None
+        # Creating the pool blocks until the fork server has imported shapline and shap (~2.2 s on two
+        # cores, on a process's first pool): on a thread of its own it overlaps loading and validation.
+        self._started = threading.Event()
+        threading.Thread(target=self._start_first, name="shapline-pool-start", daemon=True).start()
+
+    def _start_first(self) -> None:
+        try:
+            executor = self._start()
+        except Exception as exc:  # raised where a shard needs the pool (and so ends the run)
+            self._start_error = exc
+        else:
+            with self._lock:
+                self._executor = executor
+        finally:
+            self._started.set()
+
+    def _running(self) -> ProcessPoolExecutor:
+        """The pool, once started; the error that stopped it starting, if one did."""
+        self._started.wait()
+        with self._lock:
+            if self._executor is None:
+                raise self._start_error or ShardWorkerLost("the worker pool did not start")
+            return self._executor
 
     def _start(self) -> ProcessPoolExecutor:
         context = _pool_context()
@@ -159,15 +183,15 @@ class ProcessRunner(ShardRunner):
         with self._lock:
             if self._closed:
                 raise ShardWorkerLost("the run's worker pool is closed")
-            if self._executor is broken:
+            current = self._executor
+            if current is broken or current is None:  # not replaced yet by another shard
                 log.warning("a shard worker process died; starting a new pool")
                 broken.shutdown(wait=False, cancel_futures=True)
-                self._executor = self._start()
-            return self._executor
+                current = self._executor = self._start()
+            return current
 
     def compute(self, job: ShardJob) -> ShardValues:
-        with self._lock:
-            executor = self._executor
+        executor = self._running()
         future: Future[ShardValues] | None = None
         for _ in range(2):
             try:
@@ -185,9 +209,11 @@ class ProcessRunner(ShardRunner):
             raise ShardWorkerLost(f"shard {job.index}: a worker process died while it ran ({exc})") from exc
 
     def close(self) -> None:
+        self._started.wait()
         with self._lock:
             self._closed = True
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 class DaskRunner(ShardRunner):
