@@ -176,7 +176,9 @@ def run(context: Context, params: dict[str, Any]) -> ComparisonResult:
     result.sides = alternate(sides, context.reps, False, context.log)
     for side in sides[1:]:
         result.check("plain shap", side.name, KERNEL_TOLERANCE)
-    target = "explain phase (explain_s: the sharded SHAP phase incl. task and pool start-up)"
+    target = (
+        "explain phase (explain_s: the sharded SHAP phase, incl. task start-up, from the workers being ready)"
+    )
     result.ratio(
         Ratio(
             "plain / thread x2, explain phase",

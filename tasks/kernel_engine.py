@@ -38,8 +38,8 @@ _LOGIT_EPS = 1e-15
 _TIE_MARGIN = 1e-8
 _HASH_SEED = 0x5EED_DEDE
 # dedupe="auto" (a model that does not pay per row) deduplicates an engine's calls when, in its first call,
-# this share of a sample of one row's synthetic rows (its first _REPEAT_SAMPLE coalitions, evenly spaced)
-# repeats. Deduplicating costs ~90 ns per row on 30 columns: it paid on the penguins Pipeline (1.2 µs a
+# this share of a sample of one row's synthetic rows (up to _REPEAT_SAMPLE of its coalitions, evenly
+# spaced, each with every background row) repeats. Deduplicating costs ~90 ns per row on 30 columns: it paid on the penguins Pipeline (1.2 µs a
 # row, 45-67% repeats) and would not on the breast-cancer XGBoost (0.45 µs a row, 2% repeats).
 _REPEAT_SHARE = 0.2
 _REPEAT_SAMPLE = 128
@@ -48,7 +48,7 @@ _Palette = np.ndarray | pd.api.extensions.ExtensionArray
 
 
 def _exact_keys(palette: _Palette) -> _Palette:
-    """Values that are equal only where a model cannot tell them apart, for deduplicating rows.
+    """Keys that are equal only for values no model can tell apart, for deduplicating rows.
 
     pandas (like ==) takes -0.0 for 0.0, True for 1 and 1.0, and None for NaN; a model may not (1 / x,
     a one-hot of an object column, an imputer of NaN only). Floats are keyed by their bits (every NaN
@@ -297,7 +297,7 @@ class KernelEngine:
 
         With `dedupe`, each distinct row of a call is sent once and its output fanned back out (NaN equals
         NaN); `rows_sent` and `rows_saved` count the effect. With "auto", the engine's first call decides
-        for all its calls, from how often a sample of its rows repeats (`repeat_share`): deduplicating
+        for all its calls, from how often a sample of its rows repeats (`_repeat_share`): deduplicating
         costs more than a fast model's time on a few repeated rows. Values are the same either way.
         Defaults are shap's.
         """
@@ -484,19 +484,19 @@ class KernelEngine:
         if dedupe != "auto":
             return bool(dedupe)
         if self._auto_dedupe is None and any(plan.filled for plan in batch.plans):
-            share = self.repeat_share(batch)
+            share = self._repeat_share(batch)
             with self._lock:
                 if self._auto_dedupe is None:
                     self._auto_dedupe = share >= _REPEAT_SHARE
         return bool(self._auto_dedupe)
 
-    def repeat_share(self, batch: _Batch) -> float:
-        """Share of a sample of the call's synthetic rows that repeat a row of the sample.
+    def _repeat_share(self, batch: _Batch) -> float:
+        """An estimate of the share of the call's rows that repeat: that of a sample of its synthetic rows.
 
-        The sample is the first row with synthetic rows: up to _REPEAT_SAMPLE of its coalitions, evenly
-        spaced, each with every background row. The call as a whole repeats at least as often when the
-        sample is the whole row (the call adds the other rows' repeats, and theirs of each other).
-        Rows are compared by hash, which is enough for an estimate (a collision only lowers it).
+        The sample is the call's first row with synthetic rows: up to _REPEAT_SAMPLE of its coalitions,
+        evenly spaced, each with every background row (the whole row when it has that few coalitions).
+        Rows are compared by hash, enough for an estimate (a collision only lowers it); the rows the
+        call deduplicates are verified value by value.
         """
         b = len(batch.plans)
         i = next(i for i, plan in enumerate(batch.plans) if plan.filled)

@@ -44,6 +44,9 @@ class ShardRunner(ABC):
     def compute(self, job: ShardJob) -> ShardValues:
         """Explain one shard somewhere and return its values to this process."""
 
+    def wait_ready(self) -> None:  # noqa: B027 - threads and a Dask cluster are ready once constructed
+        """Return once the workers can take shards (a process pool starts beside the run)."""
+
     def close(self) -> None:  # noqa: B027 - the thread runner holds nothing
         """Stop the run's workers and free its limits."""
 
@@ -155,6 +158,9 @@ class ProcessRunner(ShardRunner):
                 self._executor = executor
         finally:
             self._started.set()
+
+    def wait_ready(self) -> None:
+        self._started.wait()
 
     def _running(self) -> ProcessPoolExecutor:
         """The pool, once started; the error that stopped it starting, if one did."""

@@ -350,7 +350,7 @@ def test_repeat_share_is_the_rows_own_share_of_repeats_when_the_sample_is_the_wh
     synthetic = engine.synthetic_rows(features.iloc[3], 7).frame
     counted = synthetic.duplicated().mean()  # NaN equal to NaN, as the engine counts
     assert counted > 0.2
-    assert engine.repeat_share(engine._batch([plan], data, 0)) == pytest.approx(counted, abs=1e-12)
+    assert engine._repeat_share(engine._batch([plan], data, 0)) == pytest.approx(counted, abs=1e-12)
 
 
 def test_auto_dedupe_where_rows_repeat_and_not_where_they_do_not(
