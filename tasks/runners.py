@@ -17,6 +17,7 @@ import os
 import threading
 import uuid
 from abc import ABC, abstractmethod
+from concurrent import futures
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -142,6 +143,7 @@ class ProcessRunner(ShardRunner):
         self._lock = threading.Lock()
         self._closed = False
         self._executor: ProcessPoolExecutor | None = None
+        self._warming: list[Future[None]] = []
         self._start_error: Exception | None = None
         # Creating the pool blocks until the fork server has imported shapline and shap (~2.2 s on two
         # cores, on a process's first pool): on a thread of its own it overlaps loading and validation.
@@ -161,6 +163,8 @@ class ProcessRunner(ShardRunner):
 
     def wait_ready(self) -> None:
         self._started.wait()
+        # A worker that died warming up broke the pool: the first shard finds out and starts a new one.
+        futures.wait(self._warming)
 
     def _running(self) -> ProcessPoolExecutor:
         """The pool, once started; the error that stopped it starting, if one did."""
@@ -180,9 +184,9 @@ class ProcessRunner(ShardRunner):
             initializer=_start_worker,
             initargs=(limit, self.model, self.threads, dict(os.environ)),
         )
-        # The pool starts a worker per submission while none is idle: these start all of them now.
-        for _ in range(self.workers):
-            executor.submit(_ready)
+        # The pool starts a worker per submission while none is idle: these start all of them now, and
+        # are done once the workers have run their initializer (imports, model, threads).
+        self._warming = [executor.submit(_ready) for _ in range(self.workers)]
         return executor
 
     def _replace(self, broken: ProcessPoolExecutor) -> ProcessPoolExecutor:
