@@ -37,10 +37,11 @@ _LOGIT_EPS = 1e-15
 # of the best; then scikit-learn's own scoring decides (see _information_criterion_support).
 _TIE_MARGIN = 1e-8
 _HASH_SEED = 0x5EED_DEDE
-# dedupe="auto" (a model that does not pay per row) deduplicates an engine's calls when, in its first call,
-# this share of a sample of one row's synthetic rows (up to _REPEAT_SAMPLE of its coalitions, evenly
-# spaced, each with every background row) repeats. Deduplicating costs ~90 ns per row on 30 columns: it paid on the penguins Pipeline (1.2 µs a
-# row, 45-67% repeats) and would not on the breast-cancer XGBoost (0.45 µs a row, 2% repeats).
+# dedupe="auto" (a model that does not pay per row) deduplicates an engine's calls when, in its first
+# call, this share of a sample of one row's synthetic rows (up to _REPEAT_SAMPLE of its coalitions, evenly
+# spaced, each with every background row) repeats. Deduplicating costs ~90 ns per row on 30 columns: it
+# paid on the penguins Pipeline (1.2 µs a row, 45-67% repeats) and would not on the breast-cancer
+# XGBoost (0.45 µs a row, 2% repeats).
 _REPEAT_SHARE = 0.2
 _REPEAT_SAMPLE = 128
 
@@ -518,7 +519,8 @@ class KernelEngine:
         table_x = np.empty((b, p), dtype=np.uint64)
         rng = np.random.default_rng(_HASH_SEED)
         for j, palette in enumerate(batch.palettes):
-            codes, uniques = pd.factorize(_exact_keys(palette), use_na_sentinel=False)  # type: ignore[arg-type]
+            keys = _exact_keys(palette)
+            codes, uniques = pd.factorize(keys, use_na_sentinel=False)  # type: ignore[arg-type]
             randoms = rng.integers(
                 0, np.iinfo(np.uint64).max, size=len(uniques), dtype=np.uint64, endpoint=True
             )
@@ -878,8 +880,9 @@ def _information_criterion_support(design: _Design, target_aug: np.ndarray, crit
     bit) on bit-identical inputs: the same scaling, centring and Gram as the pipeline. Only scoring the
     path is cheaper: LassoLarsIC refits an OLS on the whole augmented design (an SVD) for the noise
     variance and multiplies the design by every point of the path for its residuals; here both come
-    from the Gram (the OLS residual still taken directly). Both agree with scikit-learn to ~1e-14 relative; if another point of the path scores
-    within a margin far above that of the best, scikit-learn's exact scoring decides instead.
+    from the Gram (the OLS residual still taken directly). Both agree with scikit-learn to ~1e-14
+    relative; if another point of the path scores within a margin far above that of the best,
+    scikit-learn's exact scoring decides instead.
     """
     x, gram = design.centred()
     n, p = x.shape
