@@ -6,6 +6,7 @@ from typing import Any
 
 from shapline.flows.deploy import check_schedule
 from shapline.tasks.config import SageMakerModel, load_config
+from shapline.tasks.models import trusted_code_warning
 from shapline.tasks.plan import check_data, plan_run
 
 
@@ -14,6 +15,8 @@ def check_config(config_path: str, overrides: list[str] | None = None) -> dict[s
     config = load_config(config_path, overrides)
     check_schedule(config, config_path)
     lines = [f"config {config_path}: valid (model {config.model.name}, kind {config.model.kind})"]
+    if (warning := trusted_code_warning(config.model)) is not None:
+        lines.append(f"warning: {warning}")
     check = check_data(config)
     report = check.report
     lines.append(f"data {check.data.uri}: {check.data.rows} rows, {len(check.features)} features")

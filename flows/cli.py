@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import io
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, TextIO, cast
 
 from shapline.flows import compare_cli, endpoint_cli
 from shapline.flows.demo import DEFAULT_CONFIG
@@ -23,6 +28,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # A progress bar per downloaded baseline artifact is noise in a run's output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow's own "View run ... at: <url>" line would print a password typed into output.tracking_uri.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 class _NoTracebacks(logging.Filter):
@@ -45,6 +52,144 @@ def _quiet_tracebacks() -> None:
         for handler in getattr(logger, "handlers", []):
             if _QUIET not in handler.filters:
                 handler.addFilter(_QUIET)
+
+
+class _RedactingStream(io.TextIOBase):
+    """sys.stdout or sys.stderr for the duration of a command: every line written passes through redact(),
+    whoever writes it (MLflow prints to stdout directly, past shapline's log filters).
+
+    Line-buffered: a line is redacted and written through once it is complete (a credential split across
+    two writes is still one line), the rest on flush(). Whatever it does not override (encoding, isatty,
+    fileno, buffer...) is the wrapped stream's; bytes written to .buffer are not redacted.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self.stream = stream
+        self._pending = ""
+        self._lock = threading.Lock()  # Prefect's task threads and MLflow's write too
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._pending += text
+            if "\n" in self._pending:
+                lines, _, self._pending = self._pending.rpartition("\n")
+                self.stream.write(redact(lines + "\n"))
+                self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._pending:
+                self.stream.write(redact(self._pending))
+                self._pending = ""
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Flush; the wrapped stream is not this object's to close."""
+        if not self.stream.closed:
+            self.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self.stream.closed
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self.stream.encoding
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return self.stream.errors
+
+    @property
+    def line_buffering(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "stream":  # not set yet (or torn down): never recurse
+            raise AttributeError(name)
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def _redacted_streams() -> Iterator[None]:
+    """sys.stdout and sys.stderr redact every line while the block runs; the streams that were there are
+    put back (unless someone else replaced them meanwhile, as pytest's capsys does between tests)."""
+    originals = sys.stdout, sys.stderr
+    wrappers = cast(TextIO, _RedactingStream(sys.stdout)), cast(TextIO, _RedactingStream(sys.stderr))
+    sys.stdout, sys.stderr = wrappers
+    try:
+        yield
+    finally:
+        for wrapper in wrappers:
+            if not wrapper.closed:
+                wrapper.flush()
+        if sys.stdout is wrappers[0]:
+            sys.stdout = originals[0]
+        if sys.stderr is wrappers[1]:
+            sys.stderr = originals[1]
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived. A BaseException raised in the main thread, so no `except Exception` swallows it and
+    every context manager of the run unwinds: the MLflow run ends FAILED (tagged terminated)."""
+
+    def __init__(self) -> None:
+        super().__init__("terminated (SIGTERM)")
+        self.signal = int(signal.SIGTERM)
+
+
+# The shell's convention for a process ended by SIGTERM: 128 + 15.
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises Terminated in the main thread while the block runs (the default handler would end the
+    process at once, leaving the MLflow run RUNNING).
+
+    Prefect's flow engine puts its own handler in for the flow run: it raises TerminationSignal inside the
+    flow (the run unwinds, Prefect marks it Crashed), then restores the handler it found, this one, and
+    sends SIGTERM again, which raises Terminated out of the flow to the CLI.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        yield
+        return
+
+    def terminate(number: int, frame: FrameType | None) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _leave_if_stuck(code: int) -> None:
+    """After SIGTERM: if a thread the interpreter would join at exit is still alive (stuck in a model call),
+    end the process now rather than hang; exit handlers first (they stop a temporary Prefect server)."""
+    current = threading.current_thread()
+    stuck = [t for t in threading.enumerate() if t is not current and t.is_alive() and not t.daemon]
+    if not stuck:
+        return
+    logging.getLogger(__name__).debug("leaving with threads still running: %s", [t.name for t in stuck])
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def _say(text: object = "", file: Any = None) -> None:
@@ -263,6 +408,12 @@ def _demo(config_path: str, overrides: list[str], as_json: bool, debug: bool = F
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `shapline` console script; returns the exit code."""
+    with _redacted_streams():
+        return _command(argv)
+
+
+def _command(argv: list[str] | None) -> int:
+    """Parse the command line and run the command: one line on stderr and an exit code for any failure."""
     args = _parser().parse_args(argv)
     debug = args.debug or os.environ.get("SHAPLINE_DEBUG") == "1"
     if not debug:
@@ -273,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run" and args.dry_run:
             return _validate(args.config, args.overrides, as_json)
         if args.command == "run":
-            return _run(args.config, args.overrides, as_json, debug)
+            with _sigterm_raises():
+                return _run(args.config, args.overrides, as_json, debug)
         if args.command == "endpoint":
             return endpoint_cli.run(args)
         if args.command == "deploy":
@@ -289,7 +441,12 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(args.config, args.overrides, as_json)
         if args.command == "schema":
             return _schema(args.markdown)
-        return _demo(args.config, args.overrides, as_json, debug)
+        with _sigterm_raises():
+            return _demo(args.config, args.overrides, as_json, debug)
+    except Terminated:
+        code = _fail("terminated (SIGTERM)", TERMINATED_EXIT_CODE, as_json)
+        _leave_if_stuck(code)
+        return code
     except ShaplineError as exc:
         if debug:
             raise

@@ -30,8 +30,9 @@ from shapline.tasks.aggregate import Aggregate, aggregate
 from shapline.tasks.config import ExplainConfig, MlflowModel, SageMakerModel, load_config
 from shapline.tasks.cores import threads_per_worker
 from shapline.tasks.drift import Baseline, resolve_baseline
-from shapline.tasks.errors import AttributionDrift, ShaplineError, UnexpectedError
+from shapline.tasks.errors import AttributionDrift, ShaplineError, UnexpectedError, out_of_space
 from shapline.tasks.memory import collections_see_only_this_run, return_freed_memory
+from shapline.tasks.models import pin_model_file, trusted_code_warning
 from shapline.tasks.monitor import Monitoring, drift_event, monitor
 from shapline.tasks.plan import DataCheck, RunPlan, check_data, plan_run
 from shapline.tasks.plots import render_plots
@@ -53,7 +54,7 @@ from shapline.tasks.registry import resolve_registry_model
 from shapline.tasks.report import REPORT, ReportFacts, write_report
 from shapline.tasks.run import ExplanationRun
 from shapline.tasks.runners import ShardRunner
-from shapline.tasks.shards import ShardResult, ShardStore
+from shapline.tasks.shards import ShardResult, ShardStore, shard_label
 from shapline.tasks.staging import StagedJob, StagedRows, plan_jobs, stage_rows
 from shapline.tasks.summary import Phases, RunSummary
 from shapline.tasks.tracking import resolve_tracking_uri, run_url
@@ -102,6 +103,8 @@ def explain_model(
         )
         overridden = given.to_overrides()
         config, identity = _pinned(load_config(given.config_path, overridden))
+        if (warning := trusted_code_warning(config.model)) is not None:
+            logger.warning(warning)
         prefect = _prefect_context()
         tags = run_tags(config, given.config_path, overridden, prefect) | identity
         with (
@@ -143,6 +146,7 @@ def explain_model(
                 config.output.aggregations,
                 row_names,
                 config.data.id_column,
+                config.explainer.additivity_tolerance,
             )
             phases.lap("aggregate")
             plots = _plots(run, config, check, plan, combined, staged)
@@ -247,10 +251,11 @@ def _redacted_failures() -> Iterator[None]:
 
 
 def _pinned(config: ExplainConfig) -> tuple[ExplainConfig, dict[str, str]]:
-    """A registry model's alias resolved once, so every shard (thread, process or Dask worker) loads one
-    version; and the tags that name it (shapline.model_uri, _name, _version, _run_id)."""
+    """The model pinned for the whole run, so every shard (thread, process or Dask worker) explains the same
+    one: a model file by its sha256 now (model.sha256), a registry alias resolved once; and the tags that
+    name a registry model (shapline.model_uri, _name, _version, _run_id)."""
     if not isinstance(config.model, MlflowModel):
-        return config, {}
+        return config.model_copy(update={"model": pin_model_file(config.model)}), {}
     tracking = config.model.tracking_uri or resolve_tracking_uri(config.output.tracking_uri)
     model = config.model.model_copy(update={"tracking_uri": tracking})
     resolved = resolve_model_task(model)
@@ -290,7 +295,7 @@ def _is_fault(exc: BaseException) -> bool:
     """A failure that may pass: a lost worker, an endpoint down or throttling, a dropped connection, a timeout."""
     if getattr(exc, "transient", False):
         return True
-    if isinstance(exc, ShaplineError):
+    if isinstance(exc, ShaplineError) or out_of_space(exc):  # a full disk stays full for the next try
         return False
     return isinstance(exc, (OSError, TimeoutError, EOFError))
 
@@ -323,10 +328,8 @@ def explain_shard_task(job: StagedJob, runner: ShardRunner, store: ShardStore) -
         raise
     except Exception as exc:
         # Named by shard and rows, redacted, and retried only if it was a fault (a lost worker, a timeout).
-        ids = job.row_ids
-        rows = f"rows {ids[0]}-{ids[-1]}" if len(ids) else "no rows"
         raise UnexpectedError(
-            f"shard {job.index} ({rows}): {type(exc).__name__}: {exc}", transient=_is_fault(exc)
+            f"{shard_label(job.index, job.row_ids)}: {type(exc).__name__}: {exc}", transient=_is_fault(exc)
         ) from exc
 
 
@@ -352,6 +355,7 @@ def explain_shards(
         plan.algorithm,
         plan.link,
         threads,
+        plan.outputs,
     )
     for line in store.discarded:
         logger.warning(line)
@@ -378,10 +382,18 @@ def explain_shards(
         # Prefect types map() for async tasks only; the shard task is a plain (sync) one.
         threads_runner: Any
         with ThreadPoolTaskRunner(max_workers=config.shards.workers) as threads_runner:
-            futures = threads_runner.map(
-                explain_shard_task, {"job": jobs, "runner": unmapped(run.runner), "store": unmapped(store)}
-            )
-            computed = _collect(futures, len(jobs))
+            try:
+                futures = threads_runner.map(
+                    explain_shard_task,
+                    {"job": jobs, "runner": unmapped(run.runner), "store": unmapped(store)},
+                )
+                computed = _collect(futures, len(jobs))
+            except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    # A signal (SIGTERM, Ctrl-C) while shards run: leaving this block joins the shard tasks'
+                    # threads, which must not first wait out a model call (up to shards.timeout_s).
+                    run.runner.stop()
+                raise
     return sorted([*reused, *computed], key=lambda r: r.index), computed, time.perf_counter() - started
 
 

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shapline.tasks.cores import usable_cores
+from shapline.tasks.errors import ExplainError
 from shapline.tasks.schemas import (
     BASE_VALUE,
     CLASS,
@@ -54,17 +55,50 @@ def _with_ids(table: pa.Table, ids: pd.Series, id_column: str) -> pa.Table:
     )
 
 
+# explainer.additivity_tolerance's default, for callers that check without a config.
+ADDITIVITY_TOLERANCE = 0.01
+
+
+def check_additivity(table: pa.Table, features: list[str], tolerance: float, shard: str) -> float:
+    """The shard's largest additivity gap; an ExplainError if a value is not finite or a row's gap is above
+    `tolerance` x max(1, |model output|): such values do not explain the model's output."""
+    gap = _additivity_gap(table, features)
+    if not len(gap):
+        return 0.0
+    output = table.column(MODEL_OUTPUT).to_numpy()
+    broken = ~np.isfinite(gap)
+    if broken.any():
+        row = int(np.flatnonzero(broken)[0])
+        raise ExplainError(
+            f"{shard}: row_id {table.column(ROW_ID)[row].as_py()} has a SHAP value, base value or model "
+            "output that is NaN or infinite; the explanation cannot be trusted"
+        )
+    allowed = tolerance * np.maximum(1.0, np.abs(output))
+    above = np.abs(gap) > allowed
+    if above.any():
+        row = int(np.argmax(np.abs(gap) / allowed))
+        raise ExplainError(
+            f"additivity: row_id {table.column(ROW_ID)[row].as_py()}: base_value + the sum of its SHAP values "
+            f"misses its model output {output[row]:.6g} by {abs(gap[row]):.3g}, above "
+            f"explainer.additivity_tolerance {tolerance:g} x max(1, |output|) ({int(above.sum()):,} rows in "
+            f"{shard}); the values do not explain the output"
+        )
+    return float(np.max(np.abs(gap)))
+
+
 def combine_shards(
     shard_paths: list[str],
     destination: str | Path,
     features: list[str],
     row_names: pd.Series | None = None,
     id_column: str | None = None,
+    additivity_tolerance: float = ADDITIVITY_TOLERANCE,
 ) -> tuple[int, float, list[str]]:
     """Stream the shard files, in order, into one parquet file; return rows, max additivity error, classes.
 
     One shard is in memory at a time, as Arrow columns: the checks read them without a pandas copy.
-    With `row_names` (data.id_column's values by row_id), each row carries its id beside row_id.
+    With `row_names` (data.id_column's values by row_id), each row carries its id beside row_id. A shard
+    whose values do not add up to the model's output (`check_additivity`) stops the run.
     """
     writer = None
     rows = 0
@@ -87,9 +121,9 @@ def combine_shards(
             last_row_id = int(ids[-1]) if len(ids) else last_row_id
             if several and not labels:
                 labels = list(dict.fromkeys(table.select([CLASS]).to_pandas()[CLASS].astype(str)))
-            gap = _additivity_gap(table, features)
-            if len(gap):
-                worst = max(worst, float(np.nanmax(np.abs(gap))))
+            worst = max(
+                worst, check_additivity(table, features, additivity_tolerance, f"shard {Path(path).name}")
+            )
             # Sorted ids (checked above): each new id starts where the id steps up.
             rows += int(len(ids) > 0) + int(np.count_nonzero(steps))
             if row_names is not None and id_column is not None:
@@ -97,7 +131,7 @@ def combine_shards(
             if writer is None:
                 writer = pq.ParquetWriter(str(destination), table.schema, use_dictionary=[CLASS])
             writer.write_table(table)
-            del table, ids, steps, gap
+            del table, ids, steps
     finally:
         if writer is not None:
             writer.close()
@@ -178,8 +212,11 @@ def aggregate(
     aggregations: Sequence[str],
     row_names: pd.Series | None = None,
     id_column: str | None = None,
+    additivity_tolerance: float = ADDITIVITY_TOLERANCE,
 ) -> Aggregate:
     """Combine the shards into shap_values.parquet and compute global importance and additivity."""
-    rows, worst, labels = combine_shards(shard_paths, destination, features, row_names, id_column)
+    rows, worst, labels = combine_shards(
+        shard_paths, destination, features, row_names, id_column, additivity_tolerance
+    )
     importance = global_importance(destination, features, aggregations, labels)
     return Aggregate(str(destination), importance, rows, worst, labels)

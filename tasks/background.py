@@ -9,8 +9,9 @@ import pandas as pd
 
 from shapline.tasks.config import BackgroundConfig
 from shapline.tasks.errors import DataError
+from shapline.tasks.schemas import BACKGROUND_WEIGHT
 
-WEIGHT_COLUMN = "shapline_weight"
+WEIGHT_COLUMN = BACKGROUND_WEIGHT
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,12 @@ def stratified_background(features: pd.DataFrame, target: pd.Series, size: int, 
         return features
     rng = np.random.default_rng(seed)
     groups = {label: index for label, index in features.groupby(target.astype(str), sort=True).groups.items()}
+    if len(groups) > size:
+        raise DataError(
+            f"background.method stratified: data.target {str(target.name)!r} has {len(groups):,} distinct values, "
+            f"more than background.size {size}: each class needs a row (is it a class column?); raise "
+            "background.size, or use background.method random"
+        )
     shares = {label: size * len(index) / len(features) for label, index in groups.items()}
     quota = {label: max(1, int(np.floor(share))) for label, share in shares.items()}
     leftovers = sorted(shares, key=lambda label: shares[label] - np.floor(shares[label]), reverse=True)
@@ -88,6 +95,10 @@ def stratified_background(features: pd.DataFrame, target: pd.Series, size: int, 
         if sum(quota.values()) >= size:
             break
         quota[label] += 1
+    while sum(quota.values()) > size:
+        # Rare classes got a row they were not owed: take it back from the class furthest above its share.
+        label = max((lb for lb in quota if quota[lb] > 1), key=lambda lb: quota[lb] - shares[lb])
+        quota[label] -= 1
     chosen = [
         rng.choice(np.asarray(groups[label]), size=min(quota[label], len(groups[label])), replace=False)
         for label in groups

@@ -19,10 +19,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from shapline.tasks.errors import ConfigError
+from shapline.tasks.redact import redact
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+# numpy's and scikit-learn's seeds are 32-bit unsigned: a seed outside this range fails deep in a library.
+MAX_SEED = 2**32 - 1
+
+
+def _seed(what: str) -> Any:
+    return Field(0, ge=0, le=MAX_SEED, description=what)
 
 
 def _unique(values: list[str] | None, what: str) -> list[str] | None:
@@ -70,11 +79,24 @@ class _ModelBase(_Strict):
         return "predict_proba" if self.task == "classification" else "predict"
 
 
+_SHA256 = r"^[0-9a-f]{64}$"
+
+
+def _file_sha256_field() -> Any:
+    return Field(
+        None,
+        pattern=_SHA256,
+        description="The model file's sha256 (64 hex characters): a file with other bytes is refused. Default: "
+        "taken when the run starts, so every shard explains the same model even if the file is replaced.",
+    )
+
+
 class SklearnModel(_ModelBase):
     """Any scikit-learn estimator or Pipeline saved with joblib or pickle."""
 
     kind: Literal["sklearn"]
     path: str = Field(description="joblib/pickle file, relative to the YAML file's folder.")
+    sha256: str | None = _file_sha256_field()
 
 
 class XGBoostModel(_ModelBase):
@@ -82,6 +104,7 @@ class XGBoostModel(_ModelBase):
 
     kind: Literal["xgboost"]
     path: str = Field(description=".json/.ubj booster or joblib/pickle wrapper, relative to the YAML.")
+    sha256: str | None = _file_sha256_field()
 
 
 class EndpointConfig(_Strict):
@@ -160,7 +183,7 @@ class DataConfig(_Strict):
     explain_rows: Annotated[int, Field(ge=1)] | Literal["all"] = Field(
         "all", description="How many rows to explain (sampled with data.seed), or all."
     )
-    seed: int = Field(0, description="Seed for sampling the rows to explain.")
+    seed: int = _seed("Seed for sampling the rows to explain (0 to 2^32 - 1).")
     id_column: str | None = Field(
         None,
         min_length=1,
@@ -218,7 +241,7 @@ class BackgroundConfig(_Strict):
         "random", description="random | kmeans | stratified | all"
     )
     size: int = Field(50, ge=1, description="Rows (or k-means centres) in the background sample.")
-    seed: int = Field(0, description="Seed for drawing the background.")
+    seed: int = _seed("Seed for drawing the background (0 to 2^32 - 1).")
 
 
 _L1_REG = re.compile(r"aic|bic|num_features\(\d+\)")
@@ -238,12 +261,18 @@ class ExplainerConfig(_Strict):
     l1_reg: str | bool = Field(
         "aic", description="Kernel feature selection: aic | bic | num_features(k) | false."
     )
-    seed: int = Field(0, description="Seed of the sampling explainers; each row derives its own from it.")
+    seed: int = _seed("Seed of the sampling explainers; each row derives its own from it (0 to 2^32 - 1).")
     batch_rows: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
         description="Kernel only: rows of a shard explained together, their model calls merged into one "
         "predict (fewer, fuller endpoint requests); values equal up to the model's rounding. auto: 1 for "
         "in-process models; for endpoints as many rows (up to 16) as fit one request together.",
+    )
+    additivity_tolerance: float = Field(
+        0.01,
+        gt=0,
+        description="The run fails when a row's base_value + sum of SHAP values misses its model output by more "
+        "than this times max(1, |model output|): values that do not add up do not explain the output.",
     )
     feature_perturbation: Literal["tree_path_dependent", "interventional"] = Field(
         "tree_path_dependent",
@@ -255,6 +284,9 @@ class ExplainerConfig(_Strict):
     def _known_l1_reg(cls, value: str | bool) -> str | bool:
         if value is True or (isinstance(value, str) and not _L1_REG.fullmatch(value)):
             raise ValueError(f"expected aic, bic, num_features(k) or false, got {value!r}")
+        if isinstance(value, str) and value.startswith("num_features(") and int(value[13:-1]) < 1:
+            # Zero features selected: every value would be 0 and none would add up to the output.
+            raise ValueError(f"num_features(k) selects k >= 1 features, got {value!r}")
         return value
 
 
@@ -275,6 +307,12 @@ class ShardsConfig(_Strict):
     )
     keep: bool = Field(
         False, description="Keep the finished shards after a successful run (default: delete them)."
+    )
+    timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds one shard may take (each try); past it the shard fails as a fault, is retried, "
+        "and the run fails naming the shard. Raise it for slow models or large shards.",
     )
 
     @model_validator(mode="after")
@@ -371,6 +409,11 @@ class ExplainConfig(_Strict):
     def _consistent(self) -> ExplainConfig:
         if self.background.method == "stratified" and self.data.target is None:
             raise ValueError("background.method stratified needs data.target (the column to stratify by)")
+        if self.background.method == "stratified" and self.model.task == "regression":
+            raise ValueError(
+                "background.method stratified draws by class; a regression target has none (every value would be "
+                "its own class): use random or kmeans"
+            )
         if self.model.task == "regression" and self.explainer.link == "logit":
             raise ValueError("explainer.link logit needs model.task classification")
         return self
@@ -385,8 +428,9 @@ class ExplainConfig(_Strict):
 
     @property
     def experiment_name(self) -> str:
-        """The MLflow experiment: configured, or shapline/<model.name>."""
-        return self.output.experiment or f"shapline/{self.model.name}"
+        """The MLflow experiment: configured, or shapline/<model.name>; redacted (a name is shown everywhere,
+        so a token typed into it is not kept)."""
+        return redact(self.output.experiment or f"shapline/{self.model.name}")
 
     def to_yaml(self) -> str:
         """The resolved config (defaults filled, paths absolute) as YAML."""
@@ -400,6 +444,7 @@ class ExplainConfig(_Strict):
         }
         if self.data.id_column is None:  # as before data.id_column existed: finished shards stay valid
             del parts["data"]["id_column"]
+        del parts["explainer"]["additivity_tolerance"]  # a check on the values, not an input to them
         canonical = json.dumps({**parts, "link": self.link}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -10,7 +10,7 @@ import pandas as pd
 from shapline.tasks.config import DataConfig
 from shapline.tasks.errors import DataError
 from shapline.tasks.s3 import S3Object
-from shapline.tasks.schemas import reserved_feature_names
+from shapline.tasks.schemas import RESERVED, reserved_feature_names
 from shapline.tasks.sources import DataSource, LocalFile
 
 
@@ -50,7 +50,8 @@ class LoadedData:
 def load_data(config: DataConfig) -> LoadedData:
     """Read the configured source and fingerprint it."""
     source = open_source(config)
-    frame, sha256, repeated = source.read_table()
+    # An id is text as the file writes it: read as a number, `000002` would become 2 and name another row.
+    frame, sha256, repeated = source.read_table(() if config.id_column is None else (config.id_column,))
     return LoadedData(frame=frame, sha256=sha256, uri=source.uri, repeated_columns=repeated)
 
 
@@ -83,7 +84,8 @@ def split_features(
     clash = reserved_feature_names(features)
     if clash:
         raise DataError(
-            f"data.features: {', '.join(clash)} collide with columns of shap_values.parquet; rename them"
+            f"data.features: {', '.join(map(repr, clash))}: a name shapline gives a column of its own tables "
+            f"(shap_values.parquet, background.parquet: {', '.join(sorted(RESERVED))}); rename the feature"
         )
     missing = [column for column in config.drop if column not in frame.columns]
     if missing:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from shapline.tasks.aggregate import ID_COLUMN_METADATA
 from shapline.tasks.cores import usable_cores
 from shapline.tasks.errors import ConfigError, TrackingError
-from shapline.tasks.schemas import BASE_VALUE, CLASS, MODEL_OUTPUT, ROW_ID, importance_metrics, metric_key
+from shapline.tasks.schemas import BASE_VALUE, CLASS, MODEL_OUTPUT, ROW_ID, distinct_keys, importance_metrics
 
 VALUES = "shap_values.parquet"
 DRIFT_COLUMNS = ["feature", "baseline_mean_abs", "mean_abs", "change", "baseline_rank", "rank", "wasserstein"]
@@ -108,7 +108,8 @@ class Comparison:
         """The features whose mean |SHAP value| changed most (the table is sorted by the change's size)."""
         rows = self.table.head(count)
         named = (
-            [f"{r.feature} [{getattr(r, CLASS)}]" for r in rows.itertuples()]
+            # Not itertuples: `class` is a keyword, which a namedtuple renames.
+            [f"{feature} [{label}]" for feature, label in zip(rows["feature"], rows[CLASS], strict=True)]
             if CLASS in rows.columns
             else rows["feature"].astype(str).tolist()
         )
@@ -269,8 +270,9 @@ def compare_values(
 def ndcg_metrics(comparison: Comparison) -> dict[str, float]:
     """attribution_ndcg (the minimum over classes) and, with several classes, attribution_ndcg.<class>."""
     metrics = {"attribution_ndcg": comparison.ndcg}
+    keys = distinct_keys(f"attribution_ndcg.{label}" for label in comparison.ndcg_by_class)
     for label, value in comparison.ndcg_by_class.items():
-        metrics[metric_key(f"attribution_ndcg.{label}")] = value
+        metrics[keys[f"attribution_ndcg.{label}"]] = value
     return metrics
 
 

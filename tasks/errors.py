@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import shutil
+from pathlib import Path
+
 from shapline.tasks.redact import redact
 
 
@@ -83,3 +87,58 @@ class AttributionDrift(ShaplineError):
     def __init__(self, message: object, summary: dict[str, object] | None = None) -> None:
         super().__init__(message)
         self.summary = summary or {}
+
+
+class DiskFull(ShaplineError):
+    """A folder the run writes to has no space left; the message names it and the setting that moves it."""
+
+
+# A folder with less free space than this after a failed write is taken for the one that filled up.
+_NEARLY_FULL_BYTES = 16 << 20
+
+
+def _no_space(exc: BaseException) -> OSError | None:
+    """The out-of-space OSError behind `exc` (itself or in its causes), else None. Arrow's writers raise one
+    without an errno, saying so in the message."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and (
+            current.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(current)
+        ):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether `exc` (or an error behind it) is a write that found no space left."""
+    return _no_space(exc) is not None
+
+
+def disk_full(exc: BaseException, places: dict[str, Path]) -> DiskFull | None:
+    """For a write that failed for lack of space: the error naming the full folder among `places` (what it is,
+    e.g. "the run's scratch folder (TMPDIR)", and where), by the failed file's path or the space left."""
+    error = _no_space(exc)
+    if error is None:
+        return None
+    failed = Path(error.filename) if isinstance(error.filename, str) else None
+    named = [what for what, folder in places.items() if failed is not None and folder in failed.parents]
+    if not named:
+        named = [what for what, folder in places.items() if _free_bytes(folder) < _NEARLY_FULL_BYTES]
+    where = named or list(places)
+    said = "; ".join(f"{what}: {places[what]} ({_free_bytes(places[what]) >> 20} MB free)" for what in where)
+    lead = (
+        "no space left on device" if named else "no space left on device in one of the folders the run writes"
+    )
+    return DiskFull(f"{lead}: {said}; free space there or point the setting at a larger disk")
+
+
+def _free_bytes(folder: Path) -> int:
+    for candidate in (folder, *folder.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return 0

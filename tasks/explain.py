@@ -13,10 +13,11 @@ import pandas as pd
 
 from shapline.tasks.background import Background
 from shapline.tasks.config import ExplainerConfig
-from shapline.tasks.errors import ExplainError
+from shapline.tasks.errors import ExplainError, ModelError
 from shapline.tasks.predictors import (
     PROBABILITY_EPS,
     Predictor,
+    checked_output,
     explained_outputs,
     is_pipeline,
     output_labels,
@@ -110,14 +111,26 @@ class ShardValues:
 
 
 class ModelFunction:
-    """The function shap sees: an array of rows in, the explained outputs out (probabilities clipped for logit)."""
+    """The function shap sees: an array of rows in, the explained outputs out (probabilities clipped for logit).
 
-    def __init__(self, predictor: Predictor, template: pd.DataFrame, outputs: list[int], link: str) -> None:
+    Every call's output is checked (`checked_output`) before any of it is used: one row per row, `width`
+    columns (the probe's), finite, and in [0, 1] under the logit link.
+    """
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        template: pd.DataFrame,
+        outputs: list[int],
+        link: str,
+        width: int | None = None,
+    ) -> None:
         self.predictor = predictor
         self.columns = list(template.columns)
         self.dtypes = template.dtypes.to_dict()
         self.numeric = all(pd.api.types.is_numeric_dtype(t) for t in self.dtypes.values())
         self.outputs = outputs
+        self.width = width
         self.clip = link == "logit"
 
     def frame(self, rows: Any) -> pd.DataFrame:
@@ -132,7 +145,9 @@ class ModelFunction:
         return pd.DataFrame(array, columns=self.columns).astype(self.dtypes)
 
     def __call__(self, rows: Any) -> np.ndarray:
-        output = self.predictor.predict(self.frame(rows))[:, self.outputs]
+        frame = self.frame(rows)
+        output = checked_output(self.predictor, self.predictor.predict(frame), frame, self.width, self.clip)
+        output = output[:, self.outputs]
         if self.clip:
             output = np.clip(output, PROBABILITY_EPS, 1.0 - PROBABILITY_EPS)
         return output
@@ -312,7 +327,13 @@ def _kernel_values(
     )
     seeds = [row_seed(config.seed, int(row_id)) for row_id in rows.index]
     values, fx = engine.explain(
-        rows, seeds, nsamples=config.nsamples, l1_reg=config.l1_reg, batch_rows=batch_rows, dedupe=dedupe
+        rows,
+        seeds,
+        nsamples=config.nsamples,
+        l1_reg=config.l1_reg,
+        batch_rows=batch_rows,
+        dedupe=dedupe,
+        row_ids=list(rows.index),
     )
     base = np.broadcast_to(engine.expected_value.reshape(1, -1), (len(rows), len(function.outputs)))
     return values, base, fx, engine.rows_saved
@@ -425,12 +446,36 @@ def explain_rows(
     link: str,
     class_index: int | None,
     algorithm: str | None = None,
+    width: int | None = None,
 ) -> ShardValues:
     """SHAP values of `rows` (indexed by row_id) against `background` with the configured explainer.
 
-    `algorithm` is the one the run resolved (resolved here from config.algorithm when not given).
+    `algorithm` is the one the run resolved (resolved here from config.algorithm when not given); `width` the
+    outputs per row the run's probe saw, which every model call must give too.
     """
     algorithm = algorithm or resolve_algorithm(config.algorithm, predictor)
+    try:
+        return _explain_rows(rows, background, predictor, config, link, class_index, algorithm, width)
+    except ModelError as exc:
+        if (
+            exc.transient or algorithm == "kernel"
+        ):  # an endpoint's fault is retried as it is; kernel names rows
+            raise
+        ids = rows.index
+        named = f"row_id {ids[0]}" if len(ids) == 1 else f"row_ids {ids[0]}-{ids[-1]}"
+        raise ModelError(f"explaining {named}: {exc}") from exc
+
+
+def _explain_rows(
+    rows: pd.DataFrame,
+    background: Background,
+    predictor: Predictor,
+    config: ExplainerConfig,
+    link: str,
+    class_index: int | None,
+    algorithm: str,
+    width: int | None,
+) -> ShardValues:
     saved = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -439,9 +484,9 @@ def explain_rows(
                 rows, background, predictor, config, algorithm, class_index
             )
         else:
-            width = predictor.output_width or predictor.predict(rows.iloc[:1]).shape[1]
+            width = width or predictor.output_width or predictor.predict(rows.iloc[:1]).shape[1]
             outputs = explained_outputs(width, class_index, predictor.class_labels)
-            function = ModelFunction(predictor, rows, outputs, link)
+            function = ModelFunction(predictor, rows, outputs, link, width)
             if algorithm == "kernel":
                 batch = config.batch_rows
                 if batch == "auto":

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import binom
 
+from shapline.tasks.errors import ModelError
 from shapline.tasks.lars import lasso_path_gram
 
 __all__ = ["KernelEngine", "RowPlan"]
@@ -243,7 +244,12 @@ class KernelEngine:
         self.rows_sent = 0
         self.rows_saved = 0
         self._auto_dedupe: bool | None = None  # decided by the first call with dedupe="auto"
-        out = self._predict(self.background)
+        try:
+            out = self._predict(self.background)
+        except ModelError as exc:
+            if exc.transient:
+                raise
+            raise ModelError(f"the call on the {n} background rows: {exc}") from exc
         # Same expression as shap, so the expected value is bit for bit shap's.
         self._fnull = np.sum((out.T * self.weights).T, 0)
         self.n_outputs = out.shape[1]
@@ -293,6 +299,7 @@ class KernelEngine:
         l1_reg: str | float | bool = "num_features(10)",
         batch_rows: int = 1,
         dedupe: bool | str = False,
+        row_ids: Sequence[object] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Values (rows, columns, outputs) and f(x) (rows, outputs), one model call per `batch_rows` rows.
 
@@ -300,7 +307,8 @@ class KernelEngine:
         NaN); `rows_sent` and `rows_saved` count the effect. With "auto", the engine's first call decides
         for all its calls, from how often a sample of its rows repeats (`_repeat_share`): deduplicating
         costs more than a fast model's time on a few repeated rows. Values are the same either way.
-        Defaults are shap's.
+        Defaults are shap's. A model call the predict function refuses (a ModelError) is named by the
+        rows it explained: their `row_ids` (positions when not given).
         """
         if dedupe not in (True, False, "auto"):
             raise ValueError(f"dedupe must be true, false or 'auto', got {dedupe!r}")
@@ -317,7 +325,14 @@ class KernelEngine:
             stop = min(start + step, len(frame))
             plans = [self._plan(data, i, int(seeds[i]), nsamples) for i in range(start, stop)]
             batch = self._batch(plans, data, start)
-            outputs = self._evaluate(batch, self._deduplicates(batch, dedupe), buffers)
+            try:
+                outputs = self._evaluate(batch, self._deduplicates(batch, dedupe), buffers)
+            except ModelError as exc:
+                if exc.transient:  # an endpoint's fault: retried as it is
+                    raise
+                named = list(row_ids[start:stop]) if row_ids is not None else list(range(start, stop))
+                rows_said = f"row_id {named[0]}" if len(named) == 1 else f"row_ids {named[0]}-{named[-1]}"
+                raise ModelError(f"explaining {rows_said}: {exc}") from exc
             for i, plan in enumerate(plans):
                 fx[start + i] = outputs[i]
                 mine = outputs[batch.offsets[i] : batch.offsets[i] + plan.filled * n]

@@ -13,6 +13,7 @@ from shapline.tasks.aggregate import Aggregate
 from shapline.tasks.config import ExplainConfig
 from shapline.tasks.drift import Baseline, Comparison, compare_values, trend
 from shapline.tasks.explain import ExplainedOutput
+from shapline.tasks.schemas import importance_metric_keys
 from shapline.tasks.tracking import TrackedRun
 
 DRIFT_EVENT = "shapline.attribution.drift"
@@ -72,7 +73,11 @@ def monitor(
         f"(threshold {config.monitor.ndcg_threshold:.2f}){' · DRIFT' if comparison.drifted else ''}"
     )
     (folder / "plots").mkdir(exist_ok=True)
-    render_drift_plot(history, comparison, folder / "plots" / "drift.png", title, ranking, worst)
+    columns = {
+        pair: key.removeprefix("importance.")
+        for pair, key in importance_metric_keys(combined.importance).items()
+    }
+    render_drift_plot(history, comparison, folder / "plots" / "drift.png", title, ranking, worst, columns)
     return Monitoring(baseline, comparison)
 
 

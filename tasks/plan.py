@@ -112,8 +112,8 @@ def plan_run(config: ExplainConfig, check: DataCheck) -> RunPlan:
     rows = select_explain_rows(frame, config.data.explain_rows, config.data.seed)
     background = draw_background(frame, target, config.background)
     probe = probe_rows(rows, background.frame)
-    outputs = probe_predictor(check.predictor, probe, config.model.class_index)
     kernel_link = link_for(check.predictor, config.explainer.link, config.link, config.model.effective_output)
+    outputs = probe_predictor(check.predictor, probe, config.model.class_index, kernel_link == "logit")
     _check_class_labels(config, outputs)
     algorithm, link = resolve_explainer(config.explainer.algorithm, check.predictor, kernel_link)
     explained = explained_outputs_in_words(

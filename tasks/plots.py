@@ -7,7 +7,9 @@ open GUI windows.
 
 from __future__ import annotations
 
-import re
+import base64
+import hashlib
+import html
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,8 @@ from shapline.tasks.aggregate import global_importance
 from shapline.tasks.config import OutputConfig
 from shapline.tasks.drift import Comparison
 from shapline.tasks.explain import ExplainedOutput
-from shapline.tasks.schemas import BASE_VALUE, CLASS, FEATURE, MODEL_OUTPUT, ROW_ID, metric_key
+from shapline.tasks.markup import script_json
+from shapline.tasks.schemas import BASE_VALUE, CLASS, FEATURE, MODEL_OUTPUT, ROW_ID, class_suffixes
 from shapline.tasks.staging import StagedRows
 
 # Beeswarm and force plots of more rows than this show an evenly spaced subset: the picture is
@@ -52,10 +55,6 @@ def _as_probability(output: float, explained: ExplainedOutput | None) -> str:
     if explained is None or explained.units != "log-odds":
         return ""
     return f" (P = {1.0 / (1.0 + np.exp(-output)):.3f})"
-
-
-def _safe(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
 
 
 def _numeric_view(rows: pd.DataFrame) -> pd.DataFrame:
@@ -254,9 +253,10 @@ def render_plots(
         )
     )
     rows = rows.loc[drawn] if isinstance(rows, pd.DataFrame) else rows.take(drawn)
+    suffixes = class_suffixes(labels)
     for label in labels:
         part = plotted[label]
-        suffix = f"_{_safe(label)}" if several else ""
+        suffix = suffixes[label]
         if "beeswarm" in config.plots:
             with warnings.catch_warnings():
                 # Text columns have no colour value (NaN by design): numpy warns of an all-NaN slice.
@@ -289,9 +289,46 @@ def render_plots(
                 feature_names=features,
             )
             path = folder / f"force{suffix}.html"
-            shap.save_html(str(path), plot)
+            write_force_html(path, plot, title(label, f"{len(forced):,} rows"))
             written.append(path)
     return written
+
+
+def _script_hash(code: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(code.encode()).digest()).decode() + "'"
+
+
+def write_force_html(path: Path, plot: Any, title: str) -> Path:
+    """shap's interactive force plot as a page where the data cannot run code.
+
+    shap's own save_html writes feature names and values into a script with json.dumps, so a column named
+    `</script><script>...` ends shap's script and runs its own (and its JavaScript draws some labels as
+    HTML). Here the data is script-safe JSON, and a Content-Security-Policy lets only the page's two
+    scripts (shap's bundle and the call that draws the plot, by their sha256) run: no inline handler,
+    no injected script, nothing fetched from the network.
+    """
+    from shap.plots._force import getjs
+
+    bundle = getjs()
+    bundle_code = bundle[bundle.index(">") + 1 : bundle.rindex("</script>")]
+    component = type(plot).__name__  # AdditiveForceVisualizer or AdditiveForceArrayVisualizer
+    draw = (
+        f"if (window.SHAP) SHAP.ReactDom.render(SHAP.React.createElement(SHAP.{component}, "
+        f"{script_json(plot.data)}), document.getElementById('shapline-force'));"
+    )
+    policy = (
+        f"default-src 'none'; script-src {_script_hash(bundle_code)} {_script_hash(draw)}; "
+        "style-src 'unsafe-inline'; img-src data:; font-src data:"
+    )
+    page = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{html.escape(policy)}">'
+        f"<title>{html.escape(title)}</title><script charset='utf-8'>{bundle_code}</script></head><body>"
+        f'<h1 style="font:15px system-ui,sans-serif">{html.escape(title)}</h1>'
+        f"<div id='shapline-force'></div><script>{draw}</script></body></html>\n"
+    )
+    path.write_text(page, encoding="utf-8")
+    return path
 
 
 # How many features the drift plot follows.
@@ -299,7 +336,13 @@ DRIFT_FEATURES = 8
 
 
 def render_drift_plot(
-    trend: pd.DataFrame, comparison: Comparison, path: str | Path, title: str, ranking: str, label: str | None
+    trend: pd.DataFrame,
+    comparison: Comparison,
+    path: str | Path,
+    title: str,
+    ranking: str,
+    label: str | None,
+    trend_columns: dict[tuple[str | None, str], str],
 ) -> Path:
     """plots/drift.png: left, the top features' importance across the last runs (oldest to newest, this run
     last); right, mean |SHAP value| of each top feature in the baseline and in this run.
@@ -317,8 +360,8 @@ def render_drift_plot(
     figure, (left, right) = plt.subplots(
         1, 2, figsize=(FIGURE_WIDTH_IN * 1.4, 5.0), gridspec_kw={"width_ratios": [3, 2]}
     )
-    columns = [f"{label}.{f}" if label is not None else f for f in features]
-    columns = [metric_key(c) for c in columns]
+    # The trend's columns are the importance.* metric keys (without the prefix) of this run's features.
+    columns = [trend_columns.get((label, f), "") for f in features]
     x = np.arange(len(trend))
     for feature, column in zip(features, columns, strict=True):
         if column in trend.columns:

@@ -209,6 +209,62 @@ def _booster_param(booster: Any, key: str) -> str | None:
     return config["learner"]["learner_model_param"].get(key)
 
 
+# A probability a model computes in float32 (a softmax) can be a rounding step past 1: not a wrong output.
+PROBABILITY_SLACK = 1e-6
+
+
+def _cells(frame: pd.DataFrame, position: int, row_ids: bool, shown: int = 6) -> str:
+    row = frame.iloc[position]
+    cells = [f"{column}={value!r}" for column, value in list(row.items())[:shown]]
+    named = f"row_id {frame.index[position]}: " if row_ids else ""
+    return named + ", ".join(cells) + (", ..." if len(row) > shown else "")
+
+
+def checked_output(
+    predictor: Predictor,
+    output: np.ndarray,
+    frame: pd.DataFrame,
+    width: int | None = None,
+    probabilities: bool = False,
+    where: str = "one call",
+    row_ids: bool = False,
+) -> np.ndarray:
+    """The model's output for `frame`, refused unless it is what the explainer can use: a row per input row,
+    `width` columns (as many as the run's probe saw), every value finite, and probabilities in [0, 1] when
+    the logit link reads them as probabilities. A model that breaks one of these would be explained wrongly
+    without a word (NaN silently left out of sums, a third column misread, an output clipped)."""
+    name, method = predictor.name, predictor.method
+    if output.ndim != 2 or output.shape[0] != len(frame):
+        raise ModelError(
+            f"model {name}: {method}() returned an array of shape {output.shape} for {len(frame):,} rows in "
+            f"{where}; expected one row of outputs per input row"
+        )
+    if width is not None and output.shape[1] != width:
+        raise ModelError(
+            f"model {name}: {method}() returned {output.shape[1]} outputs per row in {where}, where it "
+            f"returned {width} when the run probed it; one run explains one model with one output shape"
+        )
+    finite = np.isfinite(output)
+    if not finite.all():
+        bad_rows = np.flatnonzero(~finite.all(axis=1))
+        raise ModelError(
+            f"model {name}: {method}() returned {int((~finite).sum()):,} NaN or infinite outputs for "
+            f"{len(bad_rows):,} of {len(frame):,} rows in {where}; the first such row: "
+            f"{_cells(frame, int(bad_rows[0]), row_ids)}"
+        )
+    if probabilities:
+        outside = (output < -PROBABILITY_SLACK) | (output > 1.0 + PROBABILITY_SLACK)
+        if outside.any():
+            row, column = (int(i) for i in np.argwhere(outside)[0])
+            raise ModelError(
+                f"model {name}: {method}() returned {float(output[row, column])!r}, not a probability in [0, 1], "
+                f"for {int(outside.any(axis=1).sum()):,} of {len(frame):,} rows in {where} (the logit link "
+                f"reads it as one); the first such row: {_cells(frame, row, row_ids)}; set explainer.link identity "
+                "to explain the raw output"
+            )
+    return output
+
+
 def explained_outputs(n_outputs: int, class_index: int | None, labels: list[str] | None) -> list[int]:
     """Indices of the output columns to explain: one column, the configured class, or every class."""
     if n_outputs == 1:
@@ -279,11 +335,14 @@ def _what_is_odd(row: pd.Series) -> str:
     return "; ".join(parts)
 
 
-def probe_predictor(predictor: Predictor, rows: pd.DataFrame, class_index: int | None) -> int:
+def probe_predictor(
+    predictor: Predictor, rows: pd.DataFrame, class_index: int | None, probabilities: bool = False
+) -> int:
     """Call the model on the probe rows before any SHAP compute; return its number of outputs.
 
     A failure names the first row the model refuses (its row_id) and what is odd about it, rather than
-    leaving a shard to fail later with the model's own message.
+    leaving a shard to fail later with the model's own message. Its outputs are checked as every later
+    call's are (`checked_output`): finite, one row each, probabilities where the logit link needs them.
     """
     try:
         output = predictor.predict(rows)
@@ -291,10 +350,7 @@ def probe_predictor(predictor: Predictor, rows: pd.DataFrame, class_index: int |
         raise
     except Exception as exc:
         raise ModelError(_refusal(predictor, rows, exc)) from exc
-    if output.shape[0] != len(rows):
-        raise ModelError(
-            f"model {predictor.name}: {predictor.method}() returned {output.shape[0]} rows for {len(rows)}"
-        )
+    checked_output(predictor, output, rows, probabilities=probabilities, where="the probe", row_ids=True)
     if class_index is not None and output.shape[1] > 1 and class_index >= output.shape[1]:
         raise ModelError(
             f"model.class_index: {class_index} is out of range; the model has {output.shape[1]} outputs"

@@ -17,6 +17,7 @@ from shapline.tasks.aggregate import Aggregate
 from shapline.tasks.config import ExplainConfig, MlflowModel, SageMakerModel, SklearnModel, XGBoostModel
 from shapline.tasks.data import LoadedData
 from shapline.tasks.drift import ndcg_metrics
+from shapline.tasks.markup import markdown_code, markdown_text
 from shapline.tasks.monitor import Monitoring
 from shapline.tasks.plan import DataCheck, RunPlan
 from shapline.tasks.redact import redact
@@ -262,18 +263,19 @@ def description(
 ) -> str:
     """The run's description (mlflow.note.content, markdown): the paragraph a person reads first."""
     model = config.model
+    t, code = markdown_text, markdown_code  # what the config and the data say: text, never markdown
     match model:
         case SklearnModel() | XGBoostModel():
-            where = f"`{model.path}`"
+            where = code(model.path)
         case MlflowModel():
-            where = f"`{model.uri}`"
+            where = code(model.uri)
         case SageMakerModel():
-            where = f"endpoint `{model.endpoint.name}`"
+            where = f"endpoint {code(model.endpoint.name)}"
     explained = plan.explained
-    what = ", ".join(e.output for e in explained)
+    what = ", ".join(t(e.output) for e in explained)
     ranking = summary.ranking
     lines = [
-        f"**{model.name}** ({model.kind}, {where}) explained on `{check.data.uri}` "
+        f"**{t(model.name)}** ({model.kind}, {where}) explained on {code(check.data.uri)} "
         f"({check.data.rows:,} rows, sha256 `{check.data.sha256[:12]}…`): "
         f"**{what}**, SHAP values in **{explained[0].units}**; {plan.algorithm} explainer, "
         f"{len(plan.background.frame)} background rows ({config.background.method}), "
@@ -284,8 +286,8 @@ def description(
     groups = importance.groupby(CLASS, sort=False) if CLASS in importance.columns else [(None, importance)]
     for label, part in groups:
         top = part.sort_values("rank").head(5)
-        named = f" for {label!s}" if label is not None else ""
-        features = ", ".join(f"{row[FEATURE]} {row[ranking]:.3g}" for _, row in top.iterrows())
+        named = f" for {t(label)}" if label is not None else ""
+        features = ", ".join(f"{t(row[FEATURE])} {row[ranking]:.3g}" for _, row in top.iterrows())
         lines.append(f"Top features{named} ({ranking}): {features}.")
     report = check.report
     validation = (
@@ -300,10 +302,10 @@ def description(
         lines += [
             "",
             f"Drift: {verdict}, NDCG {comparison.ndcg:.3f} (threshold {config.monitor.ndcg_threshold:.2f}) "
-            f"against run `{comparison.baseline_run_id}`; top movers: {comparison.movers_text(3)}.",
+            f"against run `{comparison.baseline_run_id}`; top movers: {t(comparison.movers_text(3))}.",
         ]
     elif monitoring is not None:
-        lines += ["", f"Drift: no comparison ({monitoring.baseline.reason})."]
+        lines += ["", f"Drift: no comparison ({t(monitoring.baseline.reason)})."]
     links = []
     if prefect.flow_run_url:
         links.append(f"[Prefect flow run]({prefect.flow_run_url})")

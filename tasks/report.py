@@ -7,7 +7,7 @@ already computed; the text is escaped and redacted like every other thing shapli
 from __future__ import annotations
 
 import base64
-import html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +16,9 @@ import pandas as pd
 from shapline.tasks.config import ExplainConfig, MlflowModel, SageMakerModel, SklearnModel, XGBoostModel
 from shapline.tasks.drift import Baseline, Comparison
 from shapline.tasks.explain import ExplainedOutput
+from shapline.tasks.markup import html_text
 from shapline.tasks.plan import DataCheck, RunPlan
-from shapline.tasks.redact import redact
-from shapline.tasks.schemas import CLASS, FEATURE, RANK
+from shapline.tasks.schemas import CLASS, FEATURE, RANK, class_suffixes
 from shapline.tasks.summary import RunSummary
 
 REPORT = "report.html"
@@ -48,9 +48,7 @@ class ReportFacts:
     notes: list[str] = field(default_factory=list)
 
 
-def _e(value: object) -> str:
-    """Text as the page shows it: redacted, then escaped (images are inlined apart, untouched)."""
-    return html.escape(redact(str(value)), quote=True)
+_e = html_text  # text as the page shows it: redacted, then escaped (images are inlined apart, untouched)
 
 
 def _image(path: Path, alt: str) -> str:
@@ -185,13 +183,10 @@ def _importance(facts: ReportFacts) -> str:
     waterfalls = sorted(plots.glob("waterfall_*.png"), key=lambda p: p.stat().st_mtime)
     if waterfalls:
         parts.append("<h3>The top rows by model output</h3>")
-        shown: dict[str, int] = {}
-        for path in waterfalls:
-            suffix = path.stem.split("_", 2)[2] if path.stem.count("_") >= 2 else ""
-            if shown.get(suffix, 0) >= REPORT_WATERFALLS:
-                continue
-            shown[suffix] = shown.get(suffix, 0) + 1
-            parts.append(_image(path, path.stem))
+        labels = [str(v) for v in importance[CLASS].unique()] if CLASS in importance.columns else [""]
+        for suffix in class_suffixes(labels).values():
+            mine = [p for p in waterfalls if re.fullmatch(rf"waterfall_\d+{re.escape(suffix)}", p.stem)]
+            parts += [_image(path, path.stem) for path in mine[:REPORT_WATERFALLS]]
         parts.append("<p class='note'>Every waterfall is an artifact under <code>plots/</code>.</p>")
     return "".join(parts)
 
@@ -269,6 +264,9 @@ def _links(facts: ReportFacts) -> str:
     return " · ".join(links)
 
 
+# The page has no script and needs nothing from the network: a policy that forbids both, so even markup that
+# got past the escaping could not run or load anything.
+POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """
 body{font:15px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0 auto;max-width:1100px;padding:0 24px 48px;color:#1d232b}
 h1{font-size:24px;margin:24px 0 4px}h2{font-size:19px;border-bottom:1px solid #d9dee4;padding-bottom:4px;margin-top:32px}
@@ -292,6 +290,7 @@ def render_report(facts: ReportFacts) -> str:
         drift_said = " · drift" if facts.comparison.drifted else " · no drift"
     body = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="{POLICY}">
 <title>{_e(title)}</title><style>{STYLE}</style></head><body>
 <h1>{_e(title)}</h1>
 <p class="sub">MLflow run <code>{_e(summary.mlflow_run_id)}</code> · experiment {_e(summary.experiment)} ·

@@ -19,10 +19,11 @@ from typing import Any
 from shapline.tasks.config import ExplainConfig
 from shapline.tasks.cores import threads_per_worker
 from shapline.tasks.endpoint import endpoint_lifetime
+from shapline.tasks.errors import disk_full, out_of_space
 from shapline.tasks.models import model_fingerprint
 from shapline.tasks.runners import ShardRunner, open_runner
 from shapline.tasks.shards import ShardStore, ShardStoreClaim
-from shapline.tasks.tracking import TrackedRun, mlflow_run, resolve_tracking_uri
+from shapline.tasks.tracking import TrackedRun, artifact_folder, mlflow_run, resolve_tracking_uri
 
 
 class ExplanationRun:
@@ -55,6 +56,8 @@ class ExplanationRun:
             self.tracked: TrackedRun = stack.enter_context(
                 mlflow_run(self.tracking_uri, self.config.experiment_name, self.run_name, self.tags)
             )
+            # Closed before the MLflow run, so a write that found no space ends it with the full folder named.
+            stack.push(self._name_a_full_disk)
             # Pool processes or a Dask cluster start now: their start-up overlaps loading and validation.
             shards = self.config.shards
             self.runner: ShardRunner = stack.enter_context(
@@ -75,6 +78,23 @@ class ExplanationRun:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> bool | None:
         return self._stack.__exit__(kind, error, trace)
+
+    def _name_a_full_disk(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> bool:
+        """Turn an out-of-space error into one line naming the full folder and the setting that moves it."""
+        if error is None or not out_of_space(error):
+            return False
+        places = {"the run's scratch folder (TMPDIR)": self.folder}
+        if self.store is not None:
+            places["the shard store (shards.cache_dir, or SHAPLINE_CACHE_DIR)"] = self.store.folder
+        artifacts = artifact_folder(self.tracked)
+        if artifacts is not None:
+            places["MLflow's artifact store (output.tracking_uri)"] = artifacts
+        full = disk_full(error, places)
+        if full is not None:
+            raise full from error
+        return False
 
     @functools.cached_property
     def model_fingerprint(self) -> str:

@@ -11,25 +11,35 @@ endpoint requests in flight that all of them share.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import itertools
 import logging
 import multiprocessing
 import os
+import queue
 import threading
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import Any, Protocol
 
 from shapline.tasks.config import ModelConfig, SageMakerModel, ShardsConfig
 from shapline.tasks.cores import limit_native_threads
 from shapline.tasks.errors import ShaplineError
 from shapline.tasks.explain import ShardValues
 from shapline.tasks.limits import DaskLimit, ProcessLimit, RequestLimit, ThreadLimit
-from shapline.tasks.shards import ShardJob, explain_shard
+from shapline.tasks.shards import ShardJob, explain_shard, shard_label
 
 log = logging.getLogger(__name__)
+
+# The name prefix of the thread runner's shard threads: one stuck in a model call is told apart in a
+# thread dump (py-spy, faulthandler) and by the tests.
+SHARD_THREAD = "shapline-shard"
+_DEFAULT_TIMEOUT_S: float = ShardsConfig.model_fields["timeout_s"].default
 
 
 class ShardWorkerLost(Exception):
@@ -38,17 +48,80 @@ class ShardWorkerLost(Exception):
     transient = True
 
 
+class ShardTimeout(ShaplineError):
+    """A shard gave no result within shards.timeout_s (a model that never returns): a fault, so retried."""
+
+    transient = True
+
+
+class ShardAbandoned(ShaplineError):
+    """The run stopped (SIGTERM, Ctrl-C) while the shard waited for its model: nothing to retry."""
+
+
+class _Pending(Protocol):
+    """A shard's result to come: a concurrent.futures or a Dask future."""
+
+    def done(self) -> bool: ...
+
+    def add_done_callback(self, fn: Callable[[Any], object], /) -> None: ...
+
+
 class ShardRunner(ABC):
-    """Computes shards for one run; a context manager that frees its workers when the run ends."""
+    """Computes shards for one run; a context manager that frees its workers when the run ends.
+
+    A shard waits at most `timeout_s` for its values (ShardTimeout, which the shard task retries), and
+    not at all once the runner is stopped (ShardAbandoned).
+    """
+
+    def __init__(self, timeout_s: float = _DEFAULT_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
+        self._stopping = False
+        self._waiting: set[threading.Event] = set()
+        self._waiting_lock = threading.Lock()
 
     @abstractmethod
     def compute(self, job: ShardJob) -> ShardValues:
         """Explain one shard somewhere and return its values to this process."""
 
+    def _refuse_if_stopped(self, job: ShardJob) -> None:
+        """A shard that starts (or is retried) after stop() is abandoned at once, never sent to a worker."""
+        if self._stopping:
+            raise ShardAbandoned(f"{shard_label(job.index, job.row_ids)}: the run stopped before it started")
+
+    def _wait(self, pending: _Pending, job: ShardJob) -> None:
+        """Return once the shard's result is in; ShardTimeout after timeout_s, ShardAbandoned on stop()."""
+        woken = threading.Event()
+        pending.add_done_callback(lambda _: woken.set())
+        with self._waiting_lock:
+            stopping = self._stopping
+            self._waiting.add(woken)
+        try:
+            if not stopping:
+                woken.wait(min(self.timeout_s, threading.TIMEOUT_MAX))
+        finally:
+            with self._waiting_lock:
+                self._waiting.discard(woken)
+        if pending.done():
+            return
+        if self._stopping:
+            raise ShardAbandoned(f"{shard_label(job.index, job.row_ids)}: the run stopped while it waited")
+        raise ShardTimeout(
+            f"{shard_label(job.index, job.row_ids)}: no result within shards.timeout_s = "
+            f"{self.timeout_s:g} s (the model did not return); raise shards.timeout_s for slow models"
+        )
+
+    def stop(self) -> None:
+        """Give up on the shards in flight (the run is ending on a signal): every wait ends now, and a
+        model call that will not return is left behind (a thread) or killed (a pool's worker)."""
+        with self._waiting_lock:
+            self._stopping = True
+            for woken in self._waiting:
+                woken.set()
+
     def wait_ready(self) -> None:  # noqa: B027 - threads and a Dask cluster are ready once constructed
         """Return once the workers can take shards (a process pool starts beside the run)."""
 
-    def close(self) -> None:  # noqa: B027 - the thread runner holds nothing
+    def close(self) -> None:  # noqa: B027 - a runner may hold nothing
         """Stop the run's workers and free its limits."""
 
     def __enter__(self) -> ShardRunner:
@@ -58,14 +131,73 @@ class ShardRunner(ABC):
         self.close()
 
 
-class ThreadRunner(ShardRunner):
-    """Shards computed on the task's own thread, in the flow's process (shards.runner thread)."""
+_THREAD_NUMBERS = itertools.count(1)
 
-    def __init__(self, limit: RequestLimit | None) -> None:
+
+class _ShardThreads:
+    """Daemon threads that compute one shard at a time each and then wait for the next.
+
+    A thread cannot be killed: a model call that never returns is abandoned after timeout_s, so the threads
+    are daemons (an executor's would be joined at exit, forever) and one that is stuck is never handed
+    another shard. A thread that finished is reused, keeping what the kernel engine keeps per thread (its
+    buffers) for the next shard.
+    """
+
+    def __init__(self) -> None:
+        self._idle: list[queue.SimpleQueue[Callable[[], None] | None]] = []
+        self._lock = threading.Lock()
+
+    def run(self, work: Callable[[], None]) -> None:
+        """Run `work` on an idle thread, or a new one."""
+        with self._lock:
+            inbox = self._idle.pop() if self._idle else None
+            if inbox is None:
+                inbox = queue.SimpleQueue()
+                name = f"{SHARD_THREAD}-{next(_THREAD_NUMBERS)}"
+                threading.Thread(target=self._serve, args=(inbox,), name=name, daemon=True).start()
+        inbox.put(work)
+
+    def _serve(self, inbox: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+        while (work := inbox.get()) is not None:
+            work()
+            with self._lock:
+                self._idle.append(inbox)
+
+    def close(self) -> None:
+        """Let the idle threads end (a stuck one ends with the process)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for inbox in idle:
+            inbox.put(None)
+
+
+class ThreadRunner(ShardRunner):
+    """Shards computed on threads of the flow's process (shards.runner thread), one shard per thread at a time."""
+
+    def __init__(self, limit: RequestLimit | None, timeout_s: float = _DEFAULT_TIMEOUT_S) -> None:
+        super().__init__(timeout_s)
         self.limit = limit
+        self._threads = _ShardThreads()
 
     def compute(self, job: ShardJob) -> ShardValues:
-        return explain_shard(job, self.limit)
+        self._refuse_if_stopped(job)
+        # Made here and set by the shard's thread, as an executor does: the task waits on it with a timeout.
+        outcome: Future[ShardValues] = Future()
+        context = contextvars.copy_context()  # the task's context (its Prefect run, its logger), as before
+
+        def explain() -> None:
+            outcome.set_running_or_notify_cancel()
+            try:
+                outcome.set_result(context.run(explain_shard, job, self.limit))
+            except BaseException as exc:
+                outcome.set_exception(exc)
+
+        self._threads.run(explain)
+        self._wait(outcome, job)
+        return outcome.result()
+
+    def close(self) -> None:
+        self._threads.close()
 
 
 # What every pool worker imports; a fork server imports it once and forks the workers from there.
@@ -134,8 +266,14 @@ class ProcessRunner(ShardRunner):
     """
 
     def __init__(
-        self, workers: int, model: ModelConfig, threads: int | None, concurrency: int | None
+        self,
+        workers: int,
+        model: ModelConfig,
+        threads: int | None,
+        concurrency: int | None,
+        timeout_s: float = _DEFAULT_TIMEOUT_S,
     ) -> None:
+        super().__init__(timeout_s)
         self.workers = workers
         self.model = model
         self.threads = threads
@@ -189,18 +327,22 @@ class ProcessRunner(ShardRunner):
         self._warming = [executor.submit(_ready) for _ in range(self.workers)]
         return executor
 
-    def _replace(self, broken: ProcessPoolExecutor) -> ProcessPoolExecutor:
+    def _replace(
+        self, broken: ProcessPoolExecutor, why: str = "a shard worker process died"
+    ) -> ProcessPoolExecutor:
         with self._lock:
             if self._closed:
                 raise ShardWorkerLost("the run's worker pool is closed")
             current = self._executor
             if current is broken or current is None:  # not replaced yet by another shard
-                log.warning("a shard worker process died; starting a new pool")
+                log.warning("%s; starting a new pool", why)
+                _kill_workers(broken)  # a worker stuck in a model call never takes the shutdown's sentinel
                 broken.shutdown(wait=False, cancel_futures=True)
                 current = self._executor = self._start()
             return current
 
     def compute(self, job: ShardJob) -> ShardValues:
+        self._refuse_if_stopped(job)
         executor = self._running()
         future: Future[ShardValues] | None = None
         for _ in range(2):
@@ -210,13 +352,34 @@ class ProcessRunner(ShardRunner):
             except BrokenProcessPool:
                 # The pool broke before this shard reached it (a worker died warming up or idle).
                 executor = self._replace(executor)
+            except RuntimeError:  # "cannot schedule new futures after shutdown": stop() shut the pool
+                self._refuse_if_stopped(job)
+                raise
         if future is None:
             raise ShardWorkerLost(f"shard {job.index}: the worker pool broke twice before the shard started")
         try:
+            self._wait(future, job)
+        except ShardTimeout:
+            # The worker is stuck in the model: only killing it frees it, which breaks the pool (the other
+            # shards running on it are retried), so the retry gets a fresh worker.
+            with contextlib.suppress(ShardWorkerLost):  # the run's pool is closed: nothing to replace
+                self._replace(executor, f"shard {job.index} timed out (shards.timeout_s)")
+            raise
+        try:
             return future.result()
         except BrokenProcessPool as exc:
+            self._refuse_if_stopped(job)  # stop() killed the workers: nothing to retry
             self._replace(executor)
             raise ShardWorkerLost(f"shard {job.index}: a worker process died while it ran ({exc})") from exc
+
+    def stop(self) -> None:
+        super().stop()
+        with self._lock:
+            self._closed = True
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            _kill_workers(executor)
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         self._started.wait()
@@ -224,6 +387,14 @@ class ProcessRunner(ShardRunner):
             self._closed = True
             if self._executor is not None:
                 self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _kill_workers(executor: ProcessPoolExecutor) -> None:
+    """SIGKILL a pool's worker processes (ProcessPoolExecutor has no public way to name them)."""
+    processes: dict[int, Any] = getattr(executor, "_processes", None) or {}
+    for process in list(processes.values()):
+        with contextlib.suppress(OSError, ValueError):  # already gone, or its handle closed
+            process.kill()
 
 
 class DaskRunner(ShardRunner):
@@ -237,6 +408,7 @@ class DaskRunner(ShardRunner):
     def __init__(self, shards: ShardsConfig, concurrency: int | None, name: str) -> None:
         from distributed import Client, LocalCluster
 
+        super().__init__(shards.timeout_s)
         self.cluster: Any = None
         if shards.address:
             try:
@@ -274,9 +446,17 @@ class DaskRunner(ShardRunner):
     def compute(self, job: ShardJob) -> ShardValues:
         from distributed import KilledWorker
 
+        self._refuse_if_stopped(job)
         future = self.client.submit(
             explain_shard, job, self.limit, pure=False, key=f"explain-shard-{job.index}-{uuid.uuid4().hex}"
         )
+        try:
+            self._wait(future, job)
+        except ShardTimeout:
+            # Dask cannot interrupt a running task: cancelling releases it, and its worker is freed only
+            # when the model returns (a local cluster's workers end with the run).
+            future.cancel()
+            raise
         try:
             return future.result()
         except KilledWorker as exc:
@@ -296,7 +476,7 @@ def open_runner(shards: ShardsConfig, model: ModelConfig, threads: int | None, n
     """The runner shards.runner asks for, with model.endpoint.max_concurrency as the run's request limit."""
     concurrency = model.endpoint.max_concurrency if isinstance(model, SageMakerModel) else None
     if shards.runner == "process":
-        return ProcessRunner(shards.workers, model, threads, concurrency)
+        return ProcessRunner(shards.workers, model, threads, concurrency, shards.timeout_s)
     if shards.runner == "dask":
         return DaskRunner(shards, concurrency, name)
-    return ThreadRunner(ThreadLimit(concurrency) if concurrency else None)
+    return ThreadRunner(ThreadLimit(concurrency) if concurrency else None, shards.timeout_s)

@@ -44,6 +44,12 @@ class Shard:
     start: int = 0
 
 
+def shard_label(index: int, row_ids: Sequence[int] | np.ndarray) -> str:
+    """A shard as a message names it: its index and the row ids it starts and ends with."""
+    rows = f"rows {row_ids[0]}-{row_ids[-1]}" if len(row_ids) else "no rows"
+    return f"shard {index} ({rows})"
+
+
 def plan_shards(row_ids: Sequence[int] | np.ndarray, size: int) -> list[Shard]:
     """Split the rows to explain, in row order, into shards of at most `size` rows."""
     ids = np.asarray(row_ids, dtype=np.int64)
@@ -67,6 +73,8 @@ class ShardJob:
     algorithm: str
     link: str
     threads: int | None = None
+    # Outputs per row the run's probe saw: every model call of the shard must give as many.
+    outputs: int | None = None
 
     @property
     def row_ids(self) -> np.ndarray:
@@ -90,6 +98,7 @@ def explain_shard(job: ShardJob, limit: RequestLimit | None = None) -> ShardValu
         job.link,
         job.model.class_index,
         algorithm=job.algorithm,
+        width=job.outputs,
     )
     traffic = predictor.traffic()
     if traffic is not None or values.rows_saved:  # a local model has no traffic, but may be spared rows
@@ -180,8 +189,12 @@ class ShardStore:
         table = table.replace_schema_metadata(
             {**(table.schema.metadata or {}), _META: json.dumps(meta).encode()}
         )
-        pq.write_table(table, partial, use_dictionary=[CLASS] if CLASS in table.column_names else False)
-        os.replace(partial, path)
+        try:
+            pq.write_table(table, partial, use_dictionary=[CLASS] if CLASS in table.column_names else False)
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)  # a full disk keeps no half file (and gets its space back)
+            raise
         return ShardResult(
             index=index,
             path=str(path),

@@ -31,10 +31,11 @@ class DataSource(ABC):
     def suffix(self) -> str:
         return Path(self.uri.split("?", 1)[0]).suffix.lower()
 
-    def read_table(self) -> tuple[pd.DataFrame, str, tuple[str, ...]]:
-        """The parsed table, the sha256 of the file's bytes and the column names the file repeats."""
+    def read_table(self, text_columns: tuple[str, ...] = ()) -> tuple[pd.DataFrame, str, tuple[str, ...]]:
+        """The parsed table, the sha256 of the file's bytes and the column names the file repeats; a CSV's
+        `text_columns` are read as the text the file has (an id `000002` stays `000002`, not 2)."""
         content = self.read_bytes()
-        frame = parse_table(content, self.suffix, self.uri)
+        frame = parse_table(content, self.suffix, self.uri, text_columns)
         return frame, hashlib.sha256(content).hexdigest(), repeated_columns(frame, content, self.suffix)
 
 
@@ -53,13 +54,13 @@ class LocalFile(DataSource):
     def read_bytes(self) -> bytes:
         return self._path().read_bytes()
 
-    def read_table(self) -> tuple[pd.DataFrame, str, tuple[str, ...]]:
+    def read_table(self, text_columns: tuple[str, ...] = ()) -> tuple[pd.DataFrame, str, tuple[str, ...]]:
         """Parse from the path while a thread hashes the file in chunks: the bytes are never held whole."""
         path = self._path()
         before = path.stat()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shapline-hash") as pool:
             digest = pool.submit(file_sha256, path)
-            frame = parse_table(path, self.suffix, self.uri)
+            frame = parse_table(path, self.suffix, self.uri, text_columns)
             sha256 = digest.result()
         after = path.stat()
         if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
@@ -76,15 +77,18 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def parse_table(content: bytes | Path, suffix: str, uri: str) -> pd.DataFrame:
-    """Parse CSV or Parquet (bytes, or a local file) into a DataFrame indexed by row position."""
+def parse_table(
+    content: bytes | Path, suffix: str, uri: str, text_columns: tuple[str, ...] = ()
+) -> pd.DataFrame:
+    """Parse CSV or Parquet (bytes, or a local file) into a DataFrame indexed by row position; a CSV's
+    `text_columns` as text (Parquet keeps its own types)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     source = io.BytesIO(content) if isinstance(content, bytes) else content
     try:
         if suffix == ".csv":
-            frame = pd.read_csv(source)
+            frame = pd.read_csv(source, dtype=dict.fromkeys(text_columns, str) or None)
         elif suffix in (".parquet", ".pq"):
             # From a file, read page by page rather than whole column chunks first: the same table,
             # without a second copy of the file's bytes at the peak.

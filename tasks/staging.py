@@ -101,9 +101,10 @@ def plan_jobs(
     algorithm: str,
     link: str,
     threads: int | None = None,
+    outputs: int | None = None,
 ) -> tuple[list[StagedJob], list[ShardResult]]:
     """Jobs for the shards the store lacks, and the finished ones found there (their rows never read)."""
-    settings = ShardJob(-1, pd.DataFrame(), background, model, explainer, algorithm, link, threads)
+    settings = ShardJob(-1, pd.DataFrame(), background, model, explainer, algorithm, link, threads, outputs)
     jobs, finished = [], []
     for shard in staged.shards:
         found = store.finished(shard)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from shapline.tasks.markup import markdown_code, markdown_text
 from shapline.tasks.schemas import CLASS, FEATURE, RANK
 
 
@@ -111,7 +112,13 @@ class RunSummary:
 
     def markdown(self, top: int = 10) -> str:
         """The Prefect markdown artifact: the run's numbers, the top features by the ranking aggregation."""
-        lines = [f"# SHAP explanation of `{self.model}`", "", f"MLflow run: {self.run_url}", ""]
+        t = markdown_text  # names from the config and the data: text, never markdown
+        lines = [
+            f"# SHAP explanation of {t(self.model)}",
+            "",
+            f"MLflow run: {markdown_code(self.run_url)}",
+            "",
+        ]
         lines += [f"- **{key}**: {value:g}" for key, value in self.metrics().items()]
         if self.attribution_ndcg is not None:
             verdict = "**drift**" if self.drift else "no drift"
@@ -125,11 +132,11 @@ class RunSummary:
         for label, part in groups:
             lines += [
                 "",
-                f"## Top features{f' for class {label!s}' if label is not None else ''}",
+                f"## Top features{f' for class {t(label)}' if label is not None else ''}",
                 "",
                 f"| rank | feature | {self.ranking} |",
                 "|---:|---|---:|",
             ]
             for _, row in part.sort_values(RANK).head(top).iterrows():
-                lines.append(f"| {row[RANK]} | {row[FEATURE]} | {row[self.ranking]:.4g} |")
+                lines.append(f"| {row[RANK]} | {t(row[FEATURE])} | {row[self.ranking]:.4g} |")
         return "\n".join(lines) + "\n"

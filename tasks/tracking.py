@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -20,6 +21,11 @@ from shapline.tasks.liveness import pid_alive, this_host
 from shapline.tasks.redact import redact
 
 ERROR_TAG = "shapline.error"
+
+# MLflow prints "View run <name> at: <url>" to stdout when a run on a tracking server ends, the URL
+# with any user:password typed into output.tracking_uri: past every redaction shapline does. Unless the
+# user asked for it, it is not printed (the CLI sets this too; here it holds for deployments' flow runs).
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
@@ -191,6 +197,17 @@ def log_values(
     )
 
 
+def artifact_folder(run: TrackedRun) -> Path | None:
+    """Where a local MLflow store keeps this run's artifacts (None for a server or a remote artifact store)."""
+    try:
+        uri = run.client.get_run(run.run_id).info.artifact_uri
+    except MlflowException:
+        return None
+    if uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    return Path(uri) if "://" not in uri else None
+
+
 def log_artifacts(run: TrackedRun, folder: str | Path, skip: Iterable[str] = ()) -> None:
     """Upload every file under `folder` but the top-level names in `skip`, keeping relative paths as names."""
     skipped = set(skip)
@@ -228,13 +245,28 @@ def mlflow_run(
     try:
         yield run
     except BaseException as exc:
-        message = redact(" ".join(f"{type(exc).__name__}: {exc}".split()))[:4000]
+        message = redact(" ".join(_why_it_ended(exc).split()))[:4000]
         try:
             run.client.set_tag(run.run_id, ERROR_TAG, message)
         finally:
             run.client.set_terminated(run.run_id, status="FAILED")
         raise
     run.client.set_terminated(run.run_id, status="FINISHED")
+
+
+def _why_it_ended(exc: BaseException) -> str:
+    """The error, or the signal that ended the run: Prefect's TerminationSignal and the CLI's own carry the
+    signal's number and no message."""
+    number = getattr(exc, "signal", None)
+    if not isinstance(exc, Exception) and isinstance(number, int):
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        return f"terminated ({name})"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (SIGINT)"
+    return f"{type(exc).__name__}: {exc}"
 
 
 # MLflow 3.17's UI picks an experiment's view from a GenAI / model-training switch kept per browser

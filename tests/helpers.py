@@ -108,6 +108,40 @@ class Watched:
         return self.model.predict_proba(rows)
 
 
+class Hangs:
+    """A classifier whose predict_proba never returns (sleeps HANG_S) when a shard calls it (on a thread other
+    than the main one, where the flow's probe calls it, or in a pool worker), once `after_shards` finished
+    shard files are in `store` (a shard store's root); first it touches `hanging-<pid>-<thread>-<random>`
+    in `folder`."""
+
+    HANG_S = 600.0
+
+    def __init__(self, model: Any, folder: str, store: str, after_shards: int = 0) -> None:
+        self.model = model
+        self.folder = folder
+        self.store = store
+        self.after_shards = after_shards
+        self.classes_ = model.classes_
+
+    def fit(self, rows: Any, target: Any) -> Hangs:
+        self.model.fit(rows, target)
+        return self
+
+    def predict_proba(self, rows: Any) -> Any:
+        import multiprocessing
+        import os
+        import threading
+        import time
+        import uuid
+
+        current = threading.current_thread()
+        in_shard = multiprocessing.parent_process() is not None or current is not threading.main_thread()
+        if in_shard and len(list(Path(self.store).rglob("shard-*.parquet"))) >= self.after_shards:
+            Path(self.folder, f"hanging-{os.getpid()}-{current.name}-{uuid.uuid4().hex[:8]}").touch()
+            time.sleep(self.HANG_S)
+        return self.model.predict_proba(rows)
+
+
 class FreezeWitness:
     """A classifier that records, at every call in this process, how many objects gc.freeze() set aside."""
 

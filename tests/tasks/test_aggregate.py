@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from shapline.tasks.aggregate import aggregate, combine_shards
+from shapline.tasks.errors import ExplainError
 from shapline.tasks.explain import ShardValues
 from shapline.tasks.schemas import SchemaError, check_columns, importance_columns, values_columns
 
@@ -116,3 +117,36 @@ def test_out_of_order_shards_are_refused(tmp_path: Path) -> None:
 def test_schema_check_names_the_table() -> None:
     with pytest.raises(SchemaError, match="shap_values.parquet: expected columns"):
         check_columns(pd.DataFrame({"x": [1]}), values_columns(FEATURES, False), "shap_values.parquet")
+
+
+@pytest.mark.parametrize(
+    ("gap", "message"),
+    [
+        (
+            9.4,
+            r"additivity: row_id 2: base_value \+ the sum of its SHAP values misses its model output .* by 9\.4",
+        ),
+        (float("nan"), r"row_id 2 has a SHAP value, base value or model output that is NaN or infinite"),
+    ],
+)
+def test_values_that_do_not_add_up_to_the_output_stop_the_run(
+    tmp_path: Path, gap: float, message: str
+) -> None:
+    paths, _ = write_shards(tmp_path, ["0"], [3, 3])
+    shard = pd.read_parquet(paths[0])
+    shard.loc[1, "model_output"] += gap  # row_id 2 (ids are 0, 2, 4, ...)
+    shard.to_parquet(paths[0], index=False)
+    with pytest.raises(ExplainError, match=message):
+        aggregate(paths, tmp_path / "values.parquet", FEATURES, ["mean_abs"])
+
+
+def test_the_tolerance_is_relative_to_the_size_of_the_output(tmp_path: Path) -> None:
+    paths, _ = write_shards(tmp_path, ["0"], [3])
+    shard = pd.read_parquet(paths[0])
+    shard["base_value"] += 1e6
+    shard["model_output"] += 1e6 + 5.0  # 5 in a million: float32 rounding of a large regression output
+    shard.to_parquet(paths[0], index=False)
+    result = aggregate(paths, tmp_path / "values.parquet", FEATURES, ["mean_abs"], additivity_tolerance=1e-5)
+    assert result.additivity_max_error == pytest.approx(5.0)
+    with pytest.raises(ExplainError, match="explainer.additivity_tolerance 1e-06"):
+        aggregate(paths, tmp_path / "values2.parquet", FEATURES, ["mean_abs"], additivity_tolerance=1e-6)

@@ -65,3 +65,20 @@ def test_stratified_without_target_is_an_error(features: pd.DataFrame) -> None:
 def test_empty_data_is_an_error() -> None:
     with pytest.raises(DataError, match="no rows"):
         draw_background(pd.DataFrame({"a": []}), None, BackgroundConfig())
+
+
+def test_stratified_refuses_a_target_with_more_values_than_background_rows(features: pd.DataFrame) -> None:
+    continuous = pd.Series(np.arange(200.0), name="price")
+    with pytest.raises(
+        DataError, match=r"data\.target 'price' has 200 distinct values, more than background\.size 10"
+    ):
+        draw_background(features, continuous, BackgroundConfig(method="stratified", size=10))
+
+
+def test_stratified_gives_exactly_size_rows_when_rare_classes_round_up(features: pd.DataFrame) -> None:
+    # Nine classes of one row and one of 191: each rare class is owed 0.05 rows of 10 and gets one.
+    target = pd.Series([f"rare{i}" for i in range(9)] + ["common"] * 191)
+    background = draw_background(features, target, BackgroundConfig(method="stratified", size=10, seed=0))
+    assert len(background.frame) == 10
+    drawn = target.loc[background.frame.index]
+    assert set(drawn) == set(target)  # every class kept its row

@@ -8,7 +8,7 @@ import pytest
 
 from shapline.flows.cli import main
 from shapline.flows.reference import config_reference
-from shapline.tasks.config import ExplainConfig, apply_overrides, config_schema, load_config
+from shapline.tasks.config import ExplainConfig, apply_overrides, config_schema, load_config, parse_config
 from shapline.tasks.errors import ConfigError
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -155,3 +155,44 @@ def test_every_schema_key_is_in_the_reference() -> None:
         definition = config_schema()["$defs"][ref.split("/")[-1]]
         for key in definition["properties"]:
             assert f"`{section}.{key}" in reference
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        (
+            "data",
+            {"source": "/d.csv", "seed": -1},
+            r"data\.seed: Input should be greater than or equal to 0, got -1",
+        ),
+        (
+            "background",
+            {"seed": 2**32},
+            r"background\.seed: Input should be less than or equal to 4294967295",
+        ),
+        ("explainer", {"seed": 2**40}, r"explainer\.seed: Input should be less than or equal to 4294967295"),
+        ("explainer", {"l1_reg": "num_features(0)"}, r"explainer\.l1_reg: num_features\(k\) selects k >= 1"),
+        (
+            "explainer",
+            {"additivity_tolerance": 0},
+            r"explainer\.additivity_tolerance: Input should be greater than 0",
+        ),
+        ("shards", {"timeout_s": -5}, r"shards\.timeout_s: Input should be greater than 0"),
+        ("model", {"sha256": "abc"}, r"model\.sha256: String should match pattern"),
+        (
+            "background",
+            {"method": "stratified"},
+            r"background\.method stratified draws by class; a regression target has none",
+        ),
+    ],
+)
+def test_impossible_settings_are_refused_by_key(
+    section: str, values: dict[str, object], message: str
+) -> None:
+    raw: dict[str, dict[str, object]] = {
+        "model": {"name": "m", "kind": "sklearn", "path": "/m", "task": "regression"},
+        "data": {"source": "/d.csv", "target": "y"},
+    }
+    raw[section] = {**raw.get(section, {}), **values}
+    with pytest.raises(ConfigError, match=message):
+        parse_config(raw, "c.yaml")

@@ -62,8 +62,10 @@ def test_a_file_changed_while_read_is_refused(
     mixed.to_csv(path, index=False)
     parse = sources.parse_table
 
-    def parse_then_append(content: bytes | Path, suffix: str, uri: str) -> pd.DataFrame:
-        frame = parse(content, suffix, uri)
+    def parse_then_append(
+        content: bytes | Path, suffix: str, uri: str, text: tuple[str, ...]
+    ) -> pd.DataFrame:
+        frame = parse(content, suffix, uri, text)
         with path.open("a") as handle:
             handle.write("KS,1.0,5,no\n")
         return frame
@@ -110,5 +112,14 @@ def test_split_features_checks_target_and_reserved_names(mixed: pd.DataFrame) ->
     assert list(frame.columns) == ["state", "mins"] and target is not None
     with pytest.raises(DataError, match=r"data\.target: column 'Churn\?' is not in"):
         split_features(mixed, DataConfig(source="x.csv", target="Churn?"), ["state"])
-    with pytest.raises(DataError, match="row_id collide"):
-        split_features(mixed.rename(columns={"mins": "row_id"}), DataConfig(source="x.csv"), ["row_id"])
+    for reserved in ("row_id", "shapline_weight"):
+        with pytest.raises(DataError, match=rf"data\.features: '{reserved}': a name shapline gives a column"):
+            split_features(mixed.rename(columns={"mins": reserved}), DataConfig(source="x.csv"), [reserved])
+
+
+def test_an_id_column_is_kept_exactly_as_the_csv_writes_it(tmp_path: Path) -> None:
+    path = tmp_path / "ids.csv"
+    path.write_text("customer,x\n000002,1.5\n2,2.5\n0x1F,3.0\n")
+    data = load_data(DataConfig(source=str(path), id_column="customer"))
+    assert data.frame["customer"].tolist() == ["000002", "2", "0x1F"]
+    assert pd.api.types.is_float_dtype(data.frame["x"])  # the other columns keep pandas' reading

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import threading
 from pathlib import Path
 
@@ -124,3 +125,103 @@ def test_link_follows_what_the_model_can_give(
 ) -> None:
     predictor = LocalPredictor("xgb", joblib.load(xgb_model), method)
     assert link_for(predictor, configured, "logit", "predict_proba") == expected
+
+
+def test_a_model_file_is_pinned_by_its_bytes_and_a_replaced_one_refused(
+    xgb_model: Path, mlp_model: Path, tmp_path: Path
+) -> None:
+    """The run pins the file's sha256 when it starts; a retrain that writes the same path mid-run is refused
+    by every later load (the flow's, each worker's), never explained under the old model's tags."""
+    import shutil
+
+    from shapline.tasks.models import model_fingerprint, pin_model_file
+
+    path = tmp_path / "model.joblib"
+    shutil.copy(xgb_model, path)
+    pinned = pin_model_file(SklearnModel(name="m", kind="sklearn", path=str(path)))
+    assert pinned.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() == model_fingerprint(pinned)
+    assert isinstance(load_predictor(pinned), LocalPredictor)
+    shutil.copy(mlp_model, path)  # the retrain lands
+    with pytest.raises(
+        ModelError, match=r"model\.path: .*model\.joblib changed: its sha256 is .*one run explains one model"
+    ):
+        load_predictor(pinned)
+    with pytest.raises(ModelError, match="changed"):
+        pin_model_file(pinned)
+    # A run that starts now pins the new bytes and explains the new model.
+    assert (
+        "Pipeline"
+        in type(load_predictor(pin_model_file(pinned.model_copy(update={"sha256": None}))).model).__name__
+    )
+
+
+def test_pickles_are_trusted_code_and_xgboost_files_are_not(xgb_model: Path) -> None:
+    from shapline.tasks.models import trusted_code_warning
+
+    pickled = trusted_code_warning(SklearnModel(name="m", kind="sklearn", path=str(xgb_model)))
+    assert pickled is not None and "is a pickle: loading it runs any code" in pickled
+    native = xgb_model.with_suffix(".json")
+    assert trusted_code_warning(XGBoostModel(name="m", kind="xgboost", path=str(native))) is None
+
+
+class _Outputs:
+    """A 'model' returning whatever a test hands it."""
+
+    def __init__(self, output: np.ndarray) -> None:
+        self.output = output
+        self.classes_ = np.array([0, 1])
+
+    def fit(self, *_: object) -> _Outputs:
+        return self
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        return self.output[: len(frame)]
+
+
+@pytest.mark.parametrize(
+    ("output", "width", "logit", "message"),
+    [
+        (
+            np.array([[0.2, 0.8], [np.nan, 0.5]]),
+            2,
+            True,
+            r"1 NaN or infinite outputs for 1 of 2 rows in one call; the first such row: x=2\.0",
+        ),
+        (np.array([[0.2, 0.8], [np.inf, 0.5]]), 2, False, r"NaN or infinite"),
+        (
+            np.array([[-0.5, 1.5], [0.5, 0.5]]),
+            2,
+            True,
+            r"returned -0\.5, not a probability in \[0, 1\], for 1 of 2 rows",
+        ),
+        (
+            np.array([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]]),
+            2,
+            True,
+            r"returned 3 outputs per row in one call, where it returned 2",
+        ),
+        (np.array([[0.2, 0.8]]), 2, True, r"returned an array of shape \(1, 2\) for 2 rows"),
+    ],
+)
+def test_every_model_call_is_checked(output: np.ndarray, width: int, logit: bool, message: str) -> None:
+    from shapline.tasks.explain import ModelFunction
+
+    predictor = LocalPredictor("m", _Outputs(output), "predict_proba")
+    frame = pd.DataFrame({"x": [1.0, 2.0]})
+    function = ModelFunction(predictor, frame, [1], "logit" if logit else "identity", width)
+    with pytest.raises(ModelError, match=message):
+        function(frame)
+
+
+def test_probabilities_a_rounding_step_past_one_are_still_probabilities() -> None:
+    from shapline.tasks.explain import ModelFunction
+
+    output = np.array([[-1e-8, 1.0 + 1e-8], [0.5, 0.5]])
+    function = ModelFunction(
+        LocalPredictor("m", _Outputs(output), "predict_proba"),
+        pd.DataFrame({"x": [1.0, 2.0]}),
+        [1],
+        "logit",
+        2,
+    )
+    assert function(pd.DataFrame({"x": [1.0, 2.0]})).shape == (2, 1)

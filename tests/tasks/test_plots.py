@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from shapline.tasks import plots
 from shapline.tasks.aggregate import global_importance
 from shapline.tasks.config import OutputConfig
 from shapline.tasks.explain import ShardValues
+from shapline.tasks.markup import script_json
 from shapline.tasks.plots import bar_values, read_plotted_rows, read_rows_at, render_plots
 
 FEATURES = ["mins", "state"]
@@ -46,7 +48,48 @@ def test_single_output_plots_have_the_contract_names(tmp_path: Path) -> None:
     top = values.sort_values("model_output", ascending=False, kind="stable")["row_id"].head(3)
     assert names == sorted(["bar.png", "beeswarm.png", "force.html", *[f"waterfall_{i}.png" for i in top]])
     assert all(p.stat().st_size > 1000 for p in written)
-    assert "<html>" in (tmp_path / "plots" / "force.html").read_text().lower()
+    assert "<html" in (tmp_path / "plots" / "force.html").read_text().lower()
+
+
+HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(2)>', "</SCRIPT><!--", "a\u2028b & c"]
+
+
+def test_the_force_plot_keeps_hostile_names_and_values_as_data(tmp_path: Path) -> None:
+    """Names and values go into the force plot's script as JSON no `</script>` can end, and only the page's
+    own two scripts may run (their sha256 in the Content-Security-Policy)."""
+    import base64
+    import hashlib
+    import html
+    import json
+    import re
+
+    import shap
+
+    plot = shap.plots.force(0.5, np.array([0.1, -0.2, 0.3, 0.05]), np.array(HOSTILE, dtype=object), HOSTILE)
+    page = plots.write_force_html(tmp_path / "force.html", plot, "m · <b>title</b>").read_text()
+    scripts = re.findall(r"<script[^>]*>(.*?)</script>", page, flags=re.S)
+    assert len(scripts) == 2  # the bundle and the call that draws; nothing else made a script element
+    draw = scripts[1]
+    data = json.loads(
+        draw[draw.index("createElement(SHAP.AdditiveForceVisualizer, ") + 44 : draw.rindex("),")]
+    )
+    assert data == json.loads(json.dumps(plot.data))  # every name and value, exactly
+    assert "<" not in draw and ">" not in draw.replace("=>", "")
+    policy = html.unescape(re.search(r'Content-Security-Policy" content="([^"]*)"', page)[1])
+    for code in scripts:
+        digest = base64.b64encode(hashlib.sha256(code.encode()).digest()).decode()
+        assert f"'sha256-{digest}'" in policy
+    assert (
+        "default-src 'none'" in policy and "unsafe-inline" not in policy.split("script-src")[1].split(";")[0]
+    )
+    assert "<b>title</b>" not in page and "&lt;b&gt;title&lt;/b&gt;" in page
+
+
+def test_script_json_reads_back_the_same_value() -> None:
+    value = {"names": HOSTILE, "x": [1.5, None]}
+    text = script_json(value)
+    assert json.loads(text) == value
+    assert not set("<>&\u2028\u2029") & set(text)
 
 
 def test_several_classes_get_one_file_per_class(tmp_path: Path) -> None:

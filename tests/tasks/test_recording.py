@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -9,7 +10,7 @@ from shapline.tasks.config import parse_config
 from shapline.tasks.explain import explained_outputs_in_words
 from shapline.tasks.predictors import Predictor
 from shapline.tasks.recording import run_params
-from shapline.tasks.schemas import importance_metrics, metric_key
+from shapline.tasks.schemas import class_suffixes, distinct_keys, importance_metrics, metric_key
 
 
 @pytest.mark.parametrize(
@@ -116,3 +117,43 @@ def test_what_was_explained_in_words(
 ) -> None:
     described = explained_outputs_in_words(_Fake(labels), width, class_index, method, task, link)
     assert [(d.output, d.short, d.units) for d in described] == said
+
+
+@pytest.mark.parametrize(
+    "features",
+    [
+        ["bill (mm)", "bill [mm]", "bill {mm}"],
+        ["rate%", "rate#", "rate_"],
+        ["体重(公斤)", "身高(厘米)", "年龄(岁数)", "收入(千元)", "距离(公里)"],
+        ["../../etc/passwd", "a//b", "x/", "./y", ".."],
+        ["n" * 300, "n" * 299 + "m"],
+    ],
+)
+def test_every_feature_gets_its_own_legal_importance_metric(features: list[str]) -> None:
+    """Names that clean up alike never merge into one metric, and MLflow accepts every key."""
+    from mlflow.utils.validation import _validate_metric_name
+
+    for several in (False, True):
+        table = pd.DataFrame({"feature": features, "mean_abs": np.arange(len(features), dtype=float)})
+        if several:
+            table = pd.concat([table.assign(**{"class": "yes/no"}), table.assign(**{"class": "yes_no"})])
+        metrics = importance_metrics(table, "mean_abs")
+        assert len(metrics) == len(table)
+        assert sorted(metrics.values()) == sorted(table["mean_abs"])
+        for key in metrics:
+            _validate_metric_name(key)  # raises on an illegal key
+            assert len(key) <= 250
+
+
+def test_a_legal_name_keeps_its_key_and_only_colliding_names_get_a_digest() -> None:
+    keys = distinct_keys(["importance.a_b", "importance.a?b", "importance.c(d)"])
+    assert keys["importance.a_b"] == "importance.a_b"
+    assert keys["importance.a?b"].startswith("importance.a_b-") and len(keys["importance.a?b"]) == 23
+    assert keys["importance.c(d)"] == "importance.c_d_"  # altered but alone: the documented key
+
+
+def test_class_file_suffixes_are_unique_even_when_labels_clean_up_alike() -> None:
+    suffixes = class_suffixes(["yes/no", "yes_no", "Yes_No", "maybe"])
+    assert len(set(map(str.lower, suffixes.values()))) == 4
+    assert suffixes["Yes_No"] == "_Yes_No" and suffixes["maybe"] == "_maybe"  # first sorted keeps itself
+    assert class_suffixes(["only"]) == {"only": ""}

@@ -1,0 +1,50 @@
+"""Models that misbehave the way production models do, for the end-to-end tests (pickled, so importable).
+
+Each wraps a real classifier and behaves on the probe (a few rows) and differently on the explainer's calls
+(thousands of synthetic rows), which is where a model that changed, broke or was replaced shows.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# A call of more rows than this is one of the explainer's (the probe sends a handful).
+EXPLAINER_CALL_ROWS = 200
+
+
+class Misbehaving:
+    """`mode` on the explainer's calls: `nan` (some outputs NaN), `wide` (a third output column), `outside`
+    (probabilities past 1), `retrain` (the model file at `path` replaced by the file at `replacement`, once)."""
+
+    def __init__(self, model: Any, mode: str, path: str = "", replacement: str = "") -> None:
+        self.model = model
+        self.mode = mode
+        self.path = path
+        self.replacement = replacement
+        self.classes_ = model.classes_
+
+    def fit(self, rows: Any, target: Any) -> Misbehaving:
+        self.model.fit(rows, target)
+        return self
+
+    def predict_proba(self, rows: Any) -> np.ndarray:
+        output = np.asarray(self.model.predict_proba(rows), dtype=float)
+        if len(output) <= EXPLAINER_CALL_ROWS:
+            return output
+        if self.mode == "nan":
+            output[::7, 1] = np.nan
+        elif self.mode == "wide":
+            output = np.column_stack([output, np.zeros(len(output))])
+        elif self.mode == "outside":
+            output = output * 1.5
+        elif self.mode == "retrain":
+            marker = Path(f"{self.path}.replaced")
+            if not marker.exists():
+                marker.touch()
+                shutil.copyfile(self.replacement, f"{self.path}.new")
+                Path(f"{self.path}.new").replace(self.path)  # as a training job publishes its model
+        return output
