@@ -38,7 +38,7 @@ def _kernel_plain(job: dict[str, Any]) -> dict[str, Any]:
     # first row's imports (~0.5 s) used to count as plain shap's time.
     import shap  # noqa: F401
 
-    import shapline.tasks.explain  # noqa: F401
+    import shapline.tasks.explainers.explain  # noqa: F401
     from benchmarks.workloads import explain_sample, per_row_kernel_values, random_background
 
     frame = pd.read_parquet(job["data_path"]).reset_index(drop=True)[job["features"]]
@@ -73,7 +73,7 @@ def _kernel_model_time(job: dict[str, Any]) -> dict[str, Any]:
     import shap
 
     from benchmarks.workloads import explain_sample, random_background
-    from shapline.tasks.explain import row_seed
+    from shapline.tasks.explainers.explain import row_seed
 
     frame = pd.read_parquet(job["data_path"]).reset_index(drop=True)[job["features"]]
     model = joblib.load(job["model_path"])

@@ -66,12 +66,12 @@ def direct_compute(config_path: Path, workers: int) -> tuple[np.ndarray, np.ndar
     """The flow's SHAP compute without the flow: shapline's explain_rows on the same shards, same thread count."""
     from threadpoolctl import threadpool_limits
 
-    from shapline.tasks.background import Background
-    from shapline.tasks.config import load_config
-    from shapline.tasks.cores import threads_per_worker
-    from shapline.tasks.explain import explain_rows
-    from shapline.tasks.models import load_predictor
-    from shapline.tasks.shards import plan_shards
+    from shapline.tasks.common.config import load_config
+    from shapline.tasks.common.cores import threads_per_worker
+    from shapline.tasks.compute.shards import plan_shards
+    from shapline.tasks.data.background import Background
+    from shapline.tasks.explainers.explain import explain_rows
+    from shapline.tasks.models.loading import load_predictor
 
     config = load_config(config_path)
     frame = pd.read_parquet(config.data.source).reset_index(drop=True)

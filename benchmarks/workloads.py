@@ -278,7 +278,7 @@ def per_row_kernel_values(
     """Plain shap.KernelExplainer, one row at a time, numpy's global RNG seeded per row as shapline seeds it."""
     import shap
 
-    from shapline.tasks.explain import row_seed
+    from shapline.tasks.explainers.explain import row_seed
 
     explainer = shap.KernelExplainer(function, background, link=link)
     values = np.empty(rows.shape)

@@ -1,13 +1,13 @@
-"""`shapline validate` and `run --dry-run`: the run's own preparation (shapline.tasks.plan), reported, no SHAP."""
+"""`shapline validate` and `run --dry-run`: the run's own preparation (shapline.tasks.compute.plan), reported, no SHAP."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from shapline.flows.deploy import check_schedule
-from shapline.tasks.config import SageMakerModel, load_config
-from shapline.tasks.models import trusted_code_warning
-from shapline.tasks.plan import check_data, plan_run
+from shapline.tasks.common.config import SageMakerModel, load_config
+from shapline.tasks.compute.plan import check_data, plan_run
+from shapline.tasks.models.loading import trusted_code_warning
 
 
 def check_config(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -19,8 +19,15 @@ from typing import Any, TextIO, cast
 
 from shapline.flows import compare_cli, endpoint_cli
 from shapline.flows.demo import DEFAULT_CONFIG
-from shapline.tasks.errors import AttributionDrift, PrefectUnavailable, ShaplineError, UnexpectedError
-from shapline.tasks.redact import redact, redact_logs, redact_value
+from shapline.tasks.common.errors import (
+    AttributionDrift,
+    PrefectUnavailable,
+    ShaplineError,
+    UnexpectedError,
+    one_line,
+)
+from shapline.tasks.common.redact import redact, redact_logs, redact_value
+from shapline.tasks.monitoring.drift import drift_sentence
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -266,9 +273,10 @@ def _print_run_summary(summary: dict[str, Any]) -> None:
     _say(f"additivity max error: {summary['additivity_max_error']:.3g}")
     _say(f"top features: {', '.join(summary['top_features'])}")
     if summary.get("attribution_ndcg") is not None:
-        verdict = "DRIFT" if summary.get("drift") else "no drift"
         _say(
-            f"attribution NDCG {summary['attribution_ndcg']:.3f} against run {summary['baseline_run_id']}: {verdict}"
+            drift_sentence(
+                summary["attribution_ndcg"], summary.get("ndcg_threshold"), summary["baseline_run_id"]
+            )
         )
     _say(
         f"MLflow run {summary['mlflow_run_id']} in experiment '{summary['experiment']}' "
@@ -317,7 +325,7 @@ def _generous_server_start() -> Iterator[None]:
 
 
 def _run(config_path: str, overrides: list[str], as_json: bool, debug: bool = False) -> int:
-    from shapline.tasks.config import load_config
+    from shapline.tasks.common.config import load_config
 
     load_config(config_path, overrides)  # fail fast on a bad config, before Prefect starts
     from shapline.flows.explain import explain_model
@@ -362,7 +370,7 @@ def _validate(config_path: str, overrides: list[str], as_json: bool) -> int:
 
 def _schema(markdown: bool) -> int:
     from shapline.flows.reference import config_reference
-    from shapline.tasks.config import config_schema
+    from shapline.tasks.common.config import config_schema
 
     _say(config_reference() if markdown else json.dumps(config_schema(), indent=2))
     return 0
@@ -451,13 +459,13 @@ def _command(argv: list[str] | None) -> int:
         if debug:
             raise
         hint = " (rerun with --debug for the traceback)" if isinstance(exc, UnexpectedError) else ""
-        return _fail(f"{' '.join(str(exc).split())[:500]}{hint}", exc.exit_code, as_json)
+        return _fail(f"{one_line(exc, 500)}{hint}", exc.exit_code, as_json)
     except KeyboardInterrupt:
         return _fail("interrupted", 130, as_json)
     except Exception as exc:
         if debug:
             raise
-        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+        message = one_line(f"{type(exc).__name__}: {exc}", 500)
         return _fail(f"{message} (rerun with --debug for the traceback)", 1, as_json)
 
 

@@ -8,8 +8,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from shapline.tasks.drift import load_comparison, same_rows
-from shapline.tasks.tracking import resolve_tracking_uri
+from shapline.tasks.common.schemas import CLASS
+from shapline.tasks.monitoring.drift import same_rows
+from shapline.tasks.monitoring.history import load_comparison
+from shapline.tasks.tracking.uris import resolve_tracking_uri
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -34,21 +36,18 @@ def compare(run_a: str, run_b: str, tracking_uri: str | None) -> tuple[list[str]
         comparison, (_, path_a), (_, path_b) = load_comparison(uri, run_a, run_b, Path(folder))
         rows = same_rows(path_a, path_b)
     lines = [f"run {run_b} against run {run_a} (baseline) in {uri}"]
-    threshold = comparison.threshold
-    verdict = ""
-    if threshold is not None:
-        verdict = f" ({'below' if comparison.drifted else 'at or above'} the threshold {threshold:.2f})"
-    lines.append(f"attribution NDCG {comparison.ndcg:.3f}{verdict}")
+    lines.append(comparison.sentence())
     for label, value in comparison.ndcg_by_class.items():
         lines.append(f"  class {label}: NDCG {value:.3f}")
     lines.append(f"top movers: {comparison.movers_text(5)}")
     table = comparison.table.head(10)
     lines.append("feature: baseline_mean_abs -> mean_abs (change), rank baseline -> now, wasserstein")
-    for row in table.itertuples():
-        named = f"{row.feature} [{getattr(row, 'class')}]" if "class" in table.columns else str(row.feature)
+    for record in table.to_dict(orient="records"):  # not itertuples: it renames the `class` column
+        named = f"{record['feature']} [{record[CLASS]}]" if CLASS in record else str(record["feature"])
         lines.append(
-            f"  {named}: {row.baseline_mean_abs:.4g} -> {row.mean_abs:.4g} ({row.change:+.4g}), "
-            f"rank {row.baseline_rank} -> {row.rank}, {row.wasserstein:.4g}"
+            f"  {named}: {record['baseline_mean_abs']:.4g} -> {record['mean_abs']:.4g} "
+            f"({record['change']:+.4g}), rank {record['baseline_rank']} -> {record['rank']}, "
+            f"{record['wasserstein']:.4g}"
         )
     result: dict[str, Any] = {**comparison.to_json(), "run_a": run_a, "run_b": run_b, "tracking_uri": uri}
     result["features"] = json.loads(comparison.table.to_json(orient="records"))

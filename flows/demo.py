@@ -12,8 +12,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from sklearn.pipeline import Pipeline
 
-from shapline.tasks.config import SklearnModel, load_config
-from shapline.tasks.errors import ConfigError
+from shapline.tasks.common.config import SklearnModel, load_config
+from shapline.tasks.common.errors import ConfigError
 
 DEFAULT_CONFIG = "configs/penguins.yaml"
 # The demo data's row identity (data.id_column): the same bird keeps its id in every file.

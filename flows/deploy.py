@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
 
-from shapline.tasks.config import ExplainConfig, load_config
-from shapline.tasks.errors import ConfigError, ShaplineError
+from shapline.tasks.common.config import ExplainConfig, load_config
+from shapline.tasks.common.errors import ConfigError, ShaplineError
 
 DEFAULT_POOL = "shapline"
 

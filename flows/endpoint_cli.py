@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from shapline.tasks.wire import BYTES_PER_MB
+from shapline.tasks.models.sagemaker.wire import BYTES_PER_MB
 
 
 def _fraction(text: str) -> float:

@@ -26,17 +26,24 @@ from prefect.utilities.annotations import unmapped
 from pydantic.json_schema import SkipJsonSchema
 
 from shapline.flows.parameters import Algorithm, ExplainParameters, form_field
-from shapline.tasks.aggregate import Aggregate, aggregate
-from shapline.tasks.config import ExplainConfig, MlflowModel, SageMakerModel, load_config
-from shapline.tasks.cores import threads_per_worker
-from shapline.tasks.drift import Baseline, resolve_baseline
-from shapline.tasks.errors import AttributionDrift, ShaplineError, UnexpectedError, out_of_space
-from shapline.tasks.memory import collections_see_only_this_run, return_freed_memory
-from shapline.tasks.models import pin_model_file, trusted_code_warning
-from shapline.tasks.monitor import Monitoring, drift_event, monitor
-from shapline.tasks.plan import DataCheck, RunPlan, check_data, plan_run
-from shapline.tasks.plots import render_plots
-from shapline.tasks.recording import (
+from shapline.tasks.common.config import ExplainConfig, MlflowModel, SageMakerModel, load_config
+from shapline.tasks.common.errors import AttributionDrift, ShaplineError, UnexpectedError, out_of_space
+from shapline.tasks.common.redact import redact, redact_logs, redact_value
+from shapline.tasks.compute.memory import collections_see_only_this_run, return_freed_memory
+from shapline.tasks.compute.plan import DataCheck, RunPlan, check_data, plan_run
+from shapline.tasks.compute.runners import ShardRunner
+from shapline.tasks.compute.shards import ShardResult, ShardStore, shard_label
+from shapline.tasks.compute.staging import StagedJob, StagedRows, plan_jobs, stage_rows
+from shapline.tasks.models.loading import pin_model_file, trusted_code_warning
+from shapline.tasks.models.registry import resolve_registry_model
+from shapline.tasks.monitoring.drift import Baseline
+from shapline.tasks.monitoring.history import resolve_baseline
+from shapline.tasks.results.aggregate import Aggregate, aggregate
+from shapline.tasks.results.plots import render_plots
+from shapline.tasks.results.report import REPORT, ReportFacts, write_report
+from shapline.tasks.results.summary import Phases, RunSummary
+from shapline.tasks.run.monitor import Monitoring, drift_event, monitor
+from shapline.tasks.run.recording import (
     PrefectContext,
     model_tags,
     record_config,
@@ -49,15 +56,9 @@ from shapline.tasks.recording import (
     run_tags,
     traffic_sent,
 )
-from shapline.tasks.redact import redact, redact_logs, redact_value
-from shapline.tasks.registry import resolve_registry_model
-from shapline.tasks.report import REPORT, ReportFacts, write_report
-from shapline.tasks.run import ExplanationRun
-from shapline.tasks.runners import ShardRunner
-from shapline.tasks.shards import ShardResult, ShardStore, shard_label
-from shapline.tasks.staging import StagedJob, StagedRows, plan_jobs, stage_rows
-from shapline.tasks.summary import Phases, RunSummary
-from shapline.tasks.tracking import resolve_tracking_uri, run_url
+from shapline.tasks.run.resources import ExplanationRun
+from shapline.tasks.tracking.client import run_url
+from shapline.tasks.tracking.uris import is_http, resolve_tracking_uri
 
 check_data_task = task(name="check-data", cache_policy=NO_CACHE)(check_data)
 plan_run_task = task(name="plan-run", cache_policy=NO_CACHE)(plan_run)
@@ -123,12 +124,7 @@ def explain_model(
             _say_plan(config, plan)
             plan.enforce_budget()
             baseline = resolve_baseline_task(
-                run.tracking_uri,
-                run.tracked.experiment_id,
-                run.tracked.run_id,
-                config.model.name,
-                config.monitor.baseline,
-                run.folder,
+                run.tracked, config.model.name, config.monitor.baseline, run.folder
             )
             _say_baseline(baseline)
             row_names = _row_names(config, check)
@@ -339,13 +335,12 @@ def explain_shards(
     """Explain the shards the store lacks, each a task of this flow; finished ones stay even if another fails.
 
     The tasks run on threads of this process (the runner decides where their compute goes), entered
-    here inside the flow rather than in a subflow, which would cost a second of run bookkeeping.
+    here inside the flow rather than in a subflow, whose own run bookkeeping would add to every run.
     Returns every shard in order, the ones computed now, and the seconds the explain phase took (from
     the workers being ready to the last shard's values).
     """
     logger = get_run_logger()
     store = run.open_store(check.data.sha256)
-    threads = threads_per_worker(config.shards.runner, min(config.shards.workers, len(plan.shards)))
     jobs, reused = plan_jobs(
         staged,
         plan.background,
@@ -354,7 +349,7 @@ def explain_shards(
         config.explainer,
         plan.algorithm,
         plan.link,
-        threads,
+        run.threads,
         plan.outputs,
     )
     for line in store.discarded:
@@ -482,6 +477,7 @@ def _summary(
         drift=monitoring.drift,
         attribution_ndcg=comparison.ndcg if comparison is not None else None,
         baseline_run_id=comparison.baseline_run_id if comparison is not None else None,
+        ndcg_threshold=comparison.threshold if comparison is not None else None,
         phases=dict(phases.seconds),
     )
 
@@ -494,7 +490,7 @@ def artifact_key(model: str) -> str:
 def publish_summary(summary: RunSummary) -> None:
     """The run's summary as a Prefect markdown artifact of the flow run itself (made in the flow, not a
     task, so the flow run's Artifacts tab holds it), with where the MLflow run is and how to open it."""
-    if summary.tracking_uri.startswith(("http://", "https://")):
+    if is_http(summary.tracking_uri):
         where = f"[Open the MLflow run]({summary.run_url})"
     else:
         where = (

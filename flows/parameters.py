@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError
 
-from shapline.tasks.errors import ConfigError
-from shapline.tasks.redact import redact
+from shapline.tasks.common.errors import ConfigError
+from shapline.tasks.common.redact import redact
 
 Algorithm = Literal["auto", "tree", "kernel", "permutation", "exact", "linear"]
 

@@ -1,4 +1,4 @@
-"""The README's config reference, generated from the config models so the two cannot drift apart."""
+"""The config reference (docs/config.md), generated from the config models so the two cannot drift apart."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from shapline.tasks.config import MODEL_KINDS, ExplainConfig, kind_name
+from shapline.tasks.common.config import MODEL_KINDS, ExplainConfig, kind_name
 
 
 def _type_name(annotation: Any) -> str:

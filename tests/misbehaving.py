@@ -48,3 +48,31 @@ class Misbehaving:
                 shutil.copyfile(self.replacement, f"{self.path}.new")
                 Path(f"{self.path}.new").replace(self.path)  # as a training job publishes its model
         return output
+
+
+# Libraries a process that only computes shards has no use for.
+NEEDLESS = ("matplotlib", "mlflow", "great_expectations", "prefect", "boto3")
+
+
+class ModulesWitness:
+    """A classifier that writes, at its first call in a process, which of NEEDLESS that process has imported
+    (`modules-<pid>.json` in `folder`): to see what a worker loads to explain a shard."""
+
+    def __init__(self, model: Any, folder: str) -> None:
+        self.model = model
+        self.folder = folder
+        self.classes_ = model.classes_
+
+    def fit(self, rows: Any, target: Any) -> ModulesWitness:
+        self.model.fit(rows, target)
+        return self
+
+    def predict_proba(self, rows: Any) -> np.ndarray:
+        import json
+        import os
+        import sys
+
+        path = Path(self.folder, f"modules-{os.getpid()}.json")
+        if not path.exists():
+            path.write_text(json.dumps([m for m in NEEDLESS if sys.modules.get(m) is not None]))
+        return np.asarray(self.model.predict_proba(rows))

@@ -53,9 +53,69 @@ def test_nothing_under_tasks_imports_flows() -> None:
     assert not {m: d for m, d in upward.items() if d}
 
 
+# shapline.tasks' rooms, bottom first: each may import only itself and the rooms before it.
+LAYERS = ["common", "tracking", "data", "models", "explainers", "compute", "monitoring", "results", "run"]
+# Which rooms may import each outside library that is heavy or talks to a service (anywhere in the module,
+# a lazy import included): a worker that computes shards loads none of them unless its model needs it.
+LIBRARIES = {
+    "mlflow": {"tracking", "models", "monitoring", "run"},
+    "boto3": {"data", "models"},
+    "botocore": {"data", "models"},
+    "prefect": set(),  # tasks are plain functions; their Prefect tasks are declared in flows/
+    "matplotlib": {"results"},
+    "great_expectations": {"data"},
+    "distributed": {"models", "compute"},
+}
+
+
+def room(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 3 and parts[:2] == ["shapline", "tasks"] else None
+
+
+def test_each_room_imports_only_the_rooms_below_it() -> None:
+    upward = []
+    for module, deps in graph().items():
+        mine = room(module)
+        if mine is None:
+            continue
+        for dep in deps:
+            theirs = room(dep)
+            if theirs is not None and LAYERS.index(theirs) > LAYERS.index(mine):
+                upward.append(f"{module} ({mine}) imports {dep} ({theirs})")
+    assert not upward, upward
+    folders = {p.name for p in (ROOT / "tasks").iterdir() if (p / "__init__.py").exists()}
+    assert folders == set(LAYERS), "a new room needs its place in LAYERS"
+    assert not [p.name for p in (ROOT / "tasks").glob("*.py") if p.name != "__init__.py"], (
+        "every module has a room"
+    )
+
+
+def outside_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_each_outside_library_is_imported_only_by_its_rooms() -> None:
+    wrong = []
+    for module, path in modules().items():
+        mine = room(module)
+        if mine is None:
+            continue
+        for library in outside_imports(path) & set(LIBRARIES):
+            if mine not in LIBRARIES[library]:
+                wrong.append(f"{module} ({mine}) imports {library}")
+    assert not wrong, wrong
+
+
 def test_the_config_is_the_bottom_layer() -> None:
-    deps = graph()["shapline.tasks.config"]
-    assert deps <= {"shapline.tasks.errors", "shapline.tasks.redact"}, deps
+    deps = graph()["shapline.tasks.common.config"]
+    assert deps <= {"shapline.tasks.common.errors", "shapline.tasks.common.redact"}, deps
 
 
 def test_there_is_no_import_cycle_among_the_modules() -> None:
@@ -102,7 +162,8 @@ def test_a_wheel_installs_one_top_level_name_and_the_demo_config(tmp_path: Path)
     assert top_level == {"shapline"}, top_level
     assert "shapline/configs/penguins.yaml" in names
     assert "shapline/testing/endpoint.py" in names
-    assert "shapline/flows/explain.py" in names and "shapline/tasks/config.py" in names
+    assert "shapline/flows/explain.py" in names and "shapline/tasks/common/config.py" in names
+    assert "shapline/tasks/models/sagemaker/endpoint.py" in names
 
 
 @pytest.mark.slow

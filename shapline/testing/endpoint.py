@@ -20,7 +20,7 @@ import joblib
 import numpy as np
 import pandas as pd
 
-from shapline.tasks.errors import ModelError
+from shapline.tasks.common.errors import ModelError
 
 log = logging.getLogger(__name__)
 

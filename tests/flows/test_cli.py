@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from shapline.flows.cli import main
-from shapline.tasks.errors import ConfigError
+from shapline.tasks.common.errors import ConfigError
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -36,7 +36,7 @@ def test_without_debug_the_same_error_is_one_line(capsys: pytest.CaptureFixture[
 
 def test_importing_the_plots_leaves_a_notebooks_matplotlib_backend_alone() -> None:
     probe = (
-        "import matplotlib; matplotlib.use('svg'); import shapline.tasks.plots, shapline.flows.explain; "
+        "import matplotlib; matplotlib.use('svg'); import shapline.tasks.results.plots, shapline.flows.explain; "
         "print(matplotlib.get_backend())"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)

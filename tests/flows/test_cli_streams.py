@@ -62,7 +62,7 @@ def test_sigterm_before_the_flow_starts_is_the_same_one_line_and_exit_143(tmp_pa
     script = textwrap.dedent(
         """
         import os, signal, sys
-        import shapline.tasks.config as config
+        import shapline.tasks.common.config as config
         from shapline.flows.cli import main
 
         def load_config(*args, **kwargs):

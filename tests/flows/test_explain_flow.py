@@ -14,8 +14,8 @@ import pytest
 import shap
 from mlflow.tracking import MlflowClient
 
-from shapline.tasks.explain import ModelFunction
-from shapline.tasks.predictors import LocalPredictor
+from shapline.tasks.explainers.explain import ModelFunction
+from shapline.tasks.models.predictors import LocalPredictor
 from tests.helpers import (
     FreezeWitness,
     all_runs,

@@ -443,7 +443,7 @@ def test_ids_with_leading_zeros_are_kept_as_the_file_writes_them(
 
 def test_hostile_fixture_is_hostile() -> None:
     """The fixture's names do collide and do read as markup, so the tests above can fail."""
-    from shapline.tasks.schemas import metric_key
+    from shapline.tasks.common.schemas import metric_key
 
     assert len({metric_key(name) for name in ALIKE}) < len(ALIKE)
     assert len({metric_key(name) for name in CJK}) == 1

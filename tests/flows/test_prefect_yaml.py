@@ -5,7 +5,7 @@ from pathlib import Path
 import yaml
 
 from shapline.flows.parameters import ExplainParameters
-from shapline.tasks.config import load_config
+from shapline.tasks.common.config import load_config
 
 ROOT = Path(__file__).parents[2]
 # prefect.yaml's entrypoint: the flow file of a checkout (SHAPLINE_HOME); `shapline deploy` uses the

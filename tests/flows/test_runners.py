@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 import pytest
 
-import shapline.tasks.endpoint as endpoint_module
+import shapline.tasks.models.sagemaker.endpoint as endpoint_module
 from shapline.testing.endpoint import EndpointServer
 from tests.helpers import assert_same_values, flow_run_of, free_port, run_cli, shard_task_runs
 
@@ -284,8 +284,8 @@ def test_a_bad_request_is_not_retried(
 
 def test_the_retry_rule_retries_faults_and_never_bad_inputs() -> None:
     from shapline.flows.explain import _worth_retrying
-    from shapline.tasks.errors import ModelError, TransientModelError
-    from shapline.tasks.runners import ShardWorkerLost
+    from shapline.tasks.common.errors import ModelError, TransientModelError
+    from shapline.tasks.compute.runners import ShardWorkerLost
 
     class Failed:
         def __init__(self, error: BaseException) -> None:

@@ -162,9 +162,8 @@ def test_the_mlflow_experiment_opens_on_its_runs(browser: Any, demo_run: dict[st
     summary = demo_run["summary"]
     page = browser.new_page(viewport={"width": 1440, "height": 900})
     # The experiment link shapline writes (the report and the summary have it).
-    from shapline.tasks.tracking import experiment_url
 
-    url = experiment_url(demo_run["mlflow"], summary["experiment_id"])
+    url = f"{demo_run['mlflow']}/#/experiments/{summary['experiment_id']}?workflowType=machine_learning"
     text = shown(page, str(url), "penguins-species ·", shots / "mlflow-experiment.png")
     # The runs list, not the GenAI overview of traces (which says it has no data).
     assert "2 matching runs" in text and "penguins.csv" in text

@@ -1,0 +1,482 @@
+"""Where a run's shards are computed: threads of the flow's process, a pool of processes, or a Dask cluster.
+
+Every shard stays one Prefect task on a thread of the flow's process, which reports to the flow's
+own Prefect API; the task hands the shard's SHAP compute to the run's ShardRunner and writes the
+values that come back into the shard store. So workers never talk to Prefect (no Dask worker starts
+a Prefect server of its own) and never need the flow's files: a job carries its rows and background.
+
+One runner per run, created and closed by the flow: it owns the run's workers and the limit on
+endpoint requests in flight that all of them share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import itertools
+import logging
+import multiprocessing
+import os
+import queue
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Protocol
+
+from shapline.tasks.common.config import ModelConfig, SageMakerModel, ShardsConfig
+from shapline.tasks.common.cores import limit_native_threads
+from shapline.tasks.common.errors import ShaplineError
+from shapline.tasks.compute.shards import ShardJob, explain_shard, shard_label
+from shapline.tasks.explainers.explain import ShardValues
+from shapline.tasks.models.limits import DaskLimit, ProcessLimit, RequestLimit, ThreadLimit
+
+log = logging.getLogger(__name__)
+
+# The name prefix of the thread runner's shard threads: one stuck in a model call is told apart in a
+# thread dump (py-spy, faulthandler) and by the tests.
+SHARD_THREAD = "shapline-shard"
+_DEFAULT_TIMEOUT_S: float = ShardsConfig.model_fields["timeout_s"].default
+
+
+class ShardWorkerLost(Exception):
+    """The process or machine computing a shard went away (killed, crashed, disconnected): worth a retry."""
+
+    transient = True
+
+
+class ShardTimeout(ShaplineError):
+    """A shard gave no result within shards.timeout_s (a model that never returns): a fault, so retried."""
+
+    transient = True
+
+
+class ShardAbandoned(ShaplineError):
+    """The run stopped (SIGTERM, Ctrl-C) while the shard waited for its model: nothing to retry."""
+
+
+class _Pending(Protocol):
+    """A shard's result to come: a concurrent.futures or a Dask future."""
+
+    def done(self) -> bool: ...
+
+    def add_done_callback(self, fn: Callable[[Any], object], /) -> None: ...
+
+
+class ShardRunner(ABC):
+    """Computes shards for one run; a context manager that frees its workers when the run ends.
+
+    A shard waits at most `timeout_s` for its values (ShardTimeout, which the shard task retries), and
+    not at all once the runner is stopped (ShardAbandoned).
+    """
+
+    def __init__(self, timeout_s: float = _DEFAULT_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
+        self._stopping = False
+        self._waiting: set[threading.Event] = set()
+        self._waiting_lock = threading.Lock()
+
+    @abstractmethod
+    def compute(self, job: ShardJob) -> ShardValues:
+        """Explain one shard somewhere and return its values to this process."""
+
+    def _refuse_if_stopped(self, job: ShardJob) -> None:
+        """A shard that starts (or is retried) after stop() is abandoned at once, never sent to a worker."""
+        if self._stopping:
+            raise ShardAbandoned(f"{shard_label(job.index, job.row_ids)}: the run stopped before it started")
+
+    def _wait(self, pending: _Pending, job: ShardJob) -> None:
+        """Return once the shard's result is in; ShardTimeout after timeout_s, ShardAbandoned on stop()."""
+        woken = threading.Event()
+        pending.add_done_callback(lambda _: woken.set())
+        with self._waiting_lock:
+            stopping = self._stopping
+            self._waiting.add(woken)
+        try:
+            if not stopping:
+                woken.wait(min(self.timeout_s, threading.TIMEOUT_MAX))
+        finally:
+            with self._waiting_lock:
+                self._waiting.discard(woken)
+        if pending.done():
+            return
+        if self._stopping:
+            raise ShardAbandoned(f"{shard_label(job.index, job.row_ids)}: the run stopped while it waited")
+        raise ShardTimeout(
+            f"{shard_label(job.index, job.row_ids)}: no result within shards.timeout_s = "
+            f"{self.timeout_s:g} s (the model did not return); raise shards.timeout_s for slow models"
+        )
+
+    def stop(self) -> None:
+        """Give up on the shards in flight (the run is ending on a signal): every wait ends now, and a
+        model call that will not return is left behind (a thread) or killed (a pool's worker)."""
+        with self._waiting_lock:
+            self._stopping = True
+            for woken in self._waiting:
+                woken.set()
+
+    def wait_ready(self) -> None:  # noqa: B027 - threads and a Dask cluster are ready once constructed
+        """Return once the workers can take shards (a process pool starts beside the run)."""
+
+    def close(self) -> None:  # noqa: B027 - a runner may hold nothing
+        """Stop the run's workers and free its limits."""
+
+    def __enter__(self) -> ShardRunner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+_THREAD_NUMBERS = itertools.count(1)
+
+
+class _ShardThreads:
+    """Daemon threads that compute one shard at a time each and then wait for the next.
+
+    A thread cannot be killed: a model call that never returns is abandoned after timeout_s, so the threads
+    are daemons (an executor's would be joined at exit, forever) and one that is stuck is never handed
+    another shard. A thread that finished is reused, keeping what the kernel engine keeps per thread (its
+    buffers) for the next shard.
+    """
+
+    def __init__(self) -> None:
+        self._idle: list[queue.SimpleQueue[Callable[[], None] | None]] = []
+        self._lock = threading.Lock()
+
+    def run(self, work: Callable[[], None]) -> None:
+        """Run `work` on an idle thread, or a new one."""
+        with self._lock:
+            inbox = self._idle.pop() if self._idle else None
+            if inbox is None:
+                inbox = queue.SimpleQueue()
+                name = f"{SHARD_THREAD}-{next(_THREAD_NUMBERS)}"
+                threading.Thread(target=self._serve, args=(inbox,), name=name, daemon=True).start()
+        inbox.put(work)
+
+    def _serve(self, inbox: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+        while (work := inbox.get()) is not None:
+            work()
+            with self._lock:
+                self._idle.append(inbox)
+
+    def close(self) -> None:
+        """Let the idle threads end (a stuck one ends with the process)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for inbox in idle:
+            inbox.put(None)
+
+
+class ThreadRunner(ShardRunner):
+    """Shards computed on threads of the flow's process (shards.runner thread), one shard per thread at a time."""
+
+    def __init__(self, limit: RequestLimit | None, timeout_s: float = _DEFAULT_TIMEOUT_S) -> None:
+        super().__init__(timeout_s)
+        self.limit = limit
+        self._threads = _ShardThreads()
+
+    def compute(self, job: ShardJob) -> ShardValues:
+        self._refuse_if_stopped(job)
+        # Made here and set by the shard's thread, as an executor does: the task waits on it with a timeout.
+        outcome: Future[ShardValues] = Future()
+        context = contextvars.copy_context()  # the task's context (its Prefect run, its logger), as before
+
+        def explain() -> None:
+            outcome.set_running_or_notify_cancel()
+            try:
+                outcome.set_result(context.run(explain_shard, job, self.limit))
+            except BaseException as exc:
+                outcome.set_exception(exc)
+
+        self._threads.run(explain)
+        self._wait(outcome, job)
+        return outcome.result()
+
+    def close(self) -> None:
+        self._threads.close()
+
+
+# What every pool worker imports; a fork server imports it once and forks the workers from there. shap
+# is not among it: kernel shards (shapline's own engine) never need it, others import it when they start.
+_PRELOAD = ["shapline.tasks.compute.worker"]
+# Set in each pool worker by _start_worker: the run's limit on endpoint requests, shared by the pool.
+_worker_limit: RequestLimit | None = None
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """forkserver where the platform has it, else spawn; never plain fork from the threaded flow process.
+
+    The fork server is a fresh single-threaded process that imports the shard code once; each worker is a
+    fork of it, so N workers cost one import rather than N, and a pool replaced after a crash is back at
+    once.
+    """
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(_PRELOAD)  # no effect once the server runs, which is fine
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def _start_worker(
+    limit: RequestLimit | None, model: ModelConfig, threads: int | None, environment: dict[str, str]
+) -> None:
+    """A pool worker's first act: take the flow's environment and the run's request limit, import what a
+    shard needs, load the model.
+
+    Workers are forks of a fork server started with the flow process's first pool, so without this they
+    would see the environment of that moment (AWS_*, MLFLOW_*), not the run's. It must never raise: a
+    failing initializer breaks the pool; the shard that needs the model reports a load error itself.
+    """
+    global _worker_limit
+    os.environ.clear()
+    os.environ.update(environment)
+    _worker_limit = limit
+    try:
+        from shapline.tasks.compute.worker import compute_only
+        from shapline.tasks.models.loading import load_predictor
+
+        compute_only()  # a spawned worker (no fork server) did not import the preload
+        predictor = load_predictor(model)
+        if threads is not None:
+            predictor.limit_threads(threads)
+            # Finding the BLAS/OpenMP libraries takes a while: paid here, while the flow validates the data.
+            limit_native_threads(threads)
+    except Exception:
+        log.debug("warm-up could not load model %s", model.name, exc_info=True)
+
+
+def _ready() -> None:
+    """A no-op submitted once per worker so the pool starts every worker now, not on the first shards."""
+
+
+def _explain_in_worker(job: ShardJob) -> ShardValues:
+    return explain_shard(job, _worker_limit)
+
+
+class ProcessRunner(ShardRunner):
+    """A pool of `workers` processes (shards.runner process), started and warmed with the run.
+
+    A worker that dies (OOM kill, segfault, kill -9), whether warming up, idle or mid-shard, breaks
+    the pool: the first shard to notice starts a new pool; a shard that had not started yet is sent
+    to it at once, a shard that was running fails as ShardWorkerLost and its task retries.
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        model: ModelConfig,
+        threads: int | None,
+        concurrency: int | None,
+        timeout_s: float = _DEFAULT_TIMEOUT_S,
+    ) -> None:
+        super().__init__(timeout_s)
+        self.workers = workers
+        self.model = model
+        self.threads = threads
+        self.concurrency = concurrency
+        self._lock = threading.Lock()
+        self._closed = False
+        self._executor: ProcessPoolExecutor | None = None
+        self._warming: list[Future[None]] = []
+        self._start_error: Exception | None = None
+        # Creating the pool blocks until the fork server has imported the shard code (on a process's first
+        # pool): on a thread of its own it overlaps loading and validation.
+        self._started = threading.Event()
+        threading.Thread(target=self._start_first, name="shapline-pool-start", daemon=True).start()
+
+    def _start_first(self) -> None:
+        try:
+            executor = self._start()
+        except Exception as exc:  # raised where a shard needs the pool (and so ends the run)
+            self._start_error = exc
+        else:
+            with self._lock:
+                self._executor = executor
+        finally:
+            self._started.set()
+
+    def wait_ready(self) -> None:
+        self._started.wait()
+        # A worker that died warming up broke the pool: the first shard finds out and starts a new one.
+        futures.wait(self._warming)
+
+    def _running(self) -> ProcessPoolExecutor:
+        """The pool, once started; the error that stopped it starting, if one did."""
+        self._started.wait()
+        with self._lock:
+            if self._executor is None:
+                raise self._start_error or ShardWorkerLost("the worker pool did not start")
+            return self._executor
+
+    def _start(self) -> ProcessPoolExecutor:
+        context = _pool_context()
+        # A new pool gets a new limit: slots a dead worker held die with the old one.
+        limit = ProcessLimit(self.concurrency, context) if self.concurrency else None
+        executor = ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=context,
+            initializer=_start_worker,
+            initargs=(limit, self.model, self.threads, dict(os.environ)),
+        )
+        # The pool starts a worker per submission while none is idle: these start all of them now, and
+        # are done once the workers have run their initializer (imports, model, threads).
+        self._warming = [executor.submit(_ready) for _ in range(self.workers)]
+        return executor
+
+    def _replace(
+        self, broken: ProcessPoolExecutor, why: str = "a shard worker process died"
+    ) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._closed:
+                raise ShardWorkerLost("the run's worker pool is closed")
+            current = self._executor
+            if current is broken or current is None:  # not replaced yet by another shard
+                log.warning("%s; starting a new pool", why)
+                _kill_workers(broken)  # a worker stuck in a model call never takes the shutdown's sentinel
+                broken.shutdown(wait=False, cancel_futures=True)
+                current = self._executor = self._start()
+            return current
+
+    def compute(self, job: ShardJob) -> ShardValues:
+        self._refuse_if_stopped(job)
+        executor = self._running()
+        future: Future[ShardValues] | None = None
+        for _ in range(2):
+            try:
+                future = executor.submit(_explain_in_worker, job)
+                break
+            except BrokenProcessPool:
+                # The pool broke before this shard reached it (a worker died warming up or idle).
+                executor = self._replace(executor)
+            except RuntimeError:  # "cannot schedule new futures after shutdown": stop() shut the pool
+                self._refuse_if_stopped(job)
+                raise
+        if future is None:
+            raise ShardWorkerLost(f"shard {job.index}: the worker pool broke twice before the shard started")
+        try:
+            self._wait(future, job)
+        except ShardTimeout:
+            # The worker is stuck in the model: only killing it frees it, which breaks the pool (the other
+            # shards running on it are retried), so the retry gets a fresh worker.
+            with contextlib.suppress(ShardWorkerLost):  # the run's pool is closed: nothing to replace
+                self._replace(executor, f"shard {job.index} timed out (shards.timeout_s)")
+            raise
+        try:
+            return future.result()
+        except BrokenProcessPool as exc:
+            self._refuse_if_stopped(job)  # stop() killed the workers: nothing to retry
+            self._replace(executor)
+            raise ShardWorkerLost(f"shard {job.index}: a worker process died while it ran ({exc})") from exc
+
+    def stop(self) -> None:
+        super().stop()
+        with self._lock:
+            self._closed = True
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            _kill_workers(executor)
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        self._started.wait()
+        with self._lock:
+            self._closed = True
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _kill_workers(executor: ProcessPoolExecutor) -> None:
+    """SIGKILL a pool's worker processes (ProcessPoolExecutor has no public way to name them)."""
+    processes: dict[int, Any] = getattr(executor, "_processes", None) or {}
+    for process in list(processes.values()):
+        with contextlib.suppress(OSError, ValueError):  # already gone, or its handle closed
+            process.kill()
+
+
+class DaskRunner(ShardRunner):
+    """Shards on a Dask cluster (shards.runner dask): the one at shards.address, or a local one of `workers`.
+
+    Jobs travel to the workers and values come back through the cluster; a worker needs the model
+    (the same file path, or a registry or endpoint it can reach) and the same packages, nothing else.
+    Dask itself moves a task off a worker that dies.
+    """
+
+    def __init__(self, shards: ShardsConfig, concurrency: int | None, name: str) -> None:
+        from distributed import Client, LocalCluster
+
+        super().__init__(shards.timeout_s)
+        self.cluster: Any = None
+        if shards.address:
+            try:
+                self.client = Client(shards.address, timeout="30s", set_as_default=False)
+            except (OSError, TimeoutError) as exc:
+                raise ShaplineError(
+                    f"shards.address: cannot reach the Dask scheduler at {shards.address}: {exc}"
+                ) from exc
+        else:
+            # One thread per worker process: SHAP's numpy work is single-threaded per shard.
+            self.cluster = LocalCluster(
+                n_workers=shards.workers,
+                threads_per_worker=1,
+                processes=True,
+                # Any free port: Dask's default 8787 clashes with any other cluster on the machine.
+                dashboard_address=":0",
+                silence_logs=logging.WARNING,
+            )
+            self.client = Client(self.cluster, set_as_default=False)
+        self.limit: DaskLimit | None = None
+        if concurrency:
+            self.limit = DaskLimit(concurrency, f"shapline-{name}-{uuid.uuid4().hex[:8]}")
+            self._semaphore = self._register(self.limit)
+
+    def _register(self, limit: DaskLimit) -> Any:
+        from distributed import Semaphore
+
+        return Semaphore(
+            max_leases=limit.limit,
+            name=limit.name,
+            scheduler_rpc=self.client.scheduler,
+            loop=self.client.loop,
+        )
+
+    def compute(self, job: ShardJob) -> ShardValues:
+        from distributed import KilledWorker
+
+        self._refuse_if_stopped(job)
+        future = self.client.submit(
+            explain_shard, job, self.limit, pure=False, key=f"explain-shard-{job.index}-{uuid.uuid4().hex}"
+        )
+        try:
+            self._wait(future, job)
+        except ShardTimeout:
+            # Dask cannot interrupt a running task: cancelling releases it, and its worker is freed only
+            # when the model returns (a local cluster's workers end with the run).
+            future.cancel()
+            raise
+        try:
+            return future.result()
+        except KilledWorker as exc:
+            raise ShardWorkerLost(f"shard {job.index}: Dask workers running it kept dying ({exc})") from exc
+
+    def close(self) -> None:
+        try:
+            if self.limit is not None:
+                self._semaphore.close()
+        finally:
+            self.client.close()
+            if self.cluster is not None:
+                self.cluster.close()
+
+
+def open_runner(shards: ShardsConfig, model: ModelConfig, threads: int | None, name: str) -> ShardRunner:
+    """The runner shards.runner asks for, with model.endpoint.max_concurrency as the run's request limit."""
+    concurrency = model.endpoint.max_concurrency if isinstance(model, SageMakerModel) else None
+    if shards.runner == "process":
+        return ProcessRunner(shards.workers, model, threads, concurrency, shards.timeout_s)
+    if shards.runner == "dask":
+        return DaskRunner(shards, concurrency, name)
+    return ThreadRunner(ThreadLimit(concurrency) if concurrency else None, shards.timeout_s)

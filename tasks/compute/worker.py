@@ -1,0 +1,23 @@
+"""A process that only computes shards (a pool's fork server and its workers): what it loads, and what not.
+
+Imported by the fork server before it forks any worker, so every worker starts with the shard code and
+the kernel engine loaded once, and without plotting: shap imports its plots (and matplotlib, time and
+memory in every process) whenever matplotlib can be imported, and has its own fallback when it cannot. Nothing
+in such a process draws. MLflow and Great Expectations are never imported by the shard code at all.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def compute_only() -> None:
+    """Say matplotlib is absent in this process (a None entry makes `import matplotlib` raise ImportError),
+    unless something imported it already. Only for processes shapline owns: never a shared Dask worker."""
+    sys.modules.setdefault("matplotlib", None)  # type: ignore[arg-type]
+
+
+compute_only()
+
+import shapline.tasks.compute.shards  # noqa: E402, F401 - what a worker runs
+import shapline.tasks.explainers.kernel_engine  # noqa: E402, F401 - what most shards compute with

@@ -1,0 +1,911 @@
+"""Kernel SHAP that reproduces shap's KernelExplainer values exactly, with vectorised sampling, data and solve.
+
+For the same background, row and per-row seed, `KernelEngine` returns what
+
+    np.random.seed(seed)
+    shap.KernelExplainer(f, background, link=link).shap_values(x, nsamples=..., l1_reg=..., silent=True)
+
+returns (bit for bit when the model gives the same outputs on a frame as on shap's array), but builds the
+synthetic rows column by column in their own dtypes, merges the model calls of several rows, can send
+each distinct row once, and does scikit-learn's LassoLarsIC arithmetic without refitting an OLS.
+
+Coalitions are drawn from a local `np.random.RandomState(seed)` making the same calls in the same order as
+shap makes on numpy's global RNG, so no global-RNG lock is needed and one engine can serve many threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.special import binom
+
+from shapline.tasks.common.errors import ModelError
+from shapline.tasks.common.schemas import rows_named
+from shapline.tasks.explainers.lars import lasso_path_gram
+from shapline.tasks.explainers.links import LINKS
+
+__all__ = ["KernelEngine", "RowPlan"]
+
+# The LARS path is scored the cheap way unless another point of it scores within this (relative) margin
+# of the best; then scikit-learn's own scoring decides (see _information_criterion_support).
+_TIE_MARGIN = 1e-8
+_HASH_SEED = 0x5EED_DEDE
+# dedupe="auto" (a model that does not pay per row) deduplicates an engine's calls when, in its first
+# call, this share of a sample of one row's synthetic rows (up to _REPEAT_SAMPLE of its coalitions, evenly
+# spaced, each with every background row) repeats. Finding repeats costs a little per row: more than a
+# fast model saves on a few repeats, less than it saves where rows repeat often (text and one-hot columns).
+# The threshold and the measurements behind it are in docs/performance.md.
+_REPEAT_SHARE = 0.2
+_REPEAT_SAMPLE = 128
+
+_Palette = np.ndarray | pd.api.extensions.ExtensionArray
+
+
+def _exact_keys(palette: _Palette) -> _Palette:
+    """Keys that are equal only for values no model can tell apart, for deduplicating rows.
+
+    pandas (like ==) takes -0.0 for 0.0, True for 1 and 1.0, and None for NaN; a model may not (1 / x,
+    a one-hot of an object column, an imputer of NaN only). Floats are keyed by their bits (every NaN
+    one key), other objects by type and value.
+    """
+    if pd.api.types.is_float_dtype(palette.dtype):
+        if isinstance(palette, np.ndarray):
+            values = palette
+        else:  # a nullable float column: NA is NaN here
+            values = palette.to_numpy(dtype=np.float64, na_value=np.nan)
+        as_int = np.dtype(f"i{values.dtype.itemsize}")
+        return np.where(np.isnan(values), np.array(np.nan, values.dtype).view(as_int), values.view(as_int))
+    if palette.dtype == object:
+        keys = np.empty(len(palette), dtype=object)
+        keys[:] = [(type(v), v.hex() if isinstance(v, float) else v) for v in palette]
+        return keys
+    return palette
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RowPlan:
+    """One row's coalitions and kernel weights."""
+
+    seed: int
+    x: pd.DataFrame = dataclasses.field(repr=False)
+    """The explained row: one row with the background's columns and dtypes."""
+    varying: np.ndarray
+    """Column positions of the M features whose value differs from the background's (shap's varyingInds)."""
+    masks: np.ndarray = dataclasses.field(repr=False)
+    """(nsamples, M) 0/1 coalitions; rows past `filled` stay zero, as in shap when its draws run out."""
+    kernel_weights: np.ndarray = dataclasses.field(repr=False)
+    """(nsamples,) Shapley kernel weight of each coalition."""
+    filled: int
+    """Coalitions actually drawn; the synthetic data holds filled x len(background) rows, coalition-major."""
+    fraction_evaluated: float
+    """nsamples / number of possible coalitions, which decides shap's deprecated l1_reg='auto'."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Batch:
+    """The rows of one model call: the B explained rows first, then each plan's coalitions x background.
+
+    A "unit" is an explained row (every column from its x) or a coalition (x's value where its mask is
+    set, the background row's elsewhere); row r of the call is a (unit, background row) pair.
+    """
+
+    plans: list[RowPlan]
+    palettes: list[_Palette]
+    """Per column: the background's values followed by the batch's B x values."""
+    unit_mask: np.ndarray
+    """(units, columns) bool: the unit takes x's value in that column."""
+    unit_plan: np.ndarray
+    """(units,) the plan (and x) each unit belongs to."""
+    offsets: list[int]
+    """First row of each plan's synthetic rows in the call."""
+    n_rows: int
+
+
+class _Buffers:
+    """Memory reused from one model call to the next, within an `explain` call and across a thread's calls.
+
+    A merged call's rows take tens of megabytes; glibc maps blocks that large afresh each time, and every
+    fresh mapping is paged in again, row after row and on each shard's first row. A buffer is reused only
+    when nothing else still refers to it (predict may
+    keep the frame it was given, or a view of it), so reuse is never visible. A thread keeps its buffers
+    for its next shard up to KEPT_BYTES; a larger set (an endpoint's merged calls) is let go.
+    """
+
+    KEPT_BYTES = 64_000_000
+
+    def __init__(self) -> None:
+        self._buffers: dict[object, np.ndarray] = {}
+
+    @classmethod
+    def of_this_thread(cls) -> _Buffers:
+        """This thread's buffers (new ones the first time)."""
+        buffers = getattr(_THREAD, "buffers", None)
+        if buffers is None:
+            buffers = _THREAD.buffers = cls()
+        return buffers
+
+    def keep_or_release(self) -> None:
+        """After an `explain` call: keep small buffers for the thread's next call, let large ones go."""
+        if sum(buffer.nbytes for buffer in self._buffers.values()) > self.KEPT_BYTES:
+            self._buffers.clear()
+
+    def get(self, key: object, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """An uninitialised array of `shape`, in last call's memory for `key` when that is free."""
+        size = math.prod(shape)
+        buffer = self._buffers.get(key)
+        # References: the dict, `buffer` and getrefcount's argument; any more is a live view elsewhere.
+        if buffer is None or buffer.dtype != dtype or buffer.size < size or sys.getrefcount(buffer) > 3:
+            buffer = self._buffers[key] = np.empty(size, dtype=dtype)
+        return buffer[:size].reshape(shape)
+
+
+# Per thread: a thread explains one shard at a time, so its buffers are never shared.
+_THREAD = threading.local()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Rows:
+    """The rows to explain, converted once."""
+
+    frame: pd.DataFrame
+    values: np.ndarray
+    """frame.to_numpy(), the array shap would be given (numeric, or object with any text column)."""
+    blocks: dict[np.dtype, np.ndarray]
+    """(rows, columns) values of each numpy dtype's columns."""
+    extension: dict[int, pd.api.extensions.ExtensionArray]
+    """Each extension-typed column: the background's values, then every row's."""
+
+
+class KernelEngine:
+    """shap's Kernel SHAP (KernelExplainer.shap_values) for one model and background, reproduced exactly."""
+
+    expected_value: np.ndarray
+    """(outputs,) the weighted mean of the model over the background, in link space."""
+    rows_sent: int
+    """Rows sent to the model by `explain` so far (after deduplication)."""
+    rows_saved: int
+    """Rows `explain` did not send because an identical row was already in the same call."""
+    n_outputs: int
+    """Columns of the model's output, each explained on its own."""
+
+    def __init__(
+        self,
+        predict: Callable[[pd.DataFrame], np.ndarray],
+        background: pd.DataFrame,
+        weights: np.ndarray | None = None,
+        link: str = "identity",
+        float32: bool = False,
+    ) -> None:
+        """`predict` maps a frame with the background's columns and dtypes to (rows, outputs) floats.
+
+        `predict` must be thread-safe if the engine is used from several threads. `weights` weigh the background rows
+        (e.g. k-means cluster sizes); they are normalised to sum to one, as shap's DenseData does. With
+        `float32` (a model that reads every number as float32, as XGBoost does), the synthetic rows' float64
+        columns are built as float32: the model sees the same numbers, and the call writes and reads half the
+        memory.
+        """
+        if link not in LINKS:
+            raise ValueError(f"link must be one of {sorted(LINKS)}, got {link!r}")
+        if len(background) == 0:
+            raise ValueError("the background needs at least one row")
+        self.predict = predict
+        self.link = link
+        self._link = LINKS[link]
+        self.background = background.reset_index(drop=True)
+        self.columns = list(self.background.columns)
+        self.dtypes = self.background.dtypes.to_dict()
+        n = len(self.background)
+        raw = np.ones(n) if weights is None else np.array(weights, dtype=float).reshape(-1)
+        if raw.shape != (n,):
+            raise ValueError(f"weights has {raw.size} values for {n} background rows")
+        self.weights = raw / np.sum(raw)
+        # shap compares x with background.values: numerically (np.allclose) when that array is numeric,
+        # by exact == otherwise (one text column makes the whole array object; NaN then never matches).
+        self._bg_values = self.background.to_numpy()
+        kind = self._bg_values.dtype
+        self._numeric = bool(np.issubdtype(kind, np.number) or np.issubdtype(kind, np.bool_))
+        # Numpy-typed columns are written into one block per dtype; extension types (str, category,
+        # nullable ints) are gathered with their own take(), which keeps their dtype.
+        self._blocks: dict[np.dtype, list[int]] = {}
+        for j, column in enumerate(self.columns):
+            dtype = self.dtypes[column]
+            if isinstance(dtype, np.dtype):
+                if float32 and dtype == np.float64:
+                    dtype = np.dtype(np.float32)
+                self._blocks.setdefault(dtype, []).append(j)
+        self._extension = [j for j, c in enumerate(self.columns) if not isinstance(self.dtypes[c], np.dtype)]
+        self._bg_blocks = {
+            dtype: self.background.iloc[:, positions].to_numpy(dtype=dtype)
+            for dtype, positions in self._blocks.items()
+        }
+        self._lock = threading.Lock()
+        self.rows_sent = 0
+        self.rows_saved = 0
+        self._auto_dedupe: bool | None = None  # decided by the first call with dedupe="auto"
+        try:
+            out = self._predict(self.background)
+        except ModelError as exc:
+            if exc.transient:
+                raise
+            raise ModelError(f"the call on the {n} background rows: {exc}") from exc
+        # Same expression as shap, so the expected value is bit for bit shap's.
+        self._fnull = np.sum((out.T * self.weights).T, 0)
+        self.n_outputs = out.shape[1]
+        self.expected_value = self._link(self._fnull)
+
+    # ----------------------------------------------------------------------------------------------
+    # public API
+
+    def explain(
+        self,
+        rows: pd.DataFrame,
+        seeds: Sequence[int],
+        nsamples: int | str = "auto",
+        l1_reg: str | float | bool = "num_features(10)",
+        batch_rows: int = 1,
+        dedupe: bool | str = False,
+        row_ids: Sequence[object] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Values (rows, columns, outputs) and f(x) (rows, outputs), one model call per `batch_rows` rows.
+
+        With `dedupe`, each distinct row of a call is sent once and its output fanned back out (NaN equals
+        NaN); `rows_sent` and `rows_saved` count the effect. With "auto", the engine's first call decides
+        for all its calls, from how often a sample of its rows repeats (`_repeat_share`): deduplicating
+        costs more than a fast model's time on a few repeated rows. Values are the same either way.
+        Defaults are shap's. A model call the predict function refuses (a ModelError) is named by the
+        rows it explained: their `row_ids` (positions when not given).
+        """
+        if dedupe not in (True, False, "auto"):
+            raise ValueError(f"dedupe must be true, false or 'auto', got {dedupe!r}")
+        frame = self._as_rows(rows)
+        if len(seeds) != len(frame):
+            raise ValueError(f"{len(seeds)} seeds for {len(frame)} rows")
+        values = np.zeros((len(frame), len(self.columns), self.n_outputs))
+        fx = np.zeros((len(frame), self.n_outputs))
+        data = self._prepare(frame)
+        buffers = _Buffers.of_this_thread()
+        n = len(self.background)
+        step = max(1, int(batch_rows))
+        for start in range(0, len(frame), step):
+            stop = min(start + step, len(frame))
+            plans = [self._plan(data, i, int(seeds[i]), nsamples) for i in range(start, stop)]
+            batch = self._batch(plans, data, start)
+            try:
+                outputs = self._evaluate(batch, self._deduplicates(batch, dedupe), buffers)
+            except ModelError as exc:
+                if exc.transient:  # an endpoint's fault: retried as it is
+                    raise
+                named = list(row_ids[start:stop]) if row_ids is not None else list(range(start, stop))
+                raise ModelError(f"explaining {rows_named(named)}: {exc}") from exc
+            for i, plan in enumerate(plans):
+                fx[start + i] = outputs[i]
+                mine = outputs[batch.offsets[i] : batch.offsets[i] + plan.filled * n]
+                values[start + i] = self._solve(plan, self._background_mean(plan, mine), outputs[i], l1_reg)
+        buffers.keep_or_release()
+        return values, fx
+
+    # ----------------------------------------------------------------------------------------------
+    # coalitions
+
+    def _plan(self, rows: _Rows, i: int, seed: int, nsamples: int | str) -> RowPlan:
+        x = rows.frame.iloc[i : i + 1]
+        varying = self._varying(rows.values[i])
+        m = len(varying)
+        if m <= 1:  # shap draws nothing: no feature matters, or the only one takes all the effect
+            return RowPlan(int(seed), x, varying, np.zeros((0, m)), np.zeros(0), 0, 0.0)
+        masks, weights, filled, fraction = _draw_coalitions(m, nsamples, np.random.RandomState(seed))
+        return RowPlan(int(seed), x, varying, masks, weights, filled, fraction)
+
+    def _varying(self, values: np.ndarray) -> np.ndarray:
+        """shap's varying_groups (one feature per group) for x's row of frame.to_numpy(), as shap gets it."""
+        if self._numeric:
+            # np.allclose(x_j, background_j, equal_nan=True) per column, argument order kept (rtol * |bg|).
+            same = np.isclose(values, self._bg_values, equal_nan=True).all(axis=0)
+        else:
+            # Element-wise == on object arrays, as shap's all(i == j): NaN != NaN, 1 == 1.0.
+            same = (self._bg_values == values).all(axis=0)
+        return np.flatnonzero(~same)
+
+    # ----------------------------------------------------------------------------------------------
+    # synthetic data and the model call
+
+    def _as_rows(self, rows: pd.Series | np.ndarray | pd.DataFrame) -> pd.DataFrame:
+        if isinstance(rows, pd.Series):
+            rows = rows.to_frame().T
+        elif not isinstance(rows, pd.DataFrame):
+            array = np.asarray(rows, dtype=None if self._numeric else object)
+            rows = pd.DataFrame(array.reshape(-1, len(self.columns)), columns=self.columns)
+        missing = [c for c in self.columns if c not in rows.columns]
+        if missing:
+            raise ValueError(f"rows lack background columns: {', '.join(map(str, missing))}")
+        rows = rows[self.columns]
+        if rows.dtypes.to_dict() != self.dtypes:
+            rows = rows.astype(self.dtypes)
+        return rows.reset_index(drop=True)
+
+    def _prepare(self, frame: pd.DataFrame) -> _Rows:
+        values = frame.to_numpy()
+        blocks = {dtype: frame.iloc[:, cols].to_numpy(dtype=dtype) for dtype, cols in self._blocks.items()}
+        extension = {
+            j: pd.concat([self.background.iloc[:, j], frame.iloc[:, j]], ignore_index=True).array
+            for j in self._extension
+        }
+        return _Rows(frame, values if self._numeric else values.astype(object, copy=False), blocks, extension)
+
+    def _batch(self, plans: list[RowPlan], rows: _Rows, start: int) -> _Batch:
+        b, p, n = len(plans), len(self.columns), len(self.background)
+        stop = start + b
+        palettes: list[_Palette] = [np.empty(0)] * p
+        for dtype, positions in self._blocks.items():
+            # Columns of one palette block are contiguous (Fortran order) for the fills below.
+            block = np.asfortranarray(
+                np.concatenate([self._bg_blocks[dtype], rows.blocks[dtype][start:stop]])
+            )
+            for k, j in enumerate(positions):
+                palettes[j] = block[:, k]
+        if self._extension:
+            keep = np.concatenate([np.arange(n), n + np.arange(start, stop)])
+            for j in self._extension:
+                palettes[j] = rows.extension[j].take(keep)
+        masks = [np.ones((b, p), dtype=bool)]
+        owners = [np.arange(b)]
+        offsets, row = [], b
+        for i, plan in enumerate(plans):
+            unit = np.zeros((plan.filled, p), dtype=bool)
+            unit[:, plan.varying] = plan.masks[: plan.filled] == 1.0
+            masks.append(unit)
+            owners.append(np.full(plan.filled, i))
+            offsets.append(row)
+            row += plan.filled * n
+        return _Batch(plans, palettes, np.concatenate(masks), np.concatenate(owners), offsets, row)
+
+    def _row_sources(self, batch: _Batch, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The unit and background row of each given row of the call (0 for explained rows)."""
+        b, n = len(batch.plans), len(self.background)
+        synthetic = np.maximum(rows - b, 0)
+        units = np.where(rows < b, rows, b + synthetic // n)
+        return units, np.where(rows < b, 0, synthetic % n)
+
+    def _fill(
+        self, batch: _Batch, buffers: _Buffers
+    ) -> tuple[dict[np.dtype, np.ndarray], dict[int, _Palette]]:
+        """Every row of the call, per column: the background tiled, then x written into its coalitions.
+
+        Returns one (columns, rows) block per numpy dtype and the extension-typed columns.
+        """
+        n, b = len(self.background), len(batch.plans)
+        coalitions = batch.unit_mask[b:]
+        spans = []  # (plan, its rows in the call, its coalitions)
+        first_unit = 0
+        for i, plan in enumerate(batch.plans):
+            if plan.filled:
+                rows = slice(batch.offsets[i], batch.offsets[i] + plan.filled * n)
+                spans.append((i, rows, slice(first_unit, first_unit + plan.filled)))
+            first_unit += plan.filled
+        blocks: dict[np.dtype, np.ndarray] = {}
+        for dtype, positions in self._blocks.items():
+            # One block per dtype: many separate multi-megabyte columns cost several times more.
+            block = blocks[dtype] = buffers.get(dtype, dtype, (len(positions), batch.n_rows))
+            for k, j in enumerate(positions):
+                palette, out = batch.palettes[j], block[k]
+                out[:b] = palette[n:]
+                out[b:].reshape(-1, n)[...] = palette[:n]
+                for i, rows, units in spans:
+                    # A scalar written into whole rows of the (coalitions, background) view: the
+                    # cheapest masked write numpy has (a per-row array value is several times slower).
+                    out[rows].reshape(-1, n)[coalitions[units, j]] = palette[n + i]
+        extension: dict[int, _Palette] = {}
+        if self._extension:
+            index = buffers.get("index", np.dtype(np.intp), (batch.n_rows,))
+            for j in self._extension:
+                index[:b] = n + np.arange(b)
+                index[b:].reshape(-1, n)[...] = np.arange(n)
+                for i, rows, units in spans:
+                    index[rows].reshape(-1, n)[coalitions[units, j]] = n + i
+                extension[j] = batch.palettes[j].take(index)
+        return blocks, extension
+
+    def _assemble(self, blocks: dict[np.dtype, np.ndarray], extension: dict[int, _Palette]) -> pd.DataFrame:
+        """A frame over the blocks' memory (no copy), columns in the background's order."""
+        if len(blocks) == 1 and not extension:
+            # One dtype: pandas keeps the (columns, rows) block as its single internal block.
+            (block,) = blocks.values()
+            return pd.DataFrame(block.T, columns=self.background.columns, copy=False)
+        columns: dict[int, object] = dict(extension)
+        for dtype, positions in self._blocks.items():
+            columns.update({j: blocks[dtype][k] for k, j in enumerate(positions)})
+        frame = pd.DataFrame({j: columns[j] for j in range(len(self.columns))}, copy=False)
+        frame.columns = self.background.columns  # the background's own labels (and index dtype)
+        return frame
+
+    def _evaluate(self, batch: _Batch, dedupe: bool, buffers: _Buffers) -> np.ndarray:
+        """The model's outputs for every row of the call, (rows, outputs)."""
+        blocks, extension = self._fill(batch, buffers)
+        if dedupe:
+            groups = self._distinct_rows(batch)
+            if groups is not None:
+                first, codes = groups
+                # Compact the rows to send: building every row then keeping the first copies costs
+                # less than gathering the distinct rows one column index at a time.
+                distinct = {}
+                for dtype, block in blocks.items():
+                    distinct[dtype] = buffers.get(("distinct", dtype), dtype, (len(block), len(first)))
+                    np.take(block, first, axis=1, out=distinct[dtype], mode="clip")  # "raise" buffers out
+                outputs = self._predict(
+                    self._assemble(distinct, {j: values.take(first) for j, values in extension.items()})
+                )
+                self._count(len(first), batch.n_rows - len(first))
+                return outputs[codes]
+        outputs = self._predict(self._assemble(blocks, extension))
+        self._count(batch.n_rows, 0)
+        return outputs
+
+    def _deduplicates(self, batch: _Batch, dedupe: bool | str) -> bool:
+        if dedupe != "auto":
+            return bool(dedupe)
+        if self._auto_dedupe is None and any(plan.filled for plan in batch.plans):
+            share = self._repeat_share(batch)
+            with self._lock:
+                if self._auto_dedupe is None:
+                    self._auto_dedupe = share >= _REPEAT_SHARE
+        return bool(self._auto_dedupe)
+
+    def _repeat_share(self, batch: _Batch) -> float:
+        """An estimate of the share of the call's rows that repeat: that of a sample of its synthetic rows.
+
+        The sample is the call's first row with synthetic rows: up to _REPEAT_SAMPLE of its coalitions,
+        evenly spaced, each with every background row (the whole row when it has that few coalitions).
+        Rows are compared by hash, enough for an estimate (a collision only lowers it); the rows the
+        call deduplicates are verified value by value.
+        """
+        b = len(batch.plans)
+        i = next(i for i, plan in enumerate(batch.plans) if plan.filled)
+        first_unit = b + sum(plan.filled for plan in batch.plans[:i])
+        filled = batch.plans[i].filled
+        picks = np.unique(np.linspace(0, filled - 1, min(filled, _REPEAT_SAMPLE)).round().astype(np.intp))
+        _, _, table_bg, table_x = self._hash_tables(batch)
+        units = batch.unit_mask[first_unit + picks].astype(np.uint64)
+        hashes = units @ (table_x[i][:, None] - table_bg.T) + table_bg.sum(axis=1)
+        return 1.0 - len(np.unique(hashes)) / hashes.size
+
+    def _hash_tables(self, batch: _Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Codes of the background's and the x's values, per column (NaN one code), and a random 64-bit
+        number per code: (codes_bg, codes_x, table_bg, table_x), background rows and x's by columns."""
+        n, b, p = len(self.background), len(batch.plans), len(self.columns)
+        codes_bg = np.empty((n, p), dtype=np.intp)
+        codes_x = np.empty((b, p), dtype=np.intp)
+        table_bg = np.empty((n, p), dtype=np.uint64)
+        table_x = np.empty((b, p), dtype=np.uint64)
+        rng = np.random.default_rng(_HASH_SEED)
+        for j, palette in enumerate(batch.palettes):
+            keys = _exact_keys(palette)
+            codes, uniques = pd.factorize(keys, use_na_sentinel=False)  # type: ignore[arg-type]
+            randoms = rng.integers(
+                0, np.iinfo(np.uint64).max, size=len(uniques), dtype=np.uint64, endpoint=True
+            )
+            codes_bg[:, j], codes_x[:, j] = codes[:n], codes[n:]
+            table_bg[:, j], table_x[:, j] = randoms[codes[:n]], randoms[codes[n:]]
+        return codes_bg, codes_x, table_bg, table_x
+
+    def _distinct_rows(self, batch: _Batch) -> tuple[np.ndarray, np.ndarray] | None:
+        """(first row of each distinct row, distinct index of every row), or None on a hash collision.
+
+        Values are coded per column (NaN one code), each row is hashed as a sum of random 64-bit numbers,
+        one per (column, code), and every merge is then verified on the codes themselves.
+        """
+        b, n = len(batch.plans), len(self.background)
+        codes_bg, codes_x, table_bg, table_x = self._hash_tables(batch)
+        hashes = np.empty(batch.n_rows, dtype=np.uint64)
+        hashes[:b] = table_x.sum(axis=1)
+        base = table_bg.sum(axis=1)
+        units = batch.unit_mask[b:].astype(np.uint64)
+        first_unit = 0
+        for i, plan in enumerate(batch.plans):
+            mine = units[first_unit : first_unit + plan.filled]
+            first_unit += plan.filled
+            if plan.filled:
+                # Coalition s, background row r: sum_j table_bg[r, j] + sum_j mask[s, j] (table_x[j] -
+                # table_bg[r, j]), all modulo 2**64 (unsigned wrap-around is what a hash sum wants).
+                block = mine @ (table_x[i][:, None] - table_bg.T) + base
+                hashes[batch.offsets[i] : batch.offsets[i] + plan.filled * n] = block.ravel()
+        codes, _ = pd.factorize(hashes)
+        running = np.maximum.accumulate(codes)
+        is_first = np.ones(len(codes), dtype=bool)
+        is_first[1:] = codes[1:] > running[:-1]  # factorize numbers values in order of first appearance
+        first = np.flatnonzero(is_first)
+        repeats = np.flatnonzero(~is_first)
+
+        def row_codes(rows: np.ndarray) -> np.ndarray:
+            units_, background_rows = self._row_sources(batch, rows)
+            return np.where(
+                batch.unit_mask[units_], codes_x[batch.unit_plan[units_]], codes_bg[background_rows]
+            )
+
+        if len(repeats) and not np.array_equal(row_codes(repeats), row_codes(first[codes[repeats]])):
+            return None
+        return first, codes
+
+    def _predict(self, frame: pd.DataFrame) -> np.ndarray:
+        out = _two_d(self.predict(frame))
+        if out.shape[0] != len(frame):
+            raise ValueError(f"predict returned {out.shape[0]} rows for {len(frame)}")
+        return out
+
+    def _count(self, sent: int, saved: int) -> None:
+        with self._lock:
+            self.rows_sent += sent
+            self.rows_saved += saved
+
+    def _background_mean(self, plan: RowPlan, outputs: np.ndarray) -> np.ndarray:
+        """(nsamples, outputs) weighted mean over the background of each coalition's outputs."""
+        n = len(self.background)
+        ey = np.zeros((len(plan.masks), outputs.shape[1]))
+        per_coalition = outputs.reshape(plan.filled, n, outputs.shape[1]).astype(float, copy=False)
+        filled = ey[: plan.filled]
+        # Accumulate background row by background row, vectorised over coalitions and outputs: the same
+        # order of additions as shap's compiled _exp_val, so the solve sees bit-identical targets and
+        # LARS breaks exact ties the same way (a BLAS dot would differ in the last bits).
+        for r in range(n):
+            filled += per_coalition[:, r, :] * self.weights[r]
+        return ey
+
+    # ----------------------------------------------------------------------------------------------
+    # the solve
+
+    def _solve(self, plan: RowPlan, ey: np.ndarray, fx: np.ndarray, l1_reg: str | float | bool) -> np.ndarray:
+        phi = np.zeros((len(self.columns), self.n_outputs))
+        m = len(plan.varying)
+        if m == 0:
+            return phi
+        link_fnull = self._link(self._fnull)
+        delta = self._link(fx) - link_fnull  # in fx's own dtype first, as shap does (float32 for XGBoost)
+        if m == 1:
+            phi[plan.varying[0]] = delta
+            return phi
+        design = _Design(plan.masks, plan.kernel_weights)
+        for d in range(self.n_outputs):
+            target = self._link(ey[:, d]) - link_fnull[d]
+            phi[plan.varying, d] = _solve_output(design, target, delta[d], l1_reg, plan.fraction_evaluated)
+        return phi
+
+
+def _two_d(values: object) -> np.ndarray:
+    """The model's output as (rows, outputs), in its own float dtype (shap links f(x) in that dtype)."""
+    array = np.asarray(values)
+    if array.dtype.kind not in "fc":
+        array = array.astype(float)
+    return array.reshape(len(array), -1) if array.ndim != 2 else array
+
+
+# --------------------------------------------------------------------------------------------------
+# sampling: shap's KernelExplainer.explain, with the same RNG calls in the same order
+
+
+def _draw_coalitions(
+    m: int, nsamples: int | str, rng: np.random.RandomState
+) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """shap's coalitions for m features: (masks, kernel weights, coalitions drawn, fraction evaluated)."""
+    count = 2 * m + 2**11 if nsamples == "auto" else int(nsamples)
+    max_samples = 2**30
+    if m <= 30:
+        max_samples = 2**m - 2
+        count = min(count, max_samples)
+    masks = np.zeros((count, m))
+    weights = np.zeros(count)
+
+    # Subset sizes 1..ceil((m-1)/2); a size below m/2 also stands for its complement's size ("paired").
+    num_subset_sizes = int(np.ceil((m - 1) / 2.0))
+    num_paired = int(np.floor((m - 1) / 2.0))
+    weight_vector = np.array([(m - 1.0) / (i * (m - i)) for i in range(1, num_subset_sizes + 1)])
+    weight_vector[:num_paired] *= 2
+    weight_vector /= np.sum(weight_vector)
+
+    # Enumerate every subset of the sizes the budget covers, smallest first (no randomness).
+    num_full = 0
+    budget = count
+    remaining = weight_vector.copy()
+    added = 0
+    for size in range(1, num_subset_sizes + 1):
+        paired = size <= num_paired
+        nsubsets = binom(m, size) * (2 if paired else 1)
+        if budget * remaining[size - 1] / nsubsets < 1.0 - 1e-8:
+            break
+        num_full += 1
+        budget -= nsubsets
+        if remaining[size - 1] < 1.0:
+            remaining /= 1 - remaining[size - 1]
+        w = weight_vector[size - 1] / binom(m, size)
+        if paired:
+            w /= 2.0
+        subsets = np.array(list(itertools.combinations(range(m), size)), dtype=np.intp)
+        block = np.zeros((len(subsets), m))
+        block[np.arange(len(subsets))[:, None], subsets] = 1.0
+        if paired:  # each subset is followed by its complement
+            block = np.stack([block, 1.0 - block], axis=1).reshape(-1, m)
+        masks[added : added + len(block)] = block
+        weights[added : added + len(block)] = w
+        added += len(block)
+
+    nfixed = added
+    samples_left = count - added
+    if num_full != num_subset_sizes and samples_left > 0:
+        left = weight_vector.copy()
+        left[:num_paired] /= 2  # a paired draw adds two coalitions
+        left = left[num_full:]
+        left /= np.sum(left)
+        sizes = rng.choice(len(left), 4 * samples_left, p=left) + num_full + 1
+        added = _random_coalitions(m, sizes, num_paired, samples_left, rng, masks, weights, nfixed)
+        weight_left = np.sum(weight_vector[num_full:])
+        weights[nfixed:] *= weight_left / weights[nfixed:].sum()
+    return masks, weights, added, count / max_samples
+
+
+def _random_coalitions(
+    m: int,
+    sizes: np.ndarray,
+    num_paired: int,
+    samples_left: int,
+    rng: np.random.RandomState,
+    masks: np.ndarray,
+    weights: np.ndarray,
+    start: int,
+) -> int:
+    """shap's random phase, vectorised: fills masks/weights from row `start`; returns the rows filled.
+
+    Draw i takes the first sizes[i] features of rng.permutation(m). A coalition not drawn before adds a
+    row (and its complement's, when its size is paired and budget remains); a repeat adds 1 to the
+    weight of the earlier row (and of the row after it, when paired). shap stops once the budget is
+    spent: the draws it makes are a prefix of ours, and any we draw past it are never used.
+    """
+    order = np.arange(m)
+    chunks: list[np.ndarray] = []
+    drawn, needed = 0, samples_left
+    while True:
+        # Enough draws for the remaining budget if each were new and paired, plus some for repeats.
+        count = min(len(sizes) - drawn, needed // 2 + 64)
+        perms = _permutations(m, count, rng)
+        ranks = np.empty_like(perms)
+        ranks[np.arange(count)[:, None], perms] = order
+        chunks.append(ranks < sizes[drawn : drawn + count, None])
+        drawn += count
+        coalitions = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+        _, first, inverse = np.unique(_coalition_keys(coalitions), return_index=True, return_inverse=True)
+        original = first[inverse]  # the first draw of each draw's coalition
+        new = original == np.arange(drawn)
+        paired = sizes[:drawn] <= num_paired
+        gain = np.where(new, 1 + paired, 0)
+        total = np.cumsum(gain)
+        done = np.flatnonzero(total >= samples_left)
+        if len(done) or drawn == len(sizes):
+            break
+        needed = samples_left - int(total[-1])
+    stop = int(done[0]) + 1 if len(done) else drawn
+    gain = gain[:stop].copy()
+    if len(done):
+        gain[-1] -= int(total[stop - 1]) - samples_left  # the last new coalition's complement may not fit
+    before = np.cumsum(gain) - gain  # rows added before each draw
+    n_rows = int(gain.sum())
+    source = np.repeat(np.arange(stop), gain)
+    complement = np.arange(n_rows) - np.repeat(before, gain) == 1
+    masks[start : start + n_rows] = coalitions[source] != complement[:, None]
+    weights[start : start + n_rows] = 1.0
+    repeat = ~new[:stop]
+    earlier = start + before[original[:stop]]
+    np.add.at(weights, earlier[repeat], 1.0)
+    np.add.at(weights, earlier[repeat & paired[:stop]] + 1, 1.0)
+    return start + n_rows
+
+
+def _permutations(m: int, count: int, rng: np.random.RandomState) -> np.ndarray:
+    """`count` rows of rng.permutation(m), drawn in order: the same permutations and RNG state as
+    calling rng.shuffle on each row of np.tile(np.arange(m), (count, 1)), in a quarter less time.
+
+    RandomState.shuffle is a Fisher-Yates pass from the last position: position i swaps with j uniform
+    in [0, i], drawn by masked rejection on 32-bit outputs. randint with one upper bound per draw draws
+    every j the same way, in the same order (both are frozen by numpy's legacy stream guarantee), so
+    one call replaces `count` Python-level shuffles; the swaps then run across all rows per position.
+    """
+    perms = np.tile(np.arange(m), (count, 1))
+    if m < 2 or count == 0:
+        return perms
+    bounds = np.tile(np.arange(m, 1, -1, dtype=np.int32), count)  # i + 1 for i = m - 1 down to 1
+    swaps = rng.randint(0, bounds, dtype=np.int32).reshape(count, m - 1)
+    flat = perms.reshape(-1)
+    first = np.arange(count) * m
+    for step, i in enumerate(range(m - 1, 0, -1)):
+        here, there = first + i, first + swaps[:, step]
+        held = flat[here]
+        flat[here] = flat[there]
+        flat[there] = held
+    return perms
+
+
+def _coalition_keys(coalitions: np.ndarray) -> np.ndarray:
+    """One sortable key per coalition (row of booleans)."""
+    m = coalitions.shape[1]
+    if m <= 63:
+        return coalitions @ (np.int64(1) << np.arange(m, dtype=np.int64))
+    packed = np.ascontiguousarray(np.packbits(coalitions, axis=1))
+    return packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
+
+
+# --------------------------------------------------------------------------------------------------
+# the solve: shap's KernelExplainer.solve
+
+
+class _Design:
+    """The output-independent parts of a row's regression, computed once and shared by every output."""
+
+    def __init__(self, masks: np.ndarray, kernel_weights: np.ndarray) -> None:
+        self.masks = masks
+        self.kernel_weights = kernel_weights
+        self.m = masks.shape[1]
+        self._augmented: tuple[np.ndarray, np.ndarray] | None = None
+        self._centred: tuple[np.ndarray, np.ndarray] | None = None
+
+    def augmented(self) -> tuple[np.ndarray, np.ndarray]:
+        """shap's (mask_aug, sqrt(w_aug)): every coalition once as itself and once as its complement."""
+        if self._augmented is None:
+            masks, rows = self.masks, len(self.masks)
+            s = np.sum(masks, 1)
+            w_sqrt = np.sqrt(np.hstack((self.kernel_weights * (self.m - s), self.kernel_weights * s)))
+            # shap's vstack-then-scale, written in place: the same single product per element, and the
+            # same C memory order (the column sums in centred() add in memory order).
+            design = np.empty((2 * rows, self.m))
+            np.multiply(w_sqrt[:rows, None], masks, out=design[:rows])
+            np.multiply(w_sqrt[rows:, None], masks - 1, out=design[rows:])
+            self._augmented = design, w_sqrt
+        return self._augmented
+
+    def centred(self) -> tuple[np.ndarray, np.ndarray]:
+        """mask_aug scaled as StandardScaler(with_mean=False) and centred as LassoLarsIC, and its Gram."""
+        if self._centred is None:
+            design, _ = self.augmented()
+            n = float(design.shape[0])
+            # StandardScaler's corrected two-pass variance (Chan, Golub & LeVeque), operation for operation.
+            mean = np.sum(design, axis=0) / n
+            deviation = design - mean
+            correction = np.sum(deviation, axis=0)
+            deviation **= 2
+            variance = (np.sum(deviation, axis=0) - correction**2 / n) / n
+            eps = np.finfo(np.float64).eps
+            scale = np.sqrt(variance)
+            scale[variance <= n * eps * variance + (n * mean * eps) ** 2] = 1.0  # constant columns
+            scaled = design / scale
+            scaled -= np.mean(scaled, axis=0)
+            self._centred = scaled, np.dot(scaled.T, scaled)
+        return self._centred
+
+
+def _solve_output(
+    design: _Design, target: np.ndarray, delta: float, l1_reg: str | float | bool, fraction: float
+) -> np.ndarray:
+    """phi for one output: feature selection by l1_reg, then the constrained weighted least squares."""
+    masks, kernel_weights, m = design.masks, design.kernel_weights, design.m
+    selected = np.arange(m)
+    if l1_reg == "auto":
+        warnings.warn(
+            "l1_reg='auto' is deprecated and will be removed in a future version.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    # shap's test: 0, 0.0 and False all switch selection off, and 'auto' selects only below 20%.
+    if (l1_reg not in ["auto", False, 0]) or (fraction < 0.2 and l1_reg == "auto"):
+        augmented, w_sqrt = design.augmented()
+        target_aug = np.hstack((target, target - delta)) * w_sqrt
+        if isinstance(l1_reg, str) and l1_reg.startswith("num_features("):
+            from sklearn.linear_model import lars_path
+
+            # As shap calls it (no Gram): the order of entry decides which feature is eliminated below.
+            selected = lars_path(augmented, target_aug, max_iter=int(l1_reg[len("num_features(") : -1]))[1]
+        elif l1_reg in ("auto", "bic", "aic"):
+            selected = _information_criterion_support(
+                design, target_aug, "aic" if l1_reg == "auto" else l1_reg
+            )
+        else:
+            from sklearn.linear_model import Lasso
+
+            selected = np.nonzero(Lasso(alpha=l1_reg).fit(augmented, target_aug).coef_)[0]
+    if len(selected) == 0:
+        return np.zeros(m)
+
+    # Eliminate the last selected feature with the constraint that the values sum to delta, then solve
+    # the weighted normal equations (shap's expressions, so the result matches to the last bits).
+    last = selected[-1]
+    target2 = target - masks[:, last] * delta
+    etmp = np.transpose(np.transpose(masks[:, selected[:-1]]) - masks[:, last])
+    weighted = kernel_weights[:, None] * etmp
+    try:
+        w = np.linalg.solve(etmp.T @ weighted, weighted.T @ target2)
+    except np.linalg.LinAlgError:
+        warnings.warn(
+            "Linear regression equation is singular, a least squares solution is used instead; "
+            "use more samples, a num_features(N) l1_reg, or fewer features.",
+            stacklevel=3,
+        )
+        sqrt_w = np.sqrt(kernel_weights)
+        w = np.linalg.lstsq(sqrt_w[:, None] * etmp, sqrt_w * target2, rcond=None)[0]
+    phi = np.zeros(m)
+    phi[selected[:-1]] = w
+    phi[last] = delta - sum(w)  # Python's left-to-right sum, as shap
+    phi[np.abs(phi) < 1e-10] = 0.0
+    return phi
+
+
+def _information_criterion_support(design: _Design, target_aug: np.ndarray, criterion: str) -> np.ndarray:
+    """The features of make_pipeline(StandardScaler(with_mean=False), LassoLarsIC(criterion)).fit(...).
+
+    The LARS path is scikit-learn's (`lars.lasso_path_gram`: its lars_path_gram step for step, bit for
+    bit) on bit-identical inputs: the same scaling, centring and Gram as the pipeline. Only scoring the
+    path is cheaper: LassoLarsIC refits an OLS on the whole augmented design (an SVD) for the noise
+    variance and multiplies the design by every point of the path for its residuals; here both come
+    from the Gram (the OLS residual still taken directly). Both agree with scikit-learn to ~1e-14
+    relative; if another point of the path scores within a margin far above that of the best,
+    scikit-learn's exact scoring decides instead.
+    """
+    x, gram = design.centred()
+    n, p = x.shape
+    if n <= p + 1:
+        raise ValueError(
+            "LassoLarsIC needs more samples than features to estimate the noise variance; "
+            f"got {n} augmented samples for {p} features: use more samples or l1_reg='num_features(k)'"
+        )
+    y = target_aug - np.mean(target_aug)
+    xy = np.dot(x.T, y)
+    _, _, path = lasso_path_gram(xy, gram, n_samples=n, max_iter=500, eps=np.finfo(float).eps)
+    dof = np.sum(np.abs(path) > np.finfo(path.dtype).eps, axis=0)
+    factor = 2 if criterion == "aic" else math.log(n)
+
+    def scores(noise_variance: float, rss: np.ndarray) -> np.ndarray:
+        return n * np.log(2 * np.pi * noise_variance) + rss / noise_variance + factor * dof
+
+    yy = float(np.dot(y, y))
+    noise = _noise_variance(x, gram, xy, y, yy)
+    if noise is not None:
+        rss = yy - 2 * (xy @ path) + np.sum(path * (gram @ path), axis=0)
+        crit = scores(noise, rss)
+        best = int(np.argmin(crit))
+        # Error in a score: from the variance (relative ~1e-13), e * |rss_k - rss_best| / variance
+        # on a gap; from these rss (absolute ~1e-14 * yy), that over the variance. Margins ~1e4 above.
+        gap = crit - crit[best]
+        gap[best] = np.inf
+        margin = _TIE_MARGIN * (1.0 + np.abs(rss - rss[best]) / noise) + 1e-10 * yy / noise
+        if np.all(gap > margin):
+            return np.nonzero(path[:, best])[0]
+    rss = np.sum((y[:, np.newaxis] - np.dot(x, path)) ** 2, axis=0)
+    crit = scores(_sklearn_noise_variance(x, y), rss)
+    return np.nonzero(path[:, int(np.argmin(crit))])[0]
+
+
+def _noise_variance(
+    x: np.ndarray, gram: np.ndarray, xy: np.ndarray, y: np.ndarray, yy: float
+) -> float | None:
+    """The OLS residual variance from the normal equations, or None when they cannot be trusted."""
+    n, p = x.shape
+    try:
+        beta = np.linalg.solve(gram, xy)
+    except np.linalg.LinAlgError:
+        return None
+    residual = y - x @ beta  # taken directly, its error is second order in beta's
+    rss = float(np.dot(residual, residual))
+    # A (near) perfect fit leaves only rounding noise, which no two computations agree on.
+    if not np.isfinite(rss) or rss <= 1e-12 * yy:
+        return None
+    return rss / (n - p - 1)
+
+
+def _sklearn_noise_variance(x: np.ndarray, y: np.ndarray) -> float:
+    """LassoLarsIC._estimate_noise_variance: an OLS refit without intercept on the centred data."""
+    from sklearn.linear_model import LinearRegression
+
+    n, p = x.shape
+    fitted = LinearRegression(fit_intercept=False).fit(x, y).predict(x)
+    return float(np.sum((y - fitted) ** 2) / (n - p - 1))

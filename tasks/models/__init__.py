@@ -1,0 +1,1 @@
+"""A model wherever it lives, behind one Predictor interface: local files, the MLflow registry, SageMaker endpoints."""

@@ -1,0 +1,282 @@
+"""Every model, wherever it lives, is a Predictor: frame in, a 2-D array of outputs out."""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from shapline.tasks.common.errors import ModelError
+from shapline.tasks.models.limits import RequestLimit
+
+_THREAD_LIMIT_LOCK = threading.Lock()
+
+
+class Predictor(ABC):
+    """A model behind one call signature; the explainer never knows where it lives."""
+
+    name: str
+    method: str
+    feature_names: list[str] | None = None
+    class_labels: list[str] | None = None
+    # Columns predict() returns, when known without asking the model (saves a remote model a round trip).
+    output_width: int | None = None
+    # Each row sent costs (an endpoint bills its inference): the kernel explainer sends a distinct row once.
+    pays_per_row: bool = False
+    # The model reads every number as a 32-bit float (XGBoost casts its input, rounding to nearest): float64
+    # columns handed to it as float32 give the same outputs bit for bit, with half the memory to write and read.
+    reads_float32: bool = False
+
+    @abstractmethod
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        """The configured output for each row, always 2-D: (rows, outputs)."""
+
+    @property
+    def native(self) -> Any | None:
+        """The in-process model object for tree and linear explainers, or None for a remote model."""
+        return None
+
+    def raw_output(self, frame: pd.DataFrame, space: str) -> np.ndarray:
+        """The model's own output in an explainer's space ('log_odds', 'probability' or 'raw'), 2-D."""
+        raise ModelError(f"model {self.name}: cannot compute {space} output for the additivity check")
+
+    def rows_to_merge(self, nsamples: int | str, background: pd.DataFrame) -> int:
+        """How many explained rows' kernel calls (nsamples coalitions x background rows each) to merge into
+        one (explainer.batch_rows auto). In-process models gain little and would hold more memory."""
+        return 1
+
+    def bounded(self, limit: RequestLimit | None) -> Predictor:
+        """This model under a run's limit on requests in flight; only a remote model has one to honour."""
+        return self
+
+    def traffic(self) -> dict[str, float] | None:
+        """What this predictor sent to a remote model (requests, rows, bytes, ...), None for a local one."""
+        return None
+
+    def limit_threads(self, threads: int) -> None:
+        """Cap the model's own threads, once: reconfiguring a model another thread predicts with is unsafe."""
+        with _THREAD_LIMIT_LOCK:
+            if getattr(self, "_threads", None) == threads:
+                return
+            self._set_threads(threads)
+            self._threads = threads
+
+    def _set_threads(self, threads: int) -> None:  # noqa: B027 - a remote model has no threads of its own
+        """Set the model's thread count (overridden by in-process models)."""
+
+
+def two_d(values: Any) -> np.ndarray:
+    array = np.asarray(values, dtype=float)
+    return array.reshape(len(array), -1) if array.ndim != 2 else array
+
+
+def final_estimator(model: Any) -> Any:
+    """The last step of a Pipeline, or the model itself."""
+    steps = getattr(model, "steps", None)
+    return steps[-1][1] if steps else model
+
+
+def is_pipeline(model: Any) -> bool:
+    """A scikit-learn Pipeline (or anything with steps): explained as a whole, model-agnostically."""
+    return hasattr(model, "steps")
+
+
+class LocalPredictor(Predictor):
+    """A scikit-learn estimator, Pipeline or XGBoost model held in this process."""
+
+    def __init__(self, name: str, model: Any, method: str) -> None:
+        self.name = name
+        self.model = model
+        self.method = method
+        if not callable(getattr(model, method, None)):
+            raise ModelError(f"model.output: model {name} ({type(model).__name__}) has no {method}()")
+        names = getattr(model, "feature_names_in_", None)
+        self.feature_names = [str(n) for n in names] if names is not None else None
+        classes = getattr(final_estimator(model), "classes_", None)
+        self.class_labels = [str(c) for c in classes] if classes is not None else None
+        # XGBoost itself (not a Pipeline ending in it): it reads numbers as float32, from one array as well.
+        self.reads_float32 = is_xgboost(model)
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        model_input = numeric_array(frame, self.feature_names) if self.reads_float32 else None
+        return two_d(getattr(self.model, self.method)(frame if model_input is None else model_input))
+
+    def _set_threads(self, threads: int) -> None:
+        estimator = final_estimator(self.model)
+        # XGBoost and scikit-learn ensembles default to every core; W workers doing that oversubscribe.
+        if "n_jobs" in getattr(estimator, "get_params", dict)():
+            estimator.set_params(n_jobs=threads)
+
+    @property
+    def native(self) -> Any:
+        return self.model
+
+    def raw_output(self, frame: pd.DataFrame, space: str) -> np.ndarray:
+        model = self.model
+        if space == "probability":
+            return two_d(model.predict_proba(frame))
+        if space == "log_odds":
+            if is_xgboost(model):
+                return two_d(model.predict(frame, output_margin=True))
+            return two_d(model.decision_function(frame))
+        return two_d(model.predict(frame))
+
+
+def is_xgboost(model: Any) -> bool:
+    return type(model).__module__.startswith("xgboost")
+
+
+def numeric_array(frame: pd.DataFrame, feature_names: list[str] | None) -> np.ndarray | None:
+    """The frame as one float or int array when XGBoost would read the same numbers from it, else None.
+
+    XGBoost reads a frame column by column, slower than the same numbers as one array. The array carries
+    no names, so it is used only when the columns are the
+    model's own in its order (or the model knows no names), and only for plain numeric columns: booleans,
+    categories and nullable types keep the frame, where XGBoost has its own rules for them.
+    """
+    if feature_names is not None and list(frame.columns) != feature_names:
+        return None
+    if not all(isinstance(t, np.dtype) and t.kind in "fiu" for t in frame.dtypes):
+        return None
+    return frame.to_numpy()
+
+
+class BoosterPredictor(Predictor):
+    """A raw xgboost.Booster loaded from .json or .ubj."""
+
+    def __init__(self, name: str, booster: Any, method: str) -> None:
+        self.name = name
+        self.booster = booster
+        self.method = method
+        self.feature_names = list(booster.feature_names) if booster.feature_names else None
+        self.reads_float32 = True
+        objective = _booster_objective(booster)
+        self.binary = objective.startswith("binary:")
+        n_classes = int(_booster_param(booster, "num_class") or 0)
+        if self.binary:
+            self.class_labels = ["0", "1"]
+        elif n_classes > 1:
+            self.class_labels = [str(i) for i in range(n_classes)]
+
+    def _matrix(self, frame: pd.DataFrame) -> Any:
+        import xgboost
+
+        array = numeric_array(frame, self.feature_names)
+        if array is not None:
+            return xgboost.DMatrix(array, feature_names=list(frame.columns))
+        return xgboost.DMatrix(frame, enable_categorical=True)
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        if self.method == "decision_function":
+            return self.raw_output(frame, "log_odds")
+        output = two_d(self.booster.predict(self._matrix(frame)))
+        if self.binary and self.method == "predict_proba":
+            return np.column_stack([1.0 - output[:, 0], output[:, 0]])
+        if self.binary and self.method == "predict":
+            return (output >= 0.5).astype(float)
+        return output
+
+    @property
+    def native(self) -> Any:
+        return self.booster
+
+    def _set_threads(self, threads: int) -> None:
+        self.booster.set_param({"nthread": threads})
+
+    def raw_output(self, frame: pd.DataFrame, space: str) -> np.ndarray:
+        if space == "probability":
+            return self.predict(frame)
+        return two_d(self.booster.predict(self._matrix(frame), output_margin=True))
+
+
+def _booster_objective(booster: Any) -> str:
+    import json
+
+    config = json.loads(booster.save_config())
+    return config["learner"]["objective"]["name"]
+
+
+def _booster_param(booster: Any, key: str) -> str | None:
+    import json
+
+    config = json.loads(booster.save_config())
+    return config["learner"]["learner_model_param"].get(key)
+
+
+# A probability a model computes in float32 (a softmax) can be a rounding step past 1: not a wrong output.
+PROBABILITY_SLACK = 1e-6
+
+
+def _cells(frame: pd.DataFrame, position: int, row_ids: bool, shown: int = 6) -> str:
+    row = frame.iloc[position]
+    cells = [f"{column}={value!r}" for column, value in list(row.items())[:shown]]
+    named = f"row_id {frame.index[position]}: " if row_ids else ""
+    return named + ", ".join(cells) + (", ..." if len(row) > shown else "")
+
+
+def checked_output(
+    predictor: Predictor,
+    output: np.ndarray,
+    frame: pd.DataFrame,
+    width: int | None = None,
+    probabilities: bool = False,
+    where: str = "one call",
+    row_ids: bool = False,
+) -> np.ndarray:
+    """The model's output for `frame`, refused unless it is what the explainer can use: a row per input row,
+    `width` columns (as many as the run's probe saw), every value finite, and probabilities in [0, 1] when
+    the logit link reads them as probabilities. A model that breaks one of these would be explained wrongly
+    without a word (NaN silently left out of sums, a third column misread, an output clipped)."""
+    name, method = predictor.name, predictor.method
+    if output.ndim != 2 or output.shape[0] != len(frame):
+        raise ModelError(
+            f"model {name}: {method}() returned an array of shape {output.shape} for {len(frame):,} rows in "
+            f"{where}; expected one row of outputs per input row"
+        )
+    if width is not None and output.shape[1] != width:
+        raise ModelError(
+            f"model {name}: {method}() returned {output.shape[1]} outputs per row in {where}, where it "
+            f"returned {width} when the run probed it; one run explains one model with one output shape"
+        )
+    finite = np.isfinite(output)
+    if not finite.all():
+        bad_rows = np.flatnonzero(~finite.all(axis=1))
+        raise ModelError(
+            f"model {name}: {method}() returned {int((~finite).sum()):,} NaN or infinite outputs for "
+            f"{len(bad_rows):,} of {len(frame):,} rows in {where}; the first such row: "
+            f"{_cells(frame, int(bad_rows[0]), row_ids)}"
+        )
+    if probabilities:
+        outside = (output < -PROBABILITY_SLACK) | (output > 1.0 + PROBABILITY_SLACK)
+        if outside.any():
+            row, column = (int(i) for i in np.argwhere(outside)[0])
+            raise ModelError(
+                f"model {name}: {method}() returned {float(output[row, column])!r}, not a probability in [0, 1], "
+                f"for {int(outside.any(axis=1).sum()):,} of {len(frame):,} rows in {where} (the logit link "
+                f"reads it as one); the first such row: {_cells(frame, row, row_ids)}; set explainer.link identity "
+                "to explain the raw output"
+            )
+    return output
+
+
+def explained_outputs(n_outputs: int, class_index: int | None, labels: list[str] | None) -> list[int]:
+    """Indices of the output columns to explain: one column, the configured class, or every class."""
+    if n_outputs == 1:
+        return [0]
+    if class_index is None:
+        return list(range(n_outputs))
+    if class_index >= n_outputs:
+        raise ModelError(
+            f"model.class_index: {class_index} is out of range; the model has {n_outputs} outputs"
+        )
+    return [class_index]
+
+
+def output_labels(outputs: list[int], labels: list[str] | None) -> list[str]:
+    """A label per explained output: the class name where the model knows it."""
+    if labels is not None and len(labels) > max(outputs):
+        return [labels[i] for i in outputs]
+    return [str(i) for i in outputs]

@@ -1,0 +1,102 @@
+"""The model called before any SHAP compute, on the rows it is most likely to refuse: a refusal names the row.
+
+The probe's rows are the first two rows and, for each column, the first row (of the rows to explain and the
+background) with a missing value and the first with text among numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from shapline.tasks.common.errors import ModelError, one_line
+from shapline.tasks.models.predictors import Predictor, checked_output
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _text_among_numbers(column: pd.Series) -> pd.Series:
+    """Cells of a text column that do not read as numbers, when most of its cells do (a typo in a number
+    column: 'abc' among '12.5', '13.1'); an empty selection for a real text column."""
+    if pd.api.types.is_numeric_dtype(column) or column.isna().all():
+        return column.iloc[:0]
+    present = column.dropna()
+    numeric = present.map(_is_number)
+    if numeric.mean() < 0.5:
+        return column.iloc[:0]
+    return present[~numeric]
+
+
+def probe_rows(frame: pd.DataFrame, *others: pd.DataFrame) -> pd.DataFrame:
+    """A few rows that try the model on what the explainer will give it: the first two rows, and for each
+    column the first row (of `frame` or `others`, e.g. the background) with a missing value in it and the
+    first with text among numbers."""
+    picked: list[pd.DataFrame] = [frame.iloc[:2]]
+    for table in (frame, *others):
+        for column in table.columns:
+            missing = table.index[table[column].isna().to_numpy()]
+            odd = _text_among_numbers(table[column]).index
+            picked += [table.loc[[index]] for index in (missing[:1].tolist() + odd[:1].tolist())]
+    probe = pd.concat(picked)
+    # A copy: a slice of a column is a view of the whole column, which the plan would keep alive.
+    return probe[~probe.index.duplicated()].copy()
+
+
+def _what_is_odd(row: pd.Series) -> str:
+    """The cells of one row a model is likely to refuse: missing values, text among numbers."""
+    missing = [str(c) for c, v in row.items() if pd.isna(v)]
+    text = [f"{c}={v!r}" for c, v in row.items() if isinstance(v, str) and not _is_number(v)]
+    parts = []
+    if missing:
+        parts.append(
+            f"missing values in {', '.join(missing)} (refuse such data with expect_column_values_to_not_be_null, "
+            "or impute in the model)"
+        )
+    if text:
+        parts.append(f"text in {', '.join(text)}")
+    return "; ".join(parts)
+
+
+def probe_predictor(
+    predictor: Predictor, rows: pd.DataFrame, class_index: int | None, probabilities: bool = False
+) -> int:
+    """Call the model on the probe rows before any SHAP compute; return its number of outputs.
+
+    A failure names the first row the model refuses (its row_id) and what is odd about it, rather than
+    leaving a shard to fail later with the model's own message. Its outputs are checked as every later
+    call's are (`checked_output`): finite, one row each, probabilities where the logit link needs them.
+    """
+    try:
+        output = predictor.predict(rows)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(_refusal(predictor, rows, exc)) from exc
+    checked_output(predictor, output, rows, probabilities=probabilities, where="the probe", row_ids=True)
+    if class_index is not None and output.shape[1] > 1 and class_index >= output.shape[1]:
+        raise ModelError(
+            f"model.class_index: {class_index} is out of range; the model has {output.shape[1]} outputs"
+        )
+    return int(output.shape[1])
+
+
+def _refusal(predictor: Predictor, rows: pd.DataFrame, exc: Exception) -> str:
+    message = one_line(exc, 300)
+    where = "the data"
+    for position in range(len(rows)):
+        try:
+            predictor.predict(rows.iloc[position : position + 1])
+        except Exception:
+            odd = _what_is_odd(rows.iloc[position])
+            # A model that refuses ordinary rows refuses the data as a whole; name a row only when it is special.
+            if odd or position >= 2:
+                where = f"row_id {rows.index[position]}" + (f" ({odd})" if odd else "")
+            break
+    return f"model {predictor.name}: {predictor.method}() failed on {where}: {message}"

@@ -1,0 +1,1 @@
+"""SageMaker endpoints: the predictor, request and response bodies, what a run will send."""

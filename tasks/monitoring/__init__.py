@@ -1,0 +1,1 @@
+"""Attribution drift: the pure maths (NDCG, Wasserstein, per-feature tables) and the MLflow queries for baselines."""

@@ -1,0 +1,68 @@
+"""Names from the data escaped for where they land: HTML, JSON in a script, markdown."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from shapline.tasks.common.markup import html_text, markdown_code, markdown_text, script_json
+from shapline.tasks.results.summary import RunSummary
+
+HOSTILE = [
+    "<script>alert(1)</script>",
+    '"><img src=x onerror=alert(2)>',
+    "a|b",
+    "*bold* _it_ [x](y)",
+    "`tick`",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_markdown_text_has_no_markup_left(name: str) -> None:
+    text = markdown_text(name)
+    assert "<" not in text and ">" not in text
+    for char in "|*_[]`":
+        assert text.count(char) == text.count("\\" + char), (char, text)
+
+
+def test_a_code_span_holds_backticks_exactly() -> None:
+    assert markdown_code("a`b") == "``a`b``"
+    assert markdown_code("`x") == "`` `x ``"
+    assert markdown_code("/models/m.joblib") == "`/models/m.joblib`"
+
+
+def test_html_and_script_json() -> None:
+    assert html_text('"><img src=x>') == "&quot;&gt;&lt;img src=x&gt;"
+    assert json.loads(script_json(HOSTILE)) == HOSTILE and "<" not in script_json(HOSTILE)
+
+
+def test_the_prefect_artifact_says_names_as_text() -> None:
+    importance = pd.DataFrame(
+        {"feature": HOSTILE, "mean_abs": [0.5, 0.4, 0.3, 0.2, 0.1], "rank": [1, 2, 3, 4, 5]}
+    )
+    summary = RunSummary(
+        mlflow_run_id="r",
+        experiment_id="1",
+        experiment="e",
+        tracking_uri="sqlite:///m.db",
+        run_url="sqlite:///m.db (experiment 1, run r)",
+        model="<b>m</b>",
+        rows_explained=1,
+        shards=1,
+        shards_reused=0,
+        shards_computed=1,
+        background_rows=1,
+        additivity_max_error=0.0,
+        duration_s=1.0,
+        explain_s=1.0,
+        algorithm="kernel",
+        link="logit",
+        validation_success=True,
+        importance=importance,
+    )
+    markdown = summary.markdown()
+    assert "<script" not in markdown and "<img" not in markdown and "<b>" not in markdown
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and "rank" not in line]
+    assert len(rows) == 5 and all(line.count(" | ") == 2 for line in rows)  # no cell split by a name's |

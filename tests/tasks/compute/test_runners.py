@@ -1,0 +1,70 @@
+"""The process runner's pool: started beside the run, not in its way."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import cast
+
+import pytest
+
+from shapline.tasks.common.config import SklearnModel
+from shapline.tasks.compute.runners import ProcessRunner
+from shapline.tasks.compute.shards import ShardJob
+
+MODEL = SklearnModel(name="m", kind="sklearn", path="no-such-model.joblib")
+
+
+def test_the_pool_starts_while_the_run_goes_on(tmp_path: Path) -> None:
+    """A process's first pool waits for the fork server to import shapline and shap (~2 s): the runner
+    is back at once and the run loads and validates its data meanwhile. Here the fork server's import
+    waits on a gate the script opens after constructing the runner (or after 30 s, so the old way,
+    which waited for the import inside the constructor, fails rather than hangs)."""
+    gate = tmp_path / "open"
+    (tmp_path / "held_import.py").write_text(
+        f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n    time.sleep(0.01)\n"
+    )
+    script = textwrap.dedent(
+        f"""
+        import os, threading
+        from shapline.tasks.compute import runners
+        from shapline.tasks.common.config import SklearnModel
+
+        gate = {str(gate)!r}
+        threading.Timer(30, lambda: open(gate, "w").close()).start()
+        runners._PRELOAD = ["held_import"]  # what the fork server imports before it forks a worker
+        runner = runners.ProcessRunner(1, SklearnModel(name="m", kind="sklearn", path="x"), 1, None)
+        print("constructed before the import ended:", not os.path.exists(gate), flush=True)
+        open(gate, "w").close()
+        runner.wait_ready()  # what the flow calls before the explain phase's clock starts
+        print("then running:", runner._started.is_set() and runner._running() is not None, flush=True)
+        runner.close()
+        print("closed", flush=True)
+        os._exit(0)  # the 30 s timer is not waited for
+        """
+    )
+    # The fork server is a fresh interpreter: it finds the held import through PYTHONPATH.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "constructed before the import ended: True",
+        "then running: True",
+        "closed",
+    ]
+
+
+def test_a_pool_that_cannot_start_fails_the_shard_that_needs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    def cannot(self: ProcessRunner) -> None:
+        raise OSError("Resource temporarily unavailable: fork")
+
+    monkeypatch.setattr(ProcessRunner, "_start", cannot)
+    runner = ProcessRunner(2, MODEL, 1, None)
+    with pytest.raises(OSError, match="Resource temporarily unavailable: fork"):
+        runner.compute(cast(ShardJob, None))  # fails before it would look at the job
+    runner.close()  # nothing to shut down, and no error of its own

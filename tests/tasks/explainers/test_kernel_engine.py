@@ -1,0 +1,532 @@
+"""KernelEngine against plain shap.KernelExplainer (same inputs and per-row seed), and against exact Shapley."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import pytest
+import shap
+from shap.utils._legacy import DenseData
+
+from shapline.tasks.explainers.kernel_engine import KernelEngine, RowPlan, _Buffers, _permutations
+
+EPS = 1e-7
+ATOL = 1e-6
+
+
+def row_plan(
+    engine: KernelEngine, x: pd.DataFrame | pd.Series, seed: int, nsamples: int | str = "auto"
+) -> RowPlan:
+    """One row's coalitions as `explain` draws them (the engine's own step, without calling the model)."""
+    return engine._plan(engine._prepare(engine._as_rows(x)), 0, seed, nsamples)
+
+
+def synthetic_rows(
+    engine: KernelEngine, x: pd.DataFrame, seed: int, nsamples: int | str = "auto"
+) -> pd.DataFrame:
+    """The synthetic rows one row's model call holds (after its x), as `explain` builds them."""
+    data = engine._prepare(engine._as_rows(x))
+    batch = engine._batch([engine._plan(data, 0, seed, nsamples)], data, 0)
+    return engine._assemble(*engine._fill(batch, _Buffers())).iloc[1:].reset_index(drop=True)
+
+
+def plain_shap(
+    f: Callable[[np.ndarray], np.ndarray],
+    background: pd.DataFrame,
+    rows: pd.DataFrame,
+    seeds: list[int],
+    nsamples: int | str,
+    l1_reg: str | bool,
+    link: str,
+    weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """(rows, features, outputs) from shap: one explainer, np.random.seed(seed) before each row."""
+    data = background.to_numpy()
+    if weights is not None:
+        data = DenseData(data, list(background.columns), None, np.array(weights, dtype=float))
+    explainer = shap.KernelExplainer(f, data, link=link)
+    values = []
+    for x, seed in zip(rows.to_numpy(), seeds, strict=True):
+        np.random.seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            phi = explainer.shap_values(x.reshape(1, -1), nsamples=nsamples, l1_reg=l1_reg, silent=True)
+        values.append(np.asarray(phi).reshape(len(background.columns), -1))
+    return np.stack(values)
+
+
+def exact_shapley(value: Callable[[tuple[int, ...]], float], m: int) -> np.ndarray:
+    """Shapley values of the game `value` (coalition -> payoff) by enumerating every coalition."""
+    payoff = {s: value(s) for size in range(m + 1) for s in itertools.combinations(range(m), size)}
+    phi = np.zeros(m)
+    for i in range(m):
+        others = [j for j in range(m) if j != i]
+        for size in range(m):
+            weight = math.factorial(size) * math.factorial(m - size - 1) / math.factorial(m)
+            for s in itertools.combinations(others, size):
+                phi[i] += weight * (payoff[tuple(sorted((*s, i)))] - payoff[s])
+    return phi
+
+
+def smooth_model(coef: np.ndarray, logit: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """A nonlinear model with interactions, on a plain float array; (rows, outputs)."""
+
+    def f(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=float)
+        z = x @ coef + 0.4 * np.sin(x[:, :1] * x[:, 1:2]) + 0.2 * x[:, -1:] ** 2
+        if not logit:
+            return z
+        if z.shape[1] == 1:
+            return np.clip(1 / (1 + np.exp(-z)), EPS, 1 - EPS)
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return np.clip(e / e.sum(axis=1, keepdims=True), EPS, 1 - EPS)
+
+    return f
+
+
+def on_frame(f: Callable[[np.ndarray], np.ndarray]) -> Callable[[pd.DataFrame], np.ndarray]:
+    return lambda frame: f(frame.to_numpy(dtype=float))
+
+
+@pytest.fixture(scope="module")
+def numeric() -> pd.DataFrame:
+    rng = np.random.default_rng(3)
+    return pd.DataFrame(rng.normal(size=(30, 8)), columns=[f"f{i}" for i in range(8)])
+
+
+@pytest.fixture(scope="module")
+def penguin_pipeline() -> tuple[pd.DataFrame, object]:
+    """Real data with text, numbers and missing values, and the demo's mixed-type Pipeline."""
+    from palmerpenguins import load_penguins
+
+    from shapline.flows.demo import train_penguin_model
+
+    data = load_penguins()
+    return data.drop(columns=["species"]), train_penguin_model(data)
+
+
+def penguin_functions(features: pd.DataFrame, model: object) -> tuple[Callable, Callable]:
+    """shap's f (object array in, as in a notebook) and the engine's predict (frame in), class 1 clipped."""
+    columns, dtypes = list(features.columns), features.dtypes.to_dict()
+
+    def f_array(x: np.ndarray) -> np.ndarray:
+        frame = pd.DataFrame(x, columns=columns).astype(dtypes)
+        return np.clip(model.predict_proba(frame)[:, 1], EPS, 1 - EPS)
+
+    def f_frame(frame: pd.DataFrame) -> np.ndarray:
+        return np.clip(model.predict_proba(frame)[:, 1:2], EPS, 1 - EPS)
+
+    return f_array, f_frame
+
+
+@pytest.mark.parametrize("link", ["identity", "logit"])
+@pytest.mark.parametrize("l1_reg", ["aic", "bic", "num_features(3)", False])
+def test_matches_shap_on_numeric_features(numeric: pd.DataFrame, l1_reg: str | bool, link: str) -> None:
+    f = smooth_model(np.linspace(-1, 1, 8).reshape(8, 1), logit=link == "logit")
+    background, rows, seeds = numeric.iloc[:10], numeric.iloc[20:23], [11, 12, 13]
+    engine = KernelEngine(on_frame(f), background, link=link)
+    values, fx = engine.explain(rows, seeds, nsamples=120, l1_reg=l1_reg)
+    expected = plain_shap(f, background, rows, seeds, 120, l1_reg, link)
+    np.testing.assert_allclose(values, expected, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(fx, f(rows.to_numpy()), rtol=0, atol=1e-12)
+    explainer = shap.KernelExplainer(f, background.to_numpy(), link=link)
+    np.testing.assert_allclose(
+        engine.expected_value, np.atleast_1d(explainer.expected_value), rtol=0, atol=1e-12
+    )
+
+
+def test_matches_shap_with_several_outputs_and_weighted_background(numeric: pd.DataFrame) -> None:
+    """A 3-class softmax, each output solved on its own; k-means-like weights on the background."""
+    f = smooth_model(np.random.default_rng(0).normal(size=(8, 3)), logit=True)
+    background, rows, seeds = numeric.iloc[:6], numeric.iloc[24:26], [5, 6]
+    weights = np.array([5.0, 1.0, 2.0, 7.0, 1.0, 3.0])
+    engine = KernelEngine(on_frame(f), background, weights=weights, link="logit")
+    values, _ = engine.explain(rows, seeds, nsamples="auto", l1_reg="aic")
+    assert values.shape == (2, 8, 3)
+    np.testing.assert_allclose(
+        values, plain_shap(f, background, rows, seeds, "auto", "aic", "logit", weights), atol=ATOL
+    )
+    # Values add up to f(x) - E[f] in link space, per output.
+    logit = np.log(f(rows.to_numpy()) / (1 - f(rows.to_numpy())))
+    np.testing.assert_allclose(values.sum(axis=1), logit - engine.expected_value, atol=1e-9)
+
+
+def test_non_varying_features_and_the_one_and_zero_feature_cases(numeric: pd.DataFrame) -> None:
+    f = smooth_model(np.linspace(1, 2, 8).reshape(8, 1), logit=False)
+    background = numeric.iloc[:8].copy()
+    x = numeric.iloc[[20]].copy()
+    background["f3"] = x["f3"].iloc[0]  # constant across the background and equal to x: never varies
+    background["f5"] = x["f5"].iloc[0] * (1 + 1e-9)  # equal within np.allclose, as shap tests it
+    one = background.iloc[[0]].copy()
+    one["f2"] = 9.0  # M == 1: only f2 differs from the (single-row) background
+    cases = [(background, x), (background.iloc[[0]], one), (background.iloc[[0]], background.iloc[[0]])]
+    results = []
+    for bg, rows in cases:
+        engine = KernelEngine(on_frame(f), bg)
+        values, _ = engine.explain(rows, [1], nsamples=100, l1_reg="aic")
+        np.testing.assert_allclose(values, plain_shap(f, bg, rows, [1], 100, "aic", "identity"), atol=ATOL)
+        results.append(values[0, :, 0])
+    assert list(row_plan(KernelEngine(on_frame(f), background), x, 1, 100).varying) == [0, 1, 2, 4, 6, 7]
+    assert results[0][3] == results[0][5] == 0.0
+    assert np.flatnonzero(results[1]).tolist() == [2]  # the one varying feature takes all the effect
+    assert not results[2].any()
+
+
+@pytest.mark.parametrize(
+    ("features", "nsamples", "l1_reg"),
+    [
+        (8, "auto", "aic"),  # auto (2M + 2048) capped at 2**M - 2: every coalition enumerated
+        (8, 253, False),  # the random draws (4 per missing coalition) run out: the last rows stay empty
+        (10, 300, "auto"),  # deprecated auto: no selection, as 300 / 1022 >= 20%
+        (12, 200, "auto"),  # deprecated auto: AIC below 20%
+        (40, 150, "aic"),  # M > 30: no cap, 2**30 possible coalitions
+        (70, 60, "num_features(5)"),  # M > 63: coalition keys beyond one machine word
+        (9, 120, 0.002),  # a float: scikit-learn's Lasso with that alpha, as shap
+    ],
+)
+def test_matches_shap_on_sampling_edge_cases(
+    features: int, nsamples: int | str, l1_reg: str | float | bool
+) -> None:
+    rng = np.random.default_rng(features)
+    frame = pd.DataFrame(rng.normal(size=(8, features)), columns=[f"f{i}" for i in range(features)])
+    f = smooth_model(rng.normal(size=(features, 1)), logit=False)
+    background, rows, seeds = frame.iloc[:4], frame.iloc[6:8], [1, 2]
+    engine = KernelEngine(on_frame(f), background)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        values, _ = engine.explain(rows, seeds, nsamples=nsamples, l1_reg=l1_reg)
+    expected = plain_shap(f, background, rows, seeds, nsamples, l1_reg, "identity")
+    np.testing.assert_allclose(values, expected, atol=ATOL)
+    if nsamples == 253:
+        assert [row_plan(engine, rows.iloc[[i]], seeds[i], nsamples).filled for i in (0, 1)] == [
+            252,
+            251,
+        ]
+
+
+@pytest.mark.parametrize("link", ["identity", "logit"])
+def test_every_coalition_gives_the_exact_shapley_values(numeric: pd.DataFrame, link: str) -> None:
+    """nsamples >= 2**M - 2 enumerates every coalition: Kernel SHAP is then exactly Shapley's formula."""
+    columns = ["f0", "f1", "f2", "f3", "f4"]
+    f = smooth_model(np.array([[0.5], [-1.0], [0.8], [0.3], [-0.4]]), logit=link == "logit")
+    background, x = numeric[columns].iloc[:7], numeric[columns].iloc[[25]]
+    weights = np.arange(1.0, 8.0)
+    engine = KernelEngine(on_frame(f), background, weights=weights, link=link)
+    values, _ = engine.explain(x, [0], nsamples=2**5, l1_reg=False)
+    to_link = (lambda p: np.log(p / (1 - p))) if link == "logit" else (lambda p: p)
+
+    def value(coalition: tuple[int, ...]) -> float:
+        hybrid = background.to_numpy().copy()
+        hybrid[:, list(coalition)] = x.to_numpy()[0, list(coalition)]
+        return float(to_link(np.dot(weights / weights.sum(), f(hybrid)[:, 0])))
+
+    np.testing.assert_allclose(values[0, :, 0], exact_shapley(value, 5), atol=1e-9)
+
+
+def test_matches_shap_on_mixed_types_with_missing_values(
+    penguin_pipeline: tuple[pd.DataFrame, object],
+) -> None:
+    features, model = penguin_pipeline
+    f_array, f_frame = penguin_functions(features, model)
+    seen: list[tuple[pd.Series, bool]] = []
+
+    def predict(frame: pd.DataFrame) -> np.ndarray:
+        seen.append((frame.dtypes.copy(), bool(frame["sex"].isna().any())))
+        return f_frame(frame)
+
+    background = shap.sample(features, 20, random_state=0)
+    rows = features.iloc[[3, 9, 150]]  # row 3 is all missing but island and year
+    engine = KernelEngine(predict, background, link="logit")
+    values, _ = engine.explain(rows, [1, 2, 3], nsamples="auto", l1_reg="aic")
+    np.testing.assert_allclose(
+        values, plain_shap(f_array, background, rows, [1, 2, 3], "auto", "aic", "logit"), atol=ATOL
+    )
+    assert all(dtypes.equals(features.dtypes) for dtypes, _ in seen)  # text stays text, numbers numbers
+    assert any(missing for _, missing in seen)  # and missing values stay missing
+
+
+def test_batched_rows_equal_one_row_per_call(
+    numeric: pd.DataFrame, penguin_pipeline: tuple[pd.DataFrame, object]
+) -> None:
+    f = smooth_model(np.linspace(-1, 1, 8).reshape(8, 1), logit=True)
+    calls: list[int] = []
+
+    def predict(frame: pd.DataFrame) -> np.ndarray:
+        calls.append(len(frame))
+        return on_frame(f)(frame)
+
+    engine = KernelEngine(predict, numeric.iloc[:10], link="logit")
+    rows, seeds = numeric.iloc[10:17], list(range(7))
+    calls.clear()
+    one, fx_one = engine.explain(rows, seeds, nsamples=150, l1_reg="aic")
+    assert len(calls) == 7  # f(x) rides in the same call as the synthetic rows
+    calls.clear()
+    three, fx_three = engine.explain(rows, seeds, nsamples=150, l1_reg="aic", batch_rows=3)
+    assert len(calls) == 3
+    np.testing.assert_allclose(three, one, atol=1e-12)
+    np.testing.assert_allclose(fx_three, fx_one, atol=1e-12)
+
+    features, model = penguin_pipeline
+    engine = KernelEngine(penguin_functions(features, model)[1], shap.sample(features, 10, random_state=1))
+    rows = features.iloc[[0, 3, 100, 200, 300]]
+    one, _ = engine.explain(rows, [0, 1, 2, 3, 4], l1_reg="aic")
+    four, _ = engine.explain(rows, [0, 1, 2, 3, 4], l1_reg="aic", batch_rows=4)
+    np.testing.assert_allclose(four, one, atol=1e-12)
+
+
+def test_dedupe_sends_each_distinct_row_once_with_identical_results(
+    penguin_pipeline: tuple[pd.DataFrame, object],
+) -> None:
+    features, model = penguin_pipeline
+    f_frame = penguin_functions(features, model)[1]
+    sent: list[pd.DataFrame] = []
+
+    def predict(frame: pd.DataFrame) -> np.ndarray:
+        sent.append(frame.copy())
+        return f_frame(frame)
+
+    engine = KernelEngine(predict, shap.sample(features, 15, random_state=2), link="logit")
+    rows, seeds = features.iloc[[3, 8, 40, 41]], [7, 8, 9, 10]
+    plain, fx_plain = engine.explain(rows, seeds, l1_reg="aic", batch_rows=2)
+    total = engine.rows_sent
+    assert engine.rows_saved == 0
+    sent.clear()
+    deduped, fx_deduped = engine.explain(rows, seeds, l1_reg="aic", batch_rows=2, dedupe=True)
+    # Equal up to the model's own rounding: a smaller call can move a BLAS product's last bit.
+    np.testing.assert_allclose(deduped, plain, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(fx_deduped, fx_plain, rtol=0, atol=1e-12)
+    assert engine.rows_saved > 0 and engine.rows_sent - total + engine.rows_saved == total
+    assert all(not frame.duplicated().any() for frame in sent)  # duplicated() counts NaN equal to NaN
+
+
+def test_dedupe_on_numeric_rows_equals_no_dedupe(numeric: pd.DataFrame) -> None:
+    """Bit for bit, for a model whose output for a row does not depend on the other rows of the call
+    (a BLAS product can differ in the last bit with the batch, and a deduplicated call is smaller)."""
+    coef = np.linspace(-1, 1, 8)
+
+    def f(frame: pd.DataFrame) -> np.ndarray:
+        x = frame.to_numpy(dtype=float)
+        z = np.zeros(len(x))
+        for j in range(x.shape[1]):  # element-wise only: the same bits whatever the batch
+            z = z + coef[j] * x[:, j] + 0.3 * np.sin(x[:, j] * x[:, -1])
+        return z
+
+    background = numeric.iloc[:10].round(0)  # repeated values make repeated synthetic rows
+    rows = numeric.iloc[12:15].round(0)
+    engine = KernelEngine(f, background)
+    for batch_rows in (1, 3):
+        plain, _ = engine.explain(rows, [1, 2, 3], nsamples=200, l1_reg="bic", batch_rows=batch_rows)
+        deduped, _ = engine.explain(
+            rows, [1, 2, 3], nsamples=200, l1_reg="bic", batch_rows=batch_rows, dedupe=True
+        )
+        assert np.array_equal(plain, deduped)
+    assert engine.rows_saved > 0
+
+
+def test_dedupe_merges_only_rows_a_model_cannot_tell_apart() -> None:
+    """-0.0 is == 0.0, True == 1 == 1.0 and pandas takes None for NaN; a model may not (here it does
+    not), so deduplicating must not give one's output to the other."""
+    background = pd.DataFrame(
+        {
+            "zero": [0.0, -0.0, 0.0, -0.0, np.nan, 1.0],
+            "flag": np.array([True, 1, 1.0, None, np.nan, True], dtype=object),
+            "n": [1.0, 2.0, 1.0, 2.0, 1.0, 2.0],
+        }
+    )
+
+    def f(frame: pd.DataFrame) -> np.ndarray:
+        zero = np.copysign(1.0, frame["zero"].to_numpy(dtype=float))
+        kind = {bool: 1.0, int: 2.0, float: 3.0, type(None): 4.0}
+        flag = np.array([kind[type(v)] + (v != v) for v in frame["flag"]])
+        return (zero * 0.7 + flag * 0.3 + frame["n"].to_numpy(dtype=float) * 0.1)[:, None]
+
+    rows = background.iloc[[0, 1, 3]].copy()
+    rows["n"] = [3.0, 4.0, 5.0]
+    engine = KernelEngine(f, background)
+    plain, fx_plain = engine.explain(rows, [1, 2, 3], l1_reg=False)
+    deduped, fx_deduped = engine.explain(rows, [1, 2, 3], l1_reg=False, dedupe=True)
+    assert engine.rows_saved > 0  # rows do repeat: the ones whose values are the same objects
+    assert np.array_equal(deduped, plain) and np.array_equal(fx_deduped, fx_plain)
+
+
+def test_repeat_share_is_the_rows_own_share_of_repeats_when_the_sample_is_the_whole_row(
+    penguin_pipeline: tuple[pd.DataFrame, object],
+) -> None:
+    features, model = penguin_pipeline
+    engine = KernelEngine(penguin_functions(features, model)[1], shap.sample(features, 15, random_state=2))
+    data = engine._prepare(engine._as_rows(features.iloc[[3]]))
+    plan = engine._plan(data, 0, 7, "auto")
+    assert 0 < plan.filled <= 128  # 7 features: every coalition is in the sample
+    synthetic = synthetic_rows(engine, features.iloc[[3]], 7)
+    counted = synthetic.duplicated().mean()  # NaN equal to NaN, as the engine counts
+    assert counted > 0.2
+    assert engine._repeat_share(engine._batch([plan], data, 0)) == pytest.approx(counted, abs=1e-12)
+
+
+def test_auto_dedupe_where_rows_repeat_and_not_where_they_do_not(
+    penguin_pipeline: tuple[pd.DataFrame, object], numeric: pd.DataFrame
+) -> None:
+    """One decision per engine, from its first call; the values are the same either way."""
+    features, model = penguin_pipeline
+    rows, seeds = features.iloc[[3, 8, 40, 41]], [7, 8, 9, 10]
+    engine = KernelEngine(penguin_functions(features, model)[1], shap.sample(features, 15, random_state=2))
+    plain, _ = engine.explain(rows, seeds, l1_reg="aic")
+    auto = KernelEngine(penguin_functions(features, model)[1], shap.sample(features, 15, random_state=2))
+    values, _ = auto.explain(rows, seeds, l1_reg="aic", dedupe="auto")
+    np.testing.assert_allclose(values, plain, rtol=0, atol=1e-12)
+    assert auto.rows_saved > 0.2 * (auto.rows_sent + auto.rows_saved)
+
+    f = smooth_model(np.linspace(-1, 1, 8).reshape(8, 1), logit=False)
+    continuous = KernelEngine(on_frame(f), numeric.iloc[:10])
+    continuous.explain(numeric.iloc[10:14], [1, 2, 3, 4], nsamples=200, l1_reg="aic", dedupe="auto")
+    assert continuous.rows_saved == 0 and continuous._auto_dedupe is False
+
+    with pytest.raises(ValueError, match="dedupe must be true, false or 'auto', got 'yes'"):
+        engine.explain(rows, seeds, dedupe="yes")
+
+
+def test_concurrent_threads_give_the_sequential_values(numeric: pd.DataFrame) -> None:
+    f = smooth_model(np.linspace(-1, 1, 8).reshape(8, 1), logit=True)
+    engine = KernelEngine(on_frame(f), numeric.iloc[:10], link="logit")
+    parts = [(numeric.iloc[10:16], list(range(6))), (numeric.iloc[16:22], list(range(6, 12)))]
+    sequential = [engine.explain(rows, seeds, nsamples=200, l1_reg="aic")[0] for rows, seeds in parts]
+    results: dict[int, np.ndarray] = {}
+    start = threading.Barrier(2)
+
+    def work(i: int) -> None:
+        start.wait()
+        for _ in range(3):
+            results[i] = engine.explain(*parts[i], nsamples=200, l1_reg="aic")[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(2):
+        assert np.array_equal(results[i], sequential[i])
+
+
+def test_frames_kept_by_predict_are_never_overwritten(numeric: pd.DataFrame) -> None:
+    """The engine reuses a call's memory for the next call only when nothing else still refers to it."""
+    f = smooth_model(np.linspace(-1, 1, 8).reshape(8, 1), logit=False)
+    kept: list[tuple[pd.DataFrame, pd.DataFrame]] = []
+
+    def predict(frame: pd.DataFrame) -> np.ndarray:
+        kept.append((frame, frame.copy()))
+        return on_frame(f)(frame)
+
+    engine = KernelEngine(predict, numeric.iloc[:5])
+    engine.explain(numeric.iloc[10:16], list(range(6)), nsamples=60, batch_rows=2)
+    assert len(kept) == 4 and all(frame.equals(copy) for frame, copy in kept)
+
+
+def test_a_threads_buffers_carry_nothing_from_one_engine_to_the_next(
+    numeric: pd.DataFrame, penguin_pipeline: tuple[pd.DataFrame, object]
+) -> None:
+    """Buffers outlive an `explain` call in their thread (a shard's first row skips fresh memory): other
+    engines, other widths and mixed dtypes in between must leave every value as a fresh thread computes."""
+    f = smooth_model(np.linspace(-1, 1, 8).reshape(8, 1), logit=True)
+    wide = KernelEngine(on_frame(f), numeric.iloc[:10], link="logit")
+    narrow = KernelEngine(on_frame(lambda x: f(np.hstack([x, x[:, :4]]))), numeric.iloc[:6, :4], link="logit")
+    frame, model = penguin_pipeline
+    mixed = KernelEngine(lambda rows: model.predict_proba(rows), frame.iloc[:8])  # type: ignore[attr-defined]
+
+    def run() -> list[np.ndarray]:
+        return [
+            wide.explain(numeric.iloc[10:14], [1, 2, 3, 4], nsamples=150, l1_reg="aic")[0],
+            narrow.explain(numeric.iloc[20:23, :4], [5, 6, 7], nsamples=12, l1_reg=False)[0],
+            mixed.explain(frame.iloc[30:33], [8, 9, 10], nsamples=40, l1_reg=False)[0],
+            wide.explain(numeric.iloc[10:14], [1, 2, 3, 4], nsamples=150, l1_reg="aic", batch_rows=3)[0],
+        ]
+
+    fresh: list[list[np.ndarray]] = []
+    thread = threading.Thread(target=lambda: fresh.append(run()))
+    thread.start()
+    thread.join()
+    for _ in range(2):  # this thread: its buffers now hold every earlier call's rows
+        for got, expected in zip(run(), fresh[0], strict=True):
+            assert np.array_equal(got, expected)
+
+
+def test_matches_shap_on_the_breast_cancer_benchmark() -> None:
+    """The benchmark workload itself: XGBoost, 50 background rows, nsamples auto, AIC, logit."""
+    xgboost = pytest.importorskip("xgboost")
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer(as_frame=True)
+    model = xgboost.XGBClassifier(n_estimators=30, max_depth=4, n_jobs=1, random_state=0)
+    model.fit(bunch.data, bunch.target)
+
+    def f(x: np.ndarray | pd.DataFrame) -> np.ndarray:
+        return np.clip(model.predict_proba(x)[:, 1:2], EPS, 1 - EPS)
+
+    background = shap.sample(bunch.data, 50, random_state=0)
+    rows, seeds = (
+        bunch.data.iloc[[0, 300]],
+        [int(np.random.SeedSequence([0, i]).generate_state(1)[0]) for i in (0, 300)],
+    )
+    values, fx = KernelEngine(f, background, link="logit").explain(rows, seeds, nsamples="auto", l1_reg="aic")
+    np.testing.assert_allclose(
+        values, plain_shap(f, background, rows, seeds, "auto", "aic", "logit"), atol=ATOL
+    )
+    np.testing.assert_array_equal(fx, f(rows))
+
+
+def test_float32_rows_for_a_model_that_reads_float32_change_no_bit() -> None:
+    """XGBoost casts every number to float32 (round to nearest, as numpy): building the synthetic rows in
+    float32 gives the same values and f(x), bit for bit, on numbers float32 cannot hold exactly, NaN and
+    an integer column (which keeps its dtype)."""
+    xgboost = pytest.importorskip("xgboost")
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer(as_frame=True)
+    data = bunch.data.iloc[:, :6].copy() * (1 + 1e-9)  # far from float32's grid
+    data.iloc[::7, 2] = np.nan
+    data["count"] = np.arange(len(data)) % 5
+    model = xgboost.XGBClassifier(n_estimators=20, max_depth=3, n_jobs=1, random_state=0)
+    model.fit(data, bunch.target)
+    seen: list[dict[str, np.dtype]] = []
+
+    def f(frame: pd.DataFrame) -> np.ndarray:
+        seen.append(frame.dtypes.to_dict())
+        return np.clip(model.predict_proba(frame.to_numpy())[:, 1:2], EPS, 1 - EPS)
+
+    background, rows = data.iloc[:20], data.iloc[[40, 41, 42]]
+    seeds = [5, 6, 7]
+    reference = KernelEngine(f, background, link="logit").explain(rows, seeds, nsamples=200, l1_reg="aic")
+    seen.clear()
+    values = KernelEngine(f, background, link="logit", float32=True).explain(
+        rows, seeds, nsamples=200, l1_reg="aic"
+    )
+    np.testing.assert_array_equal(values[0], reference[0])
+    np.testing.assert_array_equal(values[1], reference[1])
+    assert seen[-1]["mean radius"] == np.float32 and seen[-1]["count"] == data["count"].dtype
+
+
+@pytest.mark.parametrize("m", [2, 3, 17, 30, 64, 200])
+def test_permutations_are_the_shuffles_shap_draws_and_leave_the_same_rng_state(m: int) -> None:
+    for seed in (0, 1, 2**31 + 5):
+        shuffled, drawn = np.random.RandomState(seed), np.random.RandomState(seed)
+        expected = np.tile(np.arange(m), (40, 1))
+        for row in expected:
+            shuffled.shuffle(row)
+        np.testing.assert_array_equal(_permutations(m, 40, drawn), expected)
+        assert drawn.randint(0, 2**31) == shuffled.randint(0, 2**31)  # the stream goes on alike
+    assert _permutations(5, 0, np.random.RandomState(0)).shape == (0, 5)
+
+
+def test_rejects_mismatched_inputs(numeric: pd.DataFrame) -> None:
+    engine = KernelEngine(on_frame(smooth_model(np.ones((8, 1)), False)), numeric.iloc[:5])
+    with pytest.raises(ValueError, match="seeds"):
+        engine.explain(numeric.iloc[:3], [1])
+    with pytest.raises(ValueError, match="lack"):
+        engine.explain(numeric.iloc[:2, :4], [1, 2])
+    with pytest.raises(ValueError, match="link"):
+        KernelEngine(on_frame(smooth_model(np.ones((8, 1)), False)), numeric.iloc[:5], link="probit")

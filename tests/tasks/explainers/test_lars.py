@@ -1,0 +1,63 @@
+"""shapline's lasso LARS path against scikit-learn's lars_path_gram, number for number."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.linear_model import lars_path_gram
+
+from shapline.tasks.explainers.kernel_engine import _Design, _draw_coalitions
+from shapline.tasks.explainers.lars import lasso_path_gram
+
+
+def assert_same_path(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """Both paths on the same Gram and X'y; equal bit for bit, warnings included."""
+    gram, xy = x.T @ x, x.T @ y
+    eps = np.finfo(float).eps
+    with warnings.catch_warnings(record=True) as theirs:
+        warnings.simplefilter("always")
+        expected = lars_path_gram(
+            xy, gram, n_samples=len(x), alpha_min=0.0, method="lasso", max_iter=500, eps=eps
+        )
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        got = lasso_path_gram(xy, gram, n_samples=len(x), max_iter=500, eps=eps)
+    np.testing.assert_array_equal(got[0], expected[0])
+    assert [int(i) for i in got[1]] == [int(i) for i in expected[1]]
+    np.testing.assert_array_equal(got[2], expected[2])
+    assert [str(w.message) for w in ours] == [str(w.message) for w in theirs]
+    return got
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_kernel_shap_designs_give_scikit_learns_path(seed: int) -> None:
+    """The designs the engine solves: 30 features, nsamples auto, an interaction-heavy target."""
+    masks, weights, _, _ = _draw_coalitions(30, "auto", np.random.RandomState(seed))
+    design = _Design(masks, weights)
+    x, _ = design.centred()
+    augmented, w_sqrt = design.augmented()
+    rng = np.random.default_rng(seed)
+    coef = rng.normal(size=30) * (rng.random(30) < 0.4)
+    target = masks @ coef + 0.3 * masks[:, 0] * masks[:, 1] + rng.normal(scale=0.05, size=len(masks))
+    y = np.hstack((target, target - coef.sum())) * w_sqrt
+    assert_same_path(x, y - y.mean())
+
+
+def test_paths_that_drop_variables_and_degenerate_regressors() -> None:
+    """Correlated designs where the lasso drops variables, and a duplicated column (degenerate)."""
+    drops = 0
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        base = rng.normal(size=(80, 4))
+        x = np.hstack([base, base @ rng.normal(size=(4, 8)) + 0.05 * rng.normal(size=(80, 8))])
+        y = x @ (rng.normal(size=12) * (rng.random(12) < 0.5)) + rng.normal(scale=0.5, size=80)
+        x, y = x - x.mean(axis=0), y - y.mean()
+        alphas, active, _ = assert_same_path(x, y)
+        drops += len(alphas) - 1 > len(active)  # each drop costs a step that adds no variable
+    assert drops >= 3
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 5))
+    x = np.hstack([x, x[:, :1]])  # a regressor equal to another
+    assert_same_path(x - x.mean(axis=0), x[:, 0] * 2 - x[:, 1] + rng.normal(scale=0.1, size=50))

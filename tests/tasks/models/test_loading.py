@@ -1,0 +1,228 @@
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+
+from shapline.tasks.common.config import SklearnModel, XGBoostModel
+from shapline.tasks.common.errors import ModelError
+from shapline.tasks.models.loading import link_for, load_predictor
+from shapline.tasks.models.predictors import LocalPredictor, numeric_array
+from shapline.tasks.models.probe import probe_predictor
+
+
+def test_limiting_threads_while_other_shards_predict_is_safe(xgb_model: Path, cancer_data: Path) -> None:
+    """Reconfiguring an XGBoost model mid-predict crashes it ('need_configuration_'): the limit is set once."""
+    rows = pd.read_csv(cancer_data).drop(columns=["malignant"])
+    predictor = LocalPredictor("xgb", joblib.load(xgb_model), "predict_proba")
+    errors: list[Exception] = []
+
+    def shard() -> None:
+        try:
+            for _ in range(15):
+                predictor.limit_threads(1)
+                predictor.predict(rows)
+        except Exception as exc:  # noqa: BLE001 - any failure is the finding
+            errors.append(exc)
+
+    threads = [threading.Thread(target=shard) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert predictor.model.get_params()["n_jobs"] == 1
+
+
+def test_booster_files_and_pickles_load_as_predictors(xgb_model: Path, cancer_data: Path) -> None:
+    rows = pd.read_csv(cancer_data).drop(columns=["malignant"]).head(5)
+    booster = load_predictor(XGBoostModel(name="b", kind="xgboost", path=str(xgb_model.with_suffix(".json"))))
+    wrapper = load_predictor(XGBoostModel(name="w", kind="xgboost", path=str(xgb_model)))
+    pd.testing.assert_frame_equal(
+        pd.DataFrame(booster.predict(rows)), pd.DataFrame(wrapper.predict(rows)), atol=1e-6
+    )
+    assert booster.class_labels == ["0", "1"] and booster.predict(rows).shape == (5, 2)
+
+
+@pytest.mark.parametrize("suffix", [".joblib", ".json"])
+def test_xgboost_gets_numeric_frames_as_one_array_with_the_same_outputs(
+    xgb_model: Path, cancer_data: Path, suffix: str
+) -> None:
+    """The array path (~10% of a kernel row) must not change a single output bit."""
+    import xgboost
+
+    rows = pd.read_csv(cancer_data).drop(columns=["malignant"]).head(200)
+    predictor = load_predictor(
+        XGBoostModel(name="x", kind="xgboost", path=str(xgb_model.with_suffix(suffix)))
+    )
+    assert predictor.feature_names == list(rows.columns)
+    assert numeric_array(rows, predictor.feature_names) is not None
+    booster = joblib.load(xgb_model).get_booster()
+    # XGBoost's own frame path, as the model would be called without shapline.
+    reference = booster.predict(xgboost.DMatrix(rows))
+    assert np.array_equal(predictor.predict(rows)[:, 1], reference)
+
+
+def test_only_models_that_cast_to_float32_say_they_read_float32(
+    xgb_model: Path, cancer_data: Path, tmp_path: Path
+) -> None:
+    """The kernel engine builds float32 rows only for these: a Pipeline ending in XGBoost reads its
+    steps' float64 first, and a scikit-learn model computes in float64."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    frame = pd.read_csv(cancer_data)
+    x, y = frame.drop(columns=["malignant"]), frame["malignant"]
+    booster = load_predictor(XGBoostModel(name="b", kind="xgboost", path=str(xgb_model.with_suffix(".json"))))
+    wrapper = load_predictor(XGBoostModel(name="w", kind="xgboost", path=str(xgb_model)))
+    assert booster.reads_float32 and wrapper.reads_float32
+    pipeline = make_pipeline(StandardScaler(), joblib.load(xgb_model)).fit(x, y)
+    assert not LocalPredictor("p", pipeline, "predict_proba").reads_float32
+    assert not LocalPredictor("l", LogisticRegression(max_iter=1000).fit(x, y), "predict_proba").reads_float32
+
+
+def test_numeric_array_keeps_the_frame_when_an_array_could_mean_other_numbers() -> None:
+    numbers = pd.DataFrame({"a": [1.0, 2.0], "b": [3, 4]})
+    assert np.array_equal(numeric_array(numbers, ["a", "b"]), [[1.0, 3.0], [2.0, 4.0]])
+    assert numeric_array(numbers, None) is not None  # a model without names reads columns by position
+    assert numeric_array(numbers, ["b", "a"]) is None  # the model's order differs: names must decide
+    assert numeric_array(numbers.assign(c=[True, False]), ["a", "b", "c"]) is None
+    assert numeric_array(numbers.assign(c=pd.Categorical(["x", "y"])), ["a", "b", "c"]) is None
+    assert numeric_array(numbers.astype({"b": "Int64"}), ["a", "b"]) is None
+
+
+def test_missing_and_wrong_model_files_name_the_key(tmp_path: Path, xgb_model: Path) -> None:
+    with pytest.raises(ModelError, match=r"model\.path: file not found"):
+        load_predictor(SklearnModel(name="m", kind="sklearn", path=str(tmp_path / "none.joblib")))
+    (tmp_path / "junk.joblib").write_text("not a model")
+    with pytest.raises(ModelError, match=r"model\.path: .*junk\.joblib: not a joblib/pickle model file"):
+        load_predictor(SklearnModel(name="m", kind="sklearn", path=str(tmp_path / "junk.joblib")))
+    with pytest.raises(ModelError, match="model.output: .* has no decision_function"):
+        LocalPredictor("m", joblib.load(xgb_model), "decision_function")
+
+
+def test_probe_reports_a_model_that_cannot_read_the_data(xgb_model: Path) -> None:
+    predictor = LocalPredictor("xgb", joblib.load(xgb_model), "predict_proba")
+    with pytest.raises(ModelError, match=r"model xgb: predict_proba\(\) failed on the data"):
+        probe_predictor(predictor, pd.DataFrame({"x": [1.0, 2.0]}), 1)
+
+
+@pytest.mark.parametrize(
+    ("configured", "method", "expected"),
+    [
+        (None, "predict_proba", "logit"),
+        ("identity", "predict_proba", "identity"),
+        (None, "predict", "identity"),
+    ],
+)
+def test_link_follows_what_the_model_can_give(
+    xgb_model: Path, configured: str | None, method: str, expected: str
+) -> None:
+    predictor = LocalPredictor("xgb", joblib.load(xgb_model), method)
+    assert link_for(predictor, configured, "logit", "predict_proba") == expected
+
+
+def test_a_model_file_is_pinned_by_its_bytes_and_a_replaced_one_refused(
+    xgb_model: Path, mlp_model: Path, tmp_path: Path
+) -> None:
+    """The run pins the file's sha256 when it starts; a retrain that writes the same path mid-run is refused
+    by every later load (the flow's, each worker's), never explained under the old model's tags."""
+    import shutil
+
+    from shapline.tasks.models.loading import model_fingerprint, pin_model_file
+
+    path = tmp_path / "model.joblib"
+    shutil.copy(xgb_model, path)
+    pinned = pin_model_file(SklearnModel(name="m", kind="sklearn", path=str(path)))
+    assert pinned.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() == model_fingerprint(pinned)
+    assert isinstance(load_predictor(pinned), LocalPredictor)
+    shutil.copy(mlp_model, path)  # the retrain lands
+    with pytest.raises(
+        ModelError, match=r"model\.path: .*model\.joblib changed: its sha256 is .*one run explains one model"
+    ):
+        load_predictor(pinned)
+    with pytest.raises(ModelError, match="changed"):
+        pin_model_file(pinned)
+    # A run that starts now pins the new bytes and explains the new model.
+    assert (
+        "Pipeline"
+        in type(load_predictor(pin_model_file(pinned.model_copy(update={"sha256": None}))).model).__name__
+    )
+
+
+def test_pickles_are_trusted_code_and_xgboost_files_are_not(xgb_model: Path) -> None:
+    from shapline.tasks.models.loading import trusted_code_warning
+
+    pickled = trusted_code_warning(SklearnModel(name="m", kind="sklearn", path=str(xgb_model)))
+    assert pickled is not None and "is a pickle: loading it runs any code" in pickled
+    native = xgb_model.with_suffix(".json")
+    assert trusted_code_warning(XGBoostModel(name="m", kind="xgboost", path=str(native))) is None
+
+
+class _Outputs:
+    """A 'model' returning whatever a test hands it."""
+
+    def __init__(self, output: np.ndarray) -> None:
+        self.output = output
+        self.classes_ = np.array([0, 1])
+
+    def fit(self, *_: object) -> _Outputs:
+        return self
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        return self.output[: len(frame)]
+
+
+@pytest.mark.parametrize(
+    ("output", "width", "logit", "message"),
+    [
+        (
+            np.array([[0.2, 0.8], [np.nan, 0.5]]),
+            2,
+            True,
+            r"1 NaN or infinite outputs for 1 of 2 rows in one call; the first such row: x=2\.0",
+        ),
+        (np.array([[0.2, 0.8], [np.inf, 0.5]]), 2, False, r"NaN or infinite"),
+        (
+            np.array([[-0.5, 1.5], [0.5, 0.5]]),
+            2,
+            True,
+            r"returned -0\.5, not a probability in \[0, 1\], for 1 of 2 rows",
+        ),
+        (
+            np.array([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]]),
+            2,
+            True,
+            r"returned 3 outputs per row in one call, where it returned 2",
+        ),
+        (np.array([[0.2, 0.8]]), 2, True, r"returned an array of shape \(1, 2\) for 2 rows"),
+    ],
+)
+def test_every_model_call_is_checked(output: np.ndarray, width: int, logit: bool, message: str) -> None:
+    from shapline.tasks.explainers.explain import ModelFunction
+
+    predictor = LocalPredictor("m", _Outputs(output), "predict_proba")
+    frame = pd.DataFrame({"x": [1.0, 2.0]})
+    function = ModelFunction(predictor, frame, [1], "logit" if logit else "identity", width)
+    with pytest.raises(ModelError, match=message):
+        function(frame)
+
+
+def test_probabilities_a_rounding_step_past_one_are_still_probabilities() -> None:
+    from shapline.tasks.explainers.explain import ModelFunction
+
+    output = np.array([[-1e-8, 1.0 + 1e-8], [0.5, 0.5]])
+    function = ModelFunction(
+        LocalPredictor("m", _Outputs(output), "predict_proba"),
+        pd.DataFrame({"x": [1.0, 2.0]}),
+        [1],
+        "logit",
+        2,
+    )
+    assert function(pd.DataFrame({"x": [1.0, 2.0]})).shape == (2, 1)
