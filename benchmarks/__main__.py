@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 # Light imports only up here: spawned shard workers import this module again as __mp_main__.
-COMPARISONS = ("kernel", "percore", "overhead", "endpoint", "tree", "scaling")
+COMPARISONS = ("kernel", "percore", "overhead", "endpoint", "tree", "scaling", "accuracy")
 HERE = Path(__file__).resolve().parent
 
 

@@ -155,14 +155,28 @@ def _flow(job: dict[str, Any]) -> dict[str, Any]:
 JOBS = {"kernel-plain": _kernel_plain, "tree-direct": _tree_direct, "flow": _flow, **JOBS_EXTRA}
 
 
-def run_child(job: dict[str, Any], env: dict[str, str] | None = None, poll_s: float = 0.02) -> dict[str, Any]:
-    """Run one job in a fresh interpreter; add the peak RSS of its whole process tree, polled from outside."""
+def pinned_core() -> int:
+    """The core a per-core side's whole process is pinned to: the last this process may use, so the
+    Prefect server (not pinned) and the harness have the others."""
+    return max(os.sched_getaffinity(0))
+
+
+def run_child(
+    job: dict[str, Any], env: dict[str, str] | None = None, poll_s: float = 0.02, pin: int | None = None
+) -> dict[str, Any]:
+    """Run one job in a fresh interpreter; add the peak RSS of its whole process tree, polled from outside.
+
+    With `pin`, the interpreter and every thread and process it starts run on that core only (`taskset`).
+    """
     import psutil
 
+    command = [sys.executable, "-m", "benchmarks.child", json.dumps(job)]
+    if pin is not None:
+        command = ["taskset", "--cpu-list", str(pin), *command]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
         process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.child", json.dumps(job)],
+            command,
             stdout=out,
             stderr=err,
             env={**os.environ, **(env or {})},

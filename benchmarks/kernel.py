@@ -44,12 +44,20 @@ def flow_side(
 
 
 def child_flow_side(
-    config: Any, row_ids: np.ndarray, features: list[str], overrides: list[str], env: dict[str, str]
+    config: Any,
+    row_ids: np.ndarray,
+    features: list[str],
+    overrides: list[str],
+    env: dict[str, str],
+    pin: int | None = None,
+    poll_s: float = 0.02,
 ) -> Callable[[], Measurement]:
-    """The flow in a fresh process started with `env` (thread settings must be set before numpy loads)."""
+    """The flow in a fresh process started with `env` (thread settings must be set before numpy loads),
+    the whole process on core `pin` when given; its memory polled every `poll_s` seconds."""
 
     def run() -> Measurement:
-        child = run_child({"kind": "flow", "config": str(config), "overrides": overrides}, env=env)
+        job = {"kind": "flow", "config": str(config), "overrides": overrides}
+        child = run_child(job, env=env, pin=pin, poll_s=poll_s)
         values = values_matrix(read_values(child["summary"]), features, row_ids)
         return Measurement(
             child["seconds"],

@@ -120,6 +120,29 @@ def breast_cancer(cache: Path, n_estimators: int = 100) -> Dataset:
     return Dataset(data_path, model_path, features)
 
 
+def wine(cache: Path) -> Dataset:
+    """sklearn's wine data (178 rows, 13 numeric features, no download), class 0 against the rest, and an
+    XGBoost classifier: the accuracy benchmark's 10-15 feature workload."""
+    import joblib
+
+    folder = cache / "wine"
+    data_path, model_path = folder / "data.parquet", folder / "model.joblib"
+    if not model_path.is_file():
+        from sklearn.datasets import load_wine
+
+        folder.mkdir(parents=True, exist_ok=True)
+        bunch = load_wine(as_frame=True)
+        frame = bunch.data.copy()
+        frame.columns = [c.replace(" ", "_").replace("/", "_") for c in frame.columns]
+        target = (bunch.target == 0).astype(int)
+        model = _xgb_classifier(n_estimators=100, max_depth=4).fit(frame, target)
+        frame[TARGET] = target.to_numpy()
+        frame.to_parquet(data_path)
+        joblib.dump(model, model_path)
+    features = [c for c in pd.read_parquet(data_path).columns if c != TARGET]
+    return Dataset(data_path, model_path, features)
+
+
 def penguins(cache: Path) -> Dataset:
     """The demo's data (palmerpenguins, 344 birds: text, numbers, missing values) and its Pipeline."""
     import joblib
@@ -166,6 +189,43 @@ def synthetic(cache: Path, rows: int, n_features: int = 30, train_rows: int = 10
         joblib.dump(model, model_path)
     features = [f"f{j:02d}" for j in range(n_features)]
     return Dataset(data_path, model_path, features)
+
+
+def xgboost_file(dataset: Dataset, suffix: str) -> Path:
+    """The dataset's XGBoost model saved the way XGBoost recommends (`save_model`), as .json or .ubj."""
+    path = dataset.model_path.with_suffix(suffix)
+    if not path.is_file():
+        import joblib
+
+        joblib.load(dataset.model_path).save_model(path)
+    return path
+
+
+def registry_model(dataset: Dataset, flavour: str, tracking_uri: str, folder: Path, name: str) -> str:
+    """The dataset's model logged with mlflow.<flavour>.log_model and registered as `name` in the store at
+    `tracking_uri` (its artifacts in `folder`); the models:/ URI of that version."""
+    import importlib
+
+    import joblib
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("bench-models")
+    experiment_id = (
+        experiment.experiment_id
+        if experiment is not None
+        else client.create_experiment("bench-models", artifact_location=folder.as_uri())
+    )
+    options: dict[str, Any] = {"pip_requirements": ["scikit-learn", "xgboost"]}  # declared: not inferred
+    if flavour == "sklearn":
+        options["serialization_format"] = "cloudpickle"
+    with _use_tracking_uri(tracking_uri), mlflow.start_run(experiment_id=experiment_id):
+        logged = importlib.import_module(f"mlflow.{flavour}").log_model(
+            joblib.load(dataset.model_path), name="model", registered_model_name=name, **options
+        )
+    return f"models:/{name}/{logged.registered_model_version}"
 
 
 def sliced(dataset: Dataset, rows: int) -> Dataset:

@@ -7,6 +7,7 @@ from typing import Any
 from shapline.flows.deploy import check_schedule
 from shapline.tasks.common.config import SageMakerModel, load_config
 from shapline.tasks.compute.plan import check_data, plan_run
+from shapline.tasks.data.loading import explain_rows_said
 from shapline.tasks.models.loading import trusted_code_warning
 
 
@@ -20,7 +21,7 @@ def check_config(config_path: str, overrides: list[str] | None = None) -> dict[s
     check = check_data(config)
     report = check.report
     lines.append(f"data {check.data.uri}: {check.data.rows} rows, {len(check.features)} features")
-    lines.append(f"validation: {report.evaluated} expectations, {len(report.failures)} failed")
+    lines.append(f"validation: {report.counted()}; {len(report.failures)} failed")
     lines += [f"  {'FAIL' if line in report.blocking else 'warn'}: {line}" for line in report.failures]
     result: dict[str, Any] = {
         "ok": not report.blocking,
@@ -33,10 +34,13 @@ def check_config(config_path: str, overrides: list[str] | None = None) -> dict[s
         lines.append("validation failed: the run would stop here")
         return {**result, "lines": lines}
     plan = plan_run(config, check)
+    explained = "; ".join(f"{e.output}, SHAP values in {e.units}" for e in plan.explained)
     lines.append(
         f"model {config.model.name}: {check.predictor.method}() gives {plan.outputs} output(s); "
-        f"explainer {plan.algorithm} (values in {plan.link} space)"
+        f"explainer {plan.algorithm}: {explained}"
     )
+    if (more := explain_rows_said(config.data.explain_rows, check.data.rows)) is not None:
+        lines.append(more)
     shards_word = "shard" if len(plan.shards) == 1 else "shards"
     lines.append(
         f"plan: {plan.explain_rows} rows to explain in {len(plan.shards)} {shards_word} of <= {config.shards.size}, "

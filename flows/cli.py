@@ -1,4 +1,4 @@
-"""The `shapline` command: run, validate, schema, demo."""
+"""The `shapline` command: run, validate, schema, demo, deploy, serve, compare, reference, endpoint."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import Any, TextIO, cast
 
 from shapline.flows import compare_cli, endpoint_cli
 from shapline.flows.demo import DEFAULT_CONFIG
+from shapline.flows.deploy import DEFAULT_POOL
 from shapline.tasks.common.errors import (
     AttributionDrift,
     PrefectUnavailable,
@@ -28,6 +29,8 @@ from shapline.tasks.common.errors import (
 )
 from shapline.tasks.common.redact import redact, redact_logs, redact_value
 from shapline.tasks.monitoring.drift import drift_sentence
+from shapline.tasks.results.summary import accuracy_sentence
+from shapline.tasks.tracking.uris import open_hint, run_page
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -215,11 +218,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="shapline", description="Explain ML models with SHAP, logged to MLflow."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks (also after the command)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("config", help="the model's YAML config")
+    def add_set(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
             "--set",
             dest="overrides",
@@ -228,7 +229,15 @@ def _parser() -> argparse.ArgumentParser:
             metavar="KEY.PATH=VALUE",
             help="override a config key (value parsed as YAML); repeatable",
         )
+
+    def add_json(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--json", action="store_true", help="end stdout with one JSON object")
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("config", help="the model's YAML config")
+        add_set(sub)
+        add_json(sub)
         add_debug_flag(sub)
         return sub
 
@@ -241,25 +250,38 @@ def _parser() -> argparse.ArgumentParser:
     with_config("validate", "check the config, the model and the data without explaining")
     schema = commands.add_parser("schema", help="print the config's JSON schema")
     schema.add_argument("--markdown", action="store_true", help="the config reference table instead")
-    demo = commands.add_parser("demo", help="train the demo model on real data and explain it")
+    demo = commands.add_parser("demo", help="train the demo model on real data and explain it (as run does)")
     demo.add_argument(
         "--config",
         default=DEFAULT_CONFIG,
         help="the demo config (default: %(default)s, shipped with shapline)",
     )
-    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-    demo.add_argument("--json", action="store_true")
+    add_set(demo)
+    add_json(demo)
     add_debug_flag(demo)
-    deploy = commands.add_parser("deploy", help="create or update one Prefect deployment per config")
-    deploy.add_argument("configs", nargs="+", metavar="CONFIG")
-    deploy.add_argument("--pool", default="shapline", help="work pool (a process pool, created if missing)")
-    deploy.add_argument("--json", action="store_true")
+    deploy = commands.add_parser(
+        "deploy", help="create or update one Prefect deployment per config, on a work pool"
+    )
+    deploy.add_argument("configs", nargs="+", metavar="CONFIG", help="the models' YAML configs")
+    deploy.add_argument(
+        "--pool",
+        default=DEFAULT_POOL,
+        help="work pool (a process pool, created if missing; default: %(default)s)",
+    )
+    add_set(deploy)
+    add_json(deploy)
     add_debug_flag(deploy)
-    serve = commands.add_parser("serve", help="serve the configs' deployments from this process (no worker)")
-    serve.add_argument("configs", nargs="+", metavar="CONFIG")
+    serve = commands.add_parser(
+        "serve",
+        help="deploy the configs as `deploy` does and run their work pool's worker in this process",
+    )
+    serve.add_argument("configs", nargs="+", metavar="CONFIG", help="the models' YAML configs")
+    serve.add_argument("--pool", default=DEFAULT_POOL, help="work pool (as for deploy; default: %(default)s)")
+    add_set(serve)
     add_debug_flag(serve)
     endpoint_cli.add_parser(commands)
     add_debug_flag(compare_cli.add_parser(commands))
+    add_debug_flag(compare_cli.add_reference_parser(commands))
     return parser
 
 
@@ -271,23 +293,32 @@ def _print_run_summary(summary: dict[str, Any]) -> None:
         f"({summary['algorithm']}, link {summary['link']}) in {summary['duration_s']:.1f} s"
     )
     _say(f"additivity max error: {summary['additivity_max_error']:.3g}")
+    if accuracy := accuracy_sentence(summary):
+        _say(accuracy)
     _say(f"top features: {', '.join(summary['top_features'])}")
     if summary.get("attribution_ndcg") is not None:
+        moved = [(d["feature"], d["relative_change"]) for d in summary.get("importance_drift") or []]
         _say(
             drift_sentence(
-                summary["attribution_ndcg"], summary.get("ndcg_threshold"), summary["baseline_run_id"]
+                summary["attribution_ndcg"],
+                summary.get("ndcg_threshold"),
+                summary["baseline_run_id"],
+                moved,
+                summary.get("max_importance_change"),
             )
         )
+    elif summary.get("baseline_reason"):
+        _say(f"no comparison: {summary['baseline_reason']}")
     _say(
         f"MLflow run {summary['mlflow_run_id']} in experiment '{summary['experiment']}' "
         f"(id {summary['experiment_id']}), tracking URI {summary['tracking_uri']}"
     )
-    if summary["tracking_uri"].startswith("sqlite:"):
-        _say(
-            f"open it with: mlflow ui --backend-store-uri {summary['tracking_uri']}  (then http://127.0.0.1:5000)"
-        )
+    page = run_page(summary["tracking_uri"], summary["experiment_id"], summary["mlflow_run_id"])
+    hint = open_hint(summary["tracking_uri"])
+    if hint:
+        _say(f"open it with: {hint}  (then {page})")
     else:
-        _say(f"open it at: {summary['run_url']}")
+        _say(f"open it at: {page}")
 
 
 # Without PREFECT_API_URL every run starts a temporary Prefect server, which Prefect gives 20 s; on a
@@ -376,13 +407,16 @@ def _schema(markdown: bool) -> int:
     return 0
 
 
-def _deploy(configs: list[str], pool: str, as_json: bool) -> int:
+def _deploy(configs: list[str], pool: str, overrides: list[str], as_json: bool) -> int:
     from shapline.flows.deploy import deploy
 
-    deployed = deploy(configs, pool)
+    deployed = deploy(configs, pool, overrides)
     for name, deployment_id in deployed:
         _say(f"deployment shapline-explain/{name} ({deployment_id}) on work pool {pool}")
-    _say(f"start a worker with: prefect worker start --pool {pool}")
+    _say(
+        f"start a worker with: prefect worker start --pool {pool}  "
+        f"(or run `shapline serve` with the same configs: it deploys and works in one process)"
+    )
     if as_json:
         _say(
             json.dumps(
@@ -398,6 +432,15 @@ def _deploy(configs: list[str], pool: str, as_json: bool) -> int:
 
 def _compare(run_a: str, run_b: str, tracking_uri: str | None, as_json: bool) -> int:
     lines, result = compare_cli.compare(run_a, run_b, tracking_uri)
+    for line in lines:
+        _say(line)
+    if as_json:
+        _say(json.dumps(redact_value(result), default=str))
+    return 0
+
+
+def _reference(run: str, tracking_uri: str | None, as_json: bool) -> int:
+    lines, result = compare_cli.reference(run, tracking_uri)
     for line in lines:
         _say(line)
     if as_json:
@@ -437,14 +480,16 @@ def _command(argv: list[str] | None) -> int:
         if args.command == "endpoint":
             return endpoint_cli.run(args)
         if args.command == "deploy":
-            return _deploy(args.configs, args.pool, as_json)
+            return _deploy(args.configs, args.pool, args.overrides, as_json)
         if args.command == "serve":
             from shapline.flows.deploy import serve
 
-            serve(args.configs)
+            serve(args.configs, args.pool, args.overrides, _say)
             return 0
         if args.command == "compare":
             return _compare(args.run_a, args.run_b, args.tracking_uri, as_json)
+        if args.command == "reference":
+            return _reference(args.run, args.tracking_uri, as_json)
         if args.command == "validate":
             return _validate(args.config, args.overrides, as_json)
         if args.command == "schema":

@@ -1,7 +1,13 @@
-"""`shapline deploy` and `shapline serve`: one Prefect deployment per model config, scheduled from its YAML."""
+"""`shapline deploy` and `shapline serve`: one Prefect deployment per model config, scheduled from its YAML.
+
+Both make the same deployments, on a work pool: `deploy` leaves their runs to a worker started apart
+(`prefect worker start --pool shapline`), `serve` runs that worker in its own process. So the deployment
+page always names a pool whose queue has a worker when one is working it, whichever command made it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -9,18 +15,29 @@ from uuid import UUID
 
 from shapline.tasks.common.config import ExplainConfig, load_config
 from shapline.tasks.common.errors import ConfigError, ShaplineError
+from shapline.tasks.common.redact import redact
 
 DEFAULT_POOL = "shapline"
 
 
-def schedules_for(config: ExplainConfig, config_path: str) -> list[Any]:
-    """The Prefect schedule of a config (none without a `schedule:` section)."""
+def deployment_parameters(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The parameters every run of a deployment gets: its config and the `--set` overrides it was made with."""
+    return {"config_path": config_path, **({"overrides": list(overrides)} if overrides else {})}
+
+
+def schedules_for(config: ExplainConfig, config_path: str, overrides: list[str] | None = None) -> list[Any]:
+    """The Prefect schedule of a config (none without a `schedule:` section): scheduled runs get the
+    deployment's parameters and `schedule.parameters` (its overrides after the deployment's)."""
     from prefect.schedules import Cron, Interval
 
     schedule = config.schedule
     if schedule is None:
         return []
-    parameters = {"config_path": config_path, **schedule.parameters} if schedule.parameters else None
+    parameters = None
+    if schedule.parameters:
+        parameters = {**deployment_parameters(config_path, overrides), **schedule.parameters}
+        if overrides and "overrides" in schedule.parameters:
+            parameters["overrides"] = [*overrides, *schedule.parameters["overrides"]]
     if schedule.cron is not None:
         return [
             Cron(schedule.cron, timezone=schedule.timezone, active=schedule.active, parameters=parameters)
@@ -56,9 +73,15 @@ def check_schedule(config: ExplainConfig, source: str) -> None:
         raise ConfigError(f"{source}: schedule: {reasons}") from exc
 
 
-def _loaded(paths: list[str]) -> list[tuple[str, ExplainConfig]]:
+def _loaded(paths: list[str], overrides: list[str] | None = None) -> list[tuple[str, ExplainConfig]]:
+    secret = [item for item in overrides or [] if redact(item) != item]
+    if secret:
+        raise ConfigError(
+            f"--set {redact(secret[0])}: looks like a credential, and a deployment keeps its parameters in "
+            "Prefect's database: give it to the worker's environment instead"
+        )
     resolved = [str(Path(p).resolve()) for p in paths]
-    configs = [(path, load_config(path)) for path in resolved]
+    configs = [(path, load_config(path, overrides)) for path in resolved]
     for path, config in configs:
         check_schedule(config, path)
     names = [config.model.name for _, config in configs]
@@ -99,7 +122,7 @@ def _config_values(config: ExplainConfig) -> dict[str, Any]:
     }
 
 
-def _deployment(path: str, config: ExplainConfig) -> Any:
+def _deployment(path: str, config: ExplainConfig, overrides: list[str] | None = None) -> Any:
     """A config's deployment: the installed module as entrypoint (a worker needs shapline installed and the
     config at `config_path`, not this machine's checkout or site-packages), a form that says what the
     config uses for each field left empty."""
@@ -113,8 +136,8 @@ def _deployment(path: str, config: ExplainConfig) -> Any:
     deployment: Any = explain_model.to_deployment(
         name=config.model.name,
         entrypoint_type=EntrypointType.MODULE_PATH,
-        schedules=schedules_for(config, path),
-        parameters={"config_path": path},
+        schedules=schedules_for(config, path, overrides),
+        parameters=deployment_parameters(path, overrides),
         description=_description(config),
         tags=["shapline", f"model:{config.model.name}"],
     )
@@ -123,17 +146,20 @@ def _deployment(path: str, config: ExplainConfig) -> Any:
     return deployment
 
 
-def _deployments(configs: list[tuple[str, ExplainConfig]]) -> list[Any]:
-    return [_deployment(path, config) for path, config in configs]
+def _deployments(configs: list[tuple[str, ExplainConfig]], overrides: list[str] | None = None) -> list[Any]:
+    return [_deployment(path, config, overrides) for path, config in configs]
 
 
-def deploy(paths: list[str], pool: str = DEFAULT_POOL) -> list[tuple[str, UUID]]:
-    """Create or update one deployment per config on `pool`; running it again changes nothing."""
+def deploy(
+    paths: list[str], pool: str = DEFAULT_POOL, overrides: list[str] | None = None
+) -> list[tuple[str, UUID]]:
+    """Create or update one deployment per config on `pool` (its runs get `overrides`, as `run --set`);
+    running it again changes nothing."""
     from prefect import deploy as prefect_deploy
 
-    configs = _loaded(paths)
+    configs = _loaded(paths, overrides)
     ensure_work_pool(pool)
-    deployments = _deployments(configs)
+    deployments = _deployments(configs, overrides)
     # Called outside an event loop, Prefect's sync-compatible deploy returns the list, not a coroutine.
     ids = cast(
         "list[UUID]",
@@ -155,8 +181,24 @@ def deploy(paths: list[str], pool: str = DEFAULT_POOL) -> list[tuple[str, UUID]]
     ]
 
 
-def serve(paths: list[str]) -> None:
-    """Serve the configs' deployments from this process until it is stopped (no worker needed)."""
-    from prefect import serve as prefect_serve
+def serve(
+    paths: list[str],
+    pool: str = DEFAULT_POOL,
+    overrides: list[str] | None = None,
+    say: Callable[[str], None] = print,
+) -> None:
+    """Deploy the configs as `deploy` does, then work their pool from this process until it is stopped
+    (Ctrl-C): a process worker, each flow run in a process of its own, as `prefect worker start` runs them."""
+    import anyio
+    from prefect.workers.process import ProcessWorker
 
-    prefect_serve(*_deployments(_loaded(paths)), print_starting_message=True)
+    for name, deployment_id in deploy(paths, pool, overrides):
+        say(
+            f"deployment shapline-explain/{name} ({deployment_id}) on work pool {pool}, worked by this process"
+        )
+    say("Ctrl-C stops")
+    worker = ProcessWorker(work_pool_name=pool, create_pool_if_not_found=False)
+    try:
+        anyio.run(worker.start, False, False, say)
+    except KeyboardInterrupt:
+        say(f"stopped working pool {pool}")

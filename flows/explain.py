@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -22,7 +23,7 @@ from prefect.events import emit_event
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.utilities.annotations import unmapped
+from prefect.utilities.annotations import quote, unmapped
 from pydantic.json_schema import SkipJsonSchema
 
 from shapline.flows.parameters import Algorithm, ExplainParameters, form_field
@@ -34,12 +35,14 @@ from shapline.tasks.compute.plan import DataCheck, RunPlan, check_data, plan_run
 from shapline.tasks.compute.runners import ShardRunner
 from shapline.tasks.compute.shards import ShardResult, ShardStore, shard_label
 from shapline.tasks.compute.staging import StagedJob, StagedRows, plan_jobs, stage_rows
+from shapline.tasks.data.loading import explain_rows_said
 from shapline.tasks.models.loading import pin_model_file, trusted_code_warning
 from shapline.tasks.models.registry import resolve_registry_model
-from shapline.tasks.monitoring.drift import Baseline
+from shapline.tasks.monitoring.drift import Baseline, importance_drift_json
 from shapline.tasks.monitoring.history import resolve_baseline
 from shapline.tasks.results.aggregate import Aggregate, aggregate
-from shapline.tasks.results.plots import render_plots
+from shapline.tasks.results.categories import write_categories
+from shapline.tasks.results.plots import render_plots, waterfall_files
 from shapline.tasks.results.report import REPORT, ReportFacts, write_report
 from shapline.tasks.results.summary import Phases, RunSummary
 from shapline.tasks.run.monitor import Monitoring, drift_event, monitor
@@ -58,7 +61,7 @@ from shapline.tasks.run.recording import (
 )
 from shapline.tasks.run.resources import ExplanationRun
 from shapline.tasks.tracking.client import run_url
-from shapline.tasks.tracking.uris import is_http, resolve_tracking_uri
+from shapline.tasks.tracking.uris import resolve_tracking_uri
 
 check_data_task = task(name="check-data", cache_policy=NO_CACHE)(check_data)
 plan_run_task = task(name="plan-run", cache_policy=NO_CACHE)(plan_run)
@@ -66,6 +69,7 @@ aggregate_task = task(name="aggregate", cache_policy=NO_CACHE)(aggregate)
 render_plots_task = task(name="render-plots", cache_policy=NO_CACHE)(render_plots)
 resolve_model_task = task(name="resolve-model", cache_policy=NO_CACHE)(resolve_registry_model)
 resolve_baseline_task = task(name="resolve-baseline", cache_policy=NO_CACHE)(resolve_baseline)
+categories_task = task(name="categories", cache_policy=NO_CACHE)(write_categories)
 monitor_task = task(name="monitor", cache_policy=NO_CACHE)(monitor)
 stage_rows_task = task(name="stage-rows", cache_policy=NO_CACHE)(stage_rows)
 
@@ -122,6 +126,8 @@ def explain_model(
             plan = plan_run_task(config, check)
             record_plan(run.tracked, config, plan, run.artifacts)
             _say_plan(config, plan)
+            if (more := explain_rows_said(config.data.explain_rows, check.data.rows)) is not None:
+                logger.warning(more)
             plan.enforce_budget()
             baseline = resolve_baseline_task(
                 run.tracked, config.model.name, config.monitor.baseline, run.folder
@@ -143,11 +149,23 @@ def explain_model(
                 row_names,
                 config.data.id_column,
                 config.explainer.additivity_tolerance,
+                [r.errors_path for r in results] if plan.algorithm == "kernel" else [],
+                sum(r.model_rows for r in results),
             )
             phases.lap("aggregate")
             plots = _plots(run, config, check, plan, combined, staged)
             record_values(run.tracked, combined, run.artifacts)
             plots.result()
+            categories = categories_task(
+                combined.values_path,
+                staged,
+                check.features,
+                combined.labels or ["0"],
+                config.output,
+                str(run.artifacts),
+                plan.explained,
+                config.model.name,
+            )
             return_freed_memory()  # the plots' figures and the upload's buffers, before drift reads columns
             phases.lap("plots and upload")
             monitoring = monitor_task(run.tracked, config, baseline, combined, plan.explained, run.artifacts)
@@ -156,14 +174,22 @@ def explain_model(
             summary = _summary(
                 run, config, check, plan, results, combined, started, explain_s, monitoring, phases
             )
+            facts = _report_facts(run, config, check, plan, summary, identity, traffic, monitoring, prefect)
             write_report(
-                _report_facts(run, config, check, plan, summary, identity, traffic, monitoring, prefect),
+                replace(
+                    facts,
+                    waterfalls=_waterfalls(config, plan, combined),
+                    categories=categories,
+                    accuracy=combined.accuracy,
+                ),
                 run.artifacts,
             )
             record_results(
                 run.tracked, config, check, plan, summary, traffic, monitoring, prefect, run.artifacts
             )
             publish_summary(summary)
+            if summary.rows_unconverged:
+                logger.warning(summary.accuracy_said())
             _say_drift(config, monitoring, run.tracked, summary.run_url)
             run.finish()
     logger.info("MLflow run %s FINISHED: %s", summary.mlflow_run_id, summary.run_url)
@@ -185,7 +211,13 @@ def _row_names(config: ExplainConfig, check: DataCheck) -> Any:
 
 def _say_baseline(baseline: Baseline) -> None:
     if baseline.found:
-        get_run_logger().info("baseline: run %s (monitor.baseline)", baseline.run_id)
+        get_run_logger().info(
+            "baseline: run %s (%s), %s: explained %s",
+            baseline.run_id,
+            baseline.run_name,
+            baseline.how_chosen,
+            baseline.explained(),
+        )
     else:
         get_run_logger().info("no baseline: %s", baseline.reason)
 
@@ -232,6 +264,12 @@ def _report_facts(
         prefect_url=prefect.flow_run_url,
         id_column=config.data.id_column,
     )
+
+
+def _waterfalls(config: ExplainConfig, plan: RunPlan, combined: Aggregate) -> dict[str, Any]:
+    """Each class's waterfall files by group (highest, lowest, nearest the threshold), for the report."""
+    labels = combined.labels or ["0"]
+    return waterfall_files(combined.values_path, labels, config.output, plan.explained, config.data.id_column)
 
 
 @contextmanager
@@ -378,9 +416,16 @@ def explain_shards(
         threads_runner: Any
         with ThreadPoolTaskRunner(max_workers=config.shards.workers) as threads_runner:
             try:
+                # Quoted: each shard task gets its job, the runner and the store as they are. Prefect would walk
+                # every field of each (the configs, the background's frame) for futures to resolve, twice per
+                # task, a few ms a shard on the core the workers compute on.
                 futures = threads_runner.map(
                     explain_shard_task,
-                    {"job": jobs, "runner": unmapped(run.runner), "store": unmapped(store)},
+                    {
+                        "job": [quote(job) for job in jobs],
+                        "runner": unmapped(quote(run.runner)),
+                        "store": unmapped(quote(store)),
+                    },
                 )
                 computed = _collect(futures, len(jobs))
             except BaseException as exc:
@@ -437,6 +482,7 @@ def _plots(
         plan.explained,
         config.model.name,
         config.data.id_column,
+        combined.accuracy.errors_path if combined.accuracy else None,
     )
 
 
@@ -478,8 +524,28 @@ def _summary(
         attribution_ndcg=comparison.ndcg if comparison is not None else None,
         baseline_run_id=comparison.baseline_run_id if comparison is not None else None,
         ndcg_threshold=comparison.threshold if comparison is not None else None,
+        explained="; ".join(f"{e.output}, SHAP values in {e.units}" for e in plan.explained),
+        baseline_reason=monitoring.baseline.reason if comparison is None else None,
+        max_importance_change=config.monitor.max_importance_change,
+        importance_drift=importance_drift_json(comparison.importance_drift) if comparison is not None else [],
         phases=dict(phases.seconds),
+        **_accuracy_said(combined, config),
     )
+
+
+def _accuracy_said(combined: Aggregate, config: ExplainConfig) -> dict[str, Any]:
+    """The summary's accuracy fields from the aggregate (a kernel run), or nothing."""
+    accuracy = combined.accuracy
+    if accuracy is None:
+        return {}
+    adaptive = accuracy.errors_path is not None
+    return {
+        "model_rows": accuracy.model_rows,
+        "coalitions_per_row": accuracy.coalitions_per_row(),
+        "rows_unconverged": accuracy.rows_unconverged if adaptive else None,
+        "max_standard_error": accuracy.max_standard_error,
+        "tolerance": config.explainer.tolerance if adaptive else None,
+    }
 
 
 def artifact_key(model: str) -> str:
@@ -489,17 +555,10 @@ def artifact_key(model: str) -> str:
 
 def publish_summary(summary: RunSummary) -> None:
     """The run's summary as a Prefect markdown artifact of the flow run itself (made in the flow, not a
-    task, so the flow run's Artifacts tab holds it), with where the MLflow run is and how to open it."""
-    if is_http(summary.tracking_uri):
-        where = f"[Open the MLflow run]({summary.run_url})"
-    else:
-        where = (
-            f"MLflow run `{summary.mlflow_run_id}` in a local store: open it with "
-            f"`mlflow ui --backend-store-uri {summary.tracking_uri}` (then http://127.0.0.1:5000)"
-        )
+    task, so the flow run's Artifacts tab holds it): what was explained, and a link to the MLflow run."""
     create_markdown_artifact(
         key=artifact_key(summary.model),
-        markdown=redact(f"{where}\n\n{summary.markdown()}"),
+        markdown=redact(summary.markdown()),
         description=redact(f"SHAP summary of {summary.model}"),
     )
 

@@ -15,7 +15,7 @@ from benchmarks.harness import ComparisonResult, Measurement, Ratio, Tolerance, 
 from benchmarks.scaling import fit_line
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPARISONS = ["kernel", "percore", "overhead", "endpoint", "tree", "scaling"]
+COMPARISONS = ["kernel", "percore", "overhead", "endpoint", "tree", "scaling", "accuracy"]
 
 
 def test_alternate_rotates_the_order_and_keeps_every_sample() -> None:

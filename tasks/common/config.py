@@ -7,15 +7,25 @@ yaml and the errors.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import re
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from shapline.tasks.common.errors import ConfigError, one_line
@@ -265,17 +275,35 @@ class ExplainerConfig(_Strict):
         None, description="Default: logit for classification probabilities, else identity."
     )
     nsamples: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        "auto", description="Kernel explainer coalitions per row: auto (2M + 2048) or an int."
+        "auto",
+        description="Kernel explainer coalitions per row: auto (2M + 2048) or an int; the budget cap for "
+        "estimator adaptive.",
+    )
+    estimator: Literal["shap", "adaptive"] = Field(
+        "shap",
+        description="Kernel only: shap (shap's KernelExplainer, values equal to shap's for the same seeds) or "
+        "adaptive (exact when every coalition fits nsamples, else exactly enumerated small and large coalitions "
+        "and paired sampling of the rest until explainer.tolerance holds; a standard error for every value).",
+    )
+    tolerance: float = Field(
+        0.005,
+        gt=0,
+        lt=1,
+        description="estimator adaptive: a row is done when its largest standard error is at most this times "
+        "the spread (max - min) of its values, or nsamples is spent.",
     )
     l1_reg: str | bool = Field(
-        "aic", description="Kernel feature selection: aic | bic | num_features(k) | false."
+        "aic",
+        description="Kernel feature selection: aic | bic | num_features(k) | false (estimator shap only).",
     )
     seed: int = _seed("Seed of the sampling explainers; each row derives its own from it (0 to 2^32 - 1).")
     batch_rows: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto",
         description="Kernel only: rows of a shard explained together, their model calls merged into one "
-        "predict (fewer, fuller endpoint requests); values equal up to the model's rounding. auto: 1 for "
-        "in-process models; for endpoints as many rows (up to 16) as fit one request together.",
+        "predict (fewer, fuller endpoint requests); values equal up to the model's rounding. auto: for "
+        "endpoints as many rows (up to 16) as fit one request together; for in-process models as many as "
+        "make the model's fixed cost per call small, timed on the first call (a Pipeline's are merged, "
+        "XGBoost's are not).",
     )
     additivity_tolerance: float = Field(
         0.01,
@@ -287,6 +315,22 @@ class ExplainerConfig(_Strict):
         "tree_path_dependent",
         description="Tree explainer only: tree_path_dependent, or interventional over the background.",
     )
+
+    @model_validator(mode="after")
+    def _l1_reg_is_shaps(self) -> ExplainerConfig:
+        # adaptive solves the whole regression with its constraint: no feature selection. Refused only when
+        # set (the default, aic, is shap's, and a config that names no l1_reg has nothing to refuse).
+        if self.estimator == "adaptive" and "l1_reg" in self.model_fields_set and self.l1_reg is not False:
+            raise ValueError(
+                f"explainer.l1_reg {self.l1_reg!r} is for estimator shap; estimator adaptive selects no features "
+                "(set l1_reg: false or leave it out)"
+            )
+        return self
+
+    @property
+    def effective_l1_reg(self) -> str | bool:
+        """The feature selection the kernel explainer applies: l1_reg for shap, none for adaptive."""
+        return self.l1_reg if self.estimator == "shap" else False
 
     @field_validator("l1_reg")
     @classmethod
@@ -331,9 +375,9 @@ class ShardsConfig(_Strict):
         return self
 
 
-Plot = Literal["bar", "beeswarm", "waterfall", "force"]
+Plot = Literal["bar", "beeswarm", "waterfall", "force", "categories"]
 Aggregation = Literal["mean_abs", "mean", "median", "mean_sq", "std", "max_abs"]
-ALL_PLOTS: tuple[Plot, ...] = ("bar", "beeswarm", "waterfall", "force")
+ALL_PLOTS: tuple[Plot, ...] = ("bar", "beeswarm", "waterfall", "force", "categories")
 DEFAULT_AGGREGATIONS: tuple[Aggregation, ...] = ("mean_abs", "mean", "median", "mean_sq", "std")
 
 
@@ -344,9 +388,15 @@ class OutputConfig(_Strict):
     experiment: str | None = Field(None, description="Default: shapline/<model.name>.")
     plots: list[Plot] = Field(
         default_factory=lambda: list(ALL_PLOTS),
-        description="Plots logged under plots/: bar, beeswarm, waterfall, force.",
+        description="Plots logged under plots/: bar, beeswarm, waterfall, force, categories (the mean SHAP "
+        "value of each value of a text or categorical feature).",
     )
-    top_k: int = Field(10, ge=0, description="Waterfall plots for the top_k rows by model output.")
+    top_k: int = Field(
+        10,
+        ge=0,
+        description="Waterfall plots for the top_k rows by model output, and as many for the lowest outputs and "
+        "for the outputs nearest the decision threshold (P = 0.5, log-odds or margin 0).",
+    )
     aggregations: list[Aggregation] = Field(
         default_factory=lambda: list(DEFAULT_AGGREGATIONS),
         min_length=1,
@@ -375,18 +425,29 @@ class ScheduleConfig(_Strict):
 
 # An MLflow run id: 32 lowercase hex characters.
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+# monitor.baseline's words (or else a run id).
+BASELINE_CHOICES = ("previous", "reference", "none")
 
 
 class MonitorConfig(_Strict):
-    """Attribution drift against a baseline run (the previous one, or one named by its MLflow run id)."""
+    """Attribution drift against a baseline run: the previous comparable one, the model's pinned reference,
+    or one named by its MLflow run id."""
 
     baseline: str = Field(
         "previous",
-        description="previous (the latest FINISHED run of this model that explained the same output), "
-        "none, or an MLflow run id.",
+        description="previous (the latest FINISHED run of this model with the same settings and the same rows: "
+        "data.source, explain_rows, seed, id_column), reference (the run pinned with `shapline reference "
+        "RUN_ID`), none, or an MLflow run id.",
     )
     ndcg_threshold: float = Field(
         0.90, gt=0, le=1, description="attribution_ndcg below this is drift (SageMaker Clarify's default)."
+    )
+    max_importance_change: float | None = Field(
+        None,
+        gt=0,
+        description="Also drift when a feature's importance (mean |SHAP value|) changed by more than this "
+        "fraction of its baseline importance (0.5: by half), even when NDCG holds; features below 1% of the "
+        "largest importance in both runs are not judged. null: NDCG only.",
     )
     on_drift: Literal["warn", "fail"] = Field(
         "warn",
@@ -396,9 +457,11 @@ class MonitorConfig(_Strict):
     @field_validator("baseline")
     @classmethod
     def _previous_none_or_run_id(cls, value: str) -> str:
-        if value in ("previous", "none") or _RUN_ID.match(value):
+        if value in BASELINE_CHOICES or _RUN_ID.match(value):
             return value
-        raise ValueError(f"expected previous, none or an MLflow run id (32 hex characters), got {value!r}")
+        raise ValueError(
+            f"expected previous, reference, none or an MLflow run id (32 hex characters), got {excerpt(value)}"
+        )
 
 
 class ExplainConfig(_Strict):
@@ -454,6 +517,8 @@ class ExplainConfig(_Strict):
         if self.data.id_column is None:  # as before data.id_column existed: finished shards stay valid
             del parts["data"]["id_column"]
         del parts["explainer"]["additivity_tolerance"]  # a check on the values, not an input to them
+        if self.explainer.estimator == "shap":  # as before the adaptive estimator: finished shards stay valid
+            del parts["explainer"]["estimator"], parts["explainer"]["tolerance"]
         canonical = json.dumps({**parts, "link": self.link}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -461,6 +526,35 @@ class ExplainConfig(_Strict):
         """A stable hash of the resolved config."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def identity_sha256(self) -> str:
+        """What makes two runs' explanations comparable (monitor.baseline previous): what determines the values
+        (values_sha256) but the model's location and bytes (a retrained model is what drift watches) and the
+        rows (selection_sha256 says which rows)."""
+        model = self.model.model_copy(
+            update=dict.fromkeys(_MODEL_LOCATION & set(type(self.model).model_fields))
+        )
+        data = self.data.model_copy(
+            update={"source": "", "s3": S3Config(), "explain_rows": "all", "seed": 0, "id_column": None}
+        )
+        return self.model_copy(update={"model": model, "data": data}).values_sha256()
+
+    def selection_sha256(self) -> str:
+        """What determines the rows a run explains: data.source (the path or URI), explain_rows, the seed of a
+        sample and data.id_column. A scheduled sample compares with the schedule's samples, not a full run."""
+        data = self.data
+        rows = {
+            "source": data.source,
+            "explain_rows": data.explain_rows,
+            "seed": data.seed if data.explain_rows != "all" else None,
+            "id_column": data.id_column,
+        }
+        canonical = json.dumps(rows, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# Where a model lives, not what it is: left out of a run's identity.
+_MODEL_LOCATION = {"path", "sha256", "endpoint", "budget", "uri", "tracking_uri"}
 
 
 # Bounds on what a config may be: a real one is a few KB with a few hundred values. Without them a
@@ -595,21 +689,102 @@ def _resolve_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
     return raw
 
 
-def _describe(error: ErrorDetails) -> str:
-    location = ".".join(
-        str(part) for part in error["loc"] if not (isinstance(part, str) and part in _KIND_TAGS)
+@dataclass(frozen=True)
+class _Place:
+    """Where an error is, in the config's words: the keys a person writes, the field they end on, the model
+    holding the last key, and whether pydantic's location went on into one member of a union (its type
+    names, `constrained-int`, `literal['all']`, are pydantic's, never shown)."""
+
+    keys: tuple[str, ...]
+    field: Any
+    parent: type[BaseModel] | None
+    in_union: bool
+
+
+def _models_in(annotation: Any) -> type[BaseModel] | tuple[type[BaseModel], ...] | None:
+    """The config model a field holds (a section, an optional section), or the models of a tagged union."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    models = tuple(a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel))
+    return models[0] if len(models) == 1 else models or None
+
+
+def _place(loc: tuple[int | str, ...]) -> _Place:
+    current: Any = ExplainConfig
+    keys: list[str] = []
+    field, parent, in_union = None, None, False
+    for part in loc:
+        if isinstance(current, tuple) and part in _KIND_TAGS:  # model.kind picks the model's section
+            current = next(m for m in current if kind_name(m) == part)
+        elif isinstance(current, type) and issubclass(current, BaseModel) and isinstance(part, str):
+            parent, field = current, current.model_fields.get(part)
+            keys.append(part)
+            current = _models_in(field.annotation) if field is not None else None
+        elif isinstance(part, int):  # a position in a list
+            keys.append(str(part))
+        else:
+            in_union = True
+    return _Place(tuple(keys), field, parent, in_union)
+
+
+def _expected(schema: dict[str, Any]) -> str:
+    """A JSON schema in words: `a whole number >= 1 or all`."""
+    if "anyOf" in schema:
+        return " or ".join(dict.fromkeys(_expected(choice) for choice in schema["anyOf"]))
+    if "const" in schema:
+        return str(schema["const"])
+    if "enum" in schema:
+        return " or ".join(str(value) for value in schema["enum"])
+    kind = schema.get("type")
+    words = {"integer": "a whole number", "number": "a number", "string": "text", "boolean": "true or false"}
+    said = words.get(
+        str(kind), {"array": "a list", "object": "a mapping", "null": "null"}.get(str(kind), "?")
     )
+    for bound, sign in (
+        ("minimum", ">="),
+        ("exclusiveMinimum", ">"),
+        ("maximum", "<="),
+        ("exclusiveMaximum", "<"),
+    ):
+        if bound in schema:
+            said += f" {sign} {schema[bound]}"
+    return said
+
+
+def _describe(error: ErrorDetails) -> str:
+    place = _place(error["loc"])
+    location = ".".join(place.keys)
     message = error["msg"]
     if error["type"] == "value_error":
         # A validator's own sentence: it says what is wrong, and quoting the whole section adds nothing.
         message = message.removeprefix("Value error, ")
     elif error["type"] == "extra_forbidden":
         message = "unknown key"
+        known = list(place.parent.model_fields) if place.parent is not None else []
+        close = difflib.get_close_matches(place.keys[-1], known, n=1) if place.keys else []
+        if close:
+            message += f"; did you mean {'.'.join((*place.keys[:-1], close[0]))}?"
     elif error["type"] == "missing":
         message = "required key is missing"
     elif "input" in error and error["type"] not in ("union_tag_invalid", "union_tag_not_found"):
         message = f"{message}, got {excerpt(error['input'])}"
-    return f"{location}: {message}" if location else message
+    # A sentence that names its own key (explainer.l1_reg ...) needs no location before it.
+    return f"{location}: {message}" if location and not message.startswith(f"{location}.") else message
+
+
+def _describe_all(errors: list[ErrorDetails]) -> list[str]:
+    """One line per key: a value no member of a union takes is one line saying what the key takes (`data.
+    explain_rows: expected a whole number >= 1 or all, got 'abc'`), not a line per member."""
+    lines: dict[str, str] = {}
+    for error in errors:
+        place = _place(error["loc"])
+        if place.in_union and place.field is not None and "input" in error:
+            expected = _expected(TypeAdapter(place.field.annotation).json_schema())
+            line = f"{'.'.join(place.keys)}: expected {expected}, got {excerpt(error['input'])}"
+        else:
+            line = _describe(error)
+        lines.setdefault(line, line)
+    return list(lines)
 
 
 _KIND_TAGS = {kind_name(model) for model in MODEL_KINDS}
@@ -624,7 +799,7 @@ def parse_config(raw: Any, source: str = "<config>") -> ExplainConfig:
     try:
         return ExplainConfig.model_validate(raw)
     except ValidationError as exc:
-        details = "; ".join(_describe(error) for error in exc.errors())
+        details = "; ".join(_describe_all(exc.errors()))
         raise ConfigError(f"{source}: {details}") from exc
 
 

@@ -15,9 +15,21 @@ BASE_VALUE = "base_value"
 MODEL_OUTPUT = "model_output"
 FEATURE = "feature"
 RANK = "rank"
+# shap_standard_errors.parquet's per-row columns (estimator adaptive).
+COALITIONS = "coalitions"
+CONVERGED = "converged"
+# global_importance.csv's column of the standard error of mean |SHAP value| (estimator adaptive).
+UNCERTAINTY = "mean_abs_se"
 
 # Tags and params a run records that later runs (and `compare`) read back: one name for writer and reader.
 MODEL_TAG = "shapline.model"
+# What makes runs comparable (monitor.baseline previous): the settings, and the rows explained.
+IDENTITY_TAG = "shapline.config_identity"
+SELECTION_TAG = "shapline.row_selection"
+# The run `shapline reference RUN_ID` pinned as its model's reference (monitor.baseline reference).
+REFERENCE_TAG = "shapline.reference"
+DATA_SOURCE_TAG = "shapline.data_source"
+DATA_SHA256_TAG = "shapline.data_sha256"
 
 
 def monitor_param(key: str) -> str:
@@ -26,6 +38,7 @@ def monitor_param(key: str) -> str:
 
 
 NDCG_THRESHOLD_PARAM = monitor_param("ndcg_threshold")
+MAX_CHANGE_PARAM = monitor_param("max_importance_change")
 
 # background.parquet's column of k-means centres' weights.
 BACKGROUND_WEIGHT = "shapline_weight"
@@ -44,6 +57,12 @@ class SchemaError(ValueError):
 def values_columns(features: list[str], several_classes: bool) -> list[str]:
     """shap_values.parquet: row_id, [class], one SHAP column per feature, base_value, model_output."""
     return [ROW_ID, *([CLASS] if several_classes else []), *features, BASE_VALUE, MODEL_OUTPUT]
+
+
+def errors_columns(features: list[str], several_classes: bool) -> list[str]:
+    """shap_standard_errors.parquet: row_id, [class], one standard error per feature, coalitions, converged
+    (the id column, when the run has one, after row_id, as in the values table)."""
+    return [ROW_ID, *([CLASS] if several_classes else []), *features, COALITIONS, CONVERGED]
 
 
 def importance_columns(aggregations: Sequence[str], several_classes: bool) -> list[str]:
@@ -163,7 +182,8 @@ def importance_metrics(importance: pd.DataFrame, ranking: str) -> dict[str, floa
     }
 
 
-def _file_safe(label: str) -> str:
+def file_safe(label: str) -> str:
+    """A name as a file name keeps it: letters, digits, `_`, `.` and `-`, the rest `_`; at most 100 characters."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[:100]
 
 
@@ -173,4 +193,4 @@ def class_suffixes(labels: list[str]) -> dict[str, str]:
     disk), which get their own digest."""
     if len(labels) <= 1:
         return dict.fromkeys(labels, "")
-    return {label: f"_{name}" for label, name in distinct_keys(labels, _file_safe, 100, fold=True).items()}
+    return {label: f"_{name}" for label, name in distinct_keys(labels, file_safe, 100, fold=True).items()}

@@ -203,8 +203,13 @@ class ThreadRunner(ShardRunner):
 # What every pool worker imports; a fork server imports it once and forks the workers from there. shap
 # is not among it: kernel shards (shapline's own engine) never need it, others import it when they start.
 _PRELOAD = ["shapline.tasks.compute.worker"]
-# Set in each pool worker by _start_worker: the run's limit on endpoint requests, shared by the pool.
+# Set in each pool worker by _start_worker: the run's limit on endpoint requests, shared by the pool, and
+# the barrier its warm-up calls meet at.
 _worker_limit: RequestLimit | None = None
+_worker_warm: Any = None
+# How long a worker's warm-up call waits for the others' (their imports and model loads) before it gives
+# up waiting: a pool is ready sooner than that, and a worker that dies breaks the pool anyway.
+_WARM_UP_WAIT_S = 120.0
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -222,19 +227,23 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 
 def _start_worker(
-    limit: RequestLimit | None, model: ModelConfig, threads: int | None, environment: dict[str, str]
+    limit: RequestLimit | None,
+    model: ModelConfig,
+    threads: int | None,
+    environment: dict[str, str],
+    warm: Any = None,
 ) -> None:
-    """A pool worker's first act: take the flow's environment and the run's request limit, import what a
-    shard needs, load the model.
+    """A pool worker's first act: take the flow's environment, the run's request limit and the pool's warm-up
+    barrier, import what a shard needs, load the model.
 
     Workers are forks of a fork server started with the flow process's first pool, so without this they
     would see the environment of that moment (AWS_*, MLFLOW_*), not the run's. It must never raise: a
     failing initializer breaks the pool; the shard that needs the model reports a load error itself.
     """
-    global _worker_limit
+    global _worker_limit, _worker_warm
     os.environ.clear()
     os.environ.update(environment)
-    _worker_limit = limit
+    _worker_limit, _worker_warm = limit, warm
     try:
         from shapline.tasks.compute.worker import compute_only
         from shapline.tasks.models.loading import load_predictor
@@ -250,7 +259,13 @@ def _start_worker(
 
 
 def _ready() -> None:
-    """A no-op submitted once per worker so the pool starts every worker now, not on the first shards."""
+    """Submitted once per worker so the pool starts every worker now, not on the first shards; done once
+    every worker has run its initializer. Each call waits at the pool's barrier until one call per worker
+    is there: without it the first worker ready answered every call, and the explain phase began while
+    the others still imported and loaded the model (the first shards waited ~0.5 s for them)."""
+    if _worker_warm is not None:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            _worker_warm.wait(_WARM_UP_WAIT_S)
 
 
 def _explain_in_worker(job: ShardJob) -> ShardValues:
@@ -320,10 +335,10 @@ class ProcessRunner(ShardRunner):
             max_workers=self.workers,
             mp_context=context,
             initializer=_start_worker,
-            initargs=(limit, self.model, self.threads, dict(os.environ)),
+            initargs=(limit, self.model, self.threads, dict(os.environ), context.Barrier(self.workers)),
         )
         # The pool starts a worker per submission while none is idle: these start all of them now, and
-        # are done once the workers have run their initializer (imports, model, threads).
+        # are done once every worker has run its initializer (imports, model, threads).
         self._warming = [executor.submit(_ready) for _ in range(self.workers)]
         return executor
 

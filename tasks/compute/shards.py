@@ -14,9 +14,10 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -122,6 +123,14 @@ class ShardResult:
     link: str
     reused: bool = False
     traffic: dict[str, float] | None = None
+    # Kernel only: the shard's coalitions per row and, for estimator adaptive, its standard errors.
+    errors_path: str | None = None
+    model_rows: int = 0
+
+
+def _errors_path(path: Path) -> Path:
+    """The standard errors beside a shard's values: `errors-…` so a `shard-*` glob finds values only."""
+    return path.with_name("errors-" + path.name.removeprefix("shard-"))
 
 
 class ShardStore:
@@ -162,6 +171,9 @@ class ShardStore:
             rows = int(meta["rows"])
             if pq.ParquetFile(path).metadata.num_rows < rows:
                 raise ValueError(f"{rows} rows promised, fewer written")
+            errors = _errors_path(path) if meta.get("errors") else None
+            if errors is not None and pq.ParquetFile(errors).metadata.num_rows < rows:
+                raise ValueError(f"{rows} rows promised, fewer standard errors written")
             result = ShardResult(
                 index=shard.index,
                 path=str(path),
@@ -170,6 +182,8 @@ class ShardStore:
                 algorithm=str(meta["algorithm"]),
                 link=str(meta["link"]),
                 reused=True,
+                errors_path=str(errors) if errors is not None else None,
+                model_rows=int(meta.get("model_rows", 0)),
             )
         except Exception as exc:
             reason = one_line(exc, 200)
@@ -177,26 +191,26 @@ class ShardStore:
                 f"shard {shard.index}: {path} cannot be read ({reason}); computing it again"
             )
             path.unlink(missing_ok=True)
+            _errors_path(path).unlink(missing_ok=True)
             return None
         return result
 
     def write(self, index: int, values: ShardValues) -> ShardResult:
-        """Write a shard's values atomically: a crash leaves either no file or a complete one."""
-        import pyarrow.parquet as pq
-
+        """Write a shard's values atomically: a crash leaves either no file or a complete one. A kernel
+        shard's coalitions and standard errors go first, to a file beside it: the values file, written last,
+        is what says the shard is finished."""
         path = self.path(index, values.row_ids)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-        table = values.to_table()
-        meta = {"rows": len(values.row_ids), "algorithm": values.algorithm, "link": values.link}
-        table = table.replace_schema_metadata(
-            {**(table.schema.metadata or {}), _META: json.dumps(meta).encode()}
-        )
-        try:
-            pq.write_table(table, partial, use_dictionary=[CLASS] if CLASS in table.column_names else False)
-            os.replace(partial, path)
-        except BaseException:
-            partial.unlink(missing_ok=True)  # a full disk keeps no half file (and gets its space back)
-            raise
+        errors = values.coalitions is not None
+        if errors:
+            _write_atomically(values.to_errors_table(), _errors_path(path), {})
+        meta = {
+            "rows": len(values.row_ids),
+            "algorithm": values.algorithm,
+            "link": values.link,
+            "errors": errors,
+            "model_rows": values.model_rows,
+        }
+        _write_atomically(values.to_table(), path, meta)
         return ShardResult(
             index=index,
             path=str(path),
@@ -205,12 +219,29 @@ class ShardStore:
             algorithm=values.algorithm,
             link=values.link,
             traffic=values.traffic,
+            errors_path=str(_errors_path(path)) if errors else None,
+            model_rows=values.model_rows,
         )
 
     def delete_finished(self) -> None:
         """Remove every finished and partial shard file."""
-        for path in [*self.folder.glob("shard-*.parquet"), *self.folder.glob("shard-*.partial")]:
-            path.unlink(missing_ok=True)
+        for pattern in ("shard-*.parquet", "shard-*.partial", "errors-*.parquet", "errors-*.partial"):
+            for path in self.folder.glob(pattern):
+                path.unlink(missing_ok=True)
+
+
+def _write_atomically(table: Any, path: Path, meta: dict[str, Any]) -> None:
+    """A parquet file written under a temporary name and renamed: a crash leaves no half file."""
+    import pyarrow.parquet as pq
+
+    partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), _META: json.dumps(meta).encode()})
+    try:
+        pq.write_table(table, partial, use_dictionary=[CLASS] if CLASS in table.column_names else False)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a full disk keeps no half file (and gets its space back)
+        raise
 
 
 class ShardStoreClaim:
@@ -219,7 +250,8 @@ class ShardStoreClaim:
 
     Claims are files in the store, taken and checked under an exclusive lock on `.lock`; a claim
     whose process is gone (same host, dead pid: a killed run) does not count. The finished shards are
-    deleted only by the last live claimant to release with delete=True.
+    deleted only by the last live claimant to release with delete=True, and the last to leave a store with
+    no shard in it removes the store (`.lock`, `.claims` and its folder): a run leaves nothing behind.
     """
 
     def __init__(self, store: Path, owner: str) -> None:
@@ -238,17 +270,25 @@ class ShardStoreClaim:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        with open(self.store / ".lock", "a+") as handle:
-            try:
-                import fcntl
-            except ImportError:  # no advisory locks on this platform: claims still count, unlocked
-                yield
-                return
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        """The store's exclusive lock. A lock file removed with its store while this process waited for it
+        is no lock: it is taken again on the file at `.lock` now (the store made again)."""
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform: claims still count, unlocked
+            self.store.mkdir(parents=True, exist_ok=True)
+            yield
+            return
+        while True:
+            self.store.mkdir(parents=True, exist_ok=True)
+            lock = self.store / ".lock"
+            with open(lock, "a+") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                try:
+                    if _same_file(handle.fileno(), lock):
+                        yield
+                        return
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _live_others(self) -> list[Path]:
         live = []
@@ -272,7 +312,31 @@ class ShardStoreClaim:
         self.released = True
         with self._locked():
             self.path.unlink(missing_ok=True)
-            if not delete or self._live_others():
+            if self._live_others():
                 return False
-            ShardStore(self.store).delete_finished()
-            return True
+            if delete:
+                ShardStore(self.store).delete_finished()
+            self._remove_if_empty()
+            return delete
+
+    def _remove_if_empty(self) -> None:
+        """Under the lock, with no other live claim: a store holding no shard goes, `.lock` last but one (a
+        run waiting on it sees it gone and starts over), then the folder."""
+        claims = self.store / ".claims"
+        if any(p.name not in (".lock", ".claims") for p in self.store.iterdir()) or any(claims.glob("*")):
+            return
+        if claims.exists():
+            claims.rmdir()
+        (self.store / ".lock").unlink(missing_ok=True)
+        # A file may arrive meanwhile only from a run on a platform without locks: then the folder stays.
+        with suppress(OSError):
+            self.store.rmdir()
+
+
+def _same_file(descriptor: int, path: Path) -> bool:
+    """Whether an open file is still the one at `path` (not removed, or replaced by a new one)."""
+    try:
+        here, there = os.fstat(descriptor), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)

@@ -56,8 +56,18 @@ def load_data(config: DataConfig) -> LoadedData:
 
 
 def feature_columns(frame: pd.DataFrame, config: DataConfig, model_features: list[str] | None) -> list[str]:
-    """The features to explain, in model order: configured, else the model's own, else all but target/drop."""
+    """The features to explain, in model order: configured, else the model's own, else all but target/drop.
+
+    Configured features that leave out one the model names (feature_names_in_, a registry model's signature)
+    or name one it does not take are one line naming the columns, before the model is ever called: the
+    model would refuse the first, and the second would be explained as if it mattered. The order is the
+    model's to judge (a registry model takes any); a configured column the data lacks is validation's to
+    name (an automatic expectation).
+    """
     if config.features is not None:
+        in_data = set(config.features) <= {str(c) for c in frame.columns}
+        if model_features is not None and in_data and set(config.features) != set(model_features):
+            raise DataError(_features_unlike(list(config.features), list(model_features)))
         return list(config.features)
     if model_features is not None:
         if config.id_column is not None and config.id_column in model_features:
@@ -67,6 +77,24 @@ def feature_columns(frame: pd.DataFrame, config: DataConfig, model_features: lis
         return list(model_features)
     excluded = set(config.drop) | {c for c in (config.target, config.id_column) if c is not None}
     return [column for column in frame.columns if column not in excluded]
+
+
+def _features_unlike(configured: list[str], needed: list[str]) -> str:
+    missing = [f for f in needed if f not in configured]
+    unknown = [f for f in configured if f not in needed]
+    said = [f"leaves out {_some(missing)}, which the model needs"] if missing else []
+    said += [f"lists {_some(unknown)}, which the model does not take"] if unknown else []
+    return (
+        f"data.features {' and '.join(said)}; the model's features, in order: {_some(needed, 30)} "
+        "(or leave data.features out)"
+    )
+
+
+def explain_rows_said(explain_rows: int | str, rows: int) -> str | None:
+    """When data.explain_rows asks for more rows than the data has: the line saying the run explains all."""
+    if explain_rows == "all" or int(explain_rows) <= rows:
+        return None
+    return f"data.explain_rows {explain_rows} is more than the {rows:,} rows of the data: the run explains all {rows:,}"
 
 
 def select_explain_rows(frame: pd.DataFrame, explain_rows: int | str, seed: int) -> pd.DataFrame:

@@ -28,12 +28,23 @@ class ValidationReport:
     blocking: list[str]
     result: dict[str, Any] = field(repr=False)
     evaluated: int = 0
+    # Of the evaluated: shapline's own (every feature present, rows, the id column), not the config's.
+    automatic: int = 0
+
+    def counted(self) -> str:
+        """`14 expectations: 3 from the config, 11 shapline's own (every feature present, rows, the id column)`."""
+        plural = "s" if self.evaluated != 1 else ""
+        return (
+            f"{self.evaluated} expectation{plural}: {self.evaluated - self.automatic} from the config, "
+            f"{self.automatic} shapline's own (every feature present, the data has rows, the id column)"
+        )
 
     def to_json(self) -> str:
         """validation.json: the GX suite result with shapline's summary on top."""
         summary = {
             "success": self.success,
             "evaluated_expectations": self.evaluated,
+            "automatic_expectations": self.automatic,
             "failures": self.failures,
             "gx_result": self.result,
         }
@@ -191,6 +202,11 @@ def validate_frame(
         context.data_sources.delete("shapline")
         del batch
     failures, blocking = [], []
+    automatic = sum(
+        (item.expectation_config.meta or {}).get("shapline") == AUTOMATIC
+        for item in result.results
+        if item.expectation_config is not None
+    )
     for item in result.results:
         if item.success:
             continue
@@ -208,4 +224,5 @@ def validate_frame(
         blocking=blocking,
         result=result.to_json_dict(),
         evaluated=len(result.results),
+        automatic=automatic,
     )

@@ -11,9 +11,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from shapline.tasks.common.config import ExplainerConfig
+from shapline.tasks.common.config import ExplainerConfig, effective_nsamples
 from shapline.tasks.common.errors import ExplainError, ModelError
-from shapline.tasks.common.schemas import BASE_VALUE, CLASS, MODEL_OUTPUT, ROW_ID, rows_named, values_columns
+from shapline.tasks.common.schemas import (
+    BASE_VALUE,
+    CLASS,
+    COALITIONS,
+    CONVERGED,
+    MODEL_OUTPUT,
+    ROW_ID,
+    errors_columns,
+    rows_named,
+    values_columns,
+)
 from shapline.tasks.data.background import Background
 from shapline.tasks.explainers.choice import resolve_explainer
 from shapline.tasks.explainers.links import LINKS, PROBABILITY_EPS
@@ -69,6 +79,13 @@ class ShardValues:
     seconds: float = 0.0
     # Model rows not sent because an identical row was in the same call (kernel, endpoints).
     rows_saved: int = 0
+    # Kernel only: coalitions each row took, and with estimator adaptive each value's standard error
+    # (rows, features, outputs) and whether the row's tolerance held.
+    coalitions: np.ndarray | None = None
+    standard_errors: np.ndarray | None = None
+    converged: np.ndarray | None = None
+    # Kernel only: synthetic rows (coalitions x background rows) the estimator asked the model for.
+    model_rows: int = 0
 
     def to_table(self) -> Any:
         """The shard's rows of shap_values.parquet in row order (then class), as Arrow columns built one at a
@@ -92,6 +109,40 @@ class ShardValues:
         columns[MODEL_OUTPUT] = pa.array(np.asarray(self.model_output, dtype=float).reshape(n * c))
         names = values_columns(self.features, several)
         return pa.Table.from_arrays([columns[name] for name in names], names=names)
+
+    def to_errors_table(self) -> Any:
+        """The shard's rows of shap_standard_errors.parquet (estimator adaptive) or, for shap's estimator,
+        of its coalitions alone: row_id, [class], one standard error per feature, coalitions, converged."""
+        import pyarrow as pa
+
+        n, _, c = self.values.shape
+        columns: dict[str, Any] = {ROW_ID: pa.array(np.repeat(self.row_ids.astype("int64"), c))}
+        if c > 1:
+            columns[CLASS] = pa.array(
+                np.tile(np.asarray(self.labels, dtype=object), n), type=pa.large_string()
+            )
+        features = self.features if self.standard_errors is not None else []
+        if self.standard_errors is not None:
+            for j, feature in enumerate(self.features):
+                columns[feature] = pa.array(
+                    np.ascontiguousarray(self.standard_errors[:, j, :]).reshape(n * c)
+                )
+        coalitions = self.coalitions if self.coalitions is not None else np.zeros(n, dtype=np.int64)
+        columns[COALITIONS] = pa.array(np.repeat(np.asarray(coalitions, dtype="int64"), c))
+        converged = self.converged if self.converged is not None else np.ones(n, dtype=bool)
+        columns[CONVERGED] = pa.array(np.repeat(np.asarray(converged, dtype=bool), c))
+        names = errors_columns(features, c > 1)
+        return pa.Table.from_arrays([columns[name] for name in names], names=names)
+
+
+@dataclass(frozen=True)
+class KernelAccuracy:
+    """What a kernel estimator spent on each row and, for estimator adaptive, how sure it is of each value."""
+
+    coalitions: np.ndarray
+    errors: np.ndarray | None
+    converged: np.ndarray | None
+    model_rows: int
 
 
 class ModelFunction:
@@ -131,9 +182,9 @@ class ModelFunction:
     def __call__(self, rows: Any) -> np.ndarray:
         frame = self.frame(rows)
         output = checked_output(self.predictor, self.predictor.predict(frame), frame, self.width, self.clip)
-        output = output[:, self.outputs]
+        output = output[:, self.outputs]  # a copy (a list of columns): clipped in place
         if self.clip:
-            output = np.clip(output, PROBABILITY_EPS, 1.0 - PROBABILITY_EPS)
+            np.clip(output, PROBABILITY_EPS, 1.0 - PROBABILITY_EPS, out=output)
         return output
 
 
@@ -152,14 +203,16 @@ def _kernel_values(
     function: ModelFunction,
     config: ExplainerConfig,
     link: str,
-    batch_rows: int = 1,
+    batch_rows: int | str = 1,
     dedupe: bool | str = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Values, base values, each row's model output f(x), and the model rows deduplication saved.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, KernelAccuracy]:
+    """Values, base values, each row's model output f(x), the model rows deduplication saved, and what the
+    estimator (explainer.estimator) spent and how sure it is.
 
     shap's KernelExplainer reproduced by `KernelEngine` (the same coalitions from the same per-row seeds,
     the same solve; equal to shap's values to rounding), with the synthetic rows built column by column,
-    the model calls of `batch_rows` rows merged into one, and with `dedupe` (an endpoint, which costs per
+    the model calls of `batch_rows` rows merged into one ("auto": as many as the model's fixed cost per
+    call makes worth it, timed by the engine), and with `dedupe` (an endpoint, which costs per
     row; "auto": where rows repeat often enough to pay for finding them) each distinct synthetic row of
     a call sent once.
     """
@@ -173,8 +226,24 @@ def _kernel_values(
         weights=weights,
         link=link,
         float32=function.predictor.reads_float32,
+        call_cost=function.predictor.call_cost,
     )
     seeds = [row_seed(config.seed, int(row_id)) for row_id in rows.index]
+    base = np.broadcast_to(engine.expected_value.reshape(1, -1), (len(rows), len(function.outputs)))
+    if config.estimator == "adaptive":
+        found = engine.explain_adaptive(
+            rows,
+            seeds,
+            budget=effective_nsamples(config.nsamples, len(columns)),
+            tolerance=config.tolerance,
+            batch_rows=1 if batch_rows == "auto" else int(batch_rows),
+            dedupe=dedupe,
+            row_ids=list(rows.index),
+        )
+        accuracy = KernelAccuracy(
+            found.coalitions, found.errors, found.converged, int(found.model_rows.sum())
+        )
+        return found.values, base, found.fx, engine.rows_saved, accuracy
     values, fx = engine.explain(
         rows,
         seeds,
@@ -184,8 +253,16 @@ def _kernel_values(
         dedupe=dedupe,
         row_ids=list(rows.index),
     )
-    base = np.broadcast_to(engine.expected_value.reshape(1, -1), (len(rows), len(function.outputs)))
-    return values, base, fx, engine.rows_saved
+    # Timed on this shard's first call (batch_rows auto): the process's next shards merge from their first.
+    function.predictor.call_cost = engine.call_cost
+    model_rows = int(engine.coalitions.sum()) * len(background.frame)
+    return (
+        values,
+        base,
+        fx,
+        engine.rows_saved,
+        KernelAccuracy(engine.coalitions.copy(), None, None, model_rows),
+    )
 
 
 def _masker_values(
@@ -323,6 +400,7 @@ def _explain_rows(
     width: int | None,
 ) -> ShardValues:
     saved = 0
+    accuracy: KernelAccuracy | None = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if algorithm in ("tree", "linear"):
@@ -334,12 +412,16 @@ def _explain_rows(
             outputs = explained_outputs(width, class_index, predictor.class_labels)
             function = ModelFunction(predictor, rows, outputs, link, width)
             if algorithm == "kernel":
-                batch = config.batch_rows
+                batch: int | str = config.batch_rows
                 if batch == "auto":
-                    batch = predictor.rows_to_merge(config.nsamples, background.frame[list(rows.columns)])
+                    # None: the engine decides, from what the model's calls cost on its first one.
+                    batch = (
+                        predictor.rows_to_merge(config.nsamples, background.frame[list(rows.columns)])
+                        or "auto"
+                    )
                 # An endpoint is paid per row: never send a row twice. A local model's time per row decides.
                 dedupe = True if predictor.pays_per_row else "auto"
-                values, base, fx, saved = _kernel_values(
+                values, base, fx, saved, accuracy = _kernel_values(
                     rows, background, function, config, link, batch, dedupe=dedupe
                 )
                 output = LINKS[link](fx)
@@ -356,4 +438,8 @@ def _explain_rows(
         algorithm=algorithm,
         link=link,
         rows_saved=saved,
+        coalitions=accuracy.coalitions if accuracy else None,
+        standard_errors=accuracy.errors if accuracy else None,
+        converged=accuracy.converged if accuracy else None,
+        model_rows=accuracy.model_rows if accuracy else 0,
     )

@@ -16,10 +16,12 @@ shap makes on numpy's global RNG, so no global-RNG lock is needed and one engine
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -31,8 +33,9 @@ from shapline.tasks.common.errors import ModelError
 from shapline.tasks.common.schemas import rows_named
 from shapline.tasks.explainers.lars import lasso_path_gram
 from shapline.tasks.explainers.links import LINKS
+from shapline.tasks.models.predictors import CallCost
 
-__all__ = ["KernelEngine", "RowPlan"]
+__all__ = ["AdaptiveValues", "KernelEngine", "RowPlan"]
 
 # The LARS path is scored the cheap way unless another point of it scores within this (relative) margin
 # of the best; then scikit-learn's own scoring decides (see _information_criterion_support).
@@ -45,6 +48,13 @@ _HASH_SEED = 0x5EED_DEDE
 # The threshold and the measurements behind it are in docs/performance.md.
 _REPEAT_SHARE = 0.2
 _REPEAT_SAMPLE = 128
+# batch_rows="auto" merges the calls of as many explained rows as make the model's fixed cost per call (a
+# Pipeline's checks and conversions, ~4 ms whatever the rows) at most this share of a call, timed on the
+# engine's first call; a model whose cost is in its rows (XGBoost: ~0.2 ms a call, 40 ms a row's call)
+# keeps one row per call. The measurements behind it are in docs/performance.md.
+_FIXED_SHARE = 0.05
+# What model calls are timed with (a test's fake clock stands in for it).
+_clock = time.perf_counter
 
 _Palette = np.ndarray | pd.api.extensions.ExtensionArray
 
@@ -87,6 +97,30 @@ class RowPlan:
     """Coalitions actually drawn; the synthetic data holds filled x len(background) rows, coalition-major."""
     fraction_evaluated: float
     """nsamples / number of possible coalitions, which decides shap's deprecated l1_reg='auto'."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AdaptiveValues:
+    """What `explain_adaptive` finds: values and their standard errors (rows, columns, outputs), f(x) (rows,
+    outputs), and per row the coalitions evaluated, the model rows they took, and whether it converged."""
+
+    values: np.ndarray
+    errors: np.ndarray
+    fx: np.ndarray
+    coalitions: np.ndarray
+    model_rows: np.ndarray
+    converged: np.ndarray
+
+    @classmethod
+    def empty(cls, rows: int, columns: int, outputs: int) -> AdaptiveValues:
+        return cls(
+            values=np.zeros((rows, columns, outputs)),
+            errors=np.zeros((rows, columns, outputs)),
+            fx=np.zeros((rows, outputs)),
+            coalitions=np.zeros(rows, dtype=np.int64),
+            model_rows=np.zeros(rows, dtype=np.int64),
+            converged=np.ones(rows, dtype=bool),
+        )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -175,6 +209,8 @@ class KernelEngine:
     """Rows `explain` did not send because an identical row was already in the same call."""
     n_outputs: int
     """Columns of the model's output, each explained on its own."""
+    coalitions: np.ndarray
+    """Coalitions each row of the last `explain` call took (shap's, after its draws)."""
 
     def __init__(
         self,
@@ -183,6 +219,7 @@ class KernelEngine:
         weights: np.ndarray | None = None,
         link: str = "identity",
         float32: bool = False,
+        call_cost: CallCost | None = None,
     ) -> None:
         """`predict` maps a frame with the background's columns and dtypes to (rows, outputs) floats.
 
@@ -190,7 +227,8 @@ class KernelEngine:
         (e.g. k-means cluster sizes); they are normalised to sum to one, as shap's DenseData does. With
         `float32` (a model that reads every number as float32, as XGBoost does), the synthetic rows' float64
         columns are built as float32: the model sees the same numbers, and the call writes and reads half the
-        memory.
+        memory. `call_cost` is what a call of `predict` costs, when an earlier engine timed it (batch_rows
+        "auto" then needs no call of one row to time); `call_cost` is set once this engine has.
         """
         if link not in LINKS:
             raise ValueError(f"link must be one of {sorted(LINKS)}, got {link!r}")
@@ -230,8 +268,12 @@ class KernelEngine:
         self.rows_sent = 0
         self.rows_saved = 0
         self._auto_dedupe: bool | None = None  # decided by the first call with dedupe="auto"
+        self._auto_rows: int | None = None  # decided by the first call with batch_rows="auto"
+        self.call_cost = call_cost
         try:
+            started = _clock()
             out = self._predict(self.background)
+            self._background_call = _clock() - started
         except ModelError as exc:
             if exc.transient:
                 raise
@@ -250,11 +292,16 @@ class KernelEngine:
         seeds: Sequence[int],
         nsamples: int | str = "auto",
         l1_reg: str | float | bool = "num_features(10)",
-        batch_rows: int = 1,
+        batch_rows: int | str = 1,
         dedupe: bool | str = False,
         row_ids: Sequence[object] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Values (rows, columns, outputs) and f(x) (rows, outputs), one model call per `batch_rows` rows.
+
+        With batch_rows "auto", the first call explains one row and is timed with the background's call;
+        from the two the engine tells the model's cost per call from its cost per row (`call_cost`), and
+        merges as many rows' calls as make the cost per call a small share of a call (`_rows_to_merge`).
+        Given a call_cost measured before, it merges from the first call.
 
         With `dedupe`, each distinct row of a call is sent once and its output fanned back out (NaN equals
         NaN); `rows_sent` and `rows_saved` count the effect. With "auto", the engine's first call decides
@@ -265,6 +312,8 @@ class KernelEngine:
         """
         if dedupe not in (True, False, "auto"):
             raise ValueError(f"dedupe must be true, false or 'auto', got {dedupe!r}")
+        if batch_rows != "auto" and not isinstance(batch_rows, int):
+            raise ValueError(f"batch_rows must be a number of rows or 'auto', got {batch_rows!r}")
         frame = self._as_rows(rows)
         if len(seeds) != len(frame):
             raise ValueError(f"{len(seeds)} seeds for {len(frame)} rows")
@@ -273,13 +322,20 @@ class KernelEngine:
         data = self._prepare(frame)
         buffers = _Buffers.of_this_thread()
         n = len(self.background)
-        step = max(1, int(batch_rows))
-        for start in range(0, len(frame), step):
-            stop = min(start + step, len(frame))
-            plans = [self._plan(data, i, int(seeds[i]), nsamples) for i in range(start, stop)]
-            batch = self._batch(plans, data, start)
+        self.coalitions = np.zeros(len(frame), dtype=np.int64)
+        start = 0
+        while start < len(frame):
+            plans = [self._plan(data, start, int(seeds[start]), nsamples)]
+            stop = min(start + self._rows_per_call(batch_rows, plans[0]), len(frame))
+            plans += [self._plan(data, i, int(seeds[i]), nsamples) for i in range(start + 1, stop)]
+            self.coalitions[start:stop] = [plan.filled for plan in plans]
+            batch = self._batch(plans, data, np.arange(start, stop))
+            deduplicate = self._deduplicates(batch, dedupe)
             try:
-                outputs = self._evaluate(batch, self._deduplicates(batch, dedupe), buffers)
+                started = _clock()
+                outputs = self._evaluate(batch, deduplicate, buffers)
+                if batch_rows == "auto" and self._auto_rows is None:
+                    self._time_call(batch, _clock() - started)
             except ModelError as exc:
                 if exc.transient:  # an endpoint's fault: retried as it is
                     raise
@@ -289,8 +345,132 @@ class KernelEngine:
                 fx[start + i] = outputs[i]
                 mine = outputs[batch.offsets[i] : batch.offsets[i] + plan.filled * n]
                 values[start + i] = self._solve(plan, self._background_mean(plan, mine), outputs[i], l1_reg)
+            start = stop
         buffers.keep_or_release()
         return values, fx
+
+    def explain_adaptive(
+        self,
+        rows: pd.DataFrame,
+        seeds: Sequence[int],
+        budget: int,
+        tolerance: float,
+        batch_rows: int = 1,
+        dedupe: bool | str = False,
+        row_ids: Sequence[object] | None = None,
+        sampling: str = "leverage",
+    ) -> AdaptiveValues:
+        """Kernel SHAP to a stated accuracy (see explainers/adaptive.py): per row, every coalition when they
+        fit `budget`, else the hybrid's enumerated sizes and rounds of drawn pairs until the row's largest
+        standard error is at most `tolerance` times the spread of its values, or the budget is spent.
+
+        The rows of `batch_rows` explained rows go out together: their first call holds f(x), the
+        enumerated coalitions and the first rounds; each later call, the next round of every row still
+        drawing. Deterministic from each row's seed, whatever the batching.
+        """
+        from shapline.tasks.explainers import adaptive
+
+        if dedupe not in (True, False, "auto"):
+            raise ValueError(f"dedupe must be true, false or 'auto', got {dedupe!r}")
+        frame = self._as_rows(rows)
+        if len(seeds) != len(frame):
+            raise ValueError(f"{len(seeds)} seeds for {len(frame)} rows")
+        result = AdaptiveValues.empty(len(frame), len(self.columns), self.n_outputs)
+        data = self._prepare(frame)
+        buffers = _Buffers.of_this_thread()
+        link_fnull = self._link(self._fnull)
+        step = max(1, int(batch_rows))
+        for start in range(0, len(frame), step):
+            batch_at = list(range(start, min(start + step, len(frame))))
+            states: dict[int, adaptive.RowState] = {}
+            first: dict[int, np.ndarray] = {}
+            varying = {i: self._varying(data.values[i]) for i in batch_at}
+            for i in batch_at:
+                m = len(varying[i])
+                if m < 2:
+                    first[i] = np.zeros((0, m))
+                    continue
+                state = adaptive.plan_row(m, int(seeds[i]), budget, np.zeros(self.n_outputs), sampling)
+                parts = [state.enumerated]
+                if not state.exact:
+                    parts.append(adaptive.draw_round(state, first=True))
+                states[i] = state
+                first[i] = np.concatenate(parts)
+            fx = self._adaptive_call(data, first, varying, batch_at, seeds, dedupe, buffers, row_ids, result)
+            for i in batch_at:
+                result.fx[i] = fx[i]
+                delta = self._link(fx[i]) - link_fnull
+                if i not in states:  # one feature takes all the effect, or none varies: exact, as shap
+                    if len(varying[i]) == 1:
+                        result.values[i, varying[i][0]] = delta
+                    continue
+                state = states[i]
+                state.delta = delta
+                targets = first.pop(i)
+                adaptive.take_enumerated_targets(state, targets[: len(state.enumerated)])
+                if not state.exact:
+                    adaptive.take_round_targets(state, targets[len(state.enumerated) :])
+                adaptive.solve_row(state, tolerance)
+            while drawing := {i: state for i, state in states.items() if state.wants_more()}:
+                round_masks = {i: adaptive.draw_round(state) for i, state in drawing.items()}
+                self._adaptive_call(
+                    data, round_masks, varying, sorted(round_masks), seeds, dedupe, buffers, row_ids, result
+                )
+                for i, state in drawing.items():
+                    adaptive.take_round_targets(state, round_masks[i])
+                    adaptive.solve_row(state, tolerance)
+            for i, state in states.items():
+                assert state.values is not None and state.errors is not None
+                result.values[i, varying[i]] = state.values
+                result.errors[i, varying[i]] = state.errors
+                result.coalitions[i] = state.coalitions
+                result.converged[i] = state.exact or state.converged
+        buffers.keep_or_release()
+        return result
+
+    def _adaptive_call(
+        self,
+        data: _Rows,
+        masks: dict[int, np.ndarray],
+        varying: dict[int, np.ndarray],
+        at: list[int],
+        seeds: Sequence[int],
+        dedupe: bool | str,
+        buffers: _Buffers,
+        row_ids: Sequence[object] | None,
+        result: AdaptiveValues,
+    ) -> dict[int, np.ndarray]:
+        """One model call for these rows' coalitions: f(x) of each, and in place of each row's masks the
+        targets v(S) - v(empty) of its coalitions, in the link's space."""
+        n = len(self.background)
+        plans = [
+            RowPlan(
+                int(seeds[i]),
+                data.frame.iloc[i : i + 1],
+                varying[i],
+                masks[i],
+                np.zeros(len(masks[i])),
+                len(masks[i]),
+                0.0,
+            )
+            for i in at
+        ]
+        batch = self._batch(plans, data, at)
+        try:
+            outputs = self._evaluate(batch, self._deduplicates(batch, dedupe), buffers)
+        except ModelError as exc:
+            if exc.transient:  # an endpoint's fault: retried as it is
+                raise
+            named = [row_ids[i] for i in at] if row_ids is not None else list(at)
+            raise ModelError(f"explaining {rows_named(named)}: {exc}") from exc
+        link_fnull = self._link(self._fnull)
+        fx: dict[int, np.ndarray] = {}
+        for k, (i, plan) in enumerate(zip(at, plans, strict=True)):
+            fx[i] = outputs[k]
+            mine = outputs[batch.offsets[k] : batch.offsets[k] + plan.filled * n]
+            masks[i] = self._link(self._background_mean(plan, mine)) - link_fnull
+            result.model_rows[i] += plan.filled * n
+        return fx
 
     # ----------------------------------------------------------------------------------------------
     # coalitions
@@ -340,19 +520,17 @@ class KernelEngine:
         }
         return _Rows(frame, values if self._numeric else values.astype(object, copy=False), blocks, extension)
 
-    def _batch(self, plans: list[RowPlan], rows: _Rows, start: int) -> _Batch:
+    def _batch(self, plans: list[RowPlan], rows: _Rows, at: Sequence[int] | np.ndarray) -> _Batch:
+        """The call for `plans`, which explain the rows at positions `at` (one plan each, in order)."""
         b, p, n = len(plans), len(self.columns), len(self.background)
-        stop = start + b
         palettes: list[_Palette] = [np.empty(0)] * p
         for dtype, positions in self._blocks.items():
             # Columns of one palette block are contiguous (Fortran order) for the fills below.
-            block = np.asfortranarray(
-                np.concatenate([self._bg_blocks[dtype], rows.blocks[dtype][start:stop]])
-            )
+            block = np.asfortranarray(np.concatenate([self._bg_blocks[dtype], rows.blocks[dtype][at]]))
             for k, j in enumerate(positions):
                 palettes[j] = block[:, k]
         if self._extension:
-            keep = np.concatenate([np.arange(n), n + np.arange(start, stop)])
+            keep = np.concatenate([np.arange(n), n + np.asarray(at)])
             for j in self._extension:
                 palettes[j] = rows.extension[j].take(keep)
         masks = [np.ones((b, p), dtype=bool)]
@@ -448,6 +626,32 @@ class KernelEngine:
         self._count(batch.n_rows, 0)
         return outputs
 
+    def _rows_per_call(self, batch_rows: int | str, plan: RowPlan) -> int:
+        """Explained rows in the call that starts with `plan`'s row: `batch_rows`, or with "auto" as many as
+        the model's call cost makes worth it, once known (else one, whose call is then timed)."""
+        if isinstance(batch_rows, int):
+            return max(1, batch_rows)
+        if self._auto_rows is None and self.call_cost is not None:
+            self._decide_rows(self.call_cost, plan.filled * len(self.background) + 1)
+        return self._auto_rows or 1
+
+    def _time_call(self, batch: _Batch, seconds: float) -> None:
+        """Measure the model's call cost from this call (one explained row's) and the background's, and
+        decide batch_rows "auto" from it."""
+        n = len(self.background)
+        if batch.n_rows <= 2 * n:  # too few rows to tell a cost per row from a cost per call: wait
+            return
+        per_row = max(seconds - self._background_call, 0.0) / (batch.n_rows - n)
+        self.call_cost = CallCost(max(self._background_call - n * per_row, 0.0), per_row)
+        self._decide_rows(self.call_cost, batch.n_rows)
+
+    def _decide_rows(self, cost: CallCost, rows: int) -> None:
+        row_bytes = sum(block.dtype.itemsize * block.shape[1] for block in self._bg_blocks.values())
+        merged = _rows_to_merge(cost, rows, row_bytes + 8 * len(self._extension))
+        with self._lock:
+            if self._auto_rows is None:
+                self._auto_rows = merged
+
     def _deduplicates(self, batch: _Batch, dedupe: bool | str) -> bool:
         if dedupe != "auto":
             return bool(dedupe)
@@ -471,38 +675,55 @@ class KernelEngine:
         first_unit = b + sum(plan.filled for plan in batch.plans[:i])
         filled = batch.plans[i].filled
         picks = np.unique(np.linspace(0, filled - 1, min(filled, _REPEAT_SAMPLE)).round().astype(np.intp))
-        _, _, table_bg, table_x = self._hash_tables(batch)
+        _, _, table_bg, table_x, _ = self._hash_tables(batch)
         units = batch.unit_mask[first_unit + picks].astype(np.uint64)
         hashes = units @ (table_x[i][:, None] - table_bg.T) + table_bg.sum(axis=1)
         return 1.0 - len(np.unique(hashes)) / hashes.size
 
-    def _hash_tables(self, batch: _Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Codes of the background's and the x's values, per column (NaN one code), and a random 64-bit
-        number per code: (codes_bg, codes_x, table_bg, table_x), background rows and x's by columns."""
+    def _hash_tables(self, batch: _Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
+        """Codes of the background's and the x's values, per column (NaN one code), and a number per code:
+        (codes_bg, codes_x, table_bg, table_x, exact), background rows and x's by columns.
+
+        When every combination of the columns' codes fits in 62 bits (few columns, or few values in each:
+        text, one-hot, small integers), a code's number is its place value, code x the product of the
+        earlier columns' counts: a row's sum is then the row itself, written in mixed radix, so equal sums
+        are equal rows (exact). Otherwise it is a random 64-bit number, and equal sums are only likely so.
+        """
         n, b, p = len(self.background), len(batch.plans), len(self.columns)
         codes_bg = np.empty((n, p), dtype=np.intp)
         codes_x = np.empty((b, p), dtype=np.intp)
+        counts = []
+        for j, palette in enumerate(batch.palettes):
+            codes, uniques = pd.factorize(_exact_keys(palette), use_na_sentinel=False)  # type: ignore[arg-type]
+            codes_bg[:, j], codes_x[:, j] = codes[:n], codes[n:]
+            counts.append(len(uniques))
+        exact = math.prod(counts) < 2**62
+        if exact:
+            places = np.cumprod([1, *counts], dtype=np.uint64)[:-1]
+            numbers = [
+                np.arange(count, dtype=np.uint64) * place for count, place in zip(counts, places, strict=True)
+            ]
+        else:
+            rng = np.random.default_rng(_HASH_SEED)
+            numbers = [
+                rng.integers(0, np.iinfo(np.uint64).max, size=count, dtype=np.uint64, endpoint=True)
+                for count in counts
+            ]
         table_bg = np.empty((n, p), dtype=np.uint64)
         table_x = np.empty((b, p), dtype=np.uint64)
-        rng = np.random.default_rng(_HASH_SEED)
-        for j, palette in enumerate(batch.palettes):
-            keys = _exact_keys(palette)
-            codes, uniques = pd.factorize(keys, use_na_sentinel=False)  # type: ignore[arg-type]
-            randoms = rng.integers(
-                0, np.iinfo(np.uint64).max, size=len(uniques), dtype=np.uint64, endpoint=True
-            )
-            codes_bg[:, j], codes_x[:, j] = codes[:n], codes[n:]
-            table_bg[:, j], table_x[:, j] = randoms[codes[:n]], randoms[codes[n:]]
-        return codes_bg, codes_x, table_bg, table_x
+        for j, number in enumerate(numbers):
+            table_bg[:, j], table_x[:, j] = number[codes_bg[:, j]], number[codes_x[:, j]]
+        return codes_bg, codes_x, table_bg, table_x, exact
 
     def _distinct_rows(self, batch: _Batch) -> tuple[np.ndarray, np.ndarray] | None:
         """(first row of each distinct row, distinct index of every row), or None on a hash collision.
 
-        Values are coded per column (NaN one code), each row is hashed as a sum of random 64-bit numbers,
-        one per (column, code), and every merge is then verified on the codes themselves.
+        Values are coded per column (NaN one code), each row is keyed as a sum of numbers, one per (column,
+        code): the row itself in mixed radix where that fits (`_hash_tables`), else a random 64-bit hash,
+        and then every merge is verified on the codes themselves.
         """
         b, n = len(batch.plans), len(self.background)
-        codes_bg, codes_x, table_bg, table_x = self._hash_tables(batch)
+        codes_bg, codes_x, table_bg, table_x, exact = self._hash_tables(batch)
         hashes = np.empty(batch.n_rows, dtype=np.uint64)
         hashes[:b] = table_x.sum(axis=1)
         base = table_bg.sum(axis=1)
@@ -529,7 +750,9 @@ class KernelEngine:
                 batch.unit_mask[units_], codes_x[batch.unit_plan[units_]], codes_bg[background_rows]
             )
 
-        if len(repeats) and not np.array_equal(row_codes(repeats), row_codes(first[codes[repeats]])):
+        if exact or not len(repeats):
+            return first, codes
+        if not np.array_equal(row_codes(repeats), row_codes(first[codes[repeats]])):
             return None
         return first, codes
 
@@ -577,6 +800,19 @@ class KernelEngine:
         return phi
 
 
+def _rows_to_merge(cost: CallCost, rows: int, row_bytes: int) -> int:
+    """Explained rows whose calls to merge into one, for calls of `rows` rows (one explained row's
+    coalitions x background) costing `cost`: merging k rows' calls pays the cost per call once for k, so
+    k is the least that makes it at most _FIXED_SHARE of the call, and no more than keeps a call's
+    synthetic rows (`row_bytes` each) within the buffers a thread keeps (_Buffers.KEPT_BYTES)."""
+    largest = max(1, _Buffers.KEPT_BYTES // max(1, rows * row_bytes))
+    if cost.per_call <= _FIXED_SHARE * cost.per_row * rows:
+        return 1
+    if cost.per_row == 0.0:
+        return largest
+    return min(largest, math.ceil(cost.per_call / (_FIXED_SHARE * cost.per_row * rows)))
+
+
 def _two_d(values: object) -> np.ndarray:
     """The model's output as (rows, outputs), in its own float dtype (shap links f(x) in that dtype)."""
     array = np.asarray(values)
@@ -600,7 +836,31 @@ def _draw_coalitions(
         count = min(count, max_samples)
     masks = np.zeros((count, m))
     weights = np.zeros(count)
+    num_subset_sizes = int(np.ceil((m - 1) / 2.0))
+    num_paired = int(np.floor((m - 1) / 2.0))
+    enumerated, enumerated_weights, num_full, weight_vector = _enumerated_coalitions(m, count)
+    added = len(enumerated)
+    masks[:added] = enumerated
+    weights[:added] = enumerated_weights
 
+    nfixed = added
+    samples_left = count - added
+    if num_full != num_subset_sizes and samples_left > 0:
+        left = weight_vector.copy()
+        left[:num_paired] /= 2  # a paired draw adds two coalitions
+        left = left[num_full:]
+        left /= np.sum(left)
+        sizes = rng.choice(len(left), 4 * samples_left, p=left) + num_full + 1
+        added = _random_coalitions(m, sizes, num_paired, samples_left, rng, masks, weights, nfixed)
+        weight_left = np.sum(weight_vector[num_full:])
+        weights[nfixed:] *= weight_left / weights[nfixed:].sum()
+    return masks, weights, added, count / max_samples
+
+
+@functools.lru_cache(maxsize=64)
+def _enumerated_coalitions(m: int, count: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """The coalitions shap enumerates for m features and a budget of `count` (no randomness, so the same for
+    every row with as many varying features): (masks, kernel weights, sizes enumerated, weight per size)."""
     # Subset sizes 1..ceil((m-1)/2); a size below m/2 also stands for its complement's size ("paired").
     num_subset_sizes = int(np.ceil((m - 1) / 2.0))
     num_paired = int(np.floor((m - 1) / 2.0))
@@ -608,11 +868,11 @@ def _draw_coalitions(
     weight_vector[:num_paired] *= 2
     weight_vector /= np.sum(weight_vector)
 
-    # Enumerate every subset of the sizes the budget covers, smallest first (no randomness).
+    # Enumerate every subset of the sizes the budget covers, smallest first.
     num_full = 0
     budget = count
     remaining = weight_vector.copy()
-    added = 0
+    blocks, weights = [np.zeros((0, m))], [np.zeros(0)]
     for size in range(1, num_subset_sizes + 1):
         paired = size <= num_paired
         nsubsets = binom(m, size) * (2 if paired else 1)
@@ -630,22 +890,12 @@ def _draw_coalitions(
         block[np.arange(len(subsets))[:, None], subsets] = 1.0
         if paired:  # each subset is followed by its complement
             block = np.stack([block, 1.0 - block], axis=1).reshape(-1, m)
-        masks[added : added + len(block)] = block
-        weights[added : added + len(block)] = w
-        added += len(block)
-
-    nfixed = added
-    samples_left = count - added
-    if num_full != num_subset_sizes and samples_left > 0:
-        left = weight_vector.copy()
-        left[:num_paired] /= 2  # a paired draw adds two coalitions
-        left = left[num_full:]
-        left /= np.sum(left)
-        sizes = rng.choice(len(left), 4 * samples_left, p=left) + num_full + 1
-        added = _random_coalitions(m, sizes, num_paired, samples_left, rng, masks, weights, nfixed)
-        weight_left = np.sum(weight_vector[num_full:])
-        weights[nfixed:] *= weight_left / weights[nfixed:].sum()
-    return masks, weights, added, count / max_samples
+        blocks.append(block)
+        weights.append(np.full(len(block), w))
+    cached = (np.concatenate(blocks), np.concatenate(weights), num_full, weight_vector)
+    for array in (cached[0], cached[1], cached[3]):
+        array.flags.writeable = False  # shared by every row's plan
+    return cached
 
 
 def _random_coalitions(
@@ -713,19 +963,19 @@ def _permutations(m: int, count: int, rng: np.random.RandomState) -> np.ndarray:
     every j the same way, in the same order (both are frozen by numpy's legacy stream guarantee), so
     one call replaces `count` Python-level shuffles; the swaps then run across all rows per position.
     """
-    perms = np.tile(np.arange(m), (count, 1))
+    # Position-major, one permutation per column: position i of every permutation is one contiguous row.
+    positions = np.tile(np.arange(m)[:, None], (1, count))
     if m < 2 or count == 0:
-        return perms
+        return positions.T
     bounds = np.tile(np.arange(m, 1, -1, dtype=np.int32), count)  # i + 1 for i = m - 1 down to 1
     swaps = rng.randint(0, bounds, dtype=np.int32).reshape(count, m - 1)
-    flat = perms.reshape(-1)
-    first = np.arange(count) * m
+    flat = positions.reshape(-1)
+    there = swaps.T.astype(np.intp) * count + np.arange(count)  # where each step's swap partner is in `flat`
     for step, i in enumerate(range(m - 1, 0, -1)):
-        here, there = first + i, first + swaps[:, step]
-        held = flat[here]
-        flat[here] = flat[there]
-        flat[there] = held
-    return perms
+        held = positions[i].copy()
+        positions[i] = flat[there[step]]
+        flat[there[step]] = held
+    return positions.T
 
 
 def _coalition_keys(coalitions: np.ndarray) -> np.ndarray:

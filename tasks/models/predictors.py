@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 import threading
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,6 +16,16 @@ from shapline.tasks.common.errors import ModelError
 from shapline.tasks.models.limits import RequestLimit
 
 _THREAD_LIMIT_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class CallCost:
+    """What one call of a model costs in this process, in seconds: a part per call whatever its rows (a
+    Pipeline's checks and conversions) and a part per row. The kernel engine times it on its first call;
+    kept on the predictor, so the process's later shards merge their calls from their first."""
+
+    per_call: float
+    per_row: float
 
 
 class Predictor(ABC):
@@ -29,6 +42,8 @@ class Predictor(ABC):
     # The model reads every number as a 32-bit float (XGBoost casts its input, rounding to nearest): float64
     # columns handed to it as float32 give the same outputs bit for bit, with half the memory to write and read.
     reads_float32: bool = False
+    # What a call costs here, once the kernel engine has timed one (explainer.batch_rows auto).
+    call_cost: CallCost | None = None
 
     @abstractmethod
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
@@ -43,10 +58,11 @@ class Predictor(ABC):
         """The model's own output in an explainer's space ('log_odds', 'probability' or 'raw'), 2-D."""
         raise ModelError(f"model {self.name}: cannot compute {space} output for the additivity check")
 
-    def rows_to_merge(self, nsamples: int | str, background: pd.DataFrame) -> int:
+    def rows_to_merge(self, nsamples: int | str, background: pd.DataFrame) -> int | None:
         """How many explained rows' kernel calls (nsamples coalitions x background rows each) to merge into
-        one (explainer.batch_rows auto). In-process models gain little and would hold more memory."""
-        return 1
+        one (explainer.batch_rows auto), or None for the kernel engine to decide from what the model's
+        calls cost, timed on its first call: an in-process model's cost is measured, not known."""
+        return None
 
     def bounded(self, limit: RequestLimit | None) -> Predictor:
         """This model under a run's limit on requests in flight; only a remote model has one to honour."""
@@ -145,7 +161,7 @@ def numeric_array(frame: pd.DataFrame, feature_names: list[str] | None) -> np.nd
 
 
 class BoosterPredictor(Predictor):
-    """A raw xgboost.Booster loaded from .json or .ubj."""
+    """A raw xgboost.Booster: from .json or .ubj, or the MLflow xgboost flavour."""
 
     def __init__(self, name: str, booster: Any, method: str) -> None:
         self.name = name
@@ -153,26 +169,37 @@ class BoosterPredictor(Predictor):
         self.method = method
         self.feature_names = list(booster.feature_names) if booster.feature_names else None
         self.reads_float32 = True
-        objective = _booster_objective(booster)
-        self.binary = objective.startswith("binary:")
-        n_classes = int(_booster_param(booster, "num_class") or 0)
+        config = json.loads(booster.save_config())["learner"]
+        self.binary = config["objective"]["name"].startswith("binary:")
+        n_classes = int(config["learner_model_param"].get("num_class") or 0)
         if self.binary:
             self.class_labels = ["0", "1"]
         elif n_classes > 1:
             self.class_labels = [str(i) for i in range(n_classes)]
+        # gblinear cannot predict in place; trees (gbtree, dart) can, as XGBoost's own sklearn API does.
+        self.in_place = config["gradient_booster"]["name"] != "gblinear"
 
-    def _matrix(self, frame: pd.DataFrame) -> Any:
+    def _predict(self, frame: pd.DataFrame, margin: bool) -> np.ndarray:
+        """The booster on `frame`: in place (no DMatrix, which costs as much as a third of the predict
+        on a kernel call's rows) from the array the engine wrote, or from the frame (categories, nullable
+        columns) by the rules a DMatrix would apply; the same outputs, bit for bit."""
+        array = numeric_array(frame, self.feature_names)
+        if self.in_place:
+            kind = "margin" if margin else "value"
+            return two_d(self.booster.inplace_predict(frame if array is None else array, predict_type=kind))
         import xgboost
 
-        array = numeric_array(frame, self.feature_names)
-        if array is not None:
-            return xgboost.DMatrix(array, feature_names=list(frame.columns))
-        return xgboost.DMatrix(frame, enable_categorical=True)
+        matrix = (
+            xgboost.DMatrix(frame, enable_categorical=True)
+            if array is None
+            else xgboost.DMatrix(array, feature_names=list(frame.columns))
+        )
+        return two_d(self.booster.predict(matrix, output_margin=margin))
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         if self.method == "decision_function":
             return self.raw_output(frame, "log_odds")
-        output = two_d(self.booster.predict(self._matrix(frame)))
+        output = self._predict(frame, margin=False)
         if self.binary and self.method == "predict_proba":
             return np.column_stack([1.0 - output[:, 0], output[:, 0]])
         if self.binary and self.method == "predict":
@@ -189,21 +216,7 @@ class BoosterPredictor(Predictor):
     def raw_output(self, frame: pd.DataFrame, space: str) -> np.ndarray:
         if space == "probability":
             return self.predict(frame)
-        return two_d(self.booster.predict(self._matrix(frame), output_margin=True))
-
-
-def _booster_objective(booster: Any) -> str:
-    import json
-
-    config = json.loads(booster.save_config())
-    return config["learner"]["objective"]["name"]
-
-
-def _booster_param(booster: Any, key: str) -> str | None:
-    import json
-
-    config = json.loads(booster.save_config())
-    return config["learner"]["learner_model_param"].get(key)
+        return self._predict(frame, margin=True)
 
 
 # A probability a model computes in float32 (a softmax) can be a rounding step past 1: not a wrong output.
@@ -231,6 +244,13 @@ def checked_output(
     the logit link reads them as probabilities. A model that breaks one of these would be explained wrongly
     without a word (NaN silently left out of sums, a third column misread, an output clipped)."""
     name, method = predictor.name, predictor.method
+    if output.ndim == 2 and output.shape[0] == len(frame) and (width is None or output.shape[1] == width):
+        # Two reductions settle a call that is fine (NaN and infinities carry into min and max); only a
+        # call that is not is looked at cell by cell, for the message. A kernel call is ~10^5 rows.
+        low, high = (float(output.min()), float(output.max())) if output.size else (0.0, 0.0)
+        in_range = not probabilities or (low >= -PROBABILITY_SLACK and high <= 1.0 + PROBABILITY_SLACK)
+        if math.isfinite(low) and math.isfinite(high) and in_range:
+            return output
     if output.ndim != 2 or output.shape[0] != len(frame):
         raise ModelError(
             f"model {name}: {method}() returned an array of shape {output.shape} for {len(frame):,} rows in "

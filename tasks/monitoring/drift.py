@@ -8,7 +8,7 @@ Both runs' values are read from their shap_values.parquet one column at a time.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,19 @@ from shapline.tasks.common.schemas import (
 )
 
 VALUES = "shap_values.parquet"
-DRIFT_COLUMNS = ["feature", "baseline_mean_abs", "mean_abs", "change", "baseline_rank", "rank", "wasserstein"]
+DRIFT_COLUMNS = [
+    "feature",
+    "baseline_mean_abs",
+    "mean_abs",
+    "change",
+    "baseline_rank",
+    "rank",
+    "wasserstein",
+    "relative_change",
+]
+# monitor.max_importance_change judges a feature only where it matters: at least this share of the largest
+# importance in the baseline or in this run (a feature near 0 in both "changes" by any ratio on noise).
+JUDGED_SHARE = 0.01
 # Params that say what a run explained: a baseline must have explained the same (see explained_signature).
 _SIGNATURE_PARAMS = ("model.output", "model.class_index", "explainer.units")
 
@@ -81,16 +93,48 @@ def describe_signature(params: Mapping[str, str]) -> str:
 
 @dataclass(frozen=True)
 class Baseline:
-    """The run a run is compared with (its values downloaded), or why there is none."""
+    """The run a run is compared with (its values downloaded) and what it explained, or why there is none."""
 
     run_id: str | None
     reason: str
     values_path: str | None = None
     start_time_ms: int | None = None
+    # How monitor.baseline chose it: previous, reference or run id.
+    chosen: str = ""
+    run_name: str = ""
+    data_source: str = ""
+    data_sha256: str = ""
+    rows_explained: int | None = None
+    # Its page: an MLflow server's URL, or for a local store the page `mlflow ui` serves (see open_hint).
+    url: str = ""
+    open_hint: str = ""
 
     @property
     def found(self) -> bool:
         return self.run_id is not None
+
+    @property
+    def when(self) -> str:
+        """When the baseline run started, in UTC."""
+        if not self.start_time_ms:
+            return "?"
+        from datetime import UTC, datetime
+
+        return datetime.fromtimestamp(self.start_time_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+    @property
+    def how_chosen(self) -> str:
+        return {
+            "previous": "the latest earlier run with the same settings and rows (monitor.baseline: previous)",
+            "reference": "the model's reference, pinned with shapline reference (monitor.baseline: reference)",
+            "run id": "named by monitor.baseline",
+        }.get(self.chosen, self.chosen)
+
+    def explained(self) -> str:
+        """What the baseline run explained: `344 rows of /x/penguins.csv (sha256 3f2a9c1e0b7d…) on 2025-12-05 00:03 UTC`."""
+        rows = f"{self.rows_explained:,} rows" if self.rows_explained is not None else "rows"
+        digest = f" (sha256 {self.data_sha256[:12]}…)" if self.data_sha256 else ""
+        return f"{rows} of {self.data_source or '?'}{digest} on {self.when}"
 
 
 @dataclass(frozen=True)
@@ -102,28 +146,50 @@ class Comparison:
     ndcg_by_class: dict[str, float]
     table: pd.DataFrame = field(repr=False)
     threshold: float | None = None
+    # monitor.max_importance_change: a feature whose importance changed by more than this fraction is drift.
+    max_importance_change: float | None = None
 
     @property
     def drifted(self) -> bool:
-        return self.threshold is not None and self.ndcg < self.threshold
+        ndcg_drift = self.threshold is not None and self.ndcg < self.threshold
+        return ndcg_drift or bool(self.importance_drift)
+
+    @property
+    def importance_drift(self) -> list[tuple[str, float]]:
+        """The features (`feature [class]` with several classes) whose importance changed by more than
+        max_importance_change of their baseline importance, largest change first; judged only where the
+        feature matters (JUDGED_SHARE of its class's largest importance, in either run)."""
+        limit = self.max_importance_change
+        if limit is None or self.table.empty:
+            return []
+        table = self.table
+        groups = table[CLASS] if CLASS in table.columns else pd.Series("", index=table.index)
+        largest_then = table.groupby(groups)["baseline_mean_abs"].transform("max")
+        largest_now = table.groupby(groups)["mean_abs"].transform("max")
+        judged = (table["baseline_mean_abs"] >= JUDGED_SHARE * largest_then) | (
+            table["mean_abs"] >= JUDGED_SHARE * largest_now
+        )
+        over = table[judged & (table["relative_change"].abs() > limit)]
+        over = over.reindex(over["relative_change"].abs().sort_values(ascending=False, kind="stable").index)
+        return list(zip(_names(over), over["relative_change"].astype(float).tolist(), strict=True))
 
     def top_movers(self, count: int = 2) -> list[tuple[str, float]]:
         """The features whose mean |SHAP value| changed most (the table is sorted by the change's size)."""
         rows = self.table.head(count)
-        named = (
-            # Not itertuples: `class` is a keyword, which a namedtuple renames.
-            [f"{feature} [{label}]" for feature, label in zip(rows["feature"], rows[CLASS], strict=True)]
-            if CLASS in rows.columns
-            else rows["feature"].astype(str).tolist()
-        )
-        return list(zip(named, rows["change"].astype(float).tolist(), strict=True))
+        return list(zip(_names(rows), rows["change"].astype(float).tolist(), strict=True))
 
     def movers_text(self, count: int = 2) -> str:
-        return ", ".join(f"{name} ({signed(change)})" for name, change in self.top_movers(count))
+        """The top movers as a person reads them; features whose importance did not change are no movers."""
+        moved = [(name, change) for name, change in self.top_movers(count) if change != 0.0]
+        if not moved:
+            return "none (every feature's importance is the same)"
+        return ", ".join(f"{name} ({signed(change)})" for name, change in moved)
 
     def sentence(self) -> str:
         """What the comparison found, as every place says it (`drift_sentence`)."""
-        return drift_sentence(self.ndcg, self.threshold, self.baseline_run_id)
+        return drift_sentence(
+            self.ndcg, self.threshold, self.baseline_run_id, self.importance_drift, self.max_importance_change
+        )
 
     def line(self) -> str:
         """The one line a person reads: `attribution drift: NDCG 0.710 < 0.90 against run <id>; top movers: ...`."""
@@ -137,7 +203,23 @@ class Comparison:
             "ndcg_threshold": self.threshold,
             "drift": self.drifted if self.threshold is not None else None,
             "top_movers": [{"feature": f, "change": c} for f, c in self.top_movers(5)],
+            "max_importance_change": self.max_importance_change,
+            "importance_drift": importance_drift_json(self.importance_drift),
         }
+
+
+def _names(rows: pd.DataFrame) -> list[str]:
+    """Features as a line names them: `island`, or `island [Chinstrap]` with several classes."""
+    if CLASS in rows.columns:
+        # Not itertuples: `class` is a keyword, which a namedtuple renames.
+        return [f"{feature} [{label}]" for feature, label in zip(rows["feature"], rows[CLASS], strict=True)]
+    return rows["feature"].astype(str).tolist()
+
+
+def importance_drift_json(moved: list[tuple[str, float]]) -> list[dict[str, Any]]:
+    """The features over monitor.max_importance_change as the --json object, the event and compare give them
+    (an infinite change, from an importance of 0, as null)."""
+    return [{"feature": f, "relative_change": c if np.isfinite(c) else None} for f, c in moved]
 
 
 def ndcg_said(ndcg: float, threshold: float | None) -> str:
@@ -147,19 +229,42 @@ def ndcg_said(ndcg: float, threshold: float | None) -> str:
     return f"NDCG {ndcg:.3f} {'<' if ndcg < threshold else '>='} {threshold:.2f}"
 
 
-def drift_sentence(ndcg: float, threshold: float | None, baseline_run_id: str | None) -> str:
+def drift_sentence(
+    ndcg: float,
+    threshold: float | None,
+    baseline_run_id: str | None,
+    moved: Sequence[tuple[str, float | None]] = (),
+    max_importance_change: float | None = None,
+) -> str:
     """The one sentence every place (the log, the CLI, the report, the description, the Prefect artifact,
-    `compare`) says a comparison in: `no attribution drift: NDCG 0.953 >= 0.90 against run <id>`."""
+    `compare`) says a comparison in: `no attribution drift: NDCG 0.953 >= 0.90 against run <id>`, and with
+    monitor.max_importance_change the features whose importance moved more (`moved`, relative changes)."""
     against = f" against run {baseline_run_id}" if baseline_run_id else ""
     if threshold is None:
         return f"{ndcg_said(ndcg, None)}{against}"
-    head = "attribution drift" if ndcg < threshold else "no attribution drift"
-    return f"{head}: {ndcg_said(ndcg, threshold)}{against}"
+    head = "attribution drift" if ndcg < threshold or moved else "no attribution drift"
+    said = f"{head}: {ndcg_said(ndcg, threshold)}{against}"
+    if max_importance_change is None:
+        return said
+    limit = f"{max_importance_change:.0%}"
+    if not moved:
+        return f"{said}; no feature's importance changed by more than {limit}"
+    features = ", ".join(f"{name} ({signed_percent(change)})" for name, change in moved)
+    return f"{said}; importance changed by more than {limit}: {features}"
 
 
 def signed(change: float) -> str:
-    """+0.31 or −0.12 (a true minus sign, as a person writes it)."""
-    return f"{change:+.2f}".replace("-", "\u2212")
+    """+0.31 or −0.12 (a true minus sign, as a person writes it); a change under 0.01 keeps two digits
+    (+0.0041), so only no change reads as 0."""
+    text = f"{change:+.2f}" if abs(change) >= 0.01 or change == 0.0 else f"{change:+.2g}"
+    return text.replace("-", "\u2212")
+
+
+def signed_percent(change: float | None) -> str:
+    """−100% or +45% (a relative change); from an importance of 0, `new`."""
+    if change is None or not np.isfinite(change):
+        return "new: from 0"
+    return f"{change:+.0%}".replace("-", "\u2212")
 
 
 def _value_columns(path: str | Path) -> tuple[list[str], list[str] | None, str | None]:
@@ -219,7 +324,11 @@ def wasserstein(u: np.ndarray, v: np.ndarray) -> float:
 
 
 def compare_values(
-    baseline_path: str | Path, current_path: str | Path, baseline_run_id: str, threshold: float | None
+    baseline_path: str | Path,
+    current_path: str | Path,
+    baseline_run_id: str,
+    threshold: float | None,
+    max_importance_change: float | None = None,
 ) -> Comparison:
     """Compare two runs' shap_values.parquet: NDCG per class, and the per-feature drift table.
 
@@ -272,6 +381,9 @@ def compare_values(
         )
     table = pd.concat(ranked)
     table["change"] = table["mean_abs"] - table["baseline_mean_abs"]
+    with np.errstate(divide="ignore", invalid="ignore"):  # from 0: infinite (or, 0 to 0, no change)
+        relative = table["change"].to_numpy(float) / table["baseline_mean_abs"].to_numpy(float)
+    table["relative_change"] = np.where(table["change"].to_numpy(float) == 0.0, 0.0, relative)
     columns = [DRIFT_COLUMNS[0], *([CLASS] if classes is not None else []), *DRIFT_COLUMNS[1:]]
     table = table.reindex(table["change"].abs().sort_values(ascending=False, kind="stable").index)
     table = table[columns].reset_index(drop=True)
@@ -282,6 +394,7 @@ def compare_values(
         ndcg_by_class=by_class if classes is not None else {},
         table=table,
         threshold=threshold,
+        max_importance_change=max_importance_change,
     )
 
 
@@ -306,7 +419,7 @@ class SameRows:
     rows_only_a: int
     rows_only_b: int
     per_feature: pd.DataFrame = field(repr=False)  # feature, (class,) mean_abs_diff, max_abs_diff
-    moved_rows: pd.DataFrame = field(repr=False)  # id, (class,) total_abs_diff, most-moved feature
+    moved_rows: pd.DataFrame = field(repr=False)  # rows that moved: id, (class,) total_abs_diff, feature
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -336,7 +449,7 @@ def same_rows(path_a: str, path_b: str, top: int = 5) -> SameRows | None:
         {"feature": features, "mean_abs_diff": diff.mean().to_numpy(), "max_abs_diff": diff.max().to_numpy()}
     ).sort_values("mean_abs_diff", ascending=False, kind="stable")
     total = diff.sum(axis=1)
-    moved = total.sort_values(ascending=False, kind="stable").head(top)
+    moved = total[total > 0].sort_values(ascending=False, kind="stable").head(top)  # rows that did move
     moved_rows = moved.rename("total_abs_diff").reset_index()
     moved_rows["most_moved_feature"] = [str(diff.loc[k].idxmax()) for k in moved.index] if len(moved) else []
     return SameRows(

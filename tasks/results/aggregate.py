@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +17,14 @@ from shapline.tasks.common.errors import ExplainError
 from shapline.tasks.common.schemas import (
     BASE_VALUE,
     CLASS,
+    COALITIONS,
+    CONVERGED,
     FEATURE,
     ID_COLUMN_METADATA,
     MODEL_OUTPUT,
     RANK,
     ROW_ID,
+    UNCERTAINTY,
     check_columns,
     importance_columns,
     values_columns,
@@ -37,10 +40,40 @@ class Aggregate:
     rows_explained: int
     additivity_max_error: float
     labels: list[str]
+    # Kernel runs: what the estimator spent per row and, for estimator adaptive, how sure it is.
+    accuracy: Accuracy | None = None
 
     @property
     def several_classes(self) -> bool:
         return len(self.labels) > 1
+
+
+# Unconverged rows the accuracy report names (the rest are counted).
+NAMED_ROWS = 20
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """What a kernel run's estimator spent and how sure its values are (explainer.estimator).
+
+    `coalitions` and `converged` are per explained row, in row order; `errors_path` is
+    shap_standard_errors.parquet (estimator adaptive only).
+    """
+
+    coalitions: np.ndarray
+    converged: np.ndarray
+    model_rows: int
+    errors_path: str | None = None
+    max_standard_error: float | None = None
+    unconverged: list[str] = field(default_factory=list)
+
+    @property
+    def rows_unconverged(self) -> int:
+        return int((~self.converged).sum())
+
+    def coalitions_per_row(self) -> float:
+        """The median of the coalitions a row took."""
+        return float(np.median(self.coalitions)) if len(self.coalitions) else 0.0
 
 
 def _with_ids(table: pa.Table, ids: pd.Series, id_column: str) -> pa.Table:
@@ -210,10 +243,111 @@ def aggregate(
     row_names: pd.Series | None = None,
     id_column: str | None = None,
     additivity_tolerance: float = ADDITIVITY_TOLERANCE,
+    errors_paths: Sequence[str | None] = (),
+    model_rows: int = 0,
 ) -> Aggregate:
-    """Combine the shards into shap_values.parquet and compute global importance and additivity."""
+    """Combine the shards into shap_values.parquet and compute global importance and additivity; a kernel
+    run's coalitions and standard errors (`errors_paths`, one per shard) into its Accuracy, and the standard
+    errors of estimator adaptive into shap_standard_errors.parquet beside the values."""
     rows, worst, labels = combine_shards(
         shard_paths, destination, features, row_names, id_column, additivity_tolerance
     )
     importance = global_importance(destination, features, aggregations, labels)
-    return Aggregate(str(destination), importance, rows, worst, labels)
+    accuracy = None
+    if errors_paths and all(path is not None for path in errors_paths):
+        errors_destination = Path(destination).with_name(ERRORS_FILE)
+        accuracy = combine_errors(
+            [str(p) for p in errors_paths], errors_destination, features, model_rows, row_names, id_column
+        )
+        if accuracy.errors_path is not None:
+            importance = with_uncertainty(importance, accuracy.errors_path, features, labels, rows)
+    return Aggregate(str(destination), importance, rows, worst, labels, accuracy)
+
+
+ERRORS_FILE = "shap_standard_errors.parquet"
+
+
+def combine_errors(
+    paths: list[str],
+    destination: Path,
+    features: list[str],
+    model_rows: int,
+    row_names: pd.Series | None = None,
+    id_column: str | None = None,
+) -> Accuracy:
+    """The shards' coalitions per row (every kernel run) and standard errors (estimator adaptive, written
+    to `destination` in the values table's order, with the id column as there)."""
+    tables = [pq.read_table(path) for path in paths]
+    has_errors = bool(tables) and all(f in tables[0].column_names for f in features)
+    coalitions, converged, ids, worst = [], [], [], 0.0
+    writer = None
+    try:
+        for table in tables:
+            first = _first_of_each_row(table.column(ROW_ID).to_numpy())
+            coalitions.append(table.column(COALITIONS).to_numpy()[first])
+            converged.append(table.column(CONVERGED).to_numpy(zero_copy_only=False)[first])
+            ids.append(table.column(ROW_ID).to_numpy()[first])
+            if not has_errors:
+                continue
+            worst = max([worst, *(float(np.max(table.column(f).to_numpy(), initial=0.0)) for f in features)])
+            if row_names is not None and id_column is not None:
+                table = _with_ids(table, row_names, id_column)
+            if writer is None:
+                writer = pq.ParquetWriter(str(destination), table.schema, use_dictionary=[CLASS])
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    done = np.concatenate(converged) if converged else np.ones(0, dtype=bool)
+    row_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    named = (
+        [str(row_names.loc[i]) for i in row_ids[~done][:NAMED_ROWS]]
+        if row_names is not None
+        else [str(i) for i in row_ids[~done][:NAMED_ROWS]]
+    )
+    return Accuracy(
+        coalitions=np.concatenate(coalitions) if coalitions else np.zeros(0, dtype=np.int64),
+        converged=done,
+        model_rows=model_rows,
+        errors_path=str(destination) if has_errors else None,
+        max_standard_error=worst if has_errors else None,
+        unconverged=named,
+    )
+
+
+def _first_of_each_row(row_ids: np.ndarray) -> np.ndarray:
+    """Positions of the first line of each row (a row has a line per class), in order."""
+    if not len(row_ids):
+        return np.zeros(0, dtype=np.int64)
+    starts = np.ones(len(row_ids), dtype=bool)
+    starts[1:] = row_ids[1:] != row_ids[:-1]
+    return np.flatnonzero(starts)
+
+
+def with_uncertainty(
+    importance: pd.DataFrame, errors_path: str, features: list[str], labels: list[str], rows: int
+) -> pd.DataFrame:
+    """The importance table with `mean_abs_se`: the standard error of mean |SHAP value| that the values'
+    own standard errors give (sqrt of the sum of their squares over the rows, over the rows)."""
+    several = len(labels) > 1
+    classes = (
+        pq.read_table(errors_path, columns=[CLASS]).column(CLASS).to_numpy(zero_copy_only=False)
+        if several
+        else None
+    )
+    records = []
+    for feature in features:
+        errors = pq.read_table(errors_path, columns=[feature]).column(feature).to_numpy()
+        for label in labels if several else [None]:
+            part = errors if label is None else errors[classes == label]
+            record: dict[str, object] = {
+                FEATURE: feature,
+                UNCERTAINTY: float(np.sqrt(np.sum(part**2)) / max(len(part), 1)),
+            }
+            if label is not None:
+                record[CLASS] = label
+            records.append(record)
+    keys = [CLASS, FEATURE] if several else [FEATURE]
+    merged = importance.merge(pd.DataFrame.from_records(records), on=keys, how="left", validate="one_to_one")
+    columns = [c for c in importance.columns if c != RANK] + [UNCERTAINTY, RANK]
+    return merged[columns]

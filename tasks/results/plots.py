@@ -8,9 +8,11 @@ open GUI windows.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,16 @@ import pyarrow.parquet as pq
 
 from shapline.tasks.common.config import OutputConfig
 from shapline.tasks.common.markup import script_json
-from shapline.tasks.common.schemas import BASE_VALUE, CLASS, FEATURE, MODEL_OUTPUT, ROW_ID, class_suffixes
+from shapline.tasks.common.schemas import (
+    BASE_VALUE,
+    CLASS,
+    FEATURE,
+    MODEL_OUTPUT,
+    ROW_ID,
+    class_suffixes,
+    distinct_keys,
+    file_safe,
+)
 from shapline.tasks.compute.staging import StagedRows
 from shapline.tasks.explainers.choice import ExplainedOutput
 from shapline.tasks.monitoring.drift import Comparison
@@ -70,18 +81,40 @@ def _numeric_view(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(view, index=rows.index)
 
 
-def _explanation(values: pd.DataFrame, rows: pd.DataFrame, features: list[str]) -> Any:
+def _explanation(
+    values: pd.DataFrame, rows: pd.DataFrame, features: list[str], errors: pd.DataFrame | None = None
+) -> Any:
+    """shap's Explanation of these rows of the values table; with `errors` (the same rows of
+    shap_standard_errors.parquet), each value's bounds are ± one standard error (waterfall error bars)."""
     import shap
 
     ids = values[ROW_ID].to_numpy()
     data = rows.loc[ids, features]
+    shap_values = values[features].to_numpy(dtype=float)
+    bounds: dict[str, Any] = {}
+    if errors is not None:
+        spread = errors[features].to_numpy(dtype=float)
+        bounds = {"lower_bounds": shap_values - spread, "upper_bounds": shap_values + spread}
     return shap.Explanation(
-        values=values[features].to_numpy(dtype=float),
+        values=shap_values,
         base_values=values[BASE_VALUE].to_numpy(dtype=float),
         data=_numeric_view(data).to_numpy(),
         display_data=data.astype(object).to_numpy(),
         feature_names=features,
+        **bounds,
     )
+
+
+def _errors_of(errors_path: str | Path | None, drawn: pd.DataFrame) -> pd.DataFrame | None:
+    """The standard errors of the drawn rows of the values table (indexed by position there): the errors
+    file has the values file's rows in the same order, which is checked."""
+    if errors_path is None or not len(drawn):
+        return None
+    errors = read_rows_at(errors_path, np.asarray(drawn.index, dtype=np.int64))
+    keys = [ROW_ID, *([CLASS] if CLASS in drawn.columns else [])]
+    if not errors[keys].astype(str).equals(drawn[keys].astype(str)):
+        raise ValueError(f"{Path(errors_path).name}: its rows are not the values table's rows")
+    return errors
 
 
 # Readable on a laptop screen and in MLflow's artifact viewer: a width that fits the page, enough dots.
@@ -111,11 +144,49 @@ def _evenly(frame: pd.DataFrame, limit: int) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class PlottedRows:
-    """The rows of the values table one class's plots draw, in the order they draw them."""
+    """The rows of the values table one class's plots draw, in the order they draw them: `waterfall` the
+    top_k by highest model output, then the contrasting waterfalls (the lowest outputs, the outputs nearest
+    the decision threshold), each row drawn once."""
 
     beeswarm: pd.DataFrame
     waterfall: pd.DataFrame
     force: pd.DataFrame
+    lowest: pd.DataFrame | None = None
+    nearest: pd.DataFrame | None = None
+
+    def waterfall_groups(self) -> list[tuple[str, pd.DataFrame]]:
+        """The waterfalls' rows by group, as the report shows them: (group, rows), groups with rows only."""
+        groups = [(HIGHEST, self.waterfall), (LOWEST, self.lowest), (NEAREST, self.nearest)]
+        return [(name, rows) for name, rows in groups if rows is not None and len(rows)]
+
+
+# The waterfalls' groups, as plot titles and the report name them.
+HIGHEST = "highest model output"
+LOWEST = "lowest model output"
+NEAREST = "nearest the decision threshold"
+
+
+def decision_threshold(explained: ExplainedOutput | None) -> float | None:
+    """Where the model's decision flips, in the units its SHAP values are in: P = 0.5, that is log-odds 0; a
+    decision function's margin 0. None where there is no decision (a regression, an unknown output)."""
+    if explained is None:
+        return None
+    return {"log-odds": 0.0, "probability": 0.5, "raw margin": 0.0}.get(explained.units)
+
+
+def choose_waterfalls(outputs: pd.Series, top_k: int, threshold: float | None) -> list[pd.Index]:
+    """The positions of the rows the waterfalls draw: the top_k highest outputs, then the top_k lowest of
+    the rest, then (with a decision threshold) the top_k of the rest nearest it. Ties keep row order."""
+    highest = outputs.sort_values(ascending=False, kind="stable").head(top_k).index
+    rest = outputs.drop(highest)
+    lowest = rest.sort_values(ascending=True, kind="stable").head(top_k).index
+    rest = rest.drop(lowest)
+    nearest = (
+        (rest - threshold).abs().sort_values(kind="stable").head(top_k).index
+        if threshold is not None
+        else rest.index[:0]
+    )
+    return [highest, lowest, nearest]
 
 
 def read_rows_at(values_path: str | Path, positions: np.ndarray) -> pd.DataFrame:
@@ -140,24 +211,29 @@ def read_rows_at(values_path: str | Path, positions: np.ndarray) -> pd.DataFrame
 
 
 def read_plotted_rows(
-    values_path: str | Path, labels: list[str], config: OutputConfig
+    values_path: str | Path,
+    labels: list[str],
+    config: OutputConfig,
+    thresholds: dict[str, float | None] | None = None,
 ) -> dict[str, PlottedRows]:
     """Per class, the rows its beeswarm, waterfalls and force plot draw: model_output (and class) is read
-    whole, then only those rows, so memory is a batch of the table, not the table."""
+    whole, then only those rows, so memory is a batch of the table, not the table. `thresholds`: each
+    class's decision threshold (its waterfalls nearest it), if it has one."""
     several = len(labels) > 1
     outputs = pq.read_table(values_path, columns=[MODEL_OUTPUT, *([CLASS] if several else [])]).to_pandas()
     nothing = np.empty(0, dtype=np.int64)
-    chosen: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    chosen: dict[str, tuple[np.ndarray, ...]] = {}
     for label in labels:
         part = outputs[outputs[CLASS] == label] if several else outputs
         beeswarm = _evenly(part, MAX_PLOTTED_ROWS).index if "beeswarm" in config.plots else nothing
-        top = (
-            part.sort_values(MODEL_OUTPUT, ascending=False, kind="stable").head(config.top_k).index
+        waterfalls = (
+            choose_waterfalls(part[MODEL_OUTPUT], config.top_k, (thresholds or {}).get(label))
             if "waterfall" in config.plots and config.top_k > 0
-            else nothing
+            else [nothing, nothing, nothing]
         )
         force = _evenly(part, MAX_FORCE_ROWS).index if "force" in config.plots else nothing
-        chosen[label] = (np.asarray(beeswarm), np.asarray(top), np.asarray(force))
+        top, lowest, nearest = (np.asarray(picked) for picked in waterfalls)
+        chosen[label] = (np.asarray(beeswarm), top, np.asarray(force), lowest, nearest)
     del outputs
     positions = np.unique(np.concatenate([p for picks in chosen.values() for p in picks])).astype(np.int64)
     table = read_rows_at(values_path, positions)
@@ -179,6 +255,49 @@ def bar_values(
     return bars
 
 
+def waterfall_names(rows: pd.DataFrame, id_column: str | None) -> list[str]:
+    """The file name stem of each row's waterfall (before its class suffix), in the rows' order: the row's
+    id (data.id_column) made file-safe, else its row_id; ids that clean up alike each get a digest."""
+    if id_column and id_column in rows.columns:
+        ids = [str(value) for value in rows[id_column]]
+        keys = distinct_keys(ids, file_safe, 100, fold=True)
+        return [keys[name] for name in ids]
+    return [str(int(row_id)) for row_id in rows[ROW_ID]]
+
+
+def _named_groups(
+    groups: list[tuple[str, pd.DataFrame]], id_column: str | None
+) -> list[tuple[str, pd.DataFrame, list[str]]]:
+    """Each waterfall group with its rows' file name stems (unique over the class's groups)."""
+    if not groups:
+        return []
+    names = iter(waterfall_names(pd.concat([rows for _, rows in groups]), id_column))
+    return [(group, rows, [next(names) for _ in range(len(rows))]) for group, rows in groups]
+
+
+def waterfall_files(
+    values_path: str | Path,
+    labels: list[str],
+    config: OutputConfig,
+    explained: list[ExplainedOutput] | None = None,
+    id_column: str | None = None,
+) -> dict[str, list[tuple[str, list[str]]]]:
+    """Per class, its waterfalls' file names under plots/ by group (highest, lowest, nearest the decision
+    threshold), as render_plots writes them: what the report shows."""
+    named = dict(zip(labels, explained or [], strict=False))
+    thresholds = {label: decision_threshold(named.get(label)) for label in labels}
+    plotted = read_plotted_rows(values_path, labels, config, thresholds)
+    suffixes = class_suffixes(labels)
+    files = {}
+    for label in labels:
+        named_groups = _named_groups(plotted[label].waterfall_groups(), id_column)
+        files[label] = [
+            (group, [f"waterfall_{name}{suffixes[label]}.png" for name in names])
+            for group, _, names in named_groups
+        ]
+    return files
+
+
 def _row_name(values: pd.DataFrame, position: int, row_id: int, id_column: str | None) -> str:
     """How a plot names a row: by data.id_column when the run has one (with its row_id), else by row_id."""
     if id_column and id_column in values.columns:
@@ -197,14 +316,17 @@ def render_plots(
     explained: list[ExplainedOutput] | None = None,
     model: str = "model",
     id_column: str | None = None,
+    errors_path: str | None = None,
 ) -> list[Path]:
     """Write the configured plots under `folder`; several classes get one file per class (suffix _<class>).
 
     Every plot is titled with the model, what was explained and the units (`explained`, one per label).
+    With `errors_path` (shap_standard_errors.parquet), each waterfall bar carries ± one standard error.
     """
     import shap
 
     named = dict(zip(labels, explained or [], strict=False))
+    thresholds = {label: decision_threshold(named.get(label)) for label in labels}
 
     def title(label: str, what: str = "") -> str:
         output = named.get(label)
@@ -241,14 +363,14 @@ def render_plots(
         written.append(_save(folder / "bar.png", heading, axis))
     if not {"beeswarm", "waterfall", "force"} & set(config.plots):
         return written
-    plotted = read_plotted_rows(values_path, labels, config)
+    plotted = read_plotted_rows(values_path, labels, config, thresholds)
     # The data of only the rows drawn, from the staged shards when the flow no longer holds the data.
     drawn = np.unique(
         np.concatenate(
             [
                 frame[ROW_ID].to_numpy()
                 for part in plotted.values()
-                for frame in (part.beeswarm, part.waterfall, part.force)
+                for frame in (part.beeswarm, part.force, *(rows for _, rows in part.waterfall_groups()))
             ]
         )
     )
@@ -271,14 +393,18 @@ def render_plots(
             axis = f"SHAP value ({output.units} of {output.short})" if output else None
             written.append(_save(folder / f"beeswarm{suffix}.png", title(label, shown), axis))
         if "waterfall" in config.plots and config.top_k > 0:
-            top = part.waterfall
-            explanation = _explanation(top, rows, features)
-            for position, row_id in enumerate(top[ROW_ID].to_numpy()):
-                shap.plots.waterfall(explanation[position], max_display=max_display, show=False)
-                value = float(top[MODEL_OUTPUT].iloc[position])
-                said = f"model output {value:.4g}{_as_probability(value, named.get(label))}"
-                row = f"{_row_name(top, position, int(row_id), id_column)}: {said}"
-                written.append(_save(folder / f"waterfall_{int(row_id)}{suffix}.png", title(label, row)))
+            written += _waterfalls(
+                part.waterfall_groups(),
+                rows,
+                features,
+                folder,
+                suffix,
+                id_column,
+                max_display,
+                named.get(label),
+                functools.partial(title, label),
+                errors_path,
+            )
         if "force" in config.plots:
             forced = part.force
             data = rows.loc[forced[ROW_ID].to_numpy(), features].astype(object)
@@ -291,6 +417,42 @@ def render_plots(
             path = folder / f"force{suffix}.html"
             write_force_html(path, plot, title(label, f"{len(forced):,} rows"))
             written.append(path)
+    return written
+
+
+def _waterfalls(
+    groups: list[tuple[str, pd.DataFrame]],
+    rows: pd.DataFrame,
+    features: list[str],
+    folder: Path,
+    suffix: str,
+    id_column: str | None,
+    max_display: int,
+    explained: ExplainedOutput | None,
+    title: Callable[[str], str],
+    errors_path: str | None = None,
+) -> list[Path]:
+    """One class's waterfalls, group by group (highest, lowest, nearest the decision threshold), each file
+    named by the row's id (waterfall_names) and titled with its row, its output and its group; with
+    `errors_path`, each bar's ± one standard error as an error bar, and the title says so."""
+    import shap
+
+    threshold = decision_threshold(explained)
+    written = []
+    for group, drawn, names in _named_groups(groups, id_column):
+        errors = _errors_of(errors_path, drawn)
+        explanation = _explanation(drawn, rows, features, errors)
+        for position, (row_id, name) in enumerate(zip(drawn[ROW_ID].to_numpy(), names, strict=True)):
+            shap.plots.waterfall(explanation[position], max_display=max_display, show=False)
+            value = float(drawn[MODEL_OUTPUT].iloc[position])
+            said = f"model output {value:.4g}{_as_probability(value, explained)}"
+            which = f"{group} ({threshold:g})" if group == NEAREST else group
+            if errors is not None:
+                which += (
+                    f" · bars ± 1 standard error (largest {float(errors[features].iloc[position].max()):.2g})"
+                )
+            row = f"{_row_name(drawn, position, int(row_id), id_column)}: {said} · {which}"
+            written.append(_save(folder / f"waterfall_{name}{suffix}.png", title(row)))
     return written
 
 

@@ -7,7 +7,6 @@ already computed; the text is escaped and redacted like every other thing shapli
 from __future__ import annotations
 
 import base64
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,18 +18,20 @@ from shapline.tasks.common.config import (
     SageMakerModel,
     SklearnModel,
     XGBoostModel,
+    effective_nsamples,
 )
 from shapline.tasks.common.markup import html_text
-from shapline.tasks.common.schemas import CLASS, FEATURE, RANK, class_suffixes
+from shapline.tasks.common.schemas import CLASS, FEATURE, RANK
 from shapline.tasks.compute.plan import DataCheck, RunPlan
 from shapline.tasks.explainers.choice import ExplainedOutput
 from shapline.tasks.monitoring.drift import Baseline, Comparison
+from shapline.tasks.results.aggregate import Accuracy
 from shapline.tasks.results.summary import RunSummary
-from shapline.tasks.tracking.uris import is_http
+from shapline.tasks.tracking.uris import is_http, open_hint, run_page
 
 REPORT = "report.html"
-# Waterfalls per class the report shows (all of them are artifacts under plots/).
-REPORT_WATERFALLS = 3
+# Rows of categories.csv the report shows (the artifact has every one).
+REPORT_CATEGORIES = 40
 # Drift table rows the report shows (drift.csv has every feature).
 REPORT_MOVERS = 10
 
@@ -53,6 +54,11 @@ class ReportFacts:
     prefect_url: str | None = None
     id_column: str | None = None
     notes: list[str] = field(default_factory=list)
+    # Per class, its waterfalls' files under plots/ by group (plots.waterfall_files); the categories table.
+    waterfalls: dict[str, list[tuple[str, list[str]]]] = field(default_factory=dict)
+    categories: pd.DataFrame | None = None
+    # A kernel run's coalitions, model rows and standard errors (aggregate.Accuracy); None otherwise.
+    accuracy: Accuracy | None = None
 
 
 _e = html_text  # text as the page shows it: redacted, then escaped (images are inlined apart, untouched)
@@ -115,7 +121,12 @@ def _what(facts: ReportFacts) -> str:
     if plan.algorithm in ("kernel", "permutation"):
         settings += [("nsamples", explainer.nsamples), ("seed", explainer.seed)]
     if plan.algorithm == "kernel":
-        settings += [("l1_reg", explainer.l1_reg), ("link", plan.link)]
+        settings.append(("estimator", explainer.estimator))
+        if explainer.estimator == "adaptive":
+            settings.append(("tolerance", explainer.tolerance))
+        else:
+            settings.append(("l1_reg", explainer.l1_reg))
+        settings.append(("link", plan.link))
     settings += [
         (
             "background",
@@ -167,7 +178,7 @@ def _validation(check: DataCheck) -> str:
     table = _table(pd.DataFrame(rows), cls="validation") if rows else ""
     failures = "".join(f"<li>{_e(line)}</li>" for line in report.failures)
     return (
-        f"<p>Great Expectations: <b>{_e(verdict)}</b>, {report.evaluated} expectations evaluated.</p>"
+        f"<p>Great Expectations: <b>{_e(verdict)}</b>, {_e(report.counted())}.</p>"
         + (f"<ul class='bad'>{failures}</ul>" if failures else "")
         + table
     )
@@ -187,14 +198,42 @@ def _importance(facts: ReportFacts) -> str:
         parts.append(heading + _table(part.sort_values(RANK)[columns].head(20), cls="importance"))
     for beeswarm in sorted(plots.glob("beeswarm*.png")):
         parts.append(_image(beeswarm, f"every explained row's SHAP values ({beeswarm.stem})"))
-    waterfalls = sorted(plots.glob("waterfall_*.png"), key=lambda p: p.stat().st_mtime)
-    if waterfalls:
-        parts.append("<h3>The top rows by model output</h3>")
-        labels = [str(v) for v in importance[CLASS].unique()] if CLASS in importance.columns else [""]
-        for suffix in class_suffixes(labels).values():
-            mine = [p for p in waterfalls if re.fullmatch(rf"waterfall_\d+{re.escape(suffix)}", p.stem)]
-            parts += [_image(path, path.stem) for path in mine[:REPORT_WATERFALLS]]
-        parts.append("<p class='note'>Every waterfall is an artifact under <code>plots/</code>.</p>")
+    return "".join(parts)
+
+
+def _examples(facts: ReportFacts) -> str:
+    """Every waterfall, by class and group: the highest model outputs, the lowest, the nearest the decision
+    threshold; each named by its row (the id column, else row_id)."""
+    parts = []
+    several = len(facts.waterfalls) > 1
+    for label, groups in facts.waterfalls.items():
+        if several and groups:
+            parts.append(f"<h3>Class {_e(label)}</h3>")
+        for group, files in groups:
+            shown = [facts.plots / name for name in files if (facts.plots / name).exists()]
+            if shown:
+                parts.append(f"<h3>The rows with the {_e(group)}</h3>")
+                parts += [_image(path, path.stem) for path in shown]
+    if not parts:
+        return "<p>No waterfalls (output.plots has no waterfall, or output.top_k is 0).</p>"
+    parts.append("<p class='note'>Each waterfall is an artifact under <code>plots/</code>.</p>")
+    return "".join(parts)
+
+
+def _categories(facts: ReportFacts) -> str:
+    """What each value of a text or categorical feature does: the plot and the categories.csv table."""
+    table = facts.categories
+    if table is None or table.empty:
+        return "<p>No text or categorical features.</p>"
+    parts = [
+        "<p>The mean SHAP value of a text or categorical feature over the rows with each of its values, and "
+        "how many rows have it: which value pushes the output up, and which down.</p>"
+    ]
+    plot = facts.plots / "categories.png"
+    if plot.exists():
+        parts.append(_image(plot, "mean SHAP value per category"))
+    parts.append(_table(table.head(REPORT_CATEGORIES), cls="categories"))
+    parts.append("<p class='note'>Every category is in the <code>categories.csv</code> artifact.</p>")
     return "".join(parts)
 
 
@@ -213,6 +252,7 @@ def _drift(facts: ReportFacts) -> str:
     parts = [
         f'<p class="lead {css}">Attribution NDCG: <b>{_e(comparison.sentence())}</b>{per_class} '
         f"(monitor.baseline: {_e(monitor.baseline)}, on_drift: {_e(monitor.on_drift)}).</p>",
+        _baseline(facts),
         f"<p>Top movers: {_e(comparison.movers_text(5))}.</p>",
     ]
     trend = facts.plots / "drift.png"
@@ -223,6 +263,28 @@ def _drift(facts: ReportFacts) -> str:
     parts.append(_table(comparison.table.head(REPORT_MOVERS), cls="drift"))
     parts.append("<p class='note'>Every feature is in the <code>drift.csv</code> artifact.</p>")
     return "".join(parts)
+
+
+def _baseline(facts: ReportFacts) -> str:
+    """Which run the baseline is, how monitor.baseline chose it, what it explained, and a link to it."""
+    baseline = facts.baseline
+    if baseline is None or not baseline.found:
+        return ""
+    link = f'<a href="{_e(baseline.url)}">run {_e(baseline.run_id)}</a>'
+    rows: list[tuple[str, object]] = [
+        ("chosen", baseline.how_chosen),
+        ("run name", baseline.run_name),
+        ("data", baseline.data_source or "?"),
+        ("data sha256", baseline.data_sha256 or "?"),
+        ("rows explained", f"{baseline.rows_explained:,}" if baseline.rows_explained is not None else "?"),
+        ("started", baseline.when),
+    ]
+    opened = (
+        f"<p class='note'>A local store: the link opens once <code>{_e(baseline.open_hint)}</code> runs.</p>"
+        if baseline.open_hint
+        else ""
+    )
+    return f"<h3>The baseline: {link}</h3>{_pairs(rows)}{opened}"
 
 
 def _checks(facts: ReportFacts) -> str:
@@ -257,12 +319,83 @@ def _checks(facts: ReportFacts) -> str:
     return _pairs(rows)
 
 
+def _accuracy(facts: ReportFacts) -> str:
+    """What the estimator spent and how sure its values are: the estimator and tolerance, coalitions per row
+    as a distribution, the rows that did not converge by name, model rows against shap's estimator."""
+    accuracy, explainer = facts.accuracy, facts.config.explainer
+    if accuracy is None or not len(accuracy.coalitions):
+        return (
+            f"<p>The {_e(facts.plan.algorithm)} explainer samples no coalitions: its values carry no "
+            "sampling error to report (standard errors are a kernel run's).</p>"
+        )
+    adaptive = explainer.estimator == "adaptive"
+    rows = len(accuracy.coalitions)
+    low, quarter, median, high, top = (
+        float(q) for q in pd.Series(accuracy.coalitions).quantile([0, 0.25, 0.5, 0.9, 1.0])
+    )
+    pairs: list[tuple[str, object]] = [
+        ("estimator", explainer.estimator),
+        (
+            "coalitions per row",
+            f"median {median:,.0f} · min {low:,.0f} · 25% {quarter:,.0f} · 90% {high:,.0f} · max {top:,.0f}"
+            f" (budget: nsamples {explainer.nsamples} = "
+            f"{effective_nsamples(explainer.nsamples, len(facts.check.features)):,})",
+        ),
+    ]
+    background = len(facts.plan.background.frame)
+    shap_would = rows * effective_nsamples(explainer.nsamples, len(facts.check.features)) * background
+    spent = f"{accuracy.model_rows:,}"
+    if adaptive and shap_would:
+        spent += (
+            f" ({accuracy.model_rows / shap_would:.2f}× shap's estimator at nsamples {explainer.nsamples}:"
+            f" {shap_would:,} if every feature varies)"
+        )
+    pairs.append(("model rows (coalitions × background rows)", spent))
+    estimate = facts.plan.estimate
+    if estimate is not None:
+        sent = facts.traffic.get("inference_rows_sent")
+        said = f"{estimate.inference_rows:,} estimated before the run (the whole budget of every row: an upper bound)"
+        pairs.append(("endpoint inference rows", f"{sent:,.0f} sent; {said}" if sent is not None else said))
+    if not adaptive:
+        note = (
+            '<p class="note">shap\'s estimator spends the whole budget on every row and gives no standard '
+            "error: set <code>explainer.estimator: adaptive</code> for one on every value.</p>"
+        )
+        return _pairs(pairs) + note
+    converged = rows - accuracy.rows_unconverged
+    pairs[1:1] = [
+        ("tolerance", f"{explainer.tolerance:g} × the spread of a row's values (its largest standard error)"),
+        ("rows converged", f"{converged:,} of {rows:,}"),
+        ("largest standard error", f"{accuracy.max_standard_error or 0.0:.3g}"),
+    ]
+    unconverged = ""
+    if accuracy.rows_unconverged:
+        more = accuracy.rows_unconverged - len(accuracy.unconverged)
+        named = ", ".join(accuracy.unconverged) + (f" and {more:,} more" if more > 0 else "")
+        unconverged = (
+            f'<p class="bad">{accuracy.rows_unconverged:,} rows spent the budget without meeting the '
+            f"tolerance (their values and standard errors are kept; raise <code>explainer.nsamples</code> or "
+            f"<code>explainer.tolerance</code> for them to converge): {_e(named)}.</p>"
+        )
+    return (
+        _pairs(pairs)
+        + unconverged
+        + '<p class="note">Each value\'s standard error is in <code>shap_standard_errors.parquet</code>; the '
+        "waterfalls draw ± one of it, and global importance carries <code>mean_abs_se</code>.</p>"
+    )
+
+
 def _links(facts: ReportFacts) -> str:
     links = []
     if is_http(facts.mlflow_url):
         links.append(f'<a href="{_e(facts.mlflow_url)}">the MLflow run</a>')
     else:
-        links.append(f"the MLflow run: <code>{_e(facts.mlflow_url)}</code>")
+        summary = facts.summary
+        page = run_page(summary.tracking_uri, summary.experiment_id, summary.mlflow_run_id)
+        hint = open_hint(summary.tracking_uri)
+        links.append(
+            f'<a href="{_e(page)}">the MLflow run</a> (a local store: start <code>{_e(hint)}</code> first)'
+        )
     if facts.prefect_url:
         links.append(f'<a href="{_e(facts.prefect_url)}">the Prefect flow run</a>')
     return " · ".join(links)
@@ -299,11 +432,14 @@ def render_report(facts: ReportFacts) -> str:
 <h1>{_e(title)}</h1>
 <p class="sub">MLflow run <code>{_e(summary.mlflow_run_id)}</code> · experiment {_e(summary.experiment)} ·
 {summary.rows_explained:,} rows · {"validation passed" if summary.validation_success else "validation failed"}{_e(drift_said)}</p>
-<nav><a href="#what">What</a><a href="#validation">Validation</a><a href="#importance">Importance</a><a href="#drift">Drift</a><a href="#checks">Checks</a></nav>
+<nav><a href="#what">What</a><a href="#validation">Validation</a><a href="#importance">Importance</a><a href="#categories">Categories</a><a href="#examples">Examples</a><a href="#drift">Drift</a><a href="#accuracy">Accuracy</a><a href="#checks">Checks</a></nav>
 <h2 id="what">What was explained</h2>{_what(facts)}
 <h2 id="validation">Validation</h2>{_validation(facts.check)}
 <h2 id="importance">Global importance</h2>{_importance(facts)}
+<h2 id="categories">What each category does</h2>{_categories(facts)}
+<h2 id="examples">Examples: rows on both sides</h2>{_examples(facts)}
 <h2 id="drift">Drift against the baseline</h2>{_drift(facts)}
+<h2 id="accuracy">Accuracy</h2>{_accuracy(facts)}
 <h2 id="checks">Checks</h2>{_checks(facts)}
 <h2 id="links">Links</h2><p>{_links(facts)}</p>
 </body></html>

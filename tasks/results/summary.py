@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,28 @@ import pandas as pd
 from shapline.tasks.common.markup import markdown_code, markdown_text
 from shapline.tasks.common.schemas import CLASS, FEATURE, RANK
 from shapline.tasks.monitoring.drift import drift_sentence
+from shapline.tasks.tracking.uris import open_hint, run_page
+
+
+def accuracy_sentence(said: Mapping[str, Any]) -> str:
+    """What a kernel run's estimator spent and how sure its values are, in the words every place uses (the
+    CLI's summary, the run log, the MLflow description), from the summary's --json fields; "" otherwise."""
+    if said.get("model_rows") is None:
+        return ""
+    spent = f"median {said['coalitions_per_row']:,.0f} coalitions per row, {said['model_rows']:,} model rows"
+    if said.get("rows_unconverged") is None:
+        return f"estimator shap: {spent}; no standard errors (explainer.estimator: adaptive gives them)"
+    tolerance, worst = said.get("tolerance"), said.get("max_standard_error") or 0.0
+    short = said["rows_unconverged"]
+    if not short and not worst:
+        return f"estimator adaptive: every value exact, standard error 0 ({spent})"
+    if not short:
+        return f"estimator adaptive: every row within tolerance {tolerance:g} ({spent}; largest standard error {worst:.3g})"
+    return (
+        f"estimator adaptive: {short:,} of {said['rows_explained']:,} rows spent nsamples without meeting "
+        f"tolerance {tolerance:g} ({spent}; largest standard error {worst:.3g}); their values are kept with "
+        "their standard errors: raise explainer.nsamples or explainer.tolerance for them to converge"
+    )
 
 
 class Phases:
@@ -57,6 +80,21 @@ class RunSummary:
     attribution_ndcg: float | None = None
     baseline_run_id: str | None = None
     ndcg_threshold: float | None = None
+    # What was explained, in words: `probability of Chinstrap, SHAP values in log-odds`.
+    explained: str = ""
+    # Why there was no baseline (None when there was one); monitor.max_importance_change and the features
+    # over it ({"feature", "relative_change"}).
+    baseline_reason: str | None = None
+    max_importance_change: float | None = None
+    importance_drift: list[dict[str, Any]] = field(default_factory=list)
+    # Kernel runs: synthetic rows evaluated, the median coalitions per row; estimator adaptive: rows whose
+    # tolerance did not hold within nsamples, and the largest standard error of any value.
+    model_rows: int | None = None
+    coalitions_per_row: float | None = None
+    rows_unconverged: int | None = None
+    max_standard_error: float | None = None
+    # explainer.tolerance of an adaptive run (None otherwise).
+    tolerance: float | None = None
     # Seconds per phase of the run, in order (the report's checks).
     phases: dict[str, float] = field(default_factory=dict)
 
@@ -95,6 +133,12 @@ class RunSummary:
             "attribution_ndcg": self.attribution_ndcg,
             "baseline_run_id": self.baseline_run_id,
             "ndcg_threshold": self.ndcg_threshold,
+            "max_importance_change": self.max_importance_change,
+            "importance_drift": self.importance_drift,
+            "baseline_reason": self.baseline_reason,
+            "explained": self.explained,
+            **self.accuracy(),
+            "tolerance": self.tolerance,
             "report": self.report,
         }
 
@@ -111,7 +155,45 @@ class RunSummary:
             "background_rows": float(self.background_rows),
             "shards_reused": float(self.shards_reused),
             "shards_computed": float(self.shards_computed),
+            **{name: float(value) for name, value in self.accuracy().items() if value is not None},
         }
+
+    def accuracy(self) -> dict[str, float | None]:
+        """What the kernel estimator spent and how sure it is (None where it does not apply)."""
+        return {
+            "model_rows": self.model_rows,
+            "coalitions_per_row": self.coalitions_per_row,
+            "rows_unconverged": self.rows_unconverged,
+            "max_standard_error": self.max_standard_error,
+        }
+
+    def accuracy_said(self) -> str:
+        """The accuracy sentence (`accuracy_sentence`) of this run."""
+        return accuracy_sentence(self.to_json())
+
+    def drift_said(self) -> str:
+        """The comparison with the baseline in the sentence every place says it in (`drift_sentence`)."""
+        if self.attribution_ndcg is None:
+            return f"no comparison: {self.baseline_reason}" if self.baseline_reason else ""
+        moved = [(d["feature"], d["relative_change"]) for d in self.importance_drift]
+        return drift_sentence(
+            self.attribution_ndcg,
+            self.ndcg_threshold,
+            self.baseline_run_id,
+            moved,
+            self.max_importance_change,
+        )
+
+    def where_markdown(self) -> str:
+        """The MLflow run's own page as a link (a local store: the page `mlflow ui` serves, and how to start it)."""
+        page = run_page(self.tracking_uri, self.experiment_id, self.mlflow_run_id)
+        hint = open_hint(self.tracking_uri)
+        if not hint:
+            return f"[Open the MLflow run]({page})"
+        return (
+            f"MLflow run {markdown_code(self.mlflow_run_id)} in a local store: start {markdown_code(hint)}, then "
+            f"open [the run]({page})"
+        )
 
     def markdown(self, top: int = 10) -> str:
         """The Prefect markdown artifact: the run's numbers, the top features by the ranking aggregation."""
@@ -119,13 +201,13 @@ class RunSummary:
         lines = [
             f"# SHAP explanation of {t(self.model)}",
             "",
-            f"MLflow run: {markdown_code(self.run_url)}",
+            *([f"Explained: **{t(self.explained)}**.", ""] if self.explained else []),
+            self.where_markdown(),
             "",
         ]
         lines += [f"- **{key}**: {value:g}" for key, value in self.metrics().items()]
         if self.attribution_ndcg is not None:
-            said = drift_sentence(self.attribution_ndcg, self.ndcg_threshold, self.baseline_run_id)
-            lines.append(f"- **attribution_ndcg**: {t(said)}")
+            lines.append(f"- **attribution_ndcg**: {t(self.drift_said())}")
         importance = self.importance
         groups = (
             importance.groupby(CLASS, sort=False) if CLASS in importance.columns else [(None, importance)]

@@ -12,7 +12,13 @@ from typing import Any
 from shapline.tasks.common.config import ExplainConfig
 from shapline.tasks.common.schemas import importance_metric_keys
 from shapline.tasks.explainers.choice import ExplainedOutput
-from shapline.tasks.monitoring.drift import Baseline, Comparison, compare_values, ndcg_said
+from shapline.tasks.monitoring.drift import (
+    Baseline,
+    Comparison,
+    compare_values,
+    importance_drift_json,
+    ndcg_said,
+)
 from shapline.tasks.monitoring.history import trend
 from shapline.tasks.results.aggregate import Aggregate
 from shapline.tasks.tracking.client import TrackedRun
@@ -55,11 +61,15 @@ def monitor(
     if not baseline.found or baseline.values_path is None or baseline.run_id is None:
         return Monitoring(baseline, None)
     comparison = compare_values(
-        baseline.values_path, combined.values_path, baseline.run_id, config.monitor.ndcg_threshold
+        baseline.values_path,
+        combined.values_path,
+        baseline.run_id,
+        config.monitor.ndcg_threshold,
+        config.monitor.max_importance_change,
     )
     comparison.table.to_csv(folder / "drift.csv", index=False)
     ranking = config.output.aggregations[0]
-    history = trend(run, config.model.name, combined.importance, ranking)
+    history = trend(run, config.model.name, combined.importance, ranking, baseline=baseline.run_id)
     worst = (
         min(comparison.ndcg_by_class, key=lambda k: comparison.ndcg_by_class[k])
         if comparison.ndcg_by_class
@@ -99,6 +109,9 @@ def drift_event(
             "attribution_ndcg_by_class": comparison.ndcg_by_class,
             "ndcg_threshold": comparison.threshold,
             "baseline_run_id": comparison.baseline_run_id,
+            "baseline": monitoring.baseline.chosen,
+            "max_importance_change": comparison.max_importance_change,
+            "importance_drift": importance_drift_json(comparison.importance_drift),
             "mlflow_run_id": run.run_id,
             "mlflow_run_url": run_url,
             "on_drift": config.monitor.on_drift,

@@ -22,15 +22,26 @@ from shapline.tasks.common.config import (
 )
 from shapline.tasks.common.markup import markdown_code, markdown_text
 from shapline.tasks.common.redact import redact
-from shapline.tasks.common.schemas import CLASS, FEATURE, MODEL_TAG, importance_metrics, monitor_param
+from shapline.tasks.common.schemas import (
+    CLASS,
+    DATA_SHA256_TAG,
+    DATA_SOURCE_TAG,
+    FEATURE,
+    IDENTITY_TAG,
+    MODEL_TAG,
+    SELECTION_TAG,
+    importance_metrics,
+    monitor_param,
+)
 from shapline.tasks.compute.plan import DataCheck, RunPlan
 from shapline.tasks.data.loading import LoadedData
 from shapline.tasks.data.sources import file_sha256
-from shapline.tasks.monitoring.drift import ndcg_metrics
-from shapline.tasks.results.aggregate import Aggregate
+from shapline.tasks.monitoring.drift import Baseline, ndcg_metrics
+from shapline.tasks.results.aggregate import ERRORS_FILE, Aggregate
 from shapline.tasks.results.summary import RunSummary
 from shapline.tasks.run.monitor import Monitoring
 from shapline.tasks.tracking.client import TrackedRun, log_artifact, log_artifacts, log_inputs, log_values
+from shapline.tasks.tracking.uris import open_hint, run_page
 
 # Logged before the plots, so the largest artifact uploads while they render.
 VALUES_ARTIFACTS = ("shap_values.parquet", "global_importance.csv")
@@ -44,7 +55,11 @@ _ONLY_FOR = {
     "batch_rows": {"kernel"},
     "seed": {"kernel", "permutation"},
     "feature_perturbation": {"tree"},
+    "estimator": {"kernel"},
+    "tolerance": {"kernel"},
 }
+# And within the kernel explainer, settings one estimator uses and the other does not.
+_ONLY_FOR_ESTIMATOR = {"l1_reg": "shap", "tolerance": "adaptive"}
 
 
 @dataclass(frozen=True)
@@ -64,10 +79,13 @@ def run_name(config: ExplainConfig, started: datetime) -> str:
 def run_tags(
     config: ExplainConfig, config_path: str, overrides: list[str], prefect: PrefectContext
 ) -> dict[str, str]:
-    """The tags a run starts with: the model, the config (hash, path, overrides), its source and Prefect run."""
+    """The tags a run starts with: the model, the config (hash, path, overrides), what makes runs comparable (the
+    settings, the rows), its source and Prefect run."""
     tags = {
         MODEL_TAG: config.model.name,
         "shapline.config_sha256": config.sha256(),
+        IDENTITY_TAG: config.identity_sha256(),
+        SELECTION_TAG: config.selection_sha256(),
         "shapline.config_path": str(Path(config_path).resolve()),
         "shapline.overrides": " ".join(overrides)[:4000],
         "mlflow.source.name": str(Path(config_path).resolve()),
@@ -121,6 +139,8 @@ def explainer_params(config: ExplainConfig, plan: RunPlan) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for key, value in config.explainer.model_dump(mode="json").items():
         if key in _ONLY_FOR and plan.algorithm not in _ONLY_FOR[key]:
+            continue
+        if _ONLY_FOR_ESTIMATOR.get(key, config.explainer.estimator) != config.explainer.estimator:
             continue
         params[f"explainer.{key}"] = value
     if plan.algorithm not in ("tree", "linear"):
@@ -193,7 +213,7 @@ def record_data(
     A registry model's MLflow 3 logged model (`identity`'s shapline.model_id) becomes an input of the run,
     as an evaluation run's is, so the model's page leads to its explanations.
     """
-    tags = {"shapline.data_sha256": data.sha256, "shapline.data_source": data.uri}
+    tags = {DATA_SHA256_TAG: data.sha256, DATA_SOURCE_TAG: data.uri}
     log_values(run, tags={**tags, **model_tags(config, fingerprint)})
     name = Path(data.uri.split("?", 1)[0]).name or data.uri
     model_id = identity.get("shapline.model_id")
@@ -257,6 +277,8 @@ def record_values(run: TrackedRun, combined: Aggregate, folder: Path) -> None:
     combined.importance.to_csv(folder / "global_importance.csv", index=False)
     for name in VALUES_ARTIFACTS:
         log_artifact(run, folder / name)
+    if combined.accuracy is not None and combined.accuracy.errors_path is not None:
+        log_artifact(run, combined.accuracy.errors_path)
 
 
 def description(
@@ -297,24 +319,51 @@ def description(
         lines.append(f"Top features{named} ({ranking}): {features}.")
     report = check.report
     validation = (
-        f"validation passed ({report.evaluated} expectations)"
+        f"validation passed, {report.counted()}"
         if report.success
-        else f"validation: {len(report.failures)} of {report.evaluated} expectations failed (on_failure: warn)"
+        else f"validation: {len(report.failures)} failed (on_failure: warn) of {report.counted()}"
     )
     lines += ["", f"Checks: additivity max error {summary.additivity_max_error:.2g}; {validation}."]
+    if accuracy := summary.accuracy_said():
+        lines += ["", f"Accuracy: {t(accuracy)}."]
     if monitoring is not None and monitoring.comparison is not None:
         comparison = monitoring.comparison
         lines += ["", f"Drift: {t(comparison.sentence())}; top movers: {t(comparison.movers_text(3))}."]
+        lines += ["", _baseline_said(monitoring.baseline, summary.tracking_uri)]
     elif monitoring is not None:
         lines += ["", f"Drift: no comparison ({t(monitoring.baseline.reason)})."]
+    return redact("\n".join([*lines, "", _links_said(summary, prefect)]))
+
+
+def _in_ui(page: str, tracking_uri: str) -> str:
+    """A page of the store as the description links it: a server's URL; for a local store, the page within
+    the MLflow UI showing the description (`#/experiments/...`), whatever port `mlflow ui` has."""
+    return "#" + page.split("#", 1)[1] if open_hint(tracking_uri) else page
+
+
+def _baseline_said(baseline: Baseline, tracking_uri: str) -> str:
+    """Which run the baseline is, how it was chosen and what it explained, linked."""
+    t = markdown_text
+    named = f"[run {baseline.run_id}]({_in_ui(baseline.url, tracking_uri)})"
+    return (
+        f"Baseline: {named} ({t(baseline.run_name)}), {t(baseline.how_chosen)}: explained "
+        f"{t(baseline.explained())}."
+    )
+
+
+def _links_said(summary: RunSummary, prefect: PrefectContext) -> str:
+    """The report, the Prefect flow run, and for a local store how to open it."""
     links = []
+    if summary.report:
+        page = run_page(summary.tracking_uri, summary.experiment_id, summary.mlflow_run_id, summary.report)
+        report = _in_ui(page, summary.tracking_uri)
+        links.append(f"[{summary.report}]({report}): the page to open first")
     if prefect.flow_run_url:
         links.append(f"[Prefect flow run]({prefect.flow_run_url})")
-    if summary.report:
-        links.append(f"report: the `{summary.report}` artifact (open it first)")
-    if links:
-        lines += ["", " · ".join(links)]
-    return redact("\n".join(lines))
+    hint = open_hint(summary.tracking_uri)
+    if hint:
+        links.append(f"a local MLflow store: open it with {markdown_code(hint)}")
+    return " · ".join(links)
 
 
 def record_results(
@@ -341,4 +390,4 @@ def record_results(
         **monitoring.tags(),
     }
     log_values(run, metrics=metrics, tags=tags)
-    log_artifacts(run, folder, skip=(*VALUES_ARTIFACTS, "config.yaml"))
+    log_artifacts(run, folder, skip=(*VALUES_ARTIFACTS, ERRORS_FILE, "config.yaml"))

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from shapline.tasks.common.errors import TrackingError, one_line
 from shapline.tasks.common.liveness import pid_alive, this_host
 from shapline.tasks.common.redact import redact
-from shapline.tasks.tracking.uris import is_http, sqlite_database
+from shapline.tasks.tracking.uris import is_http, run_page, sqlite_database
 
 ERROR_TAG = "shapline.error"
 
@@ -253,14 +253,8 @@ def _why_it_ended(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-# MLflow 3.17's UI picks an experiment's view from a GenAI / model-training switch kept per browser
-# (default GenAI), not from the experiment's kind; the links shapline writes ask for model training.
-MODEL_TRAINING_VIEW = "workflowType=machine_learning"
-
-
 def run_url(run: TrackedRun) -> str:
     """Where a person opens the run: the server's page, or the store URI for a local store."""
     if is_http(run.tracking_uri):
-        base = run.tracking_uri.rstrip("/")
-        return f"{base}/#/experiments/{run.experiment_id}/runs/{run.run_id}?{MODEL_TRAINING_VIEW}"
+        return run_page(run.tracking_uri, run.experiment_id, run.run_id)
     return f"{run.tracking_uri} (experiment {run.experiment_id}, run {run.run_id})"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -48,3 +50,72 @@ def test_python_dash_m_shapline_is_the_command() -> None:
         [sys.executable, "-m", "shapline", "schema"], capture_output=True, text=True, check=True
     )
     assert '"model"' in done.stdout
+
+
+def _actions(parser: argparse.ArgumentParser, path: str = "shapline") -> list[tuple[str, argparse.Action]]:
+    """Every argument of the command and of its subcommands, with where it is."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found += [(f"{path} {command.dest}", command) for command in action._choices_actions]
+            for name, sub in action.choices.items():
+                found += _actions(sub, f"{path} {name}")
+        elif not isinstance(action, argparse._HelpAction):
+            found.append((path, action))
+    return found
+
+
+def test_every_argument_of_every_command_says_what_it_is() -> None:
+    from shapline.flows.cli import _parser
+
+    arguments = _actions(_parser())
+    assert len(arguments) > 45  # the commands too
+    silent = [f"{path} {action.dest}" for path, action in arguments if not action.help]
+    assert silent == []
+
+
+@pytest.mark.parametrize("command", ["run", "validate", "demo", "deploy", "serve"])
+def test_commands_that_read_a_config_take_set_like_run(command: str) -> None:
+    from shapline.flows.cli import _parser
+
+    parsed = _parser().parse_args([command, *(["x.yaml"] if command != "demo" else []), "--set", "a.b=1"])
+    assert parsed.overrides == ["a.b=1"]
+
+
+def test_validate_says_what_run_would_explain_in_the_words_of_every_other_place(
+    write_config: Any, penguins: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, model = penguins
+    config = write_config(
+        model={"name": "p", "kind": "sklearn", "path": str(model)},
+        data={"source": str(data), "target": "species", "explain_rows": 1000},
+        validation={"expectations": [{"expect_column_values_to_not_be_null": {"column": "species"}}]},
+        background={"size": 10},
+        explainer={"algorithm": "kernel"},
+    )
+    for command in (["validate", str(config)], ["run", str(config), "--dry-run"]):
+        assert main(command) == 0
+        out = capsys.readouterr().out
+        assert "explainer kernel: probability of Chinstrap, SHAP values in log-odds" in out
+        assert "logit space" not in out
+        # 7 features present and rows: shapline's own; one from the config.
+        assert "validation: 9 expectations: 1 from the config, 8 shapline's own (every feature present" in out
+        assert "data.explain_rows 1000 is more than the 344 rows of the data: the run explains all 344" in out
+
+
+def test_features_that_leave_out_a_column_the_model_needs_name_it(
+    write_config: Any, penguins: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It used to say "text in island": the probe blamed a row for the columns the config left out."""
+    data, model = penguins
+    config = write_config(
+        model={"name": "p", "kind": "sklearn", "path": str(model)},
+        data={"source": str(data), "target": "species", "features": ["bill_length_mm", "bill_depth_mm"]},
+    )
+    assert main(["validate", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "shapline: error: data.features leaves out island, flipper_length_mm, body_mass_g, sex, year, which the "
+        "model needs; the model's features, in order: island, bill_length_mm, bill_depth_mm, flipper_length_mm, "
+        "body_mass_g, sex, year (or leave data.features out)\n"
+    )

@@ -325,21 +325,35 @@ def test_scheduled_runs_are_made_by_the_server_and_complete_with_the_schedules_p
     config = write_config(
         model={"name": "cancer-scheduled", "kind": "xgboost", "path": str(xgb_model)},
         data={"source": str(cancer_data), "target": "malignant"},
-        output={"plots": []},
+        output={"plots": ["bar"]},
         schedule={"interval_s": 15, "parameters": {"explain_rows": 7}},
     )
     env = {
         **os.environ,
         "PREFECT_API_URL": servers["prefect"],
         "PREFECT_HOME": servers["home"],
-        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
         "MLFLOW_TRACKING_URI": store,
         "SHAPLINE_CACHE_DIR": str(tmp_path / "cache"),
     }
+    # As a person reading both commands might: deploy first, then serve the same config (with --set, as run).
+    overrides = ["--set", "output.plots=[]"]
+    deployed = subprocess.run(
+        [str(BIN / "shapline"), "deploy", str(config), "--pool", "serve-pool", *overrides, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert deployed.returncode == 0, deployed.stderr[-2000:]
+    [deployment_id] = json.loads(deployed.stdout.strip().splitlines()[-1])["deployments"].values()
     log = tmp_path / "serve.log"
     with open(log, "w") as output:
         serve = subprocess.Popen(
-            [str(BIN / "shapline"), "serve", str(config)], env=env, stdout=output, stderr=subprocess.STDOUT
+            [str(BIN / "shapline"), "serve", str(config), "--pool", "serve-pool", *overrides],
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
         )
     completed: list = []
     try:
@@ -359,6 +373,16 @@ def test_scheduled_runs_are_made_by_the_server_and_complete_with_the_schedules_p
                 assert all(r.state.is_completed() for r in ended), [r.state for r in ended]
                 completed = [r for r in ended if r.auto_scheduled]
                 time.sleep(1)
+            # One deployment, on the pool deploy made, its queue Ready: serve's worker polls it.
+            deployment = client.read_deployment(deployment_id)
+            assert deployment.work_pool_name == "serve-pool"
+            queue = client.read_work_queue_by_name(deployment.work_queue_name, work_pool_name="serve-pool")
+            assert queue.status == "READY"
+            assert [d.id for d in client.read_deployments(deployment_filter=only_ours)] == [deployment.id]
+            assert deployment.parameters == {
+                "config_path": str(config.resolve()),
+                "overrides": ["output.plots=[]"],
+            }
     finally:
         serve.send_signal(signal.SIGINT)
         try:
@@ -368,8 +392,15 @@ def test_scheduled_runs_are_made_by_the_server_and_complete_with_the_schedules_p
     mlflow = MlflowClient(store)
     experiment = mlflow.get_experiment_by_name("shapline/cancer-scheduled")
     for flow_run in completed:
-        assert flow_run.parameters == {"config_path": str(config.resolve()), "explain_rows": 7}
+        assert flow_run.parameters == {
+            "config_path": str(config.resolve()),
+            "overrides": ["output.plots=[]"],
+            "explain_rows": 7,
+        }
         [run] = mlflow.search_runs(
             [experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run.id}'"
         )
         assert run.info.status == "FINISHED" and run.data.metrics["rows_explained"] == 7
+        assert run.data.tags["shapline.overrides"] == "data.explain_rows=7 output.plots=[]"
+        plots = {Path(a.path).name for a in mlflow.list_artifacts(run.info.run_id, "plots")}
+        assert "bar.png" not in plots  # the config's plots: [bar], the --set's []: applied

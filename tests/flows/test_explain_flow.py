@@ -90,7 +90,8 @@ def test_tree_model_run_logs_everything_and_matches_tree_explainer(
     } <= names
     plots = {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "plots")}
     assert {"bar.png", "beeswarm.png", "force.html"} <= plots
-    assert len([p for p in plots if p.startswith("waterfall_")]) == 2
+    # top_k 2: the 2 highest outputs, the 2 lowest and the 2 nearest the decision threshold.
+    assert len([p for p in plots if p.startswith("waterfall_")]) == 6
 
     values = pd.read_parquet(artifact(mlflow_store, run.info.run_id, "shap_values.parquet", tmp_path))
     data = pd.read_csv(cancer_data).drop(columns=["malignant"])

@@ -49,7 +49,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         env,
         folder,
     )
-    mlflow = None
+    mlflow = serving = None
     try:
         api = f"http://127.0.0.1:{prefect_port}/api"
         wait_for(api + "/health", prefect)
@@ -64,7 +64,18 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         )
         assert demo.returncode == 0, demo.stderr[-3000:]
         summary = json.loads(demo.stdout.strip().splitlines()[-1])
-        # Next week's birds (the Dream island): the second run is compared with the first.
+        # Pinned as the model's reference (the demo's monitor.baseline), by the start of its id.
+        pinned = subprocess.run(
+            [str(BIN / "shapline"), "reference", summary["mlflow_run_id"][:8]],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert pinned.returncode == 0, pinned.stderr[-3000:]
+        # Next week's birds (the Dream island): the second run is compared with the first; a feature that
+        # lost over 90% of its importance is drift too.
         again = subprocess.run(
             [
                 str(BIN / "shapline"),
@@ -73,6 +84,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
                 "data.source=../demo/penguins-dream.csv",
                 "--set",
                 "data.explain_rows=30",
+                "--set",
+                "monitor.max_importance_change=0.9",
                 "--json",
             ],
             cwd=folder,
@@ -94,6 +107,14 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         )
         assert deployed.returncode == 0, deployed.stderr[-3000:]
         [deployment] = json.loads(deployed.stdout.strip().splitlines()[-1])["deployments"].values()
+        # Then `serve` of the same config, as a person would after reading both commands: the same
+        # deployment, its pool now worked by this process.
+        serving = start(
+            [str(BIN / "shapline"), "serve", "configs/penguins.yaml", "--pool", "ui-pool"],
+            folder / "serve.log",
+            env,
+            folder,
+        )
         mlflow = start(
             [
                 str(BIN / "mlflow"),
@@ -119,9 +140,10 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
             "second": second,
             "deployment": deployment,
             "folder": folder,
+            "serve_log": folder / "serve.log",
         }
     finally:
-        for process in (mlflow, prefect):
+        for process in (serving, mlflow, prefect):
             if process is not None:
                 process.terminate()
                 try:
@@ -156,6 +178,41 @@ def test_the_mlflow_run_page_says_what_was_explained(
     assert "SHAP values in" in text and "log-odds" in text and "Top features" in text
     assert "No description" not in text
     assert "penguins.csv" in text  # the dataset input
+
+
+def test_the_mlflow_run_page_links_the_baseline_and_the_report(
+    browser: Any, demo_run: dict[str, Any], shots: Path
+) -> None:
+    """The second run's description: the drift, the baseline run (linked, what it explained) and the report,
+    linked within this MLflow UI (the runs were made in a local store); following the link opens the report."""
+    second, first = demo_run["second"], demo_run["summary"]
+    page = browser.new_page(viewport={"width": 1440, "height": 1200})
+    page.goto(f"{demo_run['mlflow']}/#/experiments/{second['experiment_id']}/runs/{second['mlflow_run_id']}")
+    page.get_by_text("probability of Chinstrap").first.wait_for(timeout=60_000)
+    page.get_by_text("Show more").first.click()  # the description opens folded
+    page.get_by_text("Baseline:").first.wait_for(timeout=20_000)
+    page.wait_for_timeout(1500)
+    page.locator("text=Description").first.scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "mlflow-run-baseline.png"), full_page=True)
+    text = page.inner_text("body")
+    assert "importance changed by more than 90%: island" in text
+    assert "the model's reference, pinned with shapline reference" in text and "30 rows of" in text
+    assert "open it with mlflow ui --backend-store-uri" in text
+    baseline = page.get_by_role("link", name=f"run {first['mlflow_run_id']}").first
+    assert f"/runs/{first['mlflow_run_id']}" in str(baseline.get_attribute("href"))
+    report = page.get_by_role("link", name="report.html").first
+    href = str(report.get_attribute("href"))
+    assert href.endswith(
+        f"#/experiments/{second['experiment_id']}/runs/{second['mlflow_run_id']}/artifacts/report.html"
+    )
+    with page.context.expect_page() as opened:  # MLflow opens a description's links in a new tab
+        report.click()
+    tab = opened.value
+    frame = tab.frame_locator("iframe").first
+    frame.get_by_text("The baseline:").first.wait_for(timeout=60_000)
+    tab.wait_for_timeout(1500)
+    tab.screenshot(path=str(shots / "mlflow-run-report-link.png"))
+    assert f"/runs/{second['mlflow_run_id']}/artifacts/report.html" in tab.url
 
 
 def test_the_mlflow_experiment_opens_on_its_runs(browser: Any, demo_run: dict[str, Any], shots: Path) -> None:
@@ -213,11 +270,27 @@ def test_the_report_shows_what_was_explained_and_the_drift(
         "time: explain",
         "additivity max error",
         "penguin_id",
+        "importance changed by more than 90%: island (\u2212100%)",
+        f"The baseline: run {second['baseline_run_id']}",
+        "the model's reference, pinned with shapline reference",
+        "What each category does",
+        "The rows with the highest model output",
+        "The rows with the lowest model output",
+        "The rows with the nearest the decision threshold",
+        "3 from the config",
     ):
         assert said in text, said
-    # Every image drew (inlined: nothing to fetch).
+    page.locator("#categories").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "report-categories.png"))
+    page.locator("#examples").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots / "report-examples.png"))
+    page.screenshot(path=str(shots / "report-full.png"), full_page=True)
+    # Every image drew (inlined: nothing to fetch), every waterfall among them, named by the bird.
     broken = page.evaluate("[...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).length")
     assert broken == 0 and page.evaluate("document.images.length") >= 4
+    waterfalls = page.evaluate("[...document.images].map(i => i.alt).filter(a => a.startsWith('waterfall_'))")
+    assert len(waterfalls) == 15 and all(name.startswith("waterfall_P") for name in waterfalls)
+    assert page.evaluate("[...document.images].some(i => i.alt === 'mean SHAP value per category')")
 
 
 def test_the_report_opens_in_mlflows_artifact_viewer(
@@ -234,3 +307,63 @@ def test_the_report_opens_in_mlflows_artifact_viewer(
     page.wait_for_timeout(1500)
     page.screenshot(path=str(shots / "mlflow-report.png"))
     assert "probability of Chinstrap" in frame.locator("body").inner_text()
+
+
+def test_after_deploy_then_serve_the_deployment_page_shows_its_work_queue_ready(
+    browser: Any, demo_run: dict[str, Any], shots: Path
+) -> None:
+    """`deploy`, then `serve` of the same config: one deployment on one pool, worked by serve's worker,
+    so its work queue is Ready, not the red warning of a queue nobody polls."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api = f"{demo_run['prefect']}/api"
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 120
+        while (
+            queue := client.read_work_queue_by_name("default", work_pool_name="ui-pool")
+        ).status != "READY":
+            assert time.monotonic() < deadline, demo_run["serve_log"].read_text()[-3000:]
+            time.sleep(1)
+        deployment = client.read_deployment(demo_run["deployment"])
+    assert deployment.work_pool_name == "ui-pool" and deployment.work_queue_name == queue.name
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    url = f"{demo_run['prefect']}/deployments/deployment/{demo_run['deployment']}"
+    text = shown(page, url, "ui-pool", shots / "prefect-deployment.png")
+    assert "ui-pool" in text and "default" in text
+    assert "Not Ready" not in text and "not ready" not in text.lower()
+    pool = f"{demo_run['prefect']}/work-pools/work-pool/ui-pool"
+    text = shown(page, pool, "default", shots / "prefect-work-pool.png")
+    assert "Ready" in text and "Not Ready" not in text
+
+
+def test_the_prefect_summary_artifact_says_what_was_explained_and_links_the_run(
+    browser: Any, demo_run: dict[str, Any], shots: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    second = demo_run["second"]
+    flow_run = (
+        MlflowClient(demo_run["mlflow"]).get_run(second["mlflow_run_id"]).data.tags["prefect.flow_run_id"]
+    )
+    with (
+        temporary_settings({PREFECT_API_URL: f"{demo_run['prefect']}/api"}),
+        get_client(sync_client=True) as client,
+    ):
+        [artifact] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run]))
+        )
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    url = f"{demo_run['prefect']}/artifacts/artifact/{artifact.id}"
+    text = shown(page, url, "Explained:", shots / "prefect-artifact.png")
+    assert "probability of Chinstrap, SHAP values in log-odds" in text
+    link = page.get_by_role("link", name="the run").first
+    href = str(link.get_attribute("href"))
+    assert href.endswith(
+        f"#/experiments/{second['experiment_id']}/runs/{second['mlflow_run_id']}?workflowType=machine_learning"
+    )

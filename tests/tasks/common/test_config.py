@@ -203,3 +203,79 @@ def test_impossible_settings_are_refused_by_key(
     raw[section] = {**raw.get(section, {}), **values}
     with pytest.raises(ConfigError, match=message):
         parse_config(raw, "c.yaml")
+
+
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        # pydantic names each member of a union (constrained-int, literal['all']): one line says the key's own
+        ("data.explain_rows=abc", "data.explain_rows: expected a whole number >= 1 or all, got 'abc'"),
+        ("data.explain_rows=0", "data.explain_rows: expected a whole number >= 1 or all, got 0"),
+        ("explainer.nsamples=lots", "explainer.nsamples: expected a whole number >= 1 or auto, got 'lots'"),
+        ("model.class_index=x", "model.class_index: Input should be a valid integer, got 'x'"),
+    ],
+)
+def test_a_value_no_member_of_a_union_takes_is_one_line_in_the_users_words(override: str, line: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(CONFIGS / "valid.yaml", [override])
+    said = str(caught.value).split(": ", 1)[1]
+    assert said == line
+    for internal in ("constrained-int", "literal[", "function-", "Input should be 'all'"):
+        assert internal not in said
+
+
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("data.explan_rows=3", "data.explan_rows: unknown key; did you mean data.explain_rows?"),
+        ("shards.sise=3", "shards.sise: unknown key; did you mean shards.size?"),
+        ("modle.name=x", "modle: unknown key; did you mean model?"),
+        ("model.pth=x", "model.pth: unknown key; did you mean model.path?"),  # the sklearn model's keys
+        (
+            "monitor.max_importance=0.5",
+            "monitor.max_importance: unknown key; did you mean monitor.max_importance_change?",
+        ),
+        ("output.zzz=1", "output.zzz: unknown key"),  # nothing close: no guess
+    ],
+)
+def test_a_misspelled_key_gets_a_did_you_mean_from_its_sections_keys(override: str, line: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(CONFIGS / "valid.yaml", [override])
+    assert str(caught.value).split(": ", 1)[1] == line
+
+
+def test_comparable_runs_share_an_identity_and_a_row_selection() -> None:
+    """monitor.baseline previous matches runs by these: the settings (not the model's file) and the rows."""
+    base = load_config(CONFIGS / "valid.yaml")
+
+    def changed(*overrides: str) -> tuple[bool, bool]:
+        other = load_config(CONFIGS / "valid.yaml", list(overrides))
+        return (
+            other.identity_sha256() == base.identity_sha256(),
+            other.selection_sha256() == base.selection_sha256(),
+        )
+
+    assert changed() == (True, True)
+    # Where results go, how many compute them, the monitor and a retrained model's file: the same run.
+    assert changed("shards.workers=7", "monitor.ndcg_threshold=0.5", "model.path=/other.joblib") == (
+        True,
+        True,
+    )
+    assert changed("data.source=/elsewhere.csv") == (True, False)
+    assert changed("data.explain_rows=40") == (True, False)  # a schedule's sample is other rows
+    assert changed("background.size=20") == (False, True)
+    assert changed("explainer.nsamples=99") == (False, True)
+    # The seed draws a sample: with every row explained it changes nothing.
+    assert load_config(CONFIGS / "valid.yaml", ["data.seed=9"]).selection_sha256() == base.selection_sha256()
+    sample = load_config(CONFIGS / "valid.yaml", ["data.explain_rows=40"])
+    seeded = load_config(CONFIGS / "valid.yaml", ["data.explain_rows=40", "data.seed=9"])
+    assert sample.selection_sha256() != seeded.selection_sha256()
+
+
+def test_monitor_baseline_takes_reference_and_max_importance_change_is_off_by_default() -> None:
+    config = load_config(CONFIGS / "valid.yaml", ["monitor.baseline=reference"])
+    assert config.monitor.baseline == "reference" and config.monitor.max_importance_change is None
+    with pytest.raises(
+        ConfigError, match=r"monitor\.baseline: expected previous, reference, none or an MLflow"
+    ):
+        load_config(CONFIGS / "valid.yaml", ["monitor.baseline=latest"])

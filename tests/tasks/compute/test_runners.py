@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import cast
 
@@ -68,3 +69,37 @@ def test_a_pool_that_cannot_start_fails_the_shard_that_needs_it(monkeypatch: pyt
     with pytest.raises(OSError, match="Resource temporarily unavailable: fork"):
         runner.compute(cast(ShardJob, None))  # fails before it would look at the job
     runner.close()  # nothing to shut down, and no error of its own
+
+
+def _initializer_held_but_for_the_first(*args: object) -> None:
+    """A pool initializer that is slow in every worker but the first to start, then says it is done. It reads
+    the folder from the environment the runner hands its workers (args[3]): the fork server's own
+    environment is the one of the moment an earlier test started it."""
+    from shapline.tasks.compute import runners
+
+    environment = cast(dict[str, str], args[3])
+    folder = Path(environment["SHAPLINE_TEST_POOL_FOLDER"])
+    try:
+        (folder / "first").open("x").close()
+    except FileExistsError:
+        time.sleep(1.5)
+    runners._start_worker(*args)  # type: ignore[arg-type]
+    (folder / f"ready-{os.getpid()}").touch()
+
+
+def test_the_pool_is_ready_once_every_worker_ran_its_initializer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The explain phase's clock starts at wait_ready: every worker must have imported and loaded the model
+    by then. One warm-up call per worker is not enough on its own: the first worker ready used to answer
+    them all while the others were still starting."""
+    from shapline.tasks.compute import runners
+
+    monkeypatch.setenv("SHAPLINE_TEST_POOL_FOLDER", str(tmp_path))
+    monkeypatch.setattr(runners, "_start_worker", _initializer_held_but_for_the_first)
+    runner = ProcessRunner(2, MODEL, 1, None)
+    try:
+        runner.wait_ready()
+        assert len(list(tmp_path.glob("ready-*"))) == 2
+    finally:
+        runner.close()

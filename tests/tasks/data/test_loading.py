@@ -95,8 +95,30 @@ def test_features_come_from_config_then_model_then_remaining_columns(mixed: pd.D
     config = DataConfig(source="x.csv", target="churn", drop=["calls"])
     assert feature_columns(mixed, config, None) == ["state", "mins"]
     assert feature_columns(mixed, config, ["mins", "state"]) == ["mins", "state"]
-    explicit = DataConfig(source="x.csv", features=["calls"])
-    assert feature_columns(mixed, explicit, ["mins"]) == ["calls"]
+    explicit = DataConfig(source="x.csv", features=["state", "mins"])
+    assert feature_columns(mixed, explicit, None) == ["state", "mins"]
+    assert feature_columns(mixed, explicit, ["mins", "state"]) == [
+        "state",
+        "mins",
+    ]  # the order: the model's call
+
+
+def test_configured_features_the_model_would_refuse_are_named(mixed: pd.DataFrame) -> None:
+    """Before: the model's refusal blamed a row ("text in state") for a column the config left out."""
+    left_out = DataConfig(source="x.csv", features=["mins"])
+    with pytest.raises(DataError) as caught:
+        feature_columns(mixed, left_out, ["state", "mins", "calls"])
+    assert str(caught.value) == (
+        "data.features leaves out state, calls, which the model needs; the model's features, in order: "
+        "state, mins, calls (or leave data.features out)"
+    )
+    unknown = DataConfig(source="x.csv", features=["mins", "churn"])
+    with pytest.raises(
+        DataError, match=r"leaves out state, which the model needs and lists churn, which the"
+    ):
+        feature_columns(mixed, unknown, ["state", "mins"])
+    # A column the data lacks is validation's to name (column 'nope' is missing).
+    assert feature_columns(mixed, DataConfig(source="x.csv", features=["nope"]), ["mins"]) == ["nope"]
 
 
 def test_explain_rows_are_a_seeded_sample_in_row_order(mixed: pd.DataFrame) -> None:

@@ -32,7 +32,7 @@ def synthetic_rows(
 ) -> pd.DataFrame:
     """The synthetic rows one row's model call holds (after its x), as `explain` builds them."""
     data = engine._prepare(engine._as_rows(x))
-    batch = engine._batch([engine._plan(data, 0, seed, nsamples)], data, 0)
+    batch = engine._batch([engine._plan(data, 0, seed, nsamples)], data, np.arange(1))
     return engine._assemble(*engine._fill(batch, _Buffers())).iloc[1:].reset_index(drop=True)
 
 
@@ -366,7 +366,9 @@ def test_repeat_share_is_the_rows_own_share_of_repeats_when_the_sample_is_the_wh
     synthetic = synthetic_rows(engine, features.iloc[[3]], 7)
     counted = synthetic.duplicated().mean()  # NaN equal to NaN, as the engine counts
     assert counted > 0.2
-    assert engine._repeat_share(engine._batch([plan], data, 0)) == pytest.approx(counted, abs=1e-12)
+    assert engine._repeat_share(engine._batch([plan], data, np.arange(1))) == pytest.approx(
+        counted, abs=1e-12
+    )
 
 
 def test_auto_dedupe_where_rows_repeat_and_not_where_they_do_not(
@@ -530,3 +532,79 @@ def test_rejects_mismatched_inputs(numeric: pd.DataFrame) -> None:
         engine.explain(numeric.iloc[:2, :4], [1, 2])
     with pytest.raises(ValueError, match="link"):
         KernelEngine(on_frame(smooth_model(np.ones((8, 1)), False)), numeric.iloc[:5], link="probit")
+
+
+class ModelClock:
+    """The engine's clock, in a world where only model calls take time: `per_call` seconds a call whatever
+    its rows, and `per_row` a row. Wraps a predict function and counts its calls' rows."""
+
+    def __init__(self, per_call: float, per_row: float) -> None:
+        self.per_call, self.per_row, self.now = per_call, per_row, 0.0
+        self.calls: list[int] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def timed(self, predict: Callable[[pd.DataFrame], np.ndarray]) -> Callable[[pd.DataFrame], np.ndarray]:
+        def call(frame: pd.DataFrame) -> np.ndarray:
+            self.now += self.per_call + self.per_row * len(frame)
+            self.calls.append(len(frame))
+            return predict(frame)
+
+        return call
+
+
+def test_auto_merges_the_calls_of_a_model_that_costs_per_call(
+    penguin_pipeline: tuple[pd.DataFrame, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Pipeline pays ~4 ms a call whatever its rows: batch_rows auto tells that from the background's call
+    and the first row's, then merges the other rows' calls; the values stay those of one row per call."""
+    from shapline.tasks.explainers import kernel_engine
+
+    features, model = penguin_pipeline
+    clock = ModelClock(per_call=4e-3, per_row=6e-7)
+    monkeypatch.setattr(kernel_engine, "_clock", clock)
+    background, rows, seeds = shap.sample(features, 10, random_state=1), features.iloc[:6], list(range(6))
+    predict = clock.timed(penguin_functions(features, model)[1])
+    one, fx_one = KernelEngine(predict, background, link="logit").explain(rows, seeds, l1_reg="aic")
+    clock.calls.clear()
+    engine = KernelEngine(predict, background, link="logit")
+    merged, fx_merged = engine.explain(rows, seeds, l1_reg="aic", batch_rows="auto")
+    assert clock.calls == [10, 1261, 5 * 1261]  # the background, the first row (timed), the other five
+    assert engine.call_cost is not None
+    assert engine.call_cost.per_call == pytest.approx(4e-3) and engine.call_cost.per_row == pytest.approx(
+        6e-7
+    )
+    np.testing.assert_allclose(merged, one, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(fx_merged, fx_one, rtol=0, atol=1e-12)
+    # A later engine of the process knows the cost: it merges from its first call.
+    clock.calls.clear()
+    later = KernelEngine(predict, background, link="logit", call_cost=engine.call_cost)
+    again, _ = later.explain(rows, seeds, l1_reg="aic", batch_rows="auto")
+    assert clock.calls == [10, 6 * 1261]
+    np.testing.assert_allclose(again, one, rtol=0, atol=1e-12)
+
+
+def test_auto_keeps_one_row_a_call_for_a_model_that_costs_per_row(
+    numeric: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fast XGBoost: 0.1 ms a call, 40 ms a row's call. Merging would only hold more memory."""
+    from shapline.tasks.explainers import kernel_engine
+
+    clock = ModelClock(per_call=1e-4, per_row=4e-7)
+    monkeypatch.setattr(kernel_engine, "_clock", clock)
+    predict = clock.timed(on_frame(smooth_model(np.linspace(-1, 1, 8).reshape(8, 1), logit=True)))
+    engine = KernelEngine(predict, numeric.iloc[:25], link="logit")
+    engine.explain(numeric.iloc[25:30], list(range(5)), l1_reg="aic", batch_rows="auto")
+    assert clock.calls == [25] + [254 * 25 + 1] * 5  # every coalition of 8 features, one row a call
+
+
+def test_rows_to_merge_stops_at_the_memory_a_thread_keeps() -> None:
+    from shapline.tasks.explainers.kernel_engine import _FIXED_SHARE, _rows_to_merge
+    from shapline.tasks.models.predictors import CallCost
+
+    assert _rows_to_merge(CallCost(per_call=0.0, per_row=1e-6), 10_000, 8) == 1
+    cost = CallCost(per_call=1e-3, per_row=1e-6)  # the fixed cost is 10% of a 10,000-row call
+    assert _rows_to_merge(cost, 10_000, 8) == math.ceil(1e-3 / (_FIXED_SHARE * 1e-2))
+    assert _rows_to_merge(CallCost(per_call=1.0, per_row=0.0), 10_000, 8) == _Buffers.KEPT_BYTES // 80_000
+    assert _rows_to_merge(CallCost(per_call=1.0, per_row=1e-9), 10**8, 8) == 1  # one row's call is that big

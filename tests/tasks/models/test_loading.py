@@ -226,3 +226,54 @@ def test_probabilities_a_rounding_step_past_one_are_still_probabilities() -> Non
         2,
     )
     assert function(pd.DataFrame({"x": [1.0, 2.0]})).shape == (2, 1)
+
+
+@pytest.mark.parametrize("suffix", [".joblib", ".json", ".ubj"])
+def test_every_xgboost_file_predicts_in_place_with_todays_outputs(
+    xgb_model: Path, cancer_data: Path, tmp_path: Path, suffix: str, dmatrices: list[int]
+) -> None:
+    """XGBoost's own files (kind xgboost) and a pickled XGBClassifier reach the booster the same way: in
+    place, no DMatrix per call, with the outputs a DMatrix gave, bit for bit."""
+    import xgboost
+
+    rows = pd.read_csv(cancer_data).drop(columns=["malignant"]).head(300)
+    booster = joblib.load(xgb_model).get_booster()
+    path = xgb_model if suffix == ".joblib" else tmp_path / f"model{suffix}"
+    if suffix != ".joblib":
+        booster.save_model(str(path))
+    probability = booster.predict(xgboost.DMatrix(rows))
+    margin = booster.predict(xgboost.DMatrix(rows), output_margin=True)
+    # Class 0 as each kind computed it before: XGBClassifier in float32, the booster's predictor in float64.
+    negative = (1 - probability) if suffix == ".joblib" else 1.0 - probability.astype(float)
+    predictor = load_predictor(XGBoostModel(name="x", kind="xgboost", path=str(path)))
+    dmatrices.clear()
+    outputs = predictor.predict(rows)
+    assert np.array_equal(outputs[:, 1], probability) and np.array_equal(outputs[:, 0], negative)
+    assert np.array_equal(predictor.raw_output(rows, "log_odds")[:, 0], margin)
+    # The engine's rows: one float32 block (column-major), read in place as well.
+    block = np.asfortranarray(rows.to_numpy(dtype=np.float32))
+    assert np.array_equal(
+        predictor.predict(pd.DataFrame(block, columns=rows.columns))[:, 1],
+        booster.predict(xgboost.DMatrix(block, feature_names=list(rows.columns))),
+    )
+    assert dmatrices == [len(rows)]  # only the reference's, after the predictor's calls
+    dmatrices.clear()
+    predictor.predict(rows.astype({"mean_radius": "Float64"}))  # a nullable column: the frame, in place
+    assert dmatrices == []
+
+
+def test_a_linear_booster_which_cannot_predict_in_place_still_predicts(
+    cancer_data: Path, tmp_path: Path, dmatrices: list[int]
+) -> None:
+    import xgboost
+
+    frame = pd.read_csv(cancer_data)
+    rows, target = frame.drop(columns=["malignant"]), frame["malignant"]
+    booster = xgboost.train(
+        {"booster": "gblinear", "objective": "binary:logistic", "nthread": 1},
+        xgboost.DMatrix(rows, target),
+        5,
+    )
+    booster.save_model(str(tmp_path / "linear.json"))
+    predictor = load_predictor(XGBoostModel(name="l", kind="xgboost", path=str(tmp_path / "linear.json")))
+    assert np.array_equal(predictor.predict(rows)[:, 1], booster.predict(xgboost.DMatrix(rows)))

@@ -233,3 +233,43 @@ def test_parse_model_uri(uri: str, parsed: tuple[str, str, str]) -> None:
 def test_malformed_uri_is_refused(uri: str) -> None:
     with pytest.raises(ModelError, match="model.uri: "):
         parse_model_uri(uri)
+
+
+@pytest.fixture(scope="module")
+def classifier_uris(store: Store, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """An XGBClassifier in the registry as users log one: with the xgboost flavour and the sklearn one."""
+    model = xgboost.XGBClassifier(n_estimators=5, max_depth=2, n_jobs=1).fit(
+        store.rows, np.arange(len(store.rows)) % 2
+    )
+    folder = tmp_path_factory.mktemp("classifiers")
+    with warnings.catch_warnings(), _use_tracking_uri(store.uri):
+        warnings.simplefilter("ignore")
+        experiment_id = MlflowClient(store.uri).create_experiment("classifiers", folder.as_uri())
+        with mlflow.start_run(experiment_id=experiment_id):
+            mlflow.xgboost.log_model(
+                model, name="xgb", registered_model_name="xgb-xgboost", pip_requirements=["xgboost"]
+            )
+            mlflow.sklearn.log_model(
+                model,
+                name="sk",
+                registered_model_name="xgb-sklearn",
+                serialization_format="cloudpickle",
+                pip_requirements=["xgboost"],
+            )
+    return {
+        "booster": "models:/booster/1",
+        "xgboost": "models:/xgb-xgboost/1",
+        "sklearn": "models:/xgb-sklearn/1",
+    }
+
+
+@pytest.mark.parametrize("logged", ["booster", "xgboost", "sklearn"])
+def test_xgboost_in_the_registry_predicts_in_place(
+    store: Store, classifier_uris: dict[str, str], logged: str, dmatrices: list[int]
+) -> None:
+    """Every flavour an XGBoost model is logged with reaches the booster in place: no DMatrix per call."""
+    predictor = load_registry_predictor(_config(store, classifier_uris[logged]))
+    assert isinstance(predictor, BoosterPredictor if logged == "booster" else LocalPredictor)
+    dmatrices.clear()
+    outputs = predictor.predict(store.rows)
+    assert dmatrices == [] and outputs.shape == (len(store.rows), 2)

@@ -183,3 +183,60 @@ def test_wasserstein_is_scipys_bit_for_bit(seed: int) -> None:
     counts_u, counts_v = np.floor(u * 3).astype(int), np.floor(v * 3).astype(int)  # integer samples
     assert wasserstein(counts_u, counts_v) == wasserstein_distance(counts_u, counts_v)
     assert np.isnan(wasserstein(u, np.empty(0)))
+
+
+def _scaled(rows: int, scales: dict[str, float]) -> pd.DataFrame:
+    """Values whose mean |value| per feature is exactly its scale (half the rows +scale, half -scale)."""
+    signs = np.where(np.arange(rows) % 2 == 0, 1.0, -1.0)
+    data = {"row_id": np.arange(rows), **{name: signs * scale for name, scale in scales.items()}}
+    return pd.DataFrame({**data, "base_value": np.zeros(rows), "model_output": np.zeros(rows)})
+
+
+def test_a_feature_that_collapses_is_drift_though_ndcg_holds(tmp_path) -> None:
+    """NDCG weighs the order at the top: a mid-ranked feature falling to 0 barely moves it."""
+    before = _scaled(10, {"a": 2.0, "b": 0.9, "c": 0.8, "d": 0.7, "tiny": 0.01})
+    after = _scaled(10, {"a": 2.8, "b": 0.0, "c": 0.75, "d": 0.7, "tiny": 0.02})
+    paths = _values(tmp_path / "a.parquet", before), _values(tmp_path / "b.parquet", after)
+    ndcg_only = compare_values(*paths, "base", 0.9)
+    assert ndcg_only.ndcg >= 0.9 and not ndcg_only.drifted and ndcg_only.importance_drift == []
+    ruled = compare_values(*paths, "base", 0.9, max_importance_change=0.5)
+    relative = ruled.table.set_index("feature")["relative_change"]
+    assert relative["b"] == pytest.approx(-1.0) and relative["a"] == pytest.approx(0.4)
+    # tiny doubled, but below 1% of the largest importance in both runs: noise, not judged.
+    assert relative["tiny"] == pytest.approx(1.0)
+    assert ruled.drifted and ruled.importance_drift == [("b", pytest.approx(-1.0))]
+    assert ruled.line() == (
+        f"attribution drift: NDCG {ruled.ndcg:.3f} >= 0.90 against run base; importance changed by more than "
+        "50%: b (\u2212100%); top movers: b (\u22120.90), a (+0.80)"
+    )
+    assert ruled.to_json()["importance_drift"] == [{"feature": "b", "relative_change": pytest.approx(-1.0)}]
+    loose = compare_values(*paths, "base", 0.9, max_importance_change=1.5)
+    assert not loose.drifted and loose.sentence().endswith(
+        "; no feature's importance changed by more than 150%"
+    )
+
+
+def test_a_feature_new_in_this_run_is_over_any_limit(tmp_path) -> None:
+    before = _scaled(4, {"a": 1.0, "b": 0.0})
+    after = _scaled(4, {"a": 1.0, "b": 0.5})
+    ruled = compare_values(
+        _values(tmp_path / "a.parquet", before), _values(tmp_path / "b.parquet", after), "base", 0.5, 10.0
+    )
+    assert ruled.importance_drift == [("b", np.inf)]
+    assert "importance changed by more than 1000%: b (new: from 0)" in ruled.sentence()
+    assert ruled.to_json()["importance_drift"] == [{"feature": "b", "relative_change": None}]
+
+
+def test_no_change_is_no_mover_and_small_changes_keep_their_digits(tmp_path) -> None:
+    path = _values(tmp_path / "a.parquet", _scaled(4, {"a": 1.0, "b": 0.5}))
+    same = compare_values(path, path, "base", 0.9)
+    assert same.movers_text() == "none (every feature's importance is the same)"
+    assert signed(0.0041) == "+0.0041" and signed(-0.004) == "\u22120.004" and signed(0.0) == "+0.00"
+
+
+def test_rows_that_did_not_move_are_not_rows_that_moved_most(tmp_path) -> None:
+    frame = _frame(np.random.default_rng(5), 6, {"x": 1.0}).assign(customer=[f"c{i}" for i in range(6)])
+    order = ["row_id", "customer", "x", "base_value", "model_output"]
+    path = _values(tmp_path / "a.parquet", frame[order], "customer")
+    found = same_rows(path, path)
+    assert found is not None and found.rows_in_both == 6 and found.moved_rows.empty

@@ -47,7 +47,9 @@ def test_single_output_plots_have_the_contract_names(tmp_path: Path) -> None:
     written = render_plots(path, rows, FEATURES, ["1"], OutputConfig(top_k=3), tmp_path / "plots")
     names = sorted(p.name for p in written)
     top = values.sort_values("model_output", ascending=False, kind="stable")["row_id"].head(3)
-    assert names == sorted(["bar.png", "beeswarm.png", "force.html", *[f"waterfall_{i}.png" for i in top]])
+    low = values.sort_values("model_output", kind="stable")["row_id"].head(3)
+    waterfalls = [f"waterfall_{i}.png" for i in [*top, *low]]
+    assert names == sorted(["bar.png", "beeswarm.png", "force.html", *waterfalls])
     from PIL import Image
 
     pictures = {p.name: Image.open(p) for p in written if p.suffix == ".png"}
@@ -56,7 +58,7 @@ def test_single_output_plots_have_the_contract_names(tmp_path: Path) -> None:
         assert picture.format == "PNG" and picture.width >= 0.8 * plots.FIGURE_WIDTH_IN * plots.DPI, name
         assert len(picture.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 50, f"{name} is blank"
     waterfalls = [picture.tobytes() for name, picture in pictures.items() if name.startswith("waterfall_")]
-    assert len(set(waterfalls)) == 3, "each waterfall draws its own row"
+    assert len(set(waterfalls)) == 6, "each waterfall draws its own row"
     page = (tmp_path / "plots" / "force.html").read_text()
     draw = re.findall(r"<script>(.*?)</script>", page, flags=re.S)[-1]
     data = json.loads(draw[draw.index("{") : draw.rindex("}") + 1])
@@ -241,3 +243,100 @@ def test_every_plot_is_titled_with_the_model_the_class_and_the_units(tmp_path: P
     )
     width, _ = Image.open(written[0]).size
     assert width >= 1200  # readable on a laptop: about 10 inches at 144 dpi (bbox_inches="tight" trims)
+
+
+def test_waterfalls_contrast_the_highest_with_the_lowest_and_the_nearest_the_threshold(
+    tmp_path: Path,
+) -> None:
+    """Examples on both sides: top_k highest, top_k lowest, top_k nearest the decision threshold (log-odds 0),
+    each row once, named by its id (made file-safe, unique) and listed by group as the report shows them."""
+    from shapline.tasks.explainers.choice import ExplainedOutput
+    from shapline.tasks.results.plots import waterfall_files
+
+    path, values, rows = values_and_rows(tmp_path, ["1"])
+    frame = pd.read_parquet(path)
+    ids = [f"cust/{i:02d}" for i in range(len(frame))]
+    ids[1], ids[2] = "a b", "a_b"  # make the same file name: each keeps a file of its own
+    frame.insert(1, "customer", ids)
+    frame.to_parquet(path, index=False)
+    explained = [ExplainedOutput(label="1", output="probability of 1", short="P(1)", units="log-odds")]
+    config = OutputConfig(plots=["waterfall"], top_k=3)
+    written = render_plots(
+        path, rows, FEATURES, ["1"], config, tmp_path / "plots", None, explained, "m", "customer"
+    )
+    output = frame.set_index("customer")["model_output"]
+    highest = list(output.sort_values(ascending=False, kind="stable").index[:3])
+    lowest = list(output.drop(highest).sort_values(kind="stable").index[:3])
+    nearest = list(output.drop(highest + lowest).abs().sort_values(kind="stable").index[:3])
+    groups = waterfall_files(path, ["1"], config, explained, "customer")["1"]
+    assert [group for group, _ in groups] == [
+        "highest model output",
+        "lowest model output",
+        "nearest the decision threshold",
+    ]
+    named = {name.removeprefix("waterfall_").removesuffix(".png") for _, files in groups for name in files}
+    assert len(named) == 9
+    for (_, files), expected in zip(groups, (highest, lowest, nearest), strict=True):
+        assert [name.removeprefix("waterfall_").removesuffix(".png")[:7] for name in files] == [
+            i.replace("/", "_").replace(" ", "_")[:7] for i in expected
+        ]
+    assert sorted(p.name for p in written) == sorted(name for _, files in groups for name in files)
+    # No threshold for a regression: its contrast is the lowest outputs only.
+    regression = [
+        ExplainedOutput(label="1", output="prediction", short="prediction", units="units of the target")
+    ]
+    assert [g for g, _ in waterfall_files(path, ["1"], config, regression)["1"]] == [
+        "highest model output",
+        "lowest model output",
+    ]
+
+
+def test_colliding_ids_each_keep_a_waterfall_file() -> None:
+    from shapline.tasks.results.plots import waterfall_names
+
+    rows = pd.DataFrame({"row_id": [0, 1, 2], "customer": ["a b", "a_b", "c/d"]})
+    names = waterfall_names(rows, "customer")
+    assert names[1] == "a_b" and names[0].startswith("a_b-") and names[2] == "c_d" and len(set(names)) == 3
+    assert waterfall_names(rows, None) == ["0", "1", "2"]
+
+
+def test_waterfalls_draw_each_values_standard_error_as_a_bar(tmp_path: Path) -> None:
+    """With shap_standard_errors.parquet, each waterfall bar carries ± one standard error (shap's own
+    error bars, from the Explanation's bounds) and its title says so; an errors file whose rows are not the
+    values table's is refused rather than drawn on the wrong rows."""
+    from PIL import Image
+
+    path, values, rows = values_and_rows(tmp_path, ["1"])
+    errors = values[["row_id"]].copy()
+    for feature in FEATURES:
+        errors[feature] = 0.3
+    errors_path = tmp_path / "shap_standard_errors.parquet"
+    errors.to_parquet(errors_path, index=False)
+    config = OutputConfig(plots=["waterfall"], top_k=1)
+    titles: list[str] = []
+    original = plots._save
+
+    def remember(target: Path, title: str | None = None, xlabel: str | None = None) -> Path:
+        titles.append(title or "")
+        return original(target, title, xlabel)
+
+    plots._save = remember
+    try:
+        plain = render_plots(path, rows, FEATURES, ["1"], config, tmp_path / "plain")
+        barred = render_plots(
+            path, rows, FEATURES, ["1"], config, tmp_path / "barred", errors_path=str(errors_path)
+        )
+    finally:
+        plots._save = original
+    assert [p.name for p in plain] == [p.name for p in barred]
+    assert not any("standard error" in t for t in titles[: len(plain)])
+    assert all("± 1 standard error (largest 0.3)" in t for t in titles[len(plain) :])
+    for without, with_bars in zip(plain, barred, strict=True):
+        assert Image.open(without).tobytes() != Image.open(with_bars).tobytes()
+    bounds = plots._explanation(values.iloc[:2], rows, FEATURES, errors.iloc[:2])
+    assert np.allclose(bounds.upper_bounds - bounds.values, 0.3)
+    assert np.allclose(bounds.values - bounds.lower_bounds, 0.3)
+
+    errors.iloc[::-1].to_parquet(errors_path, index=False)
+    with pytest.raises(ValueError, match="shap_standard_errors.parquet: its rows are not the values table"):
+        render_plots(path, rows, FEATURES, ["1"], config, tmp_path / "wrong", errors_path=str(errors_path))

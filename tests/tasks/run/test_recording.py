@@ -60,6 +60,7 @@ def test_the_monitor_params_later_runs_read_back_keep_their_names() -> None:
     assert {k: v for k, v in params.items() if k.startswith("monitor.")} == {
         "monitor.baseline": "none",
         "monitor.ndcg_threshold": 0.8,
+        "monitor.max_importance_change": None,
         "monitor.on_drift": "fail",
     }
 
