@@ -105,6 +105,7 @@ def plan_jobs(
 ) -> tuple[list[StagedJob], list[ShardResult]]:
     """Jobs for the shards the store lacks, and the finished ones found there (their rows never read)."""
     settings = ShardJob(-1, pd.DataFrame(), background, model, explainer, algorithm, link, threads, outputs)
+    _ = background.digest  # hashed once here and carried by every job, pickled or not
     jobs, finished = [], []
     for shard in staged.shards:
         found = store.finished(shard)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -20,6 +22,17 @@ class Background:
 
     frame: pd.DataFrame
     weights: np.ndarray | None = None
+
+    @cached_property
+    def digest(self) -> str:
+        """The rows, columns, dtypes and weights, hashed: equal for the same background wherever a shard's job
+        was unpickled. Computed once per object; the flow computes it before jobs are pickled."""
+        parts = [
+            pd.util.hash_pandas_object(self.frame, index=False).to_numpy().tobytes(),
+            repr([(str(c), str(t)) for c, t in self.frame.dtypes.items()]).encode(),
+            b"" if self.weights is None else np.asarray(self.weights, dtype=float).tobytes(),
+        ]
+        return hashlib.sha256(b"\0".join(parts)).hexdigest()
 
     def to_frame(self) -> pd.DataFrame:
         """As logged to background.parquet: the rows, plus shapline_weight for k-means centres."""

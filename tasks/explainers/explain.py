@@ -220,14 +220,20 @@ def _kernel_values(
 
     columns = list(rows.columns)
     weights = None if background.weights is None else np.asarray(background.weights, dtype=float)
+    predictor = function.predictor
+    key = (background.digest, tuple(columns), tuple(function.outputs), function.width, function.clip)
+    known = predictor.background_outputs or {}
     engine = KernelEngine(
         function,
         background.frame[columns],
         weights=weights,
         link=link,
-        float32=function.predictor.reads_float32,
-        call_cost=function.predictor.call_cost,
+        float32=predictor.reads_float32,
+        call_cost=predictor.call_cost,
+        background_output=known.get(key),
     )
+    # Kept with the model, one run's background at a time: the process's next shards make no call on it.
+    predictor.background_outputs = {key: engine.background_output}
     seeds = [row_seed(config.seed, int(row_id)) for row_id in rows.index]
     base = np.broadcast_to(engine.expected_value.reshape(1, -1), (len(rows), len(function.outputs)))
     if config.estimator == "adaptive":
@@ -236,13 +242,14 @@ def _kernel_values(
             seeds,
             budget=effective_nsamples(config.nsamples, len(columns)),
             tolerance=config.tolerance,
-            batch_rows=1 if batch_rows == "auto" else int(batch_rows),
+            batch_rows=batch_rows,
             dedupe=dedupe,
             row_ids=list(rows.index),
         )
         accuracy = KernelAccuracy(
             found.coalitions, found.errors, found.converged, int(found.model_rows.sum())
         )
+        predictor.call_cost = engine.call_cost
         return found.values, base, found.fx, engine.rows_saved, accuracy
     values, fx = engine.explain(
         rows,
@@ -254,7 +261,7 @@ def _kernel_values(
         row_ids=list(rows.index),
     )
     # Timed on this shard's first call (batch_rows auto): the process's next shards merge from their first.
-    function.predictor.call_cost = engine.call_cost
+    predictor.call_cost = engine.call_cost
     model_rows = int(engine.coalitions.sum()) * len(background.frame)
     return (
         values,

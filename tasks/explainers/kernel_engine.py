@@ -24,6 +24,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -34,6 +35,9 @@ from shapline.tasks.common.schemas import rows_named
 from shapline.tasks.explainers.lars import lasso_path_gram
 from shapline.tasks.explainers.links import LINKS
 from shapline.tasks.models.predictors import CallCost
+
+if TYPE_CHECKING:
+    from shapline.tasks.explainers.adaptive import RowState
 
 __all__ = ["AdaptiveValues", "KernelEngine", "RowPlan"]
 
@@ -220,6 +224,7 @@ class KernelEngine:
         link: str = "identity",
         float32: bool = False,
         call_cost: CallCost | None = None,
+        background_output: tuple[np.ndarray, float] | None = None,
     ) -> None:
         """`predict` maps a frame with the background's columns and dtypes to (rows, outputs) floats.
 
@@ -229,6 +234,9 @@ class KernelEngine:
         columns are built as float32: the model sees the same numbers, and the call writes and reads half the
         memory. `call_cost` is what a call of `predict` costs, when an earlier engine timed it (batch_rows
         "auto" then needs no call of one row to time); `call_cost` is set once this engine has.
+        `background_output` is what `predict` gave on this background, and the seconds the call took, when
+        an earlier engine of the run called it (`self.background_output` once this one has): a shard's
+        engine then makes no call on the background of its own.
         """
         if link not in LINKS:
             raise ValueError(f"link must be one of {sorted(LINKS)}, got {link!r}")
@@ -270,14 +278,19 @@ class KernelEngine:
         self._auto_dedupe: bool | None = None  # decided by the first call with dedupe="auto"
         self._auto_rows: int | None = None  # decided by the first call with batch_rows="auto"
         self.call_cost = call_cost
-        try:
-            started = _clock()
-            out = self._predict(self.background)
-            self._background_call = _clock() - started
-        except ModelError as exc:
-            if exc.transient:
-                raise
-            raise ModelError(f"the call on the {n} background rows: {exc}") from exc
+        if background_output is None:
+            try:
+                started = _clock()
+                out = self._predict(self.background)
+                background_output = (out, _clock() - started)
+            except ModelError as exc:
+                if exc.transient:
+                    raise
+                raise ModelError(f"the call on the {n} background rows: {exc}") from exc
+        out, self._background_call = background_output
+        if out.shape[0] != n:
+            raise ValueError(f"the background's output has {out.shape[0]} rows for {n}")
+        self.background_output = background_output
         # Same expression as shap, so the expected value is bit for bit shap's.
         self._fnull = np.sum((out.T * self.weights).T, 0)
         self.n_outputs = out.shape[1]
@@ -326,7 +339,7 @@ class KernelEngine:
         start = 0
         while start < len(frame):
             plans = [self._plan(data, start, int(seeds[start]), nsamples)]
-            stop = min(start + self._rows_per_call(batch_rows, plans[0]), len(frame))
+            stop = min(start + self._rows_per_call(batch_rows, plans[0].filled * n + 1), len(frame))
             plans += [self._plan(data, i, int(seeds[i]), nsamples) for i in range(start + 1, stop)]
             self.coalitions[start:stop] = [plan.filled for plan in plans]
             batch = self._batch(plans, data, np.arange(start, stop))
@@ -335,7 +348,7 @@ class KernelEngine:
                 started = _clock()
                 outputs = self._evaluate(batch, deduplicate, buffers)
                 if batch_rows == "auto" and self._auto_rows is None:
-                    self._time_call(batch, _clock() - started)
+                    self._time_call(batch.n_rows, _clock() - started)
             except ModelError as exc:
                 if exc.transient:  # an endpoint's fault: retried as it is
                     raise
@@ -355,7 +368,7 @@ class KernelEngine:
         seeds: Sequence[int],
         budget: int,
         tolerance: float,
-        batch_rows: int = 1,
+        batch_rows: int | str = 1,
         dedupe: bool | str = False,
         row_ids: Sequence[object] | None = None,
         sampling: str = "leverage",
@@ -366,12 +379,15 @@ class KernelEngine:
 
         The rows of `batch_rows` explained rows go out together: their first call holds f(x), the
         enumerated coalitions and the first rounds; each later call, the next round of every row still
-        drawing. Deterministic from each row's seed, whatever the batching.
+        drawing; "auto" decides as `explain` does, from the model's cost per call timed on the first.
+        Deterministic from each row's seed, whatever the batching.
         """
         from shapline.tasks.explainers import adaptive
 
         if dedupe not in (True, False, "auto"):
             raise ValueError(f"dedupe must be true, false or 'auto', got {dedupe!r}")
+        if batch_rows != "auto" and not isinstance(batch_rows, int):
+            raise ValueError(f"batch_rows must be a number of rows or 'auto', got {batch_rows!r}")
         frame = self._as_rows(rows)
         if len(seeds) != len(frame):
             raise ValueError(f"{len(seeds)} seeds for {len(frame)} rows")
@@ -379,24 +395,28 @@ class KernelEngine:
         data = self._prepare(frame)
         buffers = _Buffers.of_this_thread()
         link_fnull = self._link(self._fnull)
-        step = max(1, int(batch_rows))
-        for start in range(0, len(frame), step):
-            batch_at = list(range(start, min(start + step, len(frame))))
+        n = len(self.background)
+        start = 0
+        while start < len(frame):
             states: dict[int, adaptive.RowState] = {}
             first: dict[int, np.ndarray] = {}
-            varying = {i: self._varying(data.values[i]) for i in batch_at}
-            for i in batch_at:
-                m = len(varying[i])
-                if m < 2:
-                    first[i] = np.zeros((0, m))
-                    continue
-                state = adaptive.plan_row(m, int(seeds[i]), budget, np.zeros(self.n_outputs), sampling)
-                parts = [state.enumerated]
-                if not state.exact:
-                    parts.append(adaptive.draw_round(state, first=True))
-                states[i] = state
-                first[i] = np.concatenate(parts)
+            varying: dict[int, np.ndarray] = {}
+
+            varying[start], state, first[start] = self._plan_adaptive(data, start, seeds, budget, sampling)
+            if state is not None:
+                states[start] = state
+            step = self._rows_per_call(batch_rows, len(first[start]) * n + 1)
+            batch_at = list(range(start, min(start + step, len(frame))))
+            for i in batch_at[1:]:
+                varying[i], state, first[i] = self._plan_adaptive(data, i, seeds, budget, sampling)
+                if state is not None:
+                    states[i] = state
+            timed = batch_rows == "auto" and self._auto_rows is None
+            n_rows = sum(len(first[i]) * n + 1 for i in batch_at)
+            started = _clock()
             fx = self._adaptive_call(data, first, varying, batch_at, seeds, dedupe, buffers, row_ids, result)
+            if timed:
+                self._time_call(n_rows, _clock() - started)
             for i in batch_at:
                 result.fx[i] = fx[i]
                 delta = self._link(fx[i]) - link_fnull
@@ -425,8 +445,26 @@ class KernelEngine:
                 result.errors[i, varying[i]] = state.errors
                 result.coalitions[i] = state.coalitions
                 result.converged[i] = state.exact or state.converged
+            start = batch_at[-1] + 1
         buffers.keep_or_release()
         return result
+
+    def _plan_adaptive(
+        self, data: _Rows, i: int, seeds: Sequence[int], budget: int, sampling: str
+    ) -> tuple[np.ndarray, RowState | None, np.ndarray]:
+        """Row i's varying features, its sampling state (None when fewer than two vary: exact, as shap) and
+        the coalitions of its first call: the enumerated ones and the first round."""
+        from shapline.tasks.explainers import adaptive
+
+        varying = self._varying(data.values[i])
+        m = len(varying)
+        if m < 2:
+            return varying, None, np.zeros((0, m))
+        state = adaptive.plan_row(m, int(seeds[i]), budget, np.zeros(self.n_outputs), sampling)
+        parts = [state.enumerated]
+        if not state.exact:
+            parts.append(adaptive.draw_round(state, first=True))
+        return varying, state, np.concatenate(parts)
 
     def _adaptive_call(
         self,
@@ -626,24 +664,25 @@ class KernelEngine:
         self._count(batch.n_rows, 0)
         return outputs
 
-    def _rows_per_call(self, batch_rows: int | str, plan: RowPlan) -> int:
-        """Explained rows in the call that starts with `plan`'s row: `batch_rows`, or with "auto" as many as
-        the model's call cost makes worth it, once known (else one, whose call is then timed)."""
+    def _rows_per_call(self, batch_rows: int | str, rows_of_one: int) -> int:
+        """Explained rows in the next call, whose first row's call has `rows_of_one` model rows: `batch_rows`,
+        or with "auto" as many as the model's call cost makes worth it, once known (else one, whose call is
+        then timed)."""
         if isinstance(batch_rows, int):
             return max(1, batch_rows)
         if self._auto_rows is None and self.call_cost is not None:
-            self._decide_rows(self.call_cost, plan.filled * len(self.background) + 1)
+            self._decide_rows(self.call_cost, rows_of_one)
         return self._auto_rows or 1
 
-    def _time_call(self, batch: _Batch, seconds: float) -> None:
-        """Measure the model's call cost from this call (one explained row's) and the background's, and
-        decide batch_rows "auto" from it."""
+    def _time_call(self, n_rows: int, seconds: float) -> None:
+        """Measure the model's call cost from this call (one explained row's, `n_rows` model rows) and the
+        background's, and decide batch_rows "auto" from it."""
         n = len(self.background)
-        if batch.n_rows <= 2 * n:  # too few rows to tell a cost per row from a cost per call: wait
+        if n_rows <= 2 * n:  # too few rows to tell a cost per row from a cost per call: wait
             return
-        per_row = max(seconds - self._background_call, 0.0) / (batch.n_rows - n)
+        per_row = max(seconds - self._background_call, 0.0) / (n_rows - n)
         self.call_cost = CallCost(max(self._background_call - n * per_row, 0.0), per_row)
-        self._decide_rows(self.call_cost, batch.n_rows)
+        self._decide_rows(self.call_cost, n_rows)
 
     def _decide_rows(self, cost: CallCost, rows: int) -> None:
         row_bytes = sum(block.dtype.itemsize * block.shape[1] for block in self._bg_blocks.values())

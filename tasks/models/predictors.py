@@ -44,6 +44,9 @@ class Predictor(ABC):
     reads_float32: bool = False
     # What a call costs here, once the kernel engine has timed one (explainer.batch_rows auto).
     call_cost: CallCost | None = None
+    # The kernel engine's call on a run's background, by what was called (the background's digest, its
+    # columns and the outputs taken): a process's later shards of the run make no call of their own.
+    background_outputs: dict[tuple[object, ...], tuple[np.ndarray, float]] | None = None
 
     @abstractmethod
     def predict(self, frame: pd.DataFrame) -> np.ndarray:

@@ -440,7 +440,8 @@ def test_auto_merges_a_pipelines_calls_with_the_same_values(
 ) -> None:
     """batch_rows auto, an in-process Pipeline: the first shard times the model's calls (here a clock that
     moves ~4 ms a call and 0.6 us a row, as the demo's Pipeline costs), then merges its other rows' calls;
-    the next shard, with the cost known, merges from its first call. The values are one row per call's."""
+    the next shard, with the cost known, merges from its first call and reuses the background's output. The
+    values are one row per call's."""
     from shapline.tasks.explainers import kernel_engine
 
     data_path, model_path = penguins
@@ -471,9 +472,87 @@ def test_auto_merges_a_pipelines_calls_with_the_same_values(
     assert predictor.call_cost is not None
     predictor.calls.clear()
     second = explain_rows(rows.iloc[3:], background, predictor, config, "logit", 1, width=3)
-    assert len(predictor.calls) == 2
+    # Its three rows in one call; the background's output is the first shard's, not called again.
+    assert len(predictor.calls) == 1 and predictor.calls[0] != 10
     merged = np.concatenate([first.values, second.values])
     np.testing.assert_allclose(merged, alone.values, rtol=0, atol=1e-12)
     np.testing.assert_allclose(
         np.concatenate([first.model_output, second.model_output]), alone.model_output, rtol=0, atol=1e-12
     )
+
+
+def test_a_process_calls_the_model_on_a_runs_background_once(mlp_model: Path, features: pd.DataFrame) -> None:
+    """A shard's engine takes the background's output an earlier shard of the run got from the same model (a
+    job unpickled in a pool worker carries an equal background, not the same object); another background,
+    or other outputs of the model, are called afresh. The values are those of shards that each call it."""
+    import pickle
+
+    config = ExplainerConfig(algorithm="kernel", nsamples=60, seed=4, batch_rows=1)
+    background = Background(frame=features.iloc[:10])
+    shards = [features.iloc[20:23], features.iloc[23:26]]
+    alone = [
+        explain_rows(
+            s,
+            background,
+            CountingPredictor("mlp", joblib.load(mlp_model), "predict_proba"),
+            config,
+            "logit",
+            1,
+        )
+        for s in shards
+    ]
+    shared = CountingPredictor("mlp", joblib.load(mlp_model), "predict_proba")
+    first = explain_rows(shards[0], background, shared, config, "logit", 1)
+    assert 10 in shared.calls
+    shared.calls.clear()
+    second = explain_rows(shards[1], pickle.loads(pickle.dumps(background)), shared, config, "logit", 1)
+    assert 10 not in shared.calls  # the background's output was kept
+    for found, expected in zip([first, second], alone, strict=True):
+        np.testing.assert_array_equal(found.values, expected.values)
+        np.testing.assert_array_equal(found.base_values, expected.base_values)
+
+    shared.calls.clear()
+    another = explain_rows(shards[1], Background(frame=features.iloc[10:20]), shared, config, "logit", 1)
+    assert 10 in shared.calls  # another run's background is called
+    shared.calls.clear()
+    other_class = explain_rows(shards[1], Background(frame=features.iloc[10:20]), shared, config, "logit", 0)
+    assert 10 in shared.calls  # the same background, another output
+    np.testing.assert_allclose(other_class.base_values[0] + another.base_values[0], 0.0, atol=1e-9)
+
+
+def test_auto_merges_a_pipelines_calls_with_the_adaptive_estimator_too(
+    penguins: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """estimator adaptive, batch_rows auto, an in-process Pipeline: the first row's call is timed, the other
+    rows' first calls go out together, and every value is the one-row-a-call value (here exact: 7 features,
+    every coalition within nsamples auto)."""
+    from shapline.tasks.explainers import kernel_engine
+
+    data_path, model_path = penguins
+    data = pd.read_csv(data_path).drop(columns=["species"])
+    background, rows = Background(frame=data.iloc[:10]), data.iloc[[0, 3, 40, 100, 200, 300]]
+    config = ExplainerConfig(algorithm="kernel", estimator="adaptive", l1_reg=False, seed=3)
+    alone = explain_rows(
+        rows,
+        background,
+        LocalPredictor("p", joblib.load(model_path), "predict_proba"),
+        config.model_copy(update={"batch_rows": 1}),
+        "logit",
+        1,
+        width=3,
+    )
+    now = [0.0]
+    monkeypatch.setattr(kernel_engine, "_clock", lambda: now[0])
+
+    class Timed(CountingPredictor):
+        def predict(self, frame: pd.DataFrame) -> np.ndarray:
+            now[0] += 4e-3 + 6e-7 * len(frame)
+            return super().predict(frame)
+
+    predictor = Timed("p", joblib.load(model_path), "predict_proba")
+    merged = explain_rows(rows, background, predictor, config, "logit", 1, width=3)
+    # The background; the first row's call, timed; the other five rows' in one.
+    assert len(predictor.calls) == 3 and predictor.calls[0] == 10
+    assert predictor.call_cost is not None
+    np.testing.assert_allclose(merged.values, alone.values, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(merged.model_output, alone.model_output, rtol=0, atol=1e-12)
