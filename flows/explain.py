@@ -42,7 +42,7 @@ from shapline.tasks.monitoring.drift import Baseline, importance_drift_json
 from shapline.tasks.monitoring.history import resolve_baseline
 from shapline.tasks.results.aggregate import Aggregate, aggregate
 from shapline.tasks.results.categories import write_categories
-from shapline.tasks.results.plots import render_plots, waterfall_files
+from shapline.tasks.results.plots import render_plots
 from shapline.tasks.results.report import REPORT, ReportFacts, write_report
 from shapline.tasks.results.summary import Phases, RunSummary
 from shapline.tasks.run.monitor import Monitoring, drift_event, monitor
@@ -155,7 +155,7 @@ def explain_model(
             phases.lap("aggregate")
             plots = _plots(run, config, check, plan, combined, staged)
             record_values(run.tracked, combined, run.artifacts)
-            plots.result()
+            drawn = plots.result()
             categories = categories_task(
                 combined.values_path,
                 staged,
@@ -178,7 +178,7 @@ def explain_model(
             write_report(
                 replace(
                     facts,
-                    waterfalls=_waterfalls(config, plan, combined),
+                    waterfalls=drawn.waterfalls,
                     categories=categories,
                     accuracy=combined.accuracy,
                 ),
@@ -264,12 +264,6 @@ def _report_facts(
         prefect_url=prefect.flow_run_url,
         id_column=config.data.id_column,
     )
-
-
-def _waterfalls(config: ExplainConfig, plan: RunPlan, combined: Aggregate) -> dict[str, Any]:
-    """Each class's waterfall files by group (highest, lowest, nearest the threshold), for the report."""
-    labels = combined.labels or ["0"]
-    return waterfall_files(combined.values_path, labels, config.output, plan.explained, config.data.id_column)
 
 
 @contextmanager

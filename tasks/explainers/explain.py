@@ -246,30 +246,25 @@ def _kernel_values(
             dedupe=dedupe,
             row_ids=list(rows.index),
         )
+        values, fx = found.values, found.fx
         accuracy = KernelAccuracy(
             found.coalitions, found.errors, found.converged, int(found.model_rows.sum())
         )
-        predictor.call_cost = engine.call_cost
-        return found.values, base, found.fx, engine.rows_saved, accuracy
-    values, fx = engine.explain(
-        rows,
-        seeds,
-        nsamples=config.nsamples,
-        l1_reg=config.l1_reg,
-        batch_rows=batch_rows,
-        dedupe=dedupe,
-        row_ids=list(rows.index),
-    )
+    else:
+        values, fx = engine.explain(
+            rows,
+            seeds,
+            nsamples=config.nsamples,
+            l1_reg=config.l1_reg,
+            batch_rows=batch_rows,
+            dedupe=dedupe,
+            row_ids=list(rows.index),
+        )
+        model_rows = int(engine.coalitions.sum()) * len(background.frame)
+        accuracy = KernelAccuracy(engine.coalitions.copy(), None, None, model_rows)
     # Timed on this shard's first call (batch_rows auto): the process's next shards merge from their first.
     predictor.call_cost = engine.call_cost
-    model_rows = int(engine.coalitions.sum()) * len(background.frame)
-    return (
-        values,
-        base,
-        fx,
-        engine.rows_saved,
-        KernelAccuracy(engine.coalitions.copy(), None, None, model_rows),
-    )
+    return values, base, fx, engine.rows_saved, accuracy
 
 
 def _masker_values(

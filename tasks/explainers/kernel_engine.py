@@ -323,13 +323,7 @@ class KernelEngine:
         Defaults are shap's. A model call the predict function refuses (a ModelError) is named by the
         rows it explained: their `row_ids` (positions when not given).
         """
-        if dedupe not in (True, False, "auto"):
-            raise ValueError(f"dedupe must be true, false or 'auto', got {dedupe!r}")
-        if batch_rows != "auto" and not isinstance(batch_rows, int):
-            raise ValueError(f"batch_rows must be a number of rows or 'auto', got {batch_rows!r}")
-        frame = self._as_rows(rows)
-        if len(seeds) != len(frame):
-            raise ValueError(f"{len(seeds)} seeds for {len(frame)} rows")
+        frame = self._checked_rows(rows, seeds, batch_rows, dedupe)
         values = np.zeros((len(frame), len(self.columns), self.n_outputs))
         fx = np.zeros((len(frame), self.n_outputs))
         data = self._prepare(frame)
@@ -384,13 +378,7 @@ class KernelEngine:
         """
         from shapline.tasks.explainers import adaptive
 
-        if dedupe not in (True, False, "auto"):
-            raise ValueError(f"dedupe must be true, false or 'auto', got {dedupe!r}")
-        if batch_rows != "auto" and not isinstance(batch_rows, int):
-            raise ValueError(f"batch_rows must be a number of rows or 'auto', got {batch_rows!r}")
-        frame = self._as_rows(rows)
-        if len(seeds) != len(frame):
-            raise ValueError(f"{len(seeds)} seeds for {len(frame)} rows")
+        frame = self._checked_rows(rows, seeds, batch_rows, dedupe)
         result = AdaptiveValues.empty(len(frame), len(self.columns), self.n_outputs)
         data = self._prepare(frame)
         buffers = _Buffers.of_this_thread()
@@ -448,6 +436,19 @@ class KernelEngine:
             start = batch_at[-1] + 1
         buffers.keep_or_release()
         return result
+
+    def _checked_rows(
+        self, rows: pd.DataFrame, seeds: Sequence[int], batch_rows: int | str, dedupe: bool | str
+    ) -> pd.DataFrame:
+        """`rows` as the engine reads them, once the arguments every explain takes are checked."""
+        if dedupe not in (True, False, "auto"):
+            raise ValueError(f"dedupe must be true, false or 'auto', got {dedupe!r}")
+        if batch_rows != "auto" and not isinstance(batch_rows, int):
+            raise ValueError(f"batch_rows must be a number of rows or 'auto', got {batch_rows!r}")
+        frame = self._as_rows(rows)
+        if len(seeds) != len(frame):
+            raise ValueError(f"{len(seeds)} seeds for {len(frame)} rows")
+        return frame
 
     def _plan_adaptive(
         self, data: _Rows, i: int, seeds: Sequence[int], budget: int, sampling: str

@@ -275,27 +275,17 @@ def _named_groups(
     return [(group, rows, [next(names) for _ in range(len(rows))]) for group, rows in groups]
 
 
-def waterfall_files(
-    values_path: str | Path,
-    labels: list[str],
-    config: OutputConfig,
-    explained: list[ExplainedOutput] | None = None,
-    id_column: str | None = None,
-) -> dict[str, list[tuple[str, list[str]]]]:
-    """Per class, its waterfalls' file names under plots/ by group (highest, lowest, nearest the decision
-    threshold), as render_plots writes them: what the report shows."""
-    named = dict(zip(labels, explained or [], strict=False))
-    thresholds = {label: decision_threshold(named.get(label)) for label in labels}
-    plotted = read_plotted_rows(values_path, labels, config, thresholds)
-    suffixes = class_suffixes(labels)
-    files = {}
-    for label in labels:
-        named_groups = _named_groups(plotted[label].waterfall_groups(), id_column)
-        files[label] = [
-            (group, [f"waterfall_{name}{suffixes[label]}.png" for name in names])
-            for group, _, names in named_groups
-        ]
-    return files
+def _waterfall_file(name: str, suffix: str) -> str:
+    return f"waterfall_{name}{suffix}.png"
+
+
+class PlotFiles(list[Path]):
+    """The files render_plots wrote and, per class, its waterfalls' file names under plots/ by group
+    (highest, lowest, nearest the decision threshold): what the report shows, as drawn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waterfalls: dict[str, list[tuple[str, list[str]]]] = {}
 
 
 def _row_name(values: pd.DataFrame, position: int, row_id: int, id_column: str | None) -> str:
@@ -317,7 +307,7 @@ def render_plots(
     model: str = "model",
     id_column: str | None = None,
     errors_path: str | None = None,
-) -> list[Path]:
+) -> PlotFiles:
     """Write the configured plots under `folder`; several classes get one file per class (suffix _<class>).
 
     Every plot is titled with the model, what was explained and the units (`explained`, one per label).
@@ -337,7 +327,7 @@ def render_plots(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     several = len(labels) > 1
-    written: list[Path] = []
+    written = PlotFiles()
     max_display = max(config.top_k, 10)
     if "bar" in config.plots:
         # One row of mean |SHAP| per class: the bar chart averages |rows|, so it draws the same bars
@@ -393,8 +383,12 @@ def render_plots(
             axis = f"SHAP value ({output.units} of {output.short})" if output else None
             written.append(_save(folder / f"beeswarm{suffix}.png", title(label, shown), axis))
         if "waterfall" in config.plots and config.top_k > 0:
+            named_groups = _named_groups(part.waterfall_groups(), id_column)
+            written.waterfalls[label] = [
+                (group, [_waterfall_file(name, suffix) for name in names]) for group, _, names in named_groups
+            ]
             written += _waterfalls(
-                part.waterfall_groups(),
+                named_groups,
                 rows,
                 features,
                 folder,
@@ -421,7 +415,7 @@ def render_plots(
 
 
 def _waterfalls(
-    groups: list[tuple[str, pd.DataFrame]],
+    named_groups: list[tuple[str, pd.DataFrame, list[str]]],
     rows: pd.DataFrame,
     features: list[str],
     folder: Path,
@@ -439,7 +433,7 @@ def _waterfalls(
 
     threshold = decision_threshold(explained)
     written = []
-    for group, drawn, names in _named_groups(groups, id_column):
+    for group, drawn, names in named_groups:
         errors = _errors_of(errors_path, drawn)
         explanation = _explanation(drawn, rows, features, errors)
         for position, (row_id, name) in enumerate(zip(drawn[ROW_ID].to_numpy(), names, strict=True)):
@@ -452,7 +446,7 @@ def _waterfalls(
                     f" · bars ± 1 standard error (largest {float(errors[features].iloc[position].max()):.2g})"
                 )
             row = f"{_row_name(drawn, position, int(row_id), id_column)}: {said} · {which}"
-            written.append(_save(folder / f"waterfall_{name}{suffix}.png", title(row)))
+            written.append(_save(folder / _waterfall_file(name, suffix), title(row)))
     return written
 
 

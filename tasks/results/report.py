@@ -54,7 +54,7 @@ class ReportFacts:
     prefect_url: str | None = None
     id_column: str | None = None
     notes: list[str] = field(default_factory=list)
-    # Per class, its waterfalls' files under plots/ by group (plots.waterfall_files); the categories table.
+    # Per class, its waterfalls' files under plots/ by group (render_plots(...).waterfalls); the categories table.
     waterfalls: dict[str, list[tuple[str, list[str]]]] = field(default_factory=dict)
     categories: pd.DataFrame | None = None
     # A kernel run's coalitions, model rows and standard errors (aggregate.Accuracy); None otherwise.

@@ -435,19 +435,26 @@ def test_the_first_shap_import_keeps_nothing_that_was_on_the_stack() -> None:
     assert done.stdout.strip().splitlines()[-1] == "released"
 
 
-def test_auto_merges_a_pipelines_calls_with_the_same_values(
-    penguins: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """batch_rows auto, an in-process Pipeline: the first shard times the model's calls (here a clock that
-    moves ~4 ms a call and 0.6 us a row, as the demo's Pipeline costs), then merges its other rows' calls;
-    the next shard, with the cost known, merges from its first call and reuses the background's output. The
-    values are one row per call's."""
+class _Timed(CountingPredictor):
+    """The penguins Pipeline on a fake clock that moves ~4 ms a call and 0.6 us a row, as the demo's costs."""
+
+    now = [0.0]
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        self.now[0] += 4e-3 + 6e-7 * len(frame)
+        return super().predict(frame)
+
+
+def _timed_pipeline(
+    penguins: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, config: ExplainerConfig
+) -> tuple[pd.DataFrame, Background, ShardValues, _Timed]:
+    """Six penguins, a 10-row background, their values at one row a call (untimed), and the Pipeline on a
+    fake clock the kernel engine times its calls with."""
     from shapline.tasks.explainers import kernel_engine
 
     data_path, model_path = penguins
     data = pd.read_csv(data_path).drop(columns=["species"])
     background, rows = Background(frame=data.iloc[:10]), data.iloc[[0, 3, 40, 100, 200, 300]]
-    config = ExplainerConfig(algorithm="kernel", nsamples=80, seed=3, l1_reg="aic")
     alone = explain_rows(
         rows,
         background,
@@ -457,15 +464,21 @@ def test_auto_merges_a_pipelines_calls_with_the_same_values(
         1,
         width=3,
     )
-    now = [0.0]
-    monkeypatch.setattr(kernel_engine, "_clock", lambda: now[0])
+    predictor = _Timed("p", joblib.load(model_path), "predict_proba")
+    predictor.now = [0.0]
+    monkeypatch.setattr(kernel_engine, "_clock", lambda: predictor.now[0])
+    return rows, background, alone, predictor
 
-    class Timed(CountingPredictor):
-        def predict(self, frame: pd.DataFrame) -> np.ndarray:
-            now[0] += 4e-3 + 6e-7 * len(frame)
-            return super().predict(frame)
 
-    predictor = Timed("p", joblib.load(model_path), "predict_proba")
+def test_auto_merges_a_pipelines_calls_with_the_same_values(
+    penguins: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """batch_rows auto, an in-process Pipeline: the first shard times the model's calls (here a clock that
+    moves ~4 ms a call and 0.6 us a row, as the demo's Pipeline costs), then merges its other rows' calls;
+    the next shard, with the cost known, merges from its first call and reuses the background's output. The
+    values are one row per call's."""
+    config = ExplainerConfig(algorithm="kernel", nsamples=80, seed=3, l1_reg="aic")
+    rows, background, alone, predictor = _timed_pipeline(penguins, monkeypatch, config)
     first = explain_rows(rows.iloc[:3], background, predictor, config, "logit", 1, width=3)
     # The background; the first row's call, timed; the other two rows' in one (each distinct row once).
     assert len(predictor.calls) == 3 and predictor.calls[0] == 10
@@ -526,30 +539,8 @@ def test_auto_merges_a_pipelines_calls_with_the_adaptive_estimator_too(
     """estimator adaptive, batch_rows auto, an in-process Pipeline: the first row's call is timed, the other
     rows' first calls go out together, and every value is the one-row-a-call value (here exact: 7 features,
     every coalition within nsamples auto)."""
-    from shapline.tasks.explainers import kernel_engine
-
-    data_path, model_path = penguins
-    data = pd.read_csv(data_path).drop(columns=["species"])
-    background, rows = Background(frame=data.iloc[:10]), data.iloc[[0, 3, 40, 100, 200, 300]]
     config = ExplainerConfig(algorithm="kernel", estimator="adaptive", l1_reg=False, seed=3)
-    alone = explain_rows(
-        rows,
-        background,
-        LocalPredictor("p", joblib.load(model_path), "predict_proba"),
-        config.model_copy(update={"batch_rows": 1}),
-        "logit",
-        1,
-        width=3,
-    )
-    now = [0.0]
-    monkeypatch.setattr(kernel_engine, "_clock", lambda: now[0])
-
-    class Timed(CountingPredictor):
-        def predict(self, frame: pd.DataFrame) -> np.ndarray:
-            now[0] += 4e-3 + 6e-7 * len(frame)
-            return super().predict(frame)
-
-    predictor = Timed("p", joblib.load(model_path), "predict_proba")
+    rows, background, alone, predictor = _timed_pipeline(penguins, monkeypatch, config)
     merged = explain_rows(rows, background, predictor, config, "logit", 1, width=3)
     # The background; the first row's call, timed; the other five rows' in one.
     assert len(predictor.calls) == 3 and predictor.calls[0] == 10

@@ -251,7 +251,6 @@ def test_waterfalls_contrast_the_highest_with_the_lowest_and_the_nearest_the_thr
     """Examples on both sides: top_k highest, top_k lowest, top_k nearest the decision threshold (log-odds 0),
     each row once, named by its id (made file-safe, unique) and listed by group as the report shows them."""
     from shapline.tasks.explainers.choice import ExplainedOutput
-    from shapline.tasks.results.plots import waterfall_files
 
     path, values, rows = values_and_rows(tmp_path, ["1"])
     frame = pd.read_parquet(path)
@@ -268,7 +267,7 @@ def test_waterfalls_contrast_the_highest_with_the_lowest_and_the_nearest_the_thr
     highest = list(output.sort_values(ascending=False, kind="stable").index[:3])
     lowest = list(output.drop(highest).sort_values(kind="stable").index[:3])
     nearest = list(output.drop(highest + lowest).abs().sort_values(kind="stable").index[:3])
-    groups = waterfall_files(path, ["1"], config, explained, "customer")["1"]
+    groups = written.waterfalls["1"]
     assert [group for group, _ in groups] == [
         "highest model output",
         "lowest model output",
@@ -285,7 +284,8 @@ def test_waterfalls_contrast_the_highest_with_the_lowest_and_the_nearest_the_thr
     regression = [
         ExplainedOutput(label="1", output="prediction", short="prediction", units="units of the target")
     ]
-    assert [g for g, _ in waterfall_files(path, ["1"], config, regression)["1"]] == [
+    drawn = render_plots(path, rows, FEATURES, ["1"], config, tmp_path / "regression", None, regression, "m")
+    assert [g for g, _ in drawn.waterfalls["1"]] == [
         "highest model output",
         "lowest model output",
     ]
