@@ -167,6 +167,9 @@ def run_child(
     """Run one job in a fresh interpreter; add the peak RSS of its whole process tree, polled from outside.
 
     With `pin`, the interpreter and every thread and process it starts run on that core only (`taskset`).
+    The child reads and writes bytecode caches as an installed package does, whatever this shell says
+    (PYTHONDONTWRITEBYTECODE would have every flow child compile the modules it imports lazily, ~10 ms in
+    the explain phase, a cost plain shap's side, importing shap before its clock, never pays).
     """
     import psutil
 
@@ -179,7 +182,7 @@ def run_child(
             command,
             stdout=out,
             stderr=err,
-            env={**os.environ, **(env or {})},
+            env={**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}, **(env or {})},
             cwd=Path(__file__).resolve().parent.parent,
         )
         root = psutil.Process(process.pid)
