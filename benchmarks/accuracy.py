@@ -171,24 +171,48 @@ def _adaptive_side(workload: Workload, budget: int, tolerance: float, sampling: 
 def _shapiq_side(workload: Workload, budget: int, kind: str) -> Measurement:
     import shapiq
 
-    assert workload.game is not None
     m = workload.rows.shape[1]
-    values = np.zeros(workload.rows.shape)
-    started = time.perf_counter()
-    for i, x in enumerate(workload.rows.to_numpy(dtype=float)):
+
+    def estimate(i: int, game: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, float]:
         approximator = (
             shapiq.KernelSHAP(m, pairing_trick=True, random_state=i)
             if kind == "KernelSHAP"
             else shapiq.kADDSHAP(m, max_order=2, pairing_trick=True, random_state=i)
         )
-        empty = float(workload.game(x, np.zeros((1, m), dtype=bool))[0])
-        found = approximator.approximate(
-            budget,
-            lambda coalitions, x=x, empty=empty: workload.game(x, np.asarray(coalitions, dtype=bool)) - empty,
-        )
-        values[i] = [found[(j,)] for j in range(m)]
+        empty = float(game(np.zeros((1, m)))[0])
+        found = approximator.approximate(budget, lambda coalitions: game(coalitions) - empty)
+        return np.array([found[(j,)] for j in range(m)]), float(budget)
+
+    return _per_row_side(workload, estimate)
+
+
+def _leverage_side(workload: Workload, budget: int) -> Measurement:
+    from benchmarks.leverage import leverage_shap
+
+    m = workload.rows.shape[1]
+
+    def estimate(i: int, game: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, float]:
+        values, coalitions = leverage_shap(game, m, budget, np.random.default_rng(i))
+        return values, float(coalitions)
+
+    return _per_row_side(workload, estimate)
+
+
+def _per_row_side(
+    workload: Workload,
+    estimate: Callable[[int, Callable[[np.ndarray], np.ndarray]], tuple[np.ndarray, float]],
+) -> Measurement:
+    """An estimator outside shapline, run row by row on the workload's game (0/1 masks in, v(S) out):
+    `estimate(row index, the row's game)` gives the row's values and the coalitions it evaluated."""
+    assert workload.game is not None
+    game = workload.game
+    values = np.zeros(workload.rows.shape)
+    coalitions = np.zeros(len(workload.rows))
+    started = time.perf_counter()
+    for i, x in enumerate(workload.rows.to_numpy(dtype=float)):
+        values[i], coalitions[i] = estimate(i, lambda masks, x=x: game(x, np.asarray(masks, dtype=bool)))
     seconds = time.perf_counter() - started
-    return _scored(workload, values, None, float(budget), seconds)
+    return _scored(workload, values, None, float(coalitions.mean()), seconds)
 
 
 def _scored(
@@ -206,22 +230,6 @@ def _scored(
         if varying.any():  # an exact estimate has no interval to cover anything
             extra["coverage_pct"] = 100.0 * float(inside[varying].mean())
     return Measurement(seconds, values, extra)
-
-
-def _leverage_side(workload: Workload, budget: int) -> Measurement:
-    from benchmarks.leverage import leverage_shap
-
-    assert workload.game is not None
-    m = workload.rows.shape[1]
-    values = np.zeros(workload.rows.shape)
-    coalitions = np.zeros(len(workload.rows))
-    started = time.perf_counter()
-    for i, x in enumerate(workload.rows.to_numpy(dtype=float)):
-        values[i], coalitions[i] = leverage_shap(
-            lambda masks, x=x: workload.game(x, masks.astype(bool)), m, budget, np.random.default_rng(i)
-        )
-    seconds = time.perf_counter() - started
-    return _scored(workload, values, None, float(coalitions.mean()), seconds)
 
 
 def _at_error(points: list[tuple[float, float, float]], target: float) -> tuple[float, float] | None:

@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks.harness import ComparisonResult, Measurement, Ratio, Tolerance, alternate, render_markdown
 from benchmarks.scaling import fit_line
+from tests.helpers import exact_shapley
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPARISONS = ["kernel", "percore", "overhead", "endpoint", "tree", "scaling", "accuracy"]
@@ -102,25 +103,6 @@ def test_quick_run_writes_the_report_and_every_comparison_agrees(tmp_path: Path)
         assert side["metrics"]["too_large"]["median"] == 0 and side["metrics"]["requests"]["median"] > 0
 
 
-def _exact_shapley(game, n: int) -> np.ndarray:
-    """Every coalition, the Shapley formula: the reference for the Leverage SHAP reimplementation."""
-    from itertools import combinations
-    from math import factorial
-
-    values = np.zeros(n)
-    for i in range(n):
-        others = [j for j in range(n) if j != i]
-        for size in range(n):
-            for chosen in combinations(others, size):
-                without = np.zeros((1, n))
-                without[0, list(chosen)] = 1.0
-                with_i = without.copy()
-                with_i[0, i] = 1.0
-                weight = factorial(size) * factorial(n - size - 1) / factorial(n)
-                values[i] += weight * float(game(with_i)[0] - game(without)[0])
-    return values
-
-
 def _interacting_game(masks: np.ndarray) -> np.ndarray:
     z = np.asarray(masks, dtype=float)
     return (
@@ -134,7 +116,9 @@ def test_leverage_shap_is_exact_when_the_budget_holds_every_coalition(n: int) ->
 
     values, coalitions = leverage_shap(_interacting_game, n, 2**n - 2, np.random.default_rng(0))
     assert coalitions == 2**n - 2
-    np.testing.assert_allclose(values, _exact_shapley(_interacting_game, n), atol=1e-10)
+    # The game of masks as a model: x all ones, one background row of zeros, so f(x_S, b) is the mask S.
+    exact = exact_shapley(_interacting_game, np.ones(n), np.zeros((1, n)))
+    np.testing.assert_allclose(values, exact, atol=1e-10)
 
 
 def test_leverage_shap_samples_near_its_budget_and_keeps_efficiency() -> None:
