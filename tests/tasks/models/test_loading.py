@@ -277,3 +277,93 @@ def test_a_linear_booster_which_cannot_predict_in_place_still_predicts(
     booster.save_model(str(tmp_path / "linear.json"))
     predictor = load_predictor(XGBoostModel(name="l", kind="xgboost", path=str(tmp_path / "linear.json")))
     assert np.array_equal(predictor.predict(rows)[:, 1], booster.predict(xgboost.DMatrix(rows)))
+
+
+def _xgboost_models(rows: pd.DataFrame, target: pd.Series) -> dict[str, tuple[object, str]]:
+    """Small XGBoost models of every kind the scikit-learn API gives, each with the method explained."""
+    import xgboost
+
+    common = {"n_estimators": 12, "max_depth": 3, "n_jobs": 1}
+    three = (rows["mean_radius"].rank(pct=True) * 2.999).astype(int)  # three classes
+    early = xgboost.XGBClassifier(
+        n_estimators=80, max_depth=6, learning_rate=1.0, n_jobs=1, early_stopping_rounds=2, missing=-1.0
+    )
+    early.fit(rows[:400], target[:400], eval_set=[(rows[400:], target[400:])], verbose=False)
+    fitted = {
+        "binary": (xgboost.XGBClassifier(**common).fit(rows, target), "predict_proba"),
+        "early stopped, missing -1": (early, "predict_proba"),
+        "three classes": (xgboost.XGBClassifier(**common).fit(rows, three), "predict_proba"),
+        "regressor": (xgboost.XGBRegressor(**common).fit(rows, rows["mean_area"]), "predict"),
+        "random forest": (
+            xgboost.XGBRFClassifier(n_estimators=4, max_depth=3).fit(rows, target),
+            "predict_proba",
+        ),
+    }
+    assert early.best_iteration + 1 < early.n_estimators  # the best iteration is a real argument
+    return fitted
+
+
+def test_xgboosts_scikit_learn_api_is_called_on_its_booster_with_the_wrappers_outputs(
+    cancer_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """XGBClassifier/XGBRegressor on the engine's array: the booster's inplace_predict with the wrapper's
+    arguments, every output bit equal to predict_proba/predict, and the wrapper not called at all."""
+    import xgboost
+
+    frame = pd.read_csv(cancer_data)
+    rows, target = frame.drop(columns=["malignant"]), frame["malignant"]
+    block = np.asfortranarray(rows.to_numpy(dtype=np.float32))
+    block[::7, 3] = -1.0  # the early-stopped model's missing value
+    block[::11, 5] = np.nan
+    engine_rows = pd.DataFrame(block, columns=rows.columns)
+    models = _xgboost_models(rows, target)
+    expected = {
+        kind: getattr(model, method)(block).reshape(len(block), -1)
+        for kind, (model, method) in models.items()
+    }
+    wrapper_calls: list[str] = []
+    wrapped = xgboost.XGBModel.predict
+
+    def counted(self: xgboost.XGBModel, *args: object, **kwargs: object) -> object:
+        wrapper_calls.append(type(self).__name__)
+        return wrapped(self, *args, **kwargs)
+
+    monkeypatch.setattr(xgboost.XGBModel, "predict", counted)
+    for kind, (model, method) in models.items():
+        outputs = LocalPredictor(kind, model, method).predict(engine_rows)
+        assert outputs.dtype == np.float64 and np.array_equal(outputs, expected[kind].astype(float)), kind
+    assert wrapper_calls == []
+
+
+def test_xgboost_models_the_wrapper_does_more_for_keep_their_wrapper(cancer_data: Path) -> None:
+    """Class labels, a softmax computed by the wrapper, a linear booster, a subclass: called as before."""
+    import xgboost
+
+    frame = pd.read_csv(cancer_data)
+    rows, target = frame.drop(columns=["malignant"]), frame["malignant"]
+
+    class Calibrated(xgboost.XGBClassifier):
+        def predict_proba(self, X: object, **kwargs: object) -> np.ndarray:  # noqa: N803 - scikit-learn's name
+            return super().predict_proba(X, **kwargs) * 0.5 + 0.25
+
+    common = {"n_estimators": 5, "max_depth": 2, "n_jobs": 1}
+    kept = [
+        (xgboost.XGBClassifier(**common).fit(rows, target), "predict"),
+        (
+            xgboost.XGBClassifier(**common, objective="multi:softmax", num_class=2).fit(rows, target),
+            "predict_proba",
+        ),
+        (
+            xgboost.XGBClassifier(n_estimators=5, n_jobs=1, booster="gblinear").fit(rows, target),
+            "predict_proba",
+        ),
+        (Calibrated(**common).fit(rows, target), "predict_proba"),
+    ]
+    block = rows.to_numpy(dtype=np.float32)
+    for model, method in kept:
+        predictor = LocalPredictor("kept", model, method)
+        assert predictor._in_place is None, (type(model).__name__, model.objective, method)
+        expected = np.asarray(getattr(model, method)(rows.astype(np.float32)), dtype=float).reshape(
+            len(rows), -1
+        )
+        assert np.array_equal(predictor.predict(rows.astype(np.float32)), expected)
