@@ -15,7 +15,9 @@ missing values); and shapline with two process workers on two cores against twic
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -59,6 +61,12 @@ TWO_CORES = {"cancer": 0.85, "penguins": None}
 # No side here reports its memory: the harness polls it rarely, not every 20 ms (~1 ms of CPU a poll, 5%
 # of a core taken from the two-core sides).
 POLL_S = 0.5
+
+
+def other_core(core: int) -> int | None:
+    """A core this process may use besides `core`, for the second of two pinned processes; None if none."""
+    others = sorted(os.sched_getaffinity(0) - {core})
+    return others[0] if others else None
 
 
 def _workload(context: Context, name: str) -> Dataset:
@@ -114,6 +122,21 @@ def _sides(context: Context, params: dict[str, Any], name: str, core: int) -> li
         child = run_child({**job, "kind": "kernel-model-time"}, env=ONE_THREAD, pin=core, poll_s=POLL_S)
         return Measurement(child["seconds"], None, {"explain_s": child["seconds"]})
 
+    def model_time_two_cores() -> Measurement:
+        """The limit's job twice at once, each child on a core of its own: what two cores give the model."""
+        cores = [core, other_core(core)]
+        with ThreadPoolExecutor(len(cores)) as pool:
+            children = list(
+                pool.map(
+                    lambda pin: run_child(
+                        {**job, "kind": "kernel-model-time"}, env=ONE_THREAD, pin=pin, poll_s=POLL_S
+                    ),
+                    cores,
+                )
+            )
+        seconds = max(child["seconds"] for child in children)
+        return Measurement(seconds, None, {"explain_s": seconds})
+
     def shapline(storage: str, runner: str, workers: int, pin: int | None) -> Callable[[], Measurement]:
         config = kernel_config(
             folder,
@@ -144,6 +167,15 @@ def _sides(context: Context, params: dict[str, Any], name: str, core: int) -> li
             )
         )
     if not context.quick:
+        if name == "cancer" and other_core(core) is not None:
+            sides.append(
+                Side(
+                    f"{name}: model only, two at once",
+                    model_time_two_cores,
+                    f"{said}: the model's time on plain shap's calls, in two processes at once, each on its own "
+                    "core (each does all the rows): whether two cores slow the model down",
+                )
+            )
         if name == "cancer":
             sides.append(
                 Side(
@@ -244,6 +276,18 @@ def run(context: Context, params: dict[str, Any]) -> ComparisonResult:
                 numerator=limit,
                 denominator=process,
                 metric="explain_s / (2 x explain_s)",
+            )
+        pair = f"{name}: model only, two at once"
+        if pair in result.sides:
+            result.ratio(
+                Ratio(
+                    f"{name}: model on two cores at once, speed of one",
+                    limit,
+                    pair,
+                    "explain_s",
+                    note="model only / model only two at once (each all the rows): 1 is two cores as fast as "
+                    "one each, so the two-core limit is twice the one-core one",
+                )
             )
     result.notes.append(
         "Limit: the model's own seconds on the calls plain shap makes (f(x) and the nsamples x background "
