@@ -295,7 +295,7 @@ def _xgboost_models(rows: pd.DataFrame, target: pd.Series) -> dict[str, tuple[ob
         "three classes": (xgboost.XGBClassifier(**common).fit(rows, three), "predict_proba"),
         "regressor": (xgboost.XGBRegressor(**common).fit(rows, rows["mean_area"]), "predict"),
         "random forest": (
-            xgboost.XGBRFClassifier(n_estimators=4, max_depth=3).fit(rows, target),
+            xgboost.XGBRFClassifier(n_estimators=4, max_depth=3, n_jobs=1).fit(rows, target),
             "predict_proba",
         ),
     }
@@ -303,12 +303,27 @@ def _xgboost_models(rows: pd.DataFrame, target: pd.Series) -> dict[str, tuple[ob
     return fitted
 
 
+def _count_wrapper_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The class of each model whose scikit-learn wrapper predicts from here on: every wrapper method
+    (predict_proba, a classifier's predict, a subclass's) reaches XGBModel.predict."""
+    import xgboost
+
+    calls: list[str] = []
+    wrapped = xgboost.XGBModel.predict
+
+    def counted(self: xgboost.XGBModel, *args: object, **kwargs: object) -> object:
+        calls.append(type(self).__name__)
+        return wrapped(self, *args, **kwargs)
+
+    monkeypatch.setattr(xgboost.XGBModel, "predict", counted)
+    return calls
+
+
 def test_xgboosts_scikit_learn_api_is_called_on_its_booster_with_the_wrappers_outputs(
     cancer_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """XGBClassifier/XGBRegressor on the engine's array: the booster's inplace_predict with the wrapper's
     arguments, every output bit equal to predict_proba/predict, and the wrapper not called at all."""
-    import xgboost
 
     frame = pd.read_csv(cancer_data)
     rows, target = frame.drop(columns=["malignant"]), frame["malignant"]
@@ -321,21 +336,16 @@ def test_xgboosts_scikit_learn_api_is_called_on_its_booster_with_the_wrappers_ou
         kind: getattr(model, method)(block).reshape(len(block), -1)
         for kind, (model, method) in models.items()
     }
-    wrapper_calls: list[str] = []
-    wrapped = xgboost.XGBModel.predict
-
-    def counted(self: xgboost.XGBModel, *args: object, **kwargs: object) -> object:
-        wrapper_calls.append(type(self).__name__)
-        return wrapped(self, *args, **kwargs)
-
-    monkeypatch.setattr(xgboost.XGBModel, "predict", counted)
+    wrapper_calls = _count_wrapper_calls(monkeypatch)
     for kind, (model, method) in models.items():
         outputs = LocalPredictor(kind, model, method).predict(engine_rows)
         assert outputs.dtype == np.float64 and np.array_equal(outputs, expected[kind].astype(float)), kind
     assert wrapper_calls == []
 
 
-def test_xgboost_models_the_wrapper_does_more_for_keep_their_wrapper(cancer_data: Path) -> None:
+def test_xgboost_models_the_wrapper_does_more_for_keep_their_wrapper(
+    cancer_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Class labels, a softmax computed by the wrapper, a linear booster, a subclass: called as before."""
     import xgboost
 
@@ -359,11 +369,11 @@ def test_xgboost_models_the_wrapper_does_more_for_keep_their_wrapper(cancer_data
         ),
         (Calibrated(**common).fit(rows, target), "predict_proba"),
     ]
-    block = rows.to_numpy(dtype=np.float32)
+    engine_rows = rows.astype(np.float32)
     for model, method in kept:
-        predictor = LocalPredictor("kept", model, method)
-        assert predictor._in_place is None, (type(model).__name__, model.objective, method)
-        expected = np.asarray(getattr(model, method)(rows.astype(np.float32)), dtype=float).reshape(
-            len(rows), -1
-        )
-        assert np.array_equal(predictor.predict(rows.astype(np.float32)), expected)
+        expected = np.asarray(getattr(model, method)(engine_rows), dtype=float).reshape(len(rows), -1)
+        wrapper_calls = _count_wrapper_calls(monkeypatch)
+        outputs = LocalPredictor("kept", model, method).predict(engine_rows)
+        assert wrapper_calls == [type(model).__name__], (type(model).__name__, model.objective, method)
+        assert np.array_equal(outputs, expected)
+        monkeypatch.undo()
