@@ -161,6 +161,12 @@ def pinned_core() -> int:
     return max(os.sched_getaffinity(0))
 
 
+def other_core(core: int) -> int | None:
+    """A core this process may use besides `core`, for the second of two pinned processes; None if none."""
+    others = sorted(os.sched_getaffinity(0) - {core})
+    return others[0] if others else None
+
+
 def run_child(
     job: dict[str, Any], env: dict[str, str] | None = None, poll_s: float = 0.02, pin: int | None = None
 ) -> dict[str, Any]:

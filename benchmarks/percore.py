@@ -15,14 +15,13 @@ missing values); and shapline with two process workers on two cores against twic
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from benchmarks.child import pinned_core, run_child
+from benchmarks.child import other_core, pinned_core, run_child
 from benchmarks.harness import ComparisonResult, Context, Measurement, Ratio, Side, alternate
 from benchmarks.kernel import ONE_THREAD, child_flow_side, kernel_config
 from benchmarks.workloads import (
@@ -61,12 +60,6 @@ TWO_CORES = {"cancer": 0.85, "penguins": None}
 # No side here reports its memory: the harness polls it rarely, not every 20 ms (~1 ms of CPU a poll, 5%
 # of a core taken from the two-core sides).
 POLL_S = 0.5
-
-
-def other_core(core: int) -> int | None:
-    """A core this process may use besides `core`, for the second of two pinned processes; None if none."""
-    others = sorted(os.sched_getaffinity(0) - {core})
-    return others[0] if others else None
 
 
 def _workload(context: Context, name: str) -> Dataset:
@@ -118,23 +111,20 @@ def _sides(context: Context, params: dict[str, Any], name: str, core: int) -> li
         )
         return Measurement(child["seconds"], np.load(values_path), {"explain_s": child["seconds"]})
 
+    def model_seconds(pin: int | None) -> float:
+        """The model's own seconds on plain shap's calls, in a fresh process on core `pin`."""
+        return float(
+            run_child({**job, "kind": "kernel-model-time"}, env=ONE_THREAD, pin=pin, poll_s=POLL_S)["seconds"]
+        )
+
     def model_time() -> Measurement:
-        child = run_child({**job, "kind": "kernel-model-time"}, env=ONE_THREAD, pin=core, poll_s=POLL_S)
-        return Measurement(child["seconds"], None, {"explain_s": child["seconds"]})
+        seconds = model_seconds(core)
+        return Measurement(seconds, None, {"explain_s": seconds})
 
     def model_time_two_cores() -> Measurement:
         """The limit's job twice at once, each child on a core of its own: what two cores give the model."""
-        cores = [core, other_core(core)]
-        with ThreadPoolExecutor(len(cores)) as pool:
-            children = list(
-                pool.map(
-                    lambda pin: run_child(
-                        {**job, "kind": "kernel-model-time"}, env=ONE_THREAD, pin=pin, poll_s=POLL_S
-                    ),
-                    cores,
-                )
-            )
-        seconds = max(child["seconds"] for child in children)
+        with ThreadPoolExecutor(2) as pool:
+            seconds = max(pool.map(model_seconds, [core, other_core(core)]))
         return Measurement(seconds, None, {"explain_s": seconds})
 
     def shapline(storage: str, runner: str, workers: int, pin: int | None) -> Callable[[], Measurement]:
