@@ -171,6 +171,16 @@ class _ShardThreads:
             inbox.put(None)
 
 
+def _warm_compiled() -> None:
+    """Load the kernel engine's compiled code; a failure here is the first shard's to report, if it recurs."""
+    try:
+        from shapline.tasks.explainers import compiled
+
+        compiled.warm_up()
+    except Exception:
+        log.debug("could not load the kernel engine's compiled code ahead of the shards", exc_info=True)
+
+
 class ThreadRunner(ShardRunner):
     """Shards computed on threads of the flow's process (shards.runner thread), one shard per thread at a time."""
 
@@ -178,6 +188,12 @@ class ThreadRunner(ShardRunner):
         super().__init__(timeout_s)
         self.limit = limit
         self._threads = _ShardThreads()
+        # The engine's compiled code, loaded beside loading and validation rather than in the first shard.
+        self._warming = threading.Thread(target=_warm_compiled, name="shapline-warm-up", daemon=True)
+        self._warming.start()
+
+    def wait_ready(self) -> None:
+        self._warming.join()
 
     def compute(self, job: ShardJob) -> ShardValues:
         self._refuse_if_stopped(job)

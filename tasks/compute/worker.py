@@ -21,3 +21,6 @@ compute_only()
 
 import shapline.tasks.compute.shards  # noqa: E402, F401 - what a worker runs
 import shapline.tasks.explainers.kernel_engine  # noqa: E402, F401 - what most shards compute with
+from shapline.tasks.explainers import compiled  # noqa: E402
+
+compiled.warm_up()  # once in a fork server: its workers are forks of a process whose compiled code is loaded

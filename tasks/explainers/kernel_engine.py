@@ -32,6 +32,7 @@ from scipy.special import binom
 
 from shapline.tasks.common.errors import ModelError
 from shapline.tasks.common.schemas import rows_named
+from shapline.tasks.explainers import compiled
 from shapline.tasks.explainers.lars import lasso_path_gram
 from shapline.tasks.explainers.links import LINKS
 from shapline.tasks.models.predictors import CallCost
@@ -138,6 +139,8 @@ class _Batch:
     plans: list[RowPlan]
     palettes: list[_Palette]
     """Per column: the background's values followed by the batch's B x values."""
+    palette_blocks: dict[np.dtype, np.ndarray]
+    """The numpy-typed palettes, one (columns, n + B) C-ordered block per dtype (`palettes` are its rows)."""
     unit_mask: np.ndarray
     """(units, columns) bool: the unit takes x's value in that column."""
     unit_plan: np.ndarray
@@ -563,9 +566,11 @@ class KernelEngine:
         """The call for `plans`, which explain the rows at positions `at` (one plan each, in order)."""
         b, p, n = len(plans), len(self.columns), len(self.background)
         palettes: list[_Palette] = [np.empty(0)] * p
+        palette_blocks = {}
         for dtype, positions in self._blocks.items():
             # Columns of one palette block are contiguous (Fortran order) for the fills below.
             block = np.asfortranarray(np.concatenate([self._bg_blocks[dtype], rows.blocks[dtype][at]]))
+            palette_blocks[dtype] = block.T
             for k, j in enumerate(positions):
                 palettes[j] = block[:, k]
         if self._extension:
@@ -582,7 +587,9 @@ class KernelEngine:
             owners.append(np.full(plan.filled, i))
             offsets.append(row)
             row += plan.filled * n
-        return _Batch(plans, palettes, np.concatenate(masks), np.concatenate(owners), offsets, row)
+        return _Batch(
+            plans, palettes, palette_blocks, np.concatenate(masks), np.concatenate(owners), offsets, row
+        )
 
     def _row_sources(self, batch: _Batch, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The unit and background row of each given row of the call (0 for explained rows)."""
@@ -599,7 +606,7 @@ class KernelEngine:
         Returns one (columns, rows) block per numpy dtype and the extension-typed columns.
         """
         n, b = len(self.background), len(batch.plans)
-        coalitions = batch.unit_mask[b:]
+        coalitions, owners = batch.unit_mask[b:], batch.unit_plan[b:]
         spans = []  # (plan, its rows in the call, its coalitions)
         first_unit = 0
         for i, plan in enumerate(batch.plans):
@@ -611,6 +618,11 @@ class KernelEngine:
         for dtype, positions in self._blocks.items():
             # One block per dtype: many separate multi-megabyte columns cost several times more.
             block = blocks[dtype] = buffers.get(dtype, dtype, (len(positions), batch.n_rows))
+            if dtype in compiled.FILLED_DTYPES:
+                compiled.fill_synthetic(
+                    block, batch.palette_blocks[dtype], coalitions[:, positions], owners, n
+                )
+                continue
             for k, j in enumerate(positions):
                 palette, out = batch.palettes[j], block[k]
                 out[:b] = palette[n:]
@@ -621,13 +633,12 @@ class KernelEngine:
                     out[rows].reshape(-1, n)[coalitions[units, j]] = palette[n + i]
         extension: dict[int, _Palette] = {}
         if self._extension:
-            index = buffers.get("index", np.dtype(np.intp), (batch.n_rows,))
+            index = buffers.get("index", np.dtype(np.intp), (1, batch.n_rows))
+            where = np.arange(n + b)[np.newaxis]  # each value's position in the palette
             for j in self._extension:
-                index[:b] = n + np.arange(b)
-                index[b:].reshape(-1, n)[...] = np.arange(n)
-                for i, rows, units in spans:
-                    index[rows].reshape(-1, n)[coalitions[units, j]] = n + i
-                extension[j] = batch.palettes[j].take(index)
+                column = np.ascontiguousarray(coalitions[:, j : j + 1])
+                compiled.fill_synthetic(index, where, column, owners, n)
+                extension[j] = batch.palettes[j].take(index[0])
         return blocks, extension
 
     def _assemble(self, blocks: dict[np.dtype, np.ndarray], extension: dict[int, _Palette]) -> pd.DataFrame:
@@ -809,15 +820,14 @@ class KernelEngine:
 
     def _background_mean(self, plan: RowPlan, outputs: np.ndarray) -> np.ndarray:
         """(nsamples, outputs) weighted mean over the background of each coalition's outputs."""
-        n = len(self.background)
         ey = np.zeros((len(plan.masks), outputs.shape[1]))
-        per_coalition = outputs.reshape(plan.filled, n, outputs.shape[1]).astype(float, copy=False)
-        filled = ey[: plan.filled]
-        # Accumulate background row by background row, vectorised over coalitions and outputs: the same
-        # order of additions as shap's compiled _exp_val, so the solve sees bit-identical targets and
-        # LARS breaks exact ties the same way (a BLAS dot would differ in the last bits).
-        for r in range(n):
-            filled += per_coalition[:, r, :] * self.weights[r]
+        if outputs.dtype not in (np.float32, np.float64):
+            outputs = outputs.astype(float)
+        outputs = np.ascontiguousarray(outputs)  # a model's column view: one compiled layout
+        # Background row by background row, from zero: the order of additions of shap's compiled
+        # _exp_val, so the solve sees bit-identical targets and LARS breaks exact ties the same way (a
+        # BLAS dot would differ in the last bits).
+        compiled.background_mean(outputs, self.weights, ey[: plan.filled])
         return ey
 
     # ----------------------------------------------------------------------------------------------
@@ -955,16 +965,13 @@ def _random_coalitions(
     weight of the earlier row (and of the row after it, when paired). shap stops once the budget is
     spent: the draws it makes are a prefix of ours, and any we draw past it are never used.
     """
-    order = np.arange(m)
     chunks: list[np.ndarray] = []
+    shuffles = _Shuffles(rng)
     drawn, needed = 0, samples_left
     while True:
         # Enough draws for the remaining budget if each were new and paired, plus some for repeats.
         count = min(len(sizes) - drawn, needed // 2 + 64)
-        perms = _permutations(m, count, rng)
-        ranks = np.empty_like(perms)
-        ranks[np.arange(count)[:, None], perms] = order
-        chunks.append(ranks < sizes[drawn : drawn + count, None])
+        chunks.append(compiled.leading_sets(shuffles.swaps(m, count), sizes[drawn : drawn + count]))
         drawn += count
         coalitions = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
         _, first, inverse = np.unique(_coalition_keys(coalitions), return_index=True, return_inverse=True)
@@ -994,28 +1001,29 @@ def _random_coalitions(
     return start + n_rows
 
 
-def _permutations(m: int, count: int, rng: np.random.RandomState) -> np.ndarray:
-    """`count` rows of rng.permutation(m), drawn in order: the same permutations and RNG state as
-    calling rng.shuffle on each row of np.tile(np.arange(m), (count, 1)), in a quarter less time.
+class _Shuffles:
+    """The swaps of successive rng.shuffle calls on range(m), drawn from one RandomState in bulk.
 
-    RandomState.shuffle is a Fisher-Yates pass from the last position: position i swaps with j uniform
-    in [0, i], drawn by masked rejection on 32-bit outputs. randint with one upper bound per draw draws
-    every j the same way, in the same order (both are frozen by numpy's legacy stream guarantee), so
-    one call replaces `count` Python-level shuffles; the swaps then run across all rows per position.
+    shuffle draws each swap partner by masked rejection on the generator's 32-bit outputs; the compiled
+    `shuffle_swaps` does the same on outputs drawn ahead in one call, so the swaps are shuffle's, in the
+    same order, at a fraction of randint's per-bound cost. The generator ends up past where shuffle would
+    leave it (outputs drawn ahead and not needed): each row's RandomState is used for nothing after.
     """
-    # Position-major, one permutation per column: position i of every permutation is one contiguous row.
-    positions = np.tile(np.arange(m)[:, None], (1, count))
-    if m < 2 or count == 0:
-        return positions.T
-    bounds = np.tile(np.arange(m, 1, -1, dtype=np.int32), count)  # i + 1 for i = m - 1 down to 1
-    swaps = rng.randint(0, bounds, dtype=np.int32).reshape(count, m - 1)
-    flat = positions.reshape(-1)
-    there = swaps.T.astype(np.intp) * count + np.arange(count)  # where each step's swap partner is in `flat`
-    for step, i in enumerate(range(m - 1, 0, -1)):
-        held = positions[i].copy()
-        positions[i] = flat[there[step]]
-        flat[there[step]] = held
-    return positions.T
+
+    def __init__(self, rng: np.random.RandomState) -> None:
+        self.rng = rng
+        self.raw = np.empty(0, dtype=np.uint32)
+        self.at = 0
+
+    def swaps(self, m: int, count: int) -> np.ndarray:
+        """(count, m - 1) int32: swap partner j of each step (position m - 1 - step) of `count` shuffles."""
+        swaps = np.empty((count, max(m - 1, 0)), dtype=np.int32)
+        while (at := compiled.shuffle_swaps(self.raw, self.at, swaps)) < 0:
+            # About 1.4 outputs a swap are needed (the rejections); draw half again, more if that fell short.
+            ahead = self.rng.randint(0, 2**32, size=swaps.size * 3 // 2 + 64, dtype=np.uint32)
+            self.raw, self.at = np.concatenate([self.raw[self.at :], ahead]), 0
+        self.at = at
+        return swaps
 
 
 def _coalition_keys(coalitions: np.ndarray) -> np.ndarray:
@@ -1044,33 +1052,16 @@ class _Design:
     def augmented(self) -> tuple[np.ndarray, np.ndarray]:
         """shap's (mask_aug, sqrt(w_aug)): every coalition once as itself and once as its complement."""
         if self._augmented is None:
-            masks, rows = self.masks, len(self.masks)
-            s = np.sum(masks, 1)
-            w_sqrt = np.sqrt(np.hstack((self.kernel_weights * (self.m - s), self.kernel_weights * s)))
-            # shap's vstack-then-scale, written in place: the same single product per element, and the
-            # same C memory order (the column sums in centred() add in memory order).
-            design = np.empty((2 * rows, self.m))
-            np.multiply(w_sqrt[:rows, None], masks, out=design[:rows])
-            np.multiply(w_sqrt[rows:, None], masks - 1, out=design[rows:])
-            self._augmented = design, w_sqrt
+            # The same single product per element as shap's vstack-then-scale, in the same C memory
+            # order (the column sums in centred() add in memory order).
+            self._augmented = compiled.augmented_design(self.masks, self.kernel_weights)
         return self._augmented
 
     def centred(self) -> tuple[np.ndarray, np.ndarray]:
         """mask_aug scaled as StandardScaler(with_mean=False) and centred as LassoLarsIC, and its Gram."""
         if self._centred is None:
             design, _ = self.augmented()
-            n = float(design.shape[0])
-            # StandardScaler's corrected two-pass variance (Chan, Golub & LeVeque), operation for operation.
-            mean = np.sum(design, axis=0) / n
-            deviation = design - mean
-            correction = np.sum(deviation, axis=0)
-            deviation **= 2
-            variance = (np.sum(deviation, axis=0) - correction**2 / n) / n
-            eps = np.finfo(np.float64).eps
-            scale = np.sqrt(variance)
-            scale[variance <= n * eps * variance + (n * mean * eps) ** 2] = 1.0  # constant columns
-            scaled = design / scale
-            scaled -= np.mean(scaled, axis=0)
+            scaled = compiled.scaled_centred(design)
             self._centred = scaled, np.dot(scaled.T, scaled)
         return self._centred
 

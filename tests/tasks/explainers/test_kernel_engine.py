@@ -14,7 +14,8 @@ import pytest
 import shap
 from shap.utils._legacy import DenseData
 
-from shapline.tasks.explainers.kernel_engine import KernelEngine, RowPlan, _Buffers, _permutations
+from shapline.tasks.explainers import compiled
+from shapline.tasks.explainers.kernel_engine import KernelEngine, RowPlan, _Buffers, _Shuffles
 
 EPS = 1e-7
 ATOL = 1e-6
@@ -513,15 +514,26 @@ def test_float32_rows_for_a_model_that_reads_float32_change_no_bit() -> None:
 
 
 @pytest.mark.parametrize("m", [2, 3, 17, 30, 64, 200])
-def test_permutations_are_the_shuffles_shap_draws_and_leave_the_same_rng_state(m: int) -> None:
+def test_shuffles_are_the_ones_shap_draws_in_successive_calls(m: int) -> None:
     for seed in (0, 1, 2**31 + 5):
-        shuffled, drawn = np.random.RandomState(seed), np.random.RandomState(seed)
-        expected = np.tile(np.arange(m), (40, 1))
-        for row in expected:
-            shuffled.shuffle(row)
-        np.testing.assert_array_equal(_permutations(m, 40, drawn), expected)
-        assert drawn.randint(0, 2**31) == shuffled.randint(0, 2**31)  # the stream goes on alike
-    assert _permutations(5, 0, np.random.RandomState(0)).shape == (0, 5)
+        shuffled, shuffles = np.random.RandomState(seed), _Shuffles(np.random.RandomState(seed))
+        for count in (40, 1, 7, 300):  # each call goes on where the last one stopped in the stream
+            expected = np.tile(np.arange(m), (count, 1))
+            for row in expected:
+                shuffled.shuffle(row)
+            swaps = shuffles.swaps(m, count)
+            permutations = np.tile(np.arange(m), (count, 1))
+            for permutation, steps in zip(permutations, swaps, strict=True):
+                for step, j in enumerate(steps):
+                    i = m - 1 - step
+                    permutation[[i, j]] = permutation[[j, i]]
+            np.testing.assert_array_equal(permutations, expected)
+            sizes = np.arange(count) % (m + 1)
+            leading = np.zeros((count, m), dtype=bool)
+            for d in range(count):
+                leading[d, expected[d, : sizes[d]]] = True
+            np.testing.assert_array_equal(compiled.leading_sets(swaps, sizes), leading)
+    assert _Shuffles(np.random.RandomState(0)).swaps(5, 0).shape == (0, 4)
 
 
 def test_rejects_mismatched_inputs(numeric: pd.DataFrame) -> None:

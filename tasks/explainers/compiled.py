@@ -1,0 +1,243 @@
+"""The engine's per-row passes over memory, compiled: the numpy expressions they replace, fused, bit for bit.
+
+Every explained row draws its coalitions, writes its synthetic rows (coalitions x background: 12 MB for
+breast cancer's 30 features), averages the model's outputs over the background, and scales and centres
+its regression's design. In numpy each is several passes over the same memory and a Python-level call
+per pass; here each is one loop doing the same operations in the same order, so every number is the same
+(tested against the numpy expressions, which are shap's and scikit-learn's, and against rng.shuffle). numba is shap's own
+dependency and a run imports it with shap anyway; `cache=True` keeps the machine code on disk, so a
+process loads it instead of compiling it, and `nogil` lets thread workers run them at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import numba
+import numpy as np
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _compiled(function: _F) -> _F:
+    """numba.njit, its machine code cached on disk, or compiled in each process where no cache can be
+    written (a read-only install without a writable home or NUMBA_CACHE_DIR: numba refuses to cache)."""
+    try:
+        return cast(_F, numba.njit(cache=True, nogil=True)(function))
+    except RuntimeError:
+        return cast(_F, numba.njit(nogil=True)(function))
+
+
+__all__ = [
+    "FILLED_DTYPES",
+    "augmented_design",
+    "background_mean",
+    "fill_synthetic",
+    "leading_sets",
+    "scaled_centred",
+    "shuffle_swaps",
+    "warm_up",
+]
+
+
+@_compiled
+def fill_synthetic(
+    out: np.ndarray, palettes: np.ndarray, coalitions: np.ndarray, owners: np.ndarray, n: int
+) -> None:
+    """Write one model call's rows of some columns into `out` (columns, rows).
+
+    `palettes` (columns, n + B): each column's n background values, then the call's B explained rows'.
+    The call's rows are the B explained rows, then each coalition's n rows, one per background row:
+    x's value where `coalitions[u, column]` is set (x the explained row `owners[u]`), the background
+    row's elsewhere.
+    """
+    columns = palettes.shape[0]
+    b = palettes.shape[1] - n
+    for k in range(columns):
+        row = out[k]
+        palette = palettes[k]
+        for i in range(b):
+            row[i] = palette[n + i]
+        for u in range(coalitions.shape[0]):
+            start = b + u * n
+            if coalitions[u, k]:
+                value = palette[n + owners[u]]
+                for r in range(n):
+                    row[start + r] = value
+            else:
+                for r in range(n):
+                    row[start + r] = palette[r]
+
+
+@_compiled
+def background_mean(outputs: np.ndarray, weights: np.ndarray, ey: np.ndarray) -> None:
+    """ey[u] += the weighted sum over the background of coalition u's outputs (`outputs` coalition-major,
+    n = len(weights) rows each), added background row by background row from zero: the order of shap's
+    compiled `_exp_val`, so the targets of the solve are bit for bit shap's."""
+    n = weights.shape[0]
+    for u in range(ey.shape[0]):
+        for d in range(ey.shape[1]):
+            total = 0.0
+            for r in range(n):
+                total += np.float64(outputs[u * n + r, d]) * weights[r]
+            ey[u, d] = total
+
+
+@_compiled
+def augmented_design(masks: np.ndarray, kernel_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """shap's (mask_aug, sqrt(w_aug)) of a row's regression with l1 selection: every coalition once as
+    itself and once as its complement (`np.vstack((masks, masks - 1))`), each row times the root of its
+    weight, C-ordered."""
+    rows, m = masks.shape
+    w_sqrt = np.empty(2 * rows)
+    design = np.empty((2 * rows, m))
+    for u in range(rows):
+        size = 0.0
+        for j in range(m):
+            size += masks[u, j]
+        w_sqrt[u] = np.sqrt(kernel_weights[u] * (m - size))
+        w_sqrt[rows + u] = np.sqrt(kernel_weights[u] * size)
+        for j in range(m):
+            design[u, j] = w_sqrt[u] * masks[u, j]
+            design[rows + u, j] = w_sqrt[rows + u] * (masks[u, j] - 1.0)
+    return design, w_sqrt
+
+
+@_compiled
+def scaled_centred(design: np.ndarray) -> np.ndarray:
+    """`design` scaled as StandardScaler(with_mean=False) scales it (its corrected two-pass variance, Chan,
+    Golub & LeVeque) and centred as LassoLarsIC centres it. Column sums add rows in order, as numpy's
+    axis-0 sums of a C-ordered array do."""
+    total, m = design.shape
+    n = float(total)
+    column_sum = np.zeros(m)
+    for u in range(total):
+        for j in range(m):
+            column_sum[j] += design[u, j]
+    mean = column_sum / n
+    correction = np.zeros(m)
+    squares = np.zeros(m)
+    for u in range(total):
+        for j in range(m):
+            deviation = design[u, j] - mean[j]
+            correction[j] += deviation
+            squares[j] += deviation * deviation
+    eps = np.finfo(np.float64).eps
+    scale = np.empty(m)
+    for j in range(m):
+        variance = (squares[j] - correction[j] * correction[j] / n) / n
+        scale[j] = np.sqrt(variance)
+        drift = n * mean[j] * eps
+        if variance <= n * eps * variance + drift * drift:  # a constant column
+            scale[j] = 1.0
+    scaled = np.empty((total, m))
+    column_sum[:] = 0.0
+    for u in range(total):
+        for j in range(m):
+            value = design[u, j] / scale[j]
+            scaled[u, j] = value
+            column_sum[j] += value
+    for j in range(m):
+        mean[j] = column_sum[j] / n
+    for u in range(total):
+        for j in range(m):
+            scaled[u, j] -= mean[j]
+    return scaled
+
+
+@_compiled
+def shuffle_swaps(raw: np.ndarray, at: int, swaps: np.ndarray) -> int:
+    """Fill `swaps` (draws, m - 1) with the swap partners RandomState.shuffle draws for `draws` shuffles of
+    range(m), from the generator's 32-bit outputs `raw[at:]`; return where the next draw starts, or -1
+    when `raw` ran out first (then nothing returned is usable).
+
+    shuffle is a Fisher-Yates pass from the last position: position i swaps with j uniform in [0, i],
+    drawn as legacy `randint` draws a bounded integer: the output masked to the bits i needs, rejected
+    while above i (numpy's `buffered_bounded_masked_uint32`, frozen by its legacy stream guarantee).
+    """
+    draws, steps = swaps.shape
+    masks = np.empty(steps, dtype=np.uint32)
+    for step in range(steps):
+        bound = np.uint32(steps - step)  # i, for i = m - 1 down to 1
+        mask = bound
+        mask |= mask >> 1
+        mask |= mask >> 2
+        mask |= mask >> 4
+        mask |= mask >> 8
+        mask |= mask >> 16
+        masks[step] = mask
+    for d in range(draws):
+        for step in range(steps):
+            bound = np.uint32(steps - step)
+            while True:
+                if at >= raw.shape[0]:
+                    return -1
+                value = raw[at] & masks[step]
+                at += 1
+                if value <= bound:
+                    break
+            swaps[d, step] = value
+    return at
+
+
+@_compiled
+def leading_sets(swaps: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """(draws, m) bool: the first sizes[draw] entries of each shuffle of range(m) `swaps` describes (a
+    Fisher-Yates pass from the last position, position m - 1 - step swapping with swaps[draw, step])."""
+    draws, m = swaps.shape[0], swaps.shape[1] + 1
+    sets = np.zeros((draws, m), dtype=np.bool_)
+    permutation = np.empty(m, dtype=np.intp)
+    for d in range(draws):
+        for i in range(m):
+            permutation[i] = i
+        for step in range(m - 1):
+            i, j = m - 1 - step, swaps[d, step]
+            permutation[i], permutation[j] = permutation[j], permutation[i]
+        for k in range(sizes[d]):
+            sets[d, permutation[k]] = True
+    return sets
+
+
+# The dtypes a model call's columns are written in by fill_synthetic; any other (datetimes, float16,
+# objects) is written by numpy.
+FILLED_DTYPES = frozenset(
+    np.dtype(kind)
+    for kind in (
+        np.bool_,
+        np.int8,
+        np.int16,
+        np.int32,
+        np.int64,
+        np.uint8,
+        np.uint16,
+        np.uint32,
+        np.uint64,
+        np.float32,
+        np.float64,
+    )
+)
+
+
+def warm_up() -> None:
+    """Load (or compile, the first time) the machine code of every function for the common inputs, now.
+
+    A process's first call of compiled code starts LLVM (~0.2 s, measured); the shard threads' runner and a
+    worker pool's fork server call this before the explain phase, beside loading and validation, so no
+    shard pays it (a pool's workers are forks of a server that has).
+    """
+    n = 2
+    owners = np.zeros(1, dtype=np.intp)
+    coalitions = np.ones((1, 1), dtype=np.bool_)
+    for dtype in (np.float32, np.float64, np.int64, np.bool_, np.intp):
+        fill_synthetic(
+            np.empty((1, 1 + n), dtype=dtype), np.zeros((1, n + 1), dtype=dtype), coalitions, owners, n
+        )
+    for dtype in (np.float32, np.float64):
+        background_mean(np.zeros((n, 1), dtype=dtype), np.full(n, 0.5), np.zeros((1, 1)))
+    swaps = np.zeros((1, 1), dtype=np.int32)
+    shuffle_swaps(np.zeros(2, dtype=np.uint32), 0, swaps)
+    leading_sets(swaps, np.ones(1, dtype=np.int64))
+    masks = np.array([[1.0, 0.0], [0.0, 1.0]])
+    design, _ = augmented_design(masks, np.ones(2))
+    scaled_centred(design)

@@ -1,0 +1,145 @@
+"""The engine's compiled loops against the numpy expressions they replace (shap's and scikit-learn's): bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from shapline.tasks.explainers import compiled
+from shapline.tasks.explainers.kernel_engine import KernelEngine, _Buffers, _draw_coalitions
+
+
+def numpy_fill(palette: np.ndarray, coalitions: np.ndarray, owners: np.ndarray, n: int) -> np.ndarray:
+    """One column of a call, as numpy writes it: x's values, the background tiled, x written into its coalitions."""
+    b = len(palette) - n
+    out = np.empty(b + len(coalitions) * n, dtype=palette.dtype)
+    out[:b] = palette[n:]
+    tiled = out[b:].reshape(-1, n)
+    tiled[...] = palette[:n]
+    for i in range(b):
+        tiled[coalitions & (owners == i)] = palette[n + i]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.int8, np.uint16, np.bool_])
+def test_fill_writes_the_rows_numpy_writes(dtype: type) -> None:
+    rng = np.random.default_rng(0)
+    n, b, units, columns = 7, 3, 40, 5
+    palettes = (rng.normal(size=(columns, n + b)) * 50).astype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        palettes[0, [1, n + 1]] = np.nan  # a missing value in the background and in x
+    coalitions = rng.random((units, columns)) < 0.5
+    owners = np.sort(rng.integers(0, b, size=units))
+    out = np.empty((columns, b + units * n), dtype=dtype)
+    compiled.fill_synthetic(out, palettes, coalitions, owners, n)
+    for k in range(columns):
+        np.testing.assert_array_equal(out[k], numpy_fill(palettes[k], coalitions[:, k], owners, n))
+
+
+def test_the_engine_fills_a_frame_of_every_kind_of_column_as_before() -> None:
+    """numpy dtypes the loop writes, one it does not (datetime), an extension type (text) and a category."""
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame(
+        {
+            "x": rng.normal(size=12),
+            "k": rng.integers(0, 5, size=12),
+            "flag": rng.random(12) < 0.5,
+            "when": pd.date_range("2026-01-01", periods=12, freq="D"),
+            "text": pd.array([f"t{i % 4}" for i in range(12)], dtype="str"),
+            "kind": pd.Categorical([f"c{i % 3}" for i in range(12)]),
+        }
+    )
+    engine = KernelEngine(lambda f: np.zeros((len(f), 1)), frame.iloc[:6])
+    data = engine._prepare(engine._as_rows(frame.iloc[6:]))
+    plans = [engine._plan(data, i, 10 + i, 40) for i in range(3)]
+    batch = engine._batch(plans, data, np.arange(3))
+    built = engine._assemble(*engine._fill(batch, _Buffers()))
+    n, units = 6, batch.unit_mask[3:]
+    owners = batch.unit_plan[3:]
+    for j, column in enumerate(frame.columns):
+        palette = pd.concat([frame[column].iloc[:6], frame[column].iloc[6:9]], ignore_index=True)
+        positions = numpy_fill(np.arange(n + 3), units[:, j], owners, n)
+        expected = palette.take(positions).reset_index(drop=True)
+        pd.testing.assert_series_equal(built[column].reset_index(drop=True), expected, check_names=False)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("outputs", [1, 3])
+def test_background_mean_adds_in_shaps_order(dtype: type, outputs: int) -> None:
+    rng = np.random.default_rng(2)
+    n, units = 50, 300
+    values = rng.random((units * n, outputs)).astype(dtype)
+    weights = rng.random(n)
+    weights /= weights.sum()
+    expected = np.zeros((units, outputs))
+    per_unit = values.reshape(units, n, outputs).astype(float)
+    for r in range(n):  # shap's _exp_val: background row by background row
+        expected += per_unit[:, r, :] * weights[r]
+    ey = np.zeros((units, outputs))
+    compiled.background_mean(values, weights, ey)
+    np.testing.assert_array_equal(ey, expected)
+
+
+@pytest.mark.parametrize("m", [2, 5, 13, 30])
+def test_the_regression_design_is_shaps_scaled_and_centred_as_scikit_learn_does(m: int) -> None:
+    for seed in range(4):
+        masks, kernel_weights, _, _ = _draw_coalitions(m, "auto", np.random.RandomState(seed))
+        rows = len(masks)
+        s = np.sum(masks, 1)
+        w_sqrt = np.sqrt(np.hstack((kernel_weights * (m - s), kernel_weights * s)))  # shap's solve
+        design = np.transpose(w_sqrt * np.transpose(np.vstack((masks, masks - 1))))
+        got, got_w = compiled.augmented_design(masks, kernel_weights)
+        np.testing.assert_array_equal(got, design)
+        np.testing.assert_array_equal(got_w, w_sqrt)
+        assert got.shape == (2 * rows, m) and got.flags.c_contiguous
+
+        # StandardScaler(with_mean=False)'s corrected two-pass variance, then LassoLarsIC's centring.
+        n = float(len(design))
+        mean = np.sum(design, axis=0) / n
+        deviation = design - mean
+        correction = np.sum(deviation, axis=0)
+        variance = (np.sum(deviation**2, axis=0) - correction**2 / n) / n
+        eps = np.finfo(np.float64).eps
+        scale = np.sqrt(variance)
+        scale[variance <= n * eps * variance + (n * mean * eps) ** 2] = 1.0
+        scaled = design / scale
+        scaled -= np.mean(scaled, axis=0)
+        np.testing.assert_array_equal(compiled.scaled_centred(design), scaled)
+
+
+def test_a_constant_column_keeps_scale_one() -> None:
+    design = np.ones((10, 3))
+    design[:, 1] = np.arange(10.0)
+    scaled = compiled.scaled_centred(design)
+    np.testing.assert_array_equal(scaled[:, 0], np.zeros(10))
+    np.testing.assert_allclose(scaled[:, 1], (np.arange(10.0) - 4.5) / np.std(np.arange(10.0)))
+
+
+def test_shuffle_swaps_say_when_the_outputs_ran_out() -> None:
+    swaps = np.empty((3, 9), dtype=np.int32)
+    assert compiled.shuffle_swaps(np.zeros(5, dtype=np.uint32), 0, swaps) == -1
+    assert compiled.shuffle_swaps(np.zeros(27, dtype=np.uint32), 0, swaps) == 27  # 0 is never rejected
+    np.testing.assert_array_equal(swaps, 0)
+
+
+def test_warm_up_loads_what_a_shard_calls() -> None:
+    compiled.warm_up()
+    assert len(compiled.fill_synthetic.signatures) >= 5
+    assert len(compiled.background_mean.signatures) >= 2
+
+
+def test_compiles_in_process_where_no_cache_can_be_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only install with no writable home: numba refuses cache=True at decoration; compile anyway."""
+    from numba.core import caching
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+
+    def twice(x: float) -> float:
+        return 2.0 * x
+
+    with pytest.raises(RuntimeError, match="no locator"):
+        import numba
+
+        numba.njit(cache=True)(twice)
+    assert compiled._compiled(twice)(1.5) == 3.0
