@@ -124,6 +124,7 @@ def explain_model(
             _say_validation(check)
             phases.lap("load and validate")
             plan = plan_run_task(config, check)
+            run.runner.prepare(plan.algorithm)
             record_plan(run.tracked, config, plan, run.artifacts)
             _say_plan(config, plan)
             if (more := explain_rows_said(config.data.explain_rows, check.data.rows)) is not None:

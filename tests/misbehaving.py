@@ -56,7 +56,8 @@ NEEDLESS = ("matplotlib", "mlflow", "great_expectations", "prefect", "boto3")
 
 class ModulesWitness:
     """A classifier that writes, at its first call in a process, which of NEEDLESS that process has imported
-    (`modules-<pid>.json` in `folder`): to see what a worker loads to explain a shard."""
+    (`modules-<pid>.json` in `folder`) and how many compiled fills it had loaded (`compiled-<pid>.json`):
+    to see what a worker loads to explain a shard."""
 
     def __init__(self, model: Any, folder: str) -> None:
         self.model = model
@@ -75,4 +76,8 @@ class ModulesWitness:
         path = Path(self.folder, f"modules-{os.getpid()}.json")
         if not path.exists():
             path.write_text(json.dumps([m for m in NEEDLESS if sys.modules.get(m) is not None]))
+            # And how much of the kernel engine's compiled code the process had loaded before any shard.
+            compiled = sys.modules.get("shapline.tasks.explainers.compiled")
+            loaded = len(compiled.fill_synthetic.signatures) if compiled is not None else 0
+            Path(self.folder, f"compiled-{os.getpid()}.json").write_text(json.dumps(loaded))
         return np.asarray(self.model.predict_proba(rows))

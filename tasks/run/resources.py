@@ -67,6 +67,7 @@ class ExplanationRun:
             self.runner: ShardRunner = stack.enter_context(
                 open_runner(shards, self.config.model, self.threads, self.tracked.run_id)
             )
+            self.runner.prepare(self.config.explainer.algorithm)  # "auto": once the plan resolved it
         except BaseException:
             # What was opened closes with the error, so the MLflow run (if started) ends FAILED with it.
             if not self._stack.__exit__(*sys.exc_info()):

@@ -103,3 +103,29 @@ def test_the_pool_is_ready_once_every_worker_ran_its_initializer(
         assert len(list(tmp_path.glob("ready-*"))) == 2
     finally:
         runner.close()
+
+
+def test_shard_threads_load_the_engines_compiled_code_only_for_kernel_shap() -> None:
+    """A fresh process (this one may have loaded it already): a tree run never starts LLVM (~50 MB); a
+    kernel run has every common signature loaded once the runner is ready, before any shard."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from shapline.tasks.compute.runners import ThreadRunner
+
+        runner = ThreadRunner(None)
+        for algorithm in ("tree", "linear", "auto"):
+            runner.prepare(algorithm)
+        runner.wait_ready()
+        print("after tree:", "llvmlite" in sys.modules, flush=True)
+        runner.prepare("kernel")
+        runner.prepare("kernel")  # once
+        runner.wait_ready()
+        from shapline.tasks.explainers import compiled
+        print("after kernel:", len(compiled.fill_synthetic.signatures) >= 4, flush=True)
+        runner.close()
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["after tree: False", "after kernel: True"]
