@@ -2,9 +2,10 @@
 
 Imported by the fork server before it forks any worker, so every worker starts with the shard code and
 the kernel engine loaded once (its compiled code too: LLVM's ~0.2 s start and ~50 MB, paid once in the
-fork server, never in a worker's first shard), and without plotting: shap imports its plots (and matplotlib, time and
-memory in every process) whenever matplotlib can be imported, and has its own fallback when it cannot. Nothing
-in such a process draws. MLflow and Great Expectations are never imported by the shard code at all.
+fork server, never in a worker's first shard), and without plotting: shap imports its plots (and
+matplotlib, time and memory in every process) whenever matplotlib can be imported, and has its own
+fallback when it cannot. Nothing in such a process draws. MLflow and Great Expectations are never
+imported by the shard code at all.
 """
 
 from __future__ import annotations

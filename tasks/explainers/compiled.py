@@ -4,9 +4,10 @@ Every explained row draws its coalitions, writes its synthetic rows (coalitions 
 breast cancer's 30 features), averages the model's outputs over the background, and scales and centres
 its regression's design. In numpy each is several passes over the same memory and a Python-level call
 per pass; here each is one loop doing the same operations in the same order, so every number is the same
-(tested against the numpy expressions, which are shap's and scikit-learn's, and against rng.shuffle). numba is shap's own
-dependency and a run imports it with shap anyway; `cache=True` keeps the machine code on disk, so a
-process loads it instead of compiling it, and `nogil` lets thread workers run them at once.
+(tested against the numpy expressions, which are shap's and scikit-learn's, and against rng.shuffle).
+numba is shap's own dependency and a run imports it with shap anyway; `cache=True` keeps the machine
+code on disk, so a process loads it instead of compiling it, and `nogil` lets thread workers run them at
+once. A process's first compiled call starts LLVM: `warm_up` pays that before the explain phase.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def fill_synthetic(
 
 @_compiled
 def background_mean(outputs: np.ndarray, weights: np.ndarray, ey: np.ndarray) -> None:
-    """ey[u] += the weighted sum over the background of coalition u's outputs (`outputs` coalition-major,
+    """ey[u] = the weighted sum over the background of coalition u's outputs (`outputs` coalition-major,
     n = len(weights) rows each), added background row by background row from zero: the order of shap's
     compiled `_exp_val`, so the targets of the solve are bit for bit shap's."""
     n = weights.shape[0]
