@@ -607,13 +607,6 @@ class KernelEngine:
         """
         n, b = len(self.background), len(batch.plans)
         coalitions, owners = batch.unit_mask[b:], batch.unit_plan[b:]
-        spans = []  # (plan, its rows in the call, its coalitions)
-        first_unit = 0
-        for i, plan in enumerate(batch.plans):
-            if plan.filled:
-                rows = slice(batch.offsets[i], batch.offsets[i] + plan.filled * n)
-                spans.append((i, rows, slice(first_unit, first_unit + plan.filled)))
-            first_unit += plan.filled
         blocks: dict[np.dtype, np.ndarray] = {}
         for dtype, positions in self._blocks.items():
             # One block per dtype: many separate multi-megabyte columns cost several times more.
@@ -622,24 +615,25 @@ class KernelEngine:
                 compiled.fill_synthetic(
                     block, batch.palette_blocks[dtype], coalitions[:, positions], owners, n
                 )
-                continue
-            for k, j in enumerate(positions):
-                palette, out = batch.palettes[j], block[k]
-                out[:b] = palette[n:]
-                out[b:].reshape(-1, n)[...] = palette[:n]
-                for i, rows, units in spans:
-                    # A scalar written into whole rows of the (coalitions, background) view: the
-                    # cheapest masked write numpy has (a per-row array value is several times slower).
-                    out[rows].reshape(-1, n)[coalitions[units, j]] = palette[n + i]
-        extension: dict[int, _Palette] = {}
-        if self._extension:
-            index = buffers.get("index", np.dtype(np.intp), (1, batch.n_rows))
-            where = np.arange(n + b)[np.newaxis]  # each value's position in the palette
-            for j in self._extension:
-                column = np.ascontiguousarray(coalitions[:, j : j + 1])
-                compiled.fill_synthetic(index, where, column, owners, n)
-                extension[j] = batch.palettes[j].take(index[0])
+            else:  # datetimes, objects: each value taken from the palette by its position
+                for k, j in enumerate(positions):
+                    palette = batch.palette_blocks[dtype][k]
+                    np.take(palette, self._palette_positions(batch, j, buffers), out=block[k])
+        extension: dict[int, _Palette] = {
+            j: batch.palettes[j].take(self._palette_positions(batch, j, buffers)) for j in self._extension
+        }
         return blocks, extension
+
+    def _palette_positions(self, batch: _Batch, j: int, buffers: _Buffers) -> np.ndarray:
+        """Where each row of the call finds its column-j value in the palette (the n background values,
+        then the B explained rows'): written as fill_synthetic writes values, into a buffer the next call
+        reuses (take from it at once)."""
+        n, b = len(self.background), len(batch.plans)
+        index = buffers.get("index", np.dtype(np.intp), (1, batch.n_rows))
+        where = np.arange(n + b)[np.newaxis]
+        column = np.ascontiguousarray(batch.unit_mask[b:, j : j + 1])
+        compiled.fill_synthetic(index, where, column, batch.unit_plan[b:], n)
+        return index[0]
 
     def _assemble(self, blocks: dict[np.dtype, np.ndarray], extension: dict[int, _Palette]) -> pd.DataFrame:
         """A frame over the blocks' memory (no copy), columns in the background's order."""
