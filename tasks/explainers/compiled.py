@@ -242,3 +242,6 @@ def warm_up() -> None:
     masks = np.array([[1.0, 0.0], [0.0, 1.0]])
     design, _ = augmented_design(masks, np.ones(2))
     scaled_centred(design)
+    from shapline.tasks.explainers import native  # imports this module: loaded here, not at its top
+
+    native.available()  # the LARS path's code, and its one check against numpy's products

@@ -16,6 +16,8 @@ from scipy.linalg.lapack import get_lapack_funcs
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.arrayfuncs import cholesky_delete, min_pos
 
+from shapline.tasks.explainers import native
+
 __all__ = ["lasso_path_gram"]
 
 _TINY32 = np.finfo(np.float32).tiny  # scikit-learn's guard against a division by zero
@@ -26,7 +28,22 @@ def lasso_path_gram(
     xy: np.ndarray, gram: np.ndarray, n_samples: int, max_iter: int = 500, eps: float = np.finfo(float).eps
 ) -> tuple[np.ndarray, list[int], np.ndarray]:
     """(alphas, active, coefs (features, steps)) as lars_path_gram(xy, gram, n_samples=n_samples,
-    alpha_min=0, method="lasso", max_iter=max_iter, eps=eps) returns them, for float64 inputs."""
+    alpha_min=0, method="lasso", max_iter=max_iter, eps=eps) returns them, for float64 inputs.
+
+    The compiled path (`native.lasso_path`: the same BLAS and LAPACK calls, without Python between
+    them) gives it when it can; a path that drops a variable, meets a degenerate regressor or stops
+    early (scikit-learn warns there) is taken again here, step for step.
+    """
+    compiled = native.lasso_path(xy, gram, n_samples, max_iter, eps)
+    if compiled is not None:
+        return compiled
+    return python_lasso_path_gram(xy, gram, n_samples, max_iter, eps)
+
+
+def python_lasso_path_gram(
+    xy: np.ndarray, gram: np.ndarray, n_samples: int, max_iter: int = 500, eps: float = np.finfo(float).eps
+) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """lasso_path_gram in Python: every branch, each BLAS and LAPACK call made from Python."""
     cov = np.array(xy, dtype=np.float64, order="C")
     gram = np.array(gram, dtype=np.float64, order="C")  # scikit-learn's copy: the dot below sees its layout
     n_features = cov.shape[0]
