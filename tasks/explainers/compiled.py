@@ -36,7 +36,9 @@ __all__ = [
     "background_mean",
     "fill_synthetic",
     "leading_sets",
+    "random_coalitions",
     "scaled_centred",
+    "searchsorted_right",
     "shuffle_swaps",
     "warm_up",
 ]
@@ -200,6 +202,111 @@ def leading_sets(swaps: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     return sets
 
 
+@_compiled
+def searchsorted_right(cdf: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """cdf.searchsorted(values, side="right") for an ascending cdf: for each value, the number of cdf
+    entries <= it (the comparisons numpy makes, so the same indices; NaN sorts last, as numpy's)."""
+    out = np.empty(values.shape[0], dtype=np.intp)
+    n = cdf.shape[0]
+    for i in range(values.shape[0]):
+        value = values[i]
+        lo, hi = 0, n
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if value < cdf[mid] or (cdf[mid] != cdf[mid] and value == value):  # cdf[mid] > value
+                hi = mid
+            else:
+                lo = mid + 1
+        out[i] = lo
+    return out
+
+
+@_compiled
+def random_coalitions(
+    raw: np.ndarray,
+    sizes: np.ndarray,
+    num_paired: int,
+    samples_left: int,
+    masks: np.ndarray,
+    weights: np.ndarray,
+    start: int,
+) -> int:
+    """shap's random phase (m = masks.shape[1] <= 63), draw by draw as its loop makes them: the rows it
+    fills in masks/weights from row `start`; returns the row after the last, or -1 when the generator's
+    32-bit outputs `raw` ran out first (nothing written is then usable: call again with more).
+
+    Draw d takes the first sizes[d] features of a shuffle of range(m) (swap partners drawn from `raw`
+    as `shuffle_swaps` draws them). A coalition not drawn before adds a row, and its complement's row
+    when its size is paired and budget remains; a repeat adds 1 to the weight of the earlier row (and
+    of the row after it, when paired). Coalitions are one machine word each (bit j: feature j), found
+    again through an open-addressing table; complements are never looked up, as shap's `used_masks`.
+    """
+    m = masks.shape[1]
+    steps = m - 1
+    bits = np.empty(max(steps, 1), dtype=np.uint32)
+    for step in range(steps):
+        mask = np.uint32(steps - step)
+        mask |= mask >> 1
+        mask |= mask >> 2
+        mask |= mask >> 4
+        mask |= mask >> 8
+        mask |= mask >> 16
+        bits[step] = mask
+    capacity = 16
+    while capacity < 4 * samples_left:
+        capacity *= 2
+    keys = np.full(capacity, -1, dtype=np.int64)
+    first_rows = np.empty(capacity, dtype=np.int64)
+    permutation = np.empty(m, dtype=np.intp)
+    at, row = 0, start
+    for d in range(sizes.shape[0]):
+        if samples_left <= 0:
+            break
+        for i in range(m):
+            permutation[i] = i
+        for step in range(steps):
+            bound = np.uint32(steps - step)
+            while True:
+                if at >= raw.shape[0]:
+                    return -1
+                value = raw[at] & bits[step]
+                at += 1
+                if value <= bound:
+                    break
+            i = m - 1 - step
+            permutation[i], permutation[value] = permutation[value], permutation[i]
+        size = sizes[d]
+        key = np.int64(0)
+        for k in range(size):
+            key |= np.int64(1) << permutation[k]
+        slot = np.int64((np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)) & (capacity - 1)
+        while keys[slot] != -1 and keys[slot] != key:
+            slot = (slot + 1) & (capacity - 1)
+        paired = size <= num_paired
+        if keys[slot] == -1:
+            keys[slot] = key
+            first_rows[slot] = row
+            for j in range(m):  # rows an earlier call wrote before its outputs ran out
+                masks[row, j] = 0.0
+            for k in range(size):
+                masks[row, permutation[k]] = 1.0
+            weights[row] = 1.0
+            row += 1
+            samples_left -= 1
+            if samples_left > 0 and paired:
+                for j in range(m):
+                    masks[row, j] = 1.0 - masks[row - 1, j]
+                weights[row] = 1.0
+                row += 1
+                samples_left -= 1
+        else:
+            earlier = first_rows[slot]
+            weights[earlier] += 1.0
+            if samples_left > 0 and paired:
+                weights[earlier + 1] += 1.0
+    return row
+
+
 # The dtypes a model call's columns are written in by fill_synthetic; any other (datetimes, float16,
 # objects) is written by numpy.
 FILLED_DTYPES = frozenset(
@@ -239,6 +346,8 @@ def warm_up() -> None:
     swaps = np.zeros((1, 1), dtype=np.int32)
     shuffle_swaps(np.zeros(2, dtype=np.uint32), 0, swaps)
     leading_sets(swaps, np.ones(1, dtype=np.int64))
+    sizes = searchsorted_right(np.array([0.5, 1.0]), np.array([0.25])) + 1
+    random_coalitions(np.zeros(4, dtype=np.uint32), sizes, 1, 2, np.zeros((2, 2)), np.zeros(2), 0)
     masks = np.array([[1.0, 0.0], [0.0, 1.0]])
     design, _ = augmented_design(masks, np.ones(2))
     scaled_centred(design)

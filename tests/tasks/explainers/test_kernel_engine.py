@@ -15,7 +15,13 @@ import shap
 from shap.utils._legacy import DenseData
 
 from shapline.tasks.explainers import compiled
-from shapline.tasks.explainers.kernel_engine import KernelEngine, RowPlan, _Buffers, _Shuffles
+from shapline.tasks.explainers.kernel_engine import (
+    KernelEngine,
+    RowPlan,
+    _Buffers,
+    _draw_coalitions,
+    _Shuffles,
+)
 
 EPS = 1e-7
 ATOL = 1e-6
@@ -620,3 +626,79 @@ def test_rows_to_merge_stops_at_the_memory_a_thread_keeps() -> None:
     assert _rows_to_merge(cost, 10_000, 8) == math.ceil(1e-3 / (_FIXED_SHARE * 1e-2))
     assert _rows_to_merge(CallCost(per_call=1.0, per_row=0.0), 10_000, 8) == _Buffers.KEPT_BYTES // 80_000
     assert _rows_to_merge(CallCost(per_call=1.0, per_row=1e-9), 10**8, 8) == 1  # one row's call is that big
+
+
+def shap_coalitions(m: int, nsamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """shap's KernelExplainer.explain sampling, transcribed (its masks and kernel weights), on numpy's global
+    RNG seeded as shap is: the reference for the engine's compiled draw."""
+    from scipy.special import binom
+
+    np.random.seed(seed)
+    num_subset_sizes, num_paired = int(np.ceil((m - 1) / 2.0)), int(np.floor((m - 1) / 2.0))
+    weight_vector = np.array([(m - 1.0) / (i * (m - i)) for i in range(1, num_subset_sizes + 1)])
+    weight_vector[:num_paired] *= 2
+    weight_vector /= np.sum(weight_vector)
+    masks, weights = [], []
+    num_full, left, remaining = 0, nsamples, weight_vector.copy()
+    for size in range(1, num_subset_sizes + 1):
+        nsubsets = binom(m, size) * (2 if size <= num_paired else 1)
+        if left * remaining[size - 1] / nsubsets < 1.0 - 1e-8:
+            break
+        num_full += 1
+        left -= nsubsets
+        if remaining[size - 1] < 1.0:
+            remaining /= 1 - remaining[size - 1]
+        w = weight_vector[size - 1] / binom(m, size) / (2.0 if size <= num_paired else 1.0)
+        for inds in itertools.combinations(range(m), size):
+            mask = np.zeros(m)
+            mask[list(inds)] = 1.0
+            masks.append(mask), weights.append(w)
+            if size <= num_paired:
+                masks.append(np.abs(mask - 1)), weights.append(w)
+    nfixed = len(masks)
+    samples_left = nsamples - nfixed
+    if num_full != num_subset_sizes:
+        vector = weight_vector.copy()
+        vector[:num_paired] /= 2
+        vector = vector[num_full:] / np.sum(vector[num_full:])
+        ind_set = np.random.choice(len(vector), 4 * samples_left, p=vector)
+        used: dict[tuple[float, ...], int] = {}
+        position = 0
+        while samples_left > 0 and position < len(ind_set):
+            mask = np.zeros(m)
+            size = ind_set[position] + num_full + 1
+            position += 1
+            mask[np.random.permutation(m)[:size]] = 1.0
+            key, new = tuple(mask), False
+            if key not in used:
+                new, used[key] = True, len(masks)
+                samples_left -= 1
+                masks.append(mask.copy()), weights.append(1.0)
+            else:
+                weights[used[key]] += 1.0
+            if samples_left > 0 and size <= num_paired:
+                if new:
+                    samples_left -= 1
+                    masks.append(np.abs(mask - 1)), weights.append(1.0)
+                else:
+                    weights[used[key] + 1] += 1.0
+        weights_array = np.array(weights)
+        weights_array[nfixed:] *= np.sum(weight_vector[num_full:]) / weights_array[nfixed:].sum()
+        return np.array(masks), weights_array
+    return np.array(masks), np.array(weights)
+
+
+@pytest.mark.parametrize("m", [3, 6, 9, 12, 16, 23, 30, 41, 63])
+def test_the_compiled_draw_is_shaps_sampling(m: int) -> None:
+    """Masks and kernel weights bit for bit those of shap's loop (its RNG calls, its repeats and paired
+    complements), for budgets that enumerate, sample, repeat heavily (m = 12) and exhaust the draws."""
+    for nsamples in ("auto", 60, 700):
+        budget = 2 * m + 2**11 if nsamples == "auto" else nsamples
+        if m <= 30:
+            budget = min(budget, 2**m - 2)
+        for seed in (0, 7, 2**31 + 3):
+            masks, weights, filled, _ = _draw_coalitions(m, nsamples, np.random.RandomState(seed))
+            expected_masks, expected_weights = shap_coalitions(m, budget, seed)
+            assert filled == len(expected_masks)
+            np.testing.assert_array_equal(masks[:filled], expected_masks)
+            np.testing.assert_array_equal(weights[:filled], expected_weights)
