@@ -231,6 +231,7 @@ def _kernel_values(
         float32=predictor.reads_float32,
         call_cost=predictor.call_cost,
         background_output=known.get(key),
+        deduplicates=(predictor.kernel_deduplicates or {}).get(key),
     )
     # Kept with the model, one run's background at a time: the process's next shards make no call on it.
     predictor.background_outputs = {key: engine.background_output}
@@ -264,6 +265,8 @@ def _kernel_values(
         accuracy = KernelAccuracy(engine.coalitions.copy(), None, None, model_rows)
     # Timed on this shard's first call (batch_rows auto): the process's next shards merge from their first.
     predictor.call_cost = engine.call_cost
+    if engine.deduplicates is not None:  # dedupe auto, decided on this shard's rows: so for the run's next
+        predictor.kernel_deduplicates = {key: engine.deduplicates}
     return values, base, fx, engine.rows_saved, accuracy
 
 

@@ -228,6 +228,7 @@ class KernelEngine:
         float32: bool = False,
         call_cost: CallCost | None = None,
         background_output: tuple[np.ndarray, float] | None = None,
+        deduplicates: bool | None = None,
     ) -> None:
         """`predict` maps a frame with the background's columns and dtypes to (rows, outputs) floats.
 
@@ -239,7 +240,9 @@ class KernelEngine:
         "auto" then needs no call of one row to time); `call_cost` is set once this engine has.
         `background_output` is what `predict` gave on this background, and the seconds the call took, when
         an earlier engine of the run called it (`self.background_output` once this one has): a shard's
-        engine then makes no call on the background of its own.
+        engine then makes no call on the background of its own. `deduplicates` is what an earlier engine
+        of the run decided for dedupe "auto" (`self.deduplicates` once this one has): a shard's engine
+        then samples no repeats of its own.
         """
         if link not in LINKS:
             raise ValueError(f"link must be one of {sorted(LINKS)}, got {link!r}")
@@ -278,7 +281,7 @@ class KernelEngine:
         self._lock = threading.Lock()
         self.rows_sent = 0
         self.rows_saved = 0
-        self._auto_dedupe: bool | None = None  # decided by the first call with dedupe="auto"
+        self._auto_dedupe: bool | None = deduplicates  # else decided by the first call with dedupe="auto"
         self._auto_rows: int | None = None  # decided by the first call with batch_rows="auto"
         self.call_cost = call_cost
         if background_output is None:
@@ -298,6 +301,11 @@ class KernelEngine:
         self._fnull = np.sum((out.T * self.weights).T, 0)
         self.n_outputs = out.shape[1]
         self.expected_value = self._link(self._fnull)
+
+    @property
+    def deduplicates(self) -> bool | None:
+        """What dedupe "auto" decided (None until a call decided it)."""
+        return self._auto_dedupe
 
     # ----------------------------------------------------------------------------------------------
     # public API

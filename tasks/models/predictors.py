@@ -48,6 +48,9 @@ class Predictor(ABC):
     # The kernel engine's call on a run's background, by what was called (the background's digest, its
     # columns and the outputs taken): a process's later shards of the run make no call of their own.
     background_outputs: dict[tuple[object, ...], tuple[np.ndarray, float]] | None = None
+    # What the kernel engine decided for dedupe "auto" on that run's rows (by the same key): a process's
+    # later shards of the run sample no repeats of their own.
+    kernel_deduplicates: dict[tuple[object, ...], bool] | None = None
 
     @abstractmethod
     def predict(self, frame: pd.DataFrame) -> np.ndarray:

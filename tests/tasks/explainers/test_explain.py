@@ -475,15 +475,24 @@ def test_auto_merges_a_pipelines_calls_with_the_same_values(
 ) -> None:
     """batch_rows auto, an in-process Pipeline: the first shard times the model's calls (here a clock that
     moves ~4 ms a call and 0.6 us a row, as the demo's Pipeline costs), then merges its other rows' calls;
-    the next shard, with the cost known, merges from its first call and reuses the background's output. The
-    values are one row per call's."""
+    the next shard, with the cost known, merges from its first call and reuses the background's output and
+    the first shard's dedupe decision. The values are one row per call's."""
     config = ExplainerConfig(algorithm="kernel", nsamples=80, seed=3, l1_reg="aic")
     rows, background, alone, predictor = _timed_pipeline(penguins, monkeypatch, config)
     first = explain_rows(rows.iloc[:3], background, predictor, config, "logit", 1, width=3)
     # The background; the first row's call, timed; the other two rows' in one (each distinct row once).
     assert len(predictor.calls) == 3 and predictor.calls[0] == 10
     assert predictor.call_cost is not None
+    # dedupe auto decided on this shard's rows (a Pipeline's text columns repeat): kept for the run's next
+    assert list((predictor.kernel_deduplicates or {}).values()) == [True]
     predictor.calls.clear()
+
+    from shapline.tasks.explainers.kernel_engine import KernelEngine
+
+    def sampled_again(*_: object) -> float:
+        raise AssertionError("the second shard sampled its rows' repeats again")
+
+    monkeypatch.setattr(KernelEngine, "_repeat_share", sampled_again)
     second = explain_rows(rows.iloc[3:], background, predictor, config, "logit", 1, width=3)
     # Its three rows in one call; the background's output is the first shard's, not called again.
     assert len(predictor.calls) == 1 and predictor.calls[0] != 10
