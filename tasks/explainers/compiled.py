@@ -34,6 +34,7 @@ __all__ = [
     "FILLED_DTYPES",
     "augmented_design",
     "background_mean",
+    "fill_rows",
     "fill_synthetic",
     "leading_sets",
     "random_coalitions",
@@ -71,6 +72,34 @@ def fill_synthetic(
             else:
                 for r in range(n):
                     row[start + r] = palette[r]
+
+
+@_compiled
+def fill_rows(
+    out: np.ndarray,
+    palettes: np.ndarray,
+    coalitions: np.ndarray,
+    owners: np.ndarray,
+    n: int,
+    rows: np.ndarray,
+) -> None:
+    """Write only the given rows of one model call into `out` (columns, len(rows)): row t of `out` is the
+    call's row rows[t] as fill_synthetic writes it (the distinct rows of a deduplicated call)."""
+    columns = palettes.shape[0]
+    b = palettes.shape[1] - n
+    for k in range(columns):
+        row = out[k]
+        palette = palettes[k]
+        for t in range(rows.shape[0]):
+            r = rows[t]
+            if r < b:
+                row[t] = palette[n + r]
+            else:
+                u = (r - b) // n
+                if coalitions[u, k]:
+                    row[t] = palette[n + owners[u]]
+                else:
+                    row[t] = palette[r - b - u * n]
 
 
 @_compiled
@@ -340,6 +369,9 @@ def warm_up() -> None:
     for dtype in (np.float32, np.float64, np.int64, np.bool_, np.intp):
         fill_synthetic(
             np.empty((1, 1 + n), dtype=dtype), np.zeros((1, n + 1), dtype=dtype), coalitions, owners, n
+        )
+        fill_rows(
+            np.empty((1, 1), dtype=dtype), np.zeros((1, n + 1), dtype=dtype), coalitions, owners, n, owners
         )
     for dtype in (np.float32, np.float64):
         background_mean(np.zeros((n, 1), dtype=dtype), np.full(n, 0.5), np.zeros((1, 1)))

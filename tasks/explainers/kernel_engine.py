@@ -607,40 +607,51 @@ class KernelEngine:
         return units, np.where(rows < b, 0, synthetic % n)
 
     def _fill(
-        self, batch: _Batch, buffers: _Buffers
+        self, batch: _Batch, buffers: _Buffers, rows: np.ndarray | None = None
     ) -> tuple[dict[np.dtype, np.ndarray], dict[int, _Palette]]:
-        """Every row of the call, per column: the background tiled, then x written into its coalitions.
+        """Every row of the call, per column: the background tiled, then x written into its coalitions; with
+        `rows`, only those rows of the call (a deduplicated call's distinct rows), in that order.
 
         Returns one (columns, rows) block per numpy dtype and the extension-typed columns.
         """
         n, b = len(self.background), len(batch.plans)
         coalitions, owners = batch.unit_mask[b:], batch.unit_plan[b:]
+        length = batch.n_rows if rows is None else len(rows)
         blocks: dict[np.dtype, np.ndarray] = {}
         for dtype, positions in self._blocks.items():
             # One block per dtype: many separate multi-megabyte columns cost several times more.
-            block = blocks[dtype] = buffers.get(dtype, dtype, (len(positions), batch.n_rows))
+            block = blocks[dtype] = buffers.get(dtype, dtype, (len(positions), length))
             if dtype in compiled.FILLED_DTYPES:
-                compiled.fill_synthetic(
-                    block, batch.palette_blocks[dtype], coalitions[:, positions], owners, n
-                )
+                palettes = batch.palette_blocks[dtype]
+                if rows is None:
+                    compiled.fill_synthetic(block, palettes, coalitions[:, positions], owners, n)
+                else:
+                    compiled.fill_rows(block, palettes, coalitions[:, positions], owners, n, rows)
             else:  # datetimes, objects: each value taken from the palette by its position
                 for k, j in enumerate(positions):
                     palette = batch.palette_blocks[dtype][k]
-                    np.take(palette, self._palette_positions(batch, j, buffers), out=block[k])
+                    np.take(palette, self._palette_positions(batch, j, buffers, rows), out=block[k])
         extension: dict[int, _Palette] = {
-            j: batch.palettes[j].take(self._palette_positions(batch, j, buffers)) for j in self._extension
+            j: batch.palettes[j].take(self._palette_positions(batch, j, buffers, rows))
+            for j in self._extension
         }
         return blocks, extension
 
-    def _palette_positions(self, batch: _Batch, j: int, buffers: _Buffers) -> np.ndarray:
-        """Where each row of the call finds its column-j value in the palette (the n background values,
-        then the B explained rows'): written as fill_synthetic writes values, into a buffer the next call
-        reuses (take from it at once)."""
+    def _palette_positions(
+        self, batch: _Batch, j: int, buffers: _Buffers, rows: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Where each row of the call (or each of `rows`) finds its column-j value in the palette (the n
+        background values, then the B explained rows'): written as fill_synthetic writes values, into a
+        buffer the next call reuses (take from it at once)."""
         n, b = len(self.background), len(batch.plans)
-        index = buffers.get("index", np.dtype(np.intp), (1, batch.n_rows))
+        length = batch.n_rows if rows is None else len(rows)
+        index = buffers.get("index", np.dtype(np.intp), (1, length))
         where = np.arange(n + b)[np.newaxis]
         column = np.ascontiguousarray(batch.unit_mask[b:, j : j + 1])
-        compiled.fill_synthetic(index, where, column, batch.unit_plan[b:], n)
+        if rows is None:
+            compiled.fill_synthetic(index, where, column, batch.unit_plan[b:], n)
+        else:
+            compiled.fill_rows(index, where, column, batch.unit_plan[b:], n, rows)
         return index[0]
 
     def _assemble(self, blocks: dict[np.dtype, np.ndarray], extension: dict[int, _Palette]) -> pd.DataFrame:
@@ -658,22 +669,16 @@ class KernelEngine:
 
     def _evaluate(self, batch: _Batch, dedupe: bool, buffers: _Buffers) -> np.ndarray:
         """The model's outputs for every row of the call, (rows, outputs)."""
-        blocks, extension = self._fill(batch, buffers)
         if dedupe:
             groups = self._distinct_rows(batch)
             if groups is not None:
                 first, codes = groups
-                # Compact the rows to send: building every row then keeping the first copies costs
-                # less than gathering the distinct rows one column index at a time.
-                distinct = {}
-                for dtype, block in blocks.items():
-                    distinct[dtype] = buffers.get(("distinct", dtype), dtype, (len(block), len(first)))
-                    np.take(block, first, axis=1, out=distinct[dtype], mode="clip")  # "raise" buffers out
-                outputs = self._predict(
-                    self._assemble(distinct, {j: values.take(first) for j, values in extension.items()})
-                )
+                # Only the distinct rows are written (their first copies), and sent.
+                blocks, extension = self._fill(batch, buffers, first)
+                outputs = self._predict(self._assemble(blocks, extension))
                 self._count(len(first), batch.n_rows - len(first))
                 return outputs[codes]
+        blocks, extension = self._fill(batch, buffers)
         outputs = self._predict(self._assemble(blocks, extension))
         self._count(batch.n_rows, 0)
         return outputs

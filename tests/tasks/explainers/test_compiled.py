@@ -37,6 +37,23 @@ def test_fill_writes_the_rows_numpy_writes(dtype: type) -> None:
         np.testing.assert_array_equal(out[k], numpy_fill(palettes[k], coalitions[:, k], owners, n))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.bool_, np.intp])
+def test_fill_rows_writes_the_rows_fill_synthetic_writes(dtype: type) -> None:
+    """A deduplicated call writes only its distinct rows: each the very row of the whole call."""
+    rng = np.random.default_rng(1)
+    n, b, units, columns = 6, 2, 30, 4
+    palettes = (rng.normal(size=(columns, n + b)) * 50).astype(dtype)
+    coalitions = rng.random((units, columns)) < 0.5
+    owners = np.sort(rng.integers(0, b, size=units))
+    whole = np.empty((columns, b + units * n), dtype=dtype)
+    compiled.fill_synthetic(whole, palettes, coalitions, owners, n)
+    rows = np.sort(rng.choice(whole.shape[1], size=70, replace=False)).astype(np.intp)
+    rows[:2] = [0, 1]  # the explained rows too
+    out = np.empty((columns, len(rows)), dtype=dtype)
+    compiled.fill_rows(out, palettes, coalitions, owners, n, rows)
+    np.testing.assert_array_equal(out, whole[:, rows])
+
+
 def test_the_engine_fills_a_frame_of_every_kind_of_column_as_before() -> None:
     """numpy dtypes the loop writes, one it does not (datetime), an extension type (text) and a category."""
     rng = np.random.default_rng(1)

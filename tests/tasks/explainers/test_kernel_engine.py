@@ -312,6 +312,29 @@ def test_dedupe_sends_each_distinct_row_once_with_identical_results(
     assert all(not frame.duplicated().any() for frame in sent)  # duplicated() counts NaN equal to NaN
 
 
+def test_a_deduplicated_call_writes_its_distinct_rows_as_the_whole_call_holds_them(
+    penguin_pipeline: tuple[pd.DataFrame, object],
+) -> None:
+    """Only the distinct rows are written: each column (float, text, the object column pandas makes of
+    mixed values) holds exactly the values and dtype the whole call's frame holds at those rows."""
+    features, _ = penguin_pipeline
+    mixed = features.assign(
+        note=np.array(["a", 1, None, 2.5] * (len(features) // 4 + 1), dtype=object)[: len(features)]
+    )
+    engine = KernelEngine(lambda frame: np.zeros((len(frame), 1)), shap.sample(mixed, 12, random_state=3))
+    data = engine._prepare(engine._as_rows(mixed.iloc[[3, 8, 40]]))
+    plans = [engine._plan(data, i, 5 + i, 300) for i in range(3)]
+    batch = engine._batch(plans, data, np.arange(3))
+    groups = engine._distinct_rows(batch)
+    assert groups is not None
+    first, _ = groups
+    whole = engine._assemble(*engine._fill(batch, _Buffers())).iloc[first].reset_index(drop=True)
+    distinct = engine._assemble(*engine._fill(batch, _Buffers(), first))
+    assert distinct.dtypes.to_dict() == whole.dtypes.to_dict()
+    pd.testing.assert_frame_equal(distinct, whole)
+    assert len(first) < batch.n_rows
+
+
 def test_dedupe_on_numeric_rows_equals_no_dedupe(numeric: pd.DataFrame) -> None:
     """Bit for bit, for a model whose output for a row does not depend on the other rows of the call
     (a BLAS product can differ in the last bit with the batch, and a deduplicated call is smaller)."""
