@@ -12,23 +12,9 @@ once. A process's first compiled call starts LLVM: `warm_up` pays that before th
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar, cast
-
-import numba
 import numpy as np
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _compiled(function: _F) -> _F:
-    """numba.njit, its machine code cached on disk, or compiled in each process where no cache can be
-    written (a read-only install without a writable home or NUMBA_CACHE_DIR: numba refuses to cache)."""
-    try:
-        return cast(_F, numba.njit(cache=True, nogil=True)(function))
-    except RuntimeError:
-        return cast(_F, numba.njit(nogil=True)(function))
-
+from shapline.tasks.explainers.jit import cached_njit as _compiled
 
 __all__ = [
     "FILLED_DTYPES",
@@ -383,6 +369,6 @@ def warm_up() -> None:
     masks = np.array([[1.0, 0.0], [0.0, 1.0]])
     design, _ = augmented_design(masks, np.ones(2))
     scaled_centred(design)
-    from shapline.tasks.explainers import native  # imports this module: loaded here, not at its top
+    from shapline.tasks.explainers import lars
 
-    native.available()  # the LARS path's code, and its one check against numpy's products
+    lars.warm_up()  # the compiled LARS path's code, and its one check against numpy's products

@@ -34,10 +34,15 @@ def lasso_path_gram(
     them) gives it when it can; a path that drops a variable, meets a degenerate regressor or stops
     early (scikit-learn warns there) is taken again here, step for step.
     """
-    compiled = native.lasso_path(xy, gram, n_samples, max_iter, eps)
+    compiled = native.lasso_path(xy, gram, n_samples, max_iter, eps, python_lasso_path_gram)
     if compiled is not None:
         return compiled
     return python_lasso_path_gram(xy, gram, n_samples, max_iter, eps)
+
+
+def warm_up() -> None:
+    """Load the compiled path's machine code and check it against this one, now (compiled.warm_up)."""
+    native.available(python_lasso_path_gram)
 
 
 def python_lasso_path_gram(

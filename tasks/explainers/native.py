@@ -26,6 +26,7 @@ import ctypes
 import glob
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import get_cython_function_address, intrinsic
 
-from shapline.tasks.explainers.compiled import _compiled
+from shapline.tasks.explainers.jit import cached_njit as _compiled
 
 __all__ = ["lasso_path"]
 
@@ -372,11 +373,14 @@ def _run(
     return alphas[: steps + 1], [int(i) for i in active[:n_active]], coefs[: steps + 1].T
 
 
-def _self_check(routines: tuple[int, int, int, int]) -> bool:
-    """Whether the routines found give numpy's dot products: the compiled path against the Python one on
-    designs whose paths take every product shape (one row left, several, one active column)."""
-    from shapline.tasks.explainers import lars
+LarsPath = tuple[np.ndarray, list[int], np.ndarray]
+Reference = Callable[[np.ndarray, np.ndarray, int, int, float], LarsPath]
 
+
+def _self_check(routines: tuple[int, int, int, int], reference: Reference) -> bool:
+    """Whether the routines found give numpy's dot products: the compiled path against `reference` (the
+    Python path) on designs whose paths take every product shape (one row left, several, one active
+    column); False unless at least one path was compared."""
     rng = np.random.default_rng(0)
     compared = 0
     for _ in range(4):
@@ -389,7 +393,7 @@ def _self_check(routines: tuple[int, int, int, int]) -> bool:
         got = _run(routines, xy, gram, 60, 500, eps)
         if got is None:
             continue
-        expected = lars.python_lasso_path_gram(xy, gram, 60, 500, eps)
+        expected = reference(xy, gram, 60, 500, eps)
         if not (
             np.array_equal(got[0], expected[0])
             and got[1] == expected[1]
@@ -400,22 +404,24 @@ def _self_check(routines: tuple[int, int, int, int]) -> bool:
     return compared > 0
 
 
-def available() -> bool:
-    """Whether the compiled path is used: the routines found, and checked once per process."""
+def available(reference: Reference) -> bool:
+    """Whether the compiled path is used: the routines found, and checked once per process against
+    `reference`."""
     global _ROUTINES, _CHECKED
     if _CHECKED is None:
         with _LOCK:
             if _CHECKED is None:
                 routines = _routines()
                 _ROUTINES = routines
-                _CHECKED = routines is not None and _self_check(routines)
+                _CHECKED = routines is not None and _self_check(routines, reference)
     return bool(_CHECKED)
 
 
 def lasso_path(
-    xy: np.ndarray, gram: np.ndarray, n_samples: int, max_iter: int, eps: float
-) -> tuple[np.ndarray, list[int], np.ndarray] | None:
-    """lars.lasso_path_gram's (alphas, active, coefs) compiled, or None where the Python path must give it."""
-    if not available() or _ROUTINES is None:
+    xy: np.ndarray, gram: np.ndarray, n_samples: int, max_iter: int, eps: float, reference: Reference
+) -> LarsPath | None:
+    """lars.lasso_path_gram's (alphas, active, coefs) compiled, or None where `reference` (the Python
+    path) must give it."""
+    if not available(reference) or _ROUTINES is None:
         return None
     return _run(_ROUTINES, xy, gram, n_samples, max_iter, eps)

@@ -81,11 +81,11 @@ def kernel_problem(m: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
 def test_the_compiled_path_is_the_python_path_bit_for_bit(m: int) -> None:
     """The compiled path (numpy's own BLAS, scipy's LAPACK) gives every number the Python path gives; on
     these designs it never needs the Python path (no drop, no degenerate regressor)."""
-    assert native.available()
+    assert native.available(python_lasso_path_gram)
     eps = float(np.finfo(float).eps)
     for seed in range(15):
         xy, gram, n = kernel_problem(m, seed)
-        got = native.lasso_path(xy, gram, n, 500, eps)
+        got = native.lasso_path(xy, gram, n, 500, eps, python_lasso_path_gram)
         assert got is not None
         expected = python_lasso_path_gram(xy, gram, n, 500, eps)
         np.testing.assert_array_equal(got[0], expected[0])
@@ -106,7 +106,7 @@ def test_paths_the_compiled_code_leaves_to_python() -> None:
         x, y = x - x.mean(axis=0), y - y.mean()
         alphas, active, _ = python_lasso_path_gram(x.T @ y, x.T @ x, 80, 500, eps)
         if len(alphas) - 1 > len(active):  # the path drops a variable
-            assert native.lasso_path(x.T @ y, x.T @ x, 80, 500, eps) is None
+            assert native.lasso_path(x.T @ y, x.T @ x, 80, 500, eps, python_lasso_path_gram) is None
             left += 1
     assert left >= 3
     rng = np.random.default_rng(1)
@@ -114,7 +114,7 @@ def test_paths_the_compiled_code_leaves_to_python() -> None:
     x -= x.mean(axis=0)
     y = x @ rng.normal(size=140) + rng.normal(size=400)
     y -= y.mean()
-    assert native.lasso_path(x.T @ y, x.T @ x, 400, 500, eps) is None
+    assert native.lasso_path(x.T @ y, x.T @ x, 400, 500, eps, python_lasso_path_gram) is None
     assert_same_path(x, y)
 
 
@@ -123,7 +123,7 @@ def test_without_numpys_blas_the_python_path_runs(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(native, "_CHECKED", None)
     monkeypatch.setattr(native, "_routines", lambda: None)
     xy, gram, n = kernel_problem(13, 0)
-    assert native.lasso_path(xy, gram, n, 500, float(np.finfo(float).eps)) is None
-    assert not native.available()
+    assert native.lasso_path(xy, gram, n, 500, float(np.finfo(float).eps), python_lasso_path_gram) is None
+    assert not native.available(python_lasso_path_gram)
     expected = lars_path_gram(xy, gram, n_samples=n, alpha_min=0.0, method="lasso", max_iter=500)
     np.testing.assert_array_equal(lasso_path_gram(xy, gram, n)[2], expected[2])
