@@ -165,6 +165,34 @@ def scaled_centred(design: np.ndarray) -> np.ndarray:
 
 
 @_compiled
+def _bound_masks(steps: int) -> np.ndarray:
+    """For each Fisher-Yates step (bound i = steps - step), the mask legacy `randint` puts on a 32-bit
+    output for a draw in [0, i]: i with every bit below its highest set."""
+    masks = np.empty(max(steps, 1), dtype=np.uint32)
+    for step in range(steps):
+        mask = np.uint32(steps - step)
+        mask |= mask >> 1
+        mask |= mask >> 2
+        mask |= mask >> 4
+        mask |= mask >> 8
+        mask |= mask >> 16
+        masks[step] = mask
+    return masks
+
+
+@_compiled
+def _bounded(raw: np.ndarray, at: int, mask: np.uint32, bound: np.uint32) -> tuple[np.uint32, int]:
+    """Legacy `randint`'s masked rejection on the outputs raw[at:]: (the draw in [0, bound], where the
+    next starts), or (0, -1) when the outputs ran out first."""
+    while at < raw.shape[0]:
+        value = raw[at] & mask
+        at += 1
+        if value <= bound:
+            return value, at
+    return np.uint32(0), -1
+
+
+@_compiled
 def shuffle_swaps(raw: np.ndarray, at: int, swaps: np.ndarray) -> int:
     """Fill `swaps` (draws, m - 1) with the swap partners RandomState.shuffle draws for `draws` shuffles of
     range(m), from the generator's 32-bit outputs `raw[at:]`; return where the next draw starts, or -1
@@ -175,26 +203,12 @@ def shuffle_swaps(raw: np.ndarray, at: int, swaps: np.ndarray) -> int:
     while above i (numpy's `buffered_bounded_masked_uint32`, frozen by its legacy stream guarantee).
     """
     draws, steps = swaps.shape
-    masks = np.empty(steps, dtype=np.uint32)
-    for step in range(steps):
-        bound = np.uint32(steps - step)  # i, for i = m - 1 down to 1
-        mask = bound
-        mask |= mask >> 1
-        mask |= mask >> 2
-        mask |= mask >> 4
-        mask |= mask >> 8
-        mask |= mask >> 16
-        masks[step] = mask
+    masks = _bound_masks(steps)
     for d in range(draws):
-        for step in range(steps):
-            bound = np.uint32(steps - step)
-            while True:
-                if at >= raw.shape[0]:
-                    return -1
-                value = raw[at] & masks[step]
-                at += 1
-                if value <= bound:
-                    break
+        for step in range(steps):  # position i = m - 1 - step, bound i
+            value, at = _bounded(raw, at, masks[step], np.uint32(steps - step))
+            if at < 0:
+                return -1
             swaps[d, step] = value
     return at
 
@@ -219,8 +233,8 @@ def leading_sets(swaps: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 @_compiled
 def searchsorted_right(cdf: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """cdf.searchsorted(values, side="right") for an ascending cdf: for each value, the number of cdf
-    entries <= it (the comparisons numpy makes, so the same indices; NaN sorts last, as numpy's)."""
+    """cdf.searchsorted(values, side="right") for an ascending cdf without NaN: for each value, the number
+    of cdf entries <= it (the comparisons numpy makes, so the same indices)."""
     out = np.empty(values.shape[0], dtype=np.intp)
     n = cdf.shape[0]
     for i in range(values.shape[0]):
@@ -228,7 +242,7 @@ def searchsorted_right(cdf: np.ndarray, values: np.ndarray) -> np.ndarray:
         lo, hi = 0, n
         while lo < hi:
             mid = (lo + hi) >> 1
-            if value < cdf[mid] or (cdf[mid] != cdf[mid] and value == value):  # cdf[mid] > value
+            if value < cdf[mid]:
                 hi = mid
             else:
                 lo = mid + 1
@@ -258,15 +272,7 @@ def random_coalitions(
     """
     m = masks.shape[1]
     steps = m - 1
-    bits = np.empty(max(steps, 1), dtype=np.uint32)
-    for step in range(steps):
-        mask = np.uint32(steps - step)
-        mask |= mask >> 1
-        mask |= mask >> 2
-        mask |= mask >> 4
-        mask |= mask >> 8
-        mask |= mask >> 16
-        bits[step] = mask
+    bits = _bound_masks(steps)
     capacity = 16
     while capacity < 4 * samples_left:
         capacity *= 2
@@ -279,15 +285,10 @@ def random_coalitions(
             break
         for i in range(m):
             permutation[i] = i
-        for step in range(steps):
-            bound = np.uint32(steps - step)
-            while True:
-                if at >= raw.shape[0]:
-                    return -1
-                value = raw[at] & bits[step]
-                at += 1
-                if value <= bound:
-                    break
+        for step in range(steps):  # shuffle_swaps' draws, swapped in as they come
+            value, at = _bounded(raw, at, bits[step], np.uint32(steps - step))
+            if at < 0:
+                return -1
             i = m - 1 - step
             permutation[i], permutation[value] = permutation[value], permutation[i]
         size = sizes[d]

@@ -46,15 +46,21 @@ def test_kernel_shap_designs_give_scikit_learns_path(seed: int) -> None:
     assert_same_path(x, y - y.mean())
 
 
+def correlated_design(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """80 centred rows of 4 features and 8 near-combinations of them, and a sparse target: the lasso
+    drops variables on some of these paths."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(80, 4))
+    x = np.hstack([base, base @ rng.normal(size=(4, 8)) + 0.05 * rng.normal(size=(80, 8))])
+    y = x @ (rng.normal(size=12) * (rng.random(12) < 0.5)) + rng.normal(scale=0.5, size=80)
+    return x - x.mean(axis=0), y - y.mean()
+
+
 def test_paths_that_drop_variables_and_degenerate_regressors() -> None:
     """Correlated designs where the lasso drops variables, and a duplicated column (degenerate)."""
     drops = 0
     for seed in range(30):
-        rng = np.random.default_rng(seed)
-        base = rng.normal(size=(80, 4))
-        x = np.hstack([base, base @ rng.normal(size=(4, 8)) + 0.05 * rng.normal(size=(80, 8))])
-        y = x @ (rng.normal(size=12) * (rng.random(12) < 0.5)) + rng.normal(scale=0.5, size=80)
-        x, y = x - x.mean(axis=0), y - y.mean()
+        x, y = correlated_design(seed)
         alphas, active, _ = assert_same_path(x, y)
         drops += len(alphas) - 1 > len(active)  # each drop costs a step that adds no variable
     assert drops >= 3
@@ -94,16 +100,12 @@ def test_the_compiled_path_is_the_python_path_bit_for_bit(m: int) -> None:
 
 
 def test_paths_the_compiled_code_leaves_to_python() -> None:
-    """A path that drops a variable, a degenerate regressor, more than 128 active features: None, and
-    lasso_path_gram then gives scikit-learn's path (the tests above)."""
+    """A path that drops a variable, and one on 140 features: None, and lasso_path_gram then gives
+    scikit-learn's path (the tests above)."""
     eps = float(np.finfo(float).eps)
     left = 0
     for seed in range(30):
-        rng = np.random.default_rng(seed)
-        base = rng.normal(size=(80, 4))
-        x = np.hstack([base, base @ rng.normal(size=(4, 8)) + 0.05 * rng.normal(size=(80, 8))])
-        y = x @ (rng.normal(size=12) * (rng.random(12) < 0.5)) + rng.normal(scale=0.5, size=80)
-        x, y = x - x.mean(axis=0), y - y.mean()
+        x, y = correlated_design(seed)
         alphas, active, _ = python_lasso_path_gram(x.T @ y, x.T @ x, 80, 500, eps)
         if len(alphas) - 1 > len(active):  # the path drops a variable
             assert native.lasso_path(x.T @ y, x.T @ x, 80, 500, eps, python_lasso_path_gram) is None
