@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -176,34 +177,56 @@ class _ShardThreads:
 
 
 def _warm_compiled() -> None:
-    """Load the kernel engine's compiled code; a failure here is the first shard's to report, if it recurs."""
-    try:
-        from shapline.tasks.explainers import compiled
+    """Load the kernel engine's compiled code."""
+    from shapline.tasks.explainers import compiled
 
-        compiled.warm_up()
-    except Exception:
-        log.debug("could not load the kernel engine's compiled code ahead of the shards", exc_info=True)
+    compiled.warm_up()
+
+
+def _warm(work: list[Callable[[], None]]) -> None:
+    """Do a shard's first-time work ahead of the shards; a failure here is the first shard's to report, if it
+    recurs."""
+    for step in work:
+        try:
+            step()
+        except Exception:
+            log.debug("could not do %s ahead of the shards", getattr(step, "__name__", step), exc_info=True)
 
 
 class ThreadRunner(ShardRunner):
     """Shards computed on threads of the flow's process (shards.runner thread), one shard per thread at a time."""
 
-    def __init__(self, limit: RequestLimit | None, timeout_s: float = _DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self, limit: RequestLimit | None, timeout_s: float = _DEFAULT_TIMEOUT_S, threads: int | None = None
+    ) -> None:
         super().__init__(timeout_s)
         self.limit = limit
+        # The native threads each shard may use (threads_per_worker); None leaves them as they are.
+        self.threads = threads
         self._threads = _ShardThreads()
-        self._warming: threading.Thread | None = None
+        self._warming: list[threading.Thread] = []
+        self._prepared: set[str] = set()
 
     def prepare(self, algorithm: str) -> None:
-        """For Kernel SHAP, load the engine's compiled code on a thread now rather than in the first shard
-        (~0.5 s and ~50 MB: LLVM; a run that explains otherwise never loads it)."""
-        if algorithm == "kernel" and self._warming is None:
-            self._warming = threading.Thread(target=_warm_compiled, name="shapline-warm-up", daemon=True)
-            self._warming.start()
+        """Do on a thread now, beside loading and validation, what the first shard would otherwise do: cap
+        the native threads (threadpoolctl reads every library the flow's process loaded, ~20 ms) and, for
+        Kernel SHAP, load the engine's compiled code (~0.5 s and ~50 MB: LLVM; a run that explains
+        otherwise never loads it)."""
+        work: list[Callable[[], None]] = []
+        if self.threads is not None and "threads" not in self._prepared:
+            self._prepared.add("threads")
+            work.append(functools.partial(limit_native_threads, self.threads))
+        if algorithm == "kernel" and "kernel" not in self._prepared:
+            self._prepared.add("kernel")
+            work.append(_warm_compiled)
+        if work:
+            thread = threading.Thread(target=_warm, args=(work,), name="shapline-warm-up", daemon=True)
+            thread.start()
+            self._warming.append(thread)
 
     def wait_ready(self) -> None:
-        if self._warming is not None:
-            self._warming.join()
+        for thread in self._warming:
+            thread.join()
 
     def compute(self, job: ShardJob) -> ShardValues:
         self._refuse_if_stopped(job)
@@ -520,4 +543,4 @@ def open_runner(shards: ShardsConfig, model: ModelConfig, threads: int | None, n
         return ProcessRunner(shards.workers, model, threads, concurrency, shards.timeout_s)
     if shards.runner == "dask":
         return DaskRunner(shards, concurrency, name)
-    return ThreadRunner(ThreadLimit(concurrency) if concurrency else None, shards.timeout_s)
+    return ThreadRunner(ThreadLimit(concurrency) if concurrency else None, shards.timeout_s, threads)

@@ -351,15 +351,15 @@ def warm_up() -> None:
     shard pays it (a pool's workers are forks of a server that has).
     """
     n = 2
-    owners = np.zeros(1, dtype=np.intp)
-    coalitions = np.ones((1, 1), dtype=np.bool_)
-    for dtype in (np.float32, np.float64, np.int64, np.bool_, np.intp):
-        fill_synthetic(
-            np.empty((1, 1 + n), dtype=dtype), np.zeros((1, n + 1), dtype=dtype), coalitions, owners, n
-        )
-        fill_rows(
-            np.empty((1, 1), dtype=dtype), np.zeros((1, n + 1), dtype=dtype), coalitions, owners, n, owners
-        )
+    owners = np.zeros(2, dtype=np.intp)
+    # The engine passes a call's coalitions C-ordered (one column's positions) and F-ordered (a dtype's
+    # columns picked from the call's mask): each layout is its own machine code.
+    for order in ("C", "F"):
+        coalitions = np.ones((2, 2), dtype=np.bool_, order=order)
+        for dtype in (np.float32, np.float64, np.int64, np.bool_, np.intp):
+            palettes = np.zeros((2, n + 1), dtype=dtype)
+            fill_synthetic(np.empty((2, 1 + 2 * n), dtype=dtype), palettes, coalitions, owners, n)
+            fill_rows(np.empty((2, 2), dtype=dtype), palettes, coalitions, owners, n, owners)
     for dtype in (np.float32, np.float64):
         background_mean(np.zeros((n, 1), dtype=dtype), np.full(n, 0.5), np.zeros((1, 1)))
     swaps = np.zeros((1, 1), dtype=np.int32)

@@ -105,6 +105,35 @@ def test_the_pool_is_ready_once_every_worker_ran_its_initializer(
         runner.close()
 
 
+def test_shard_threads_cap_the_native_threads_before_the_first_shard() -> None:
+    """In a fresh process: the runner caps BLAS/OpenMP at the run's threads per worker while the flow loads and
+    validates (threadpoolctl reads every library the process loaded, ~20 ms in a flow's process), for any
+    algorithm, so the first shard does not; with no cap given it leaves them as they are."""
+    script = textwrap.dedent(
+        """
+        from threadpoolctl import threadpool_info
+        from shapline.tasks.common import cores
+        from shapline.tasks.compute.runners import ThreadRunner
+
+        runner = ThreadRunner(None)
+        runner.prepare("tree")
+        runner.wait_ready()
+        print("none given:", cores._native_limit, flush=True)
+        runner = ThreadRunner(None, threads=1)
+        runner.prepare("tree")
+        runner.wait_ready()
+        print("one given:", cores._native_limit, {pool["num_threads"] for pool in threadpool_info()}, flush=True)
+        runner.close()
+        """
+    )
+    environment = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=environment
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["none given: None", "one given: 1 {1}"]
+
+
 def test_shard_threads_load_the_engines_compiled_code_only_for_kernel_shap() -> None:
     """A fresh process (this one may have loaded it already): a tree run never starts LLVM (~50 MB); a
     kernel run has every common signature loaded once the runner is ready, before any shard."""
