@@ -98,17 +98,26 @@ def direct_compute(config_path: Path, workers: int) -> tuple[np.ndarray, np.ndar
     return rows.index.to_numpy(), np.concatenate(values)[:, :, 0]
 
 
-def flow_phases(flow_run_id: str) -> list[tuple[str, float]]:
-    """Each task run of a flow run (and its subflow) with its run time, from the Prefect API."""
+def flow_phases(flow_run_id: str, shards: int) -> list[tuple[str, float]]:
+    """Each task run of a flow run (and its subflow) with its run time, from the Prefect API, once its `shards`
+    explain-shard runs and every other run are there in a final state (the server records them in batches
+    flushed every second)."""
     from uuid import UUID
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    deadline = time.monotonic() + 30
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)]))
-        )
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)]))
+            )
+            shard_runs = [run for run in runs if run.name.startswith("explain-shard-")]
+            final = all(run.state is not None and run.state.is_final() for run in runs)
+            if (final and len(shard_runs) == shards) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
     phases: dict[str, float] = defaultdict(float)
     for run in runs:
         seconds = run.total_run_time.total_seconds() if run.total_run_time else 0.0
@@ -222,7 +231,7 @@ def run(context: Context, params: dict[str, Any]) -> ComparisonResult:
         run_ = run_flow(config)
         assert run_.values is not None
         ids = run_.values.index.to_numpy()
-        phases[:] = flow_phases(_flow_run_id(run_.summary))
+        phases[:] = flow_phases(_flow_run_id(run_.summary), run_.summary["shards_computed"])
         flow_totals.append(run_.metrics)
         return Measurement(
             run_.seconds,
@@ -322,7 +331,7 @@ def run(context: Context, params: dict[str, Any]) -> ComparisonResult:
         )
         duration = float(np.median([w.summary["duration_s"] for w in warm]))
         fixed.append(["  of which the flow body (duration_s)", duration, len(warm)])
-        for name, seconds in flow_phases(_flow_run_id(warm[-1].summary)):
+        for name, seconds in flow_phases(_flow_run_id(warm[-1].summary), warm[-1].summary["shards_computed"]):
             fixed.append([f"  task: {name}", seconds, 1])
     if params["cold_reps"]:
         cold = [cold_run(tiny, with_server=True) for _ in range(params["cold_reps"])]

@@ -42,6 +42,11 @@ def prepare_environment() -> None:
     # Prefect's per-shard INFO lines stay off the terminal (they still reach the Prefect API, as in production).
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # The benchmark's Prefect server records task runs as the one `shapline run` starts does.
+    from shapline.flows.cli import PREFECT_SERVER_DEFAULTS
+
+    for name, value in PREFECT_SERVER_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     # Only the local endpoint is ever called; these values are placeholders, not secrets (and no word that
     # paths hold: shapline redacts a secret-looking variable's value wherever it appears).
     os.environ.update(

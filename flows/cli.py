@@ -40,6 +40,17 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # MLflow's own "View run ... at: <url>" line would print a password typed into output.tracking_uri.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# Prefect's server writes each task run's state events one transaction at a time (its task run recorder's
+# batch_size is 1): ~20 ms of the server's CPU per shard task, measured, taken from the cores the shards
+# compute on when the server is local. Written in batches, flushed every second: ~6 ms. A task run's state
+# reaches the Prefect UI up to a second later. For the temporary server a run starts without
+# PREFECT_API_URL (and the benchmarks'); docker/compose.yaml gives its server the same.
+PREFECT_SERVER_DEFAULTS = {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+}
+for _name, _value in PREFECT_SERVER_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
 
 
 class _NoTracebacks(logging.Filter):

@@ -167,16 +167,27 @@ def flow_run_of(store: str, summary: dict[str, Any]) -> str:
     return str(MlflowClient(store).get_run(summary["mlflow_run_id"]).data.tags["prefect.flow_run_id"])
 
 
-def shard_task_runs(flow_run: str) -> list[Any]:
-    """The flow run's explain-shard task runs, as the Prefect API (and so the UI) has them."""
+def shard_task_runs(flow_run: str, expected: int, timeout_s: float = 30.0) -> list[Any]:
+    """The flow run's explain-shard task runs, as the Prefect API (and so the UI) has them: once `expected` of
+    them are there in a final state (the server records task runs in batches flushed every second)."""
     from uuid import UUID
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    deadline = time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run)])))
-    return sorted((r for r in runs if r.name.startswith("explain-shard-")), key=lambda r: r.name)
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run)]))
+            )
+            shards = sorted((r for r in runs if r.name.startswith("explain-shard-")), key=lambda r: r.name)
+            settled = len(shards) == expected and all(
+                r.state is not None and r.state.is_final() for r in shards
+            )
+            if settled or time.monotonic() > deadline:
+                return shards
+            time.sleep(0.2)
 
 
 def flow_run_logs(store: str, summary: dict[str, Any]) -> list[str]:

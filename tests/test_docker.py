@@ -135,6 +135,14 @@ def test_prefect_server(services: dict[str, Any]) -> None:
     assert depends_of(server).get("postgres") == "service_healthy"
 
 
+def test_prefect_server_records_task_runs_as_a_runs_temporary_server_does(services: dict[str, Any]) -> None:
+    """The compose server writes task run states in batches, as the temporary server `shapline run` starts."""
+    from shapline.flows.cli import PREFECT_SERVER_DEFAULTS
+
+    env = env_of(services["prefect-server"])
+    assert {name: env.get(name) for name in PREFECT_SERVER_DEFAULTS} == PREFECT_SERVER_DEFAULTS
+
+
 def test_mlflow_uses_postgres_and_minio(services: dict[str, Any]) -> None:
     mlflow = services["mlflow"]
     args = [str(a) for a in mlflow["command"]]

@@ -159,7 +159,7 @@ def test_a_remote_dask_worker_that_shares_only_the_model_explains_every_shard(
     # The shard tasks reported to the flow's own Prefect API, and no worker started a server of its own.
     assert prefect_servers() <= before
     assert "Starting temporary server" not in (remote_cluster["logs"] / "worker.log").read_text()
-    names = [r.name for r in shard_task_runs(flow_run_of(mlflow_store, summary))]
+    names = [r.name for r in shard_task_runs(flow_run_of(mlflow_store, summary), 3)]
     assert names == ["explain-shard-0", "explain-shard-1", "explain-shard-2"]
 
 
@@ -185,7 +185,7 @@ def test_a_local_dask_cluster_leaves_nothing_running(
     )
     code, summary, err = run_cli(["run", str(config), "--json"], capsys)
     assert code == 0, err
-    assert len(shard_task_runs(flow_run_of(summary["tracking_uri"], summary))) == 3
+    assert len(shard_task_runs(flow_run_of(summary["tracking_uri"], summary), 3)) == 3
     assert prefect_servers() <= before_servers
     deadline = time.monotonic() + 30
     while (left := ours() - before_children) and (time.monotonic() < deadline):
@@ -253,7 +253,7 @@ def test_a_dropped_endpoint_connection_is_retried_by_the_task_after_the_predicto
         stats = server.stats
     assert code == 0, err
     assert stats["reset"] == attempts
-    assert [r.run_count for r in shard_task_runs(flow_run_of(mlflow_store, summary))] == [2]
+    assert [r.run_count for r in shard_task_runs(flow_run_of(mlflow_store, summary), 1)] == [2]
     local = write_config(
         model={"name": "cancer-faults-local", "kind": "sklearn", "path": str(mlp_model)},
         **{**kernel_sections(cancer_data), "shards": {"size": 6, "workers": 1}},
@@ -279,7 +279,7 @@ def test_a_bad_request_is_not_retried(
     assert code == 1 and "HTTP 413" in summary["error"] and too_large == 1
     [run] = all_runs(mlflow_store)
     assert run.info.status == "FAILED"
-    assert [r.run_count for r in shard_task_runs(run.data.tags["prefect.flow_run_id"])] == [1]
+    assert [r.run_count for r in shard_task_runs(run.data.tags["prefect.flow_run_id"], 1)] == [1]
 
 
 def test_the_retry_rule_retries_faults_and_never_bad_inputs() -> None:
