@@ -225,6 +225,43 @@ def test_mixed_type_pipeline_explains_every_class(
     assert {"bar.png", "beeswarm_Adelie.png", "beeswarm_Gentoo.png"} <= plots
 
 
+def test_the_runner_prepares_for_the_algorithm_the_plan_resolved(
+    write_config: Callable[..., Path],
+    penguins: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """explainer.algorithm auto is known to be Kernel SHAP only once the plan has seen the model: the flow
+    tells the runner then, so its warm-up (the engine's compiled code) starts before the first shard."""
+    from shapline.tasks.compute import runners
+
+    events: list[str] = []
+    prepare, explain = runners.ThreadRunner.prepare, runners.explain_shard
+
+    def spied_prepare(self: runners.ThreadRunner, algorithm: str) -> None:
+        events.append(f"prepare {algorithm}")
+        prepare(self, algorithm)
+
+    def spied_explain(job: Any, limit: Any = None) -> Any:
+        events.append("shard")
+        return explain(job, limit)
+
+    monkeypatch.setattr(runners.ThreadRunner, "prepare", spied_prepare)
+    monkeypatch.setattr(runners, "explain_shard", spied_explain)
+    data_path, model_path = penguins
+    config = write_config(
+        model={"name": "penguins-auto", "kind": "sklearn", "path": str(model_path)},
+        data={"source": str(data_path), "target": "species", "explain_rows": 4},
+        background={"size": 8},
+        explainer={"nsamples": 40},
+        shards={"size": 2, "workers": 1},
+        output={"plots": []},
+    )
+    code, summary, err = run_cli(["run", str(config), "--json"], capsys)
+    assert code == 0 and summary["algorithm"] == "kernel", err
+    assert events[:2] == ["prepare auto", "prepare kernel"] and events[2:] == ["shard", "shard"], events
+
+
 def test_xgboost_booster_file(
     write_config: Callable[..., Path],
     cancer_data: Path,
