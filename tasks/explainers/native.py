@@ -12,7 +12,7 @@ arguments scipy's wrappers pass, on the copies they make. Sums are numpy's pairw
 numpy's `round`. Tested bit for bit against the Python path and scikit-learn.
 
 The routines' addresses are arguments, not globals, so the machine code is cached on disk like the
-engine's other loops (`compiled._compiled`). Where numpy's BLAS is not found (a numpy built against
+engine's other loops (`jit.cached_njit`). Where numpy's BLAS is not found (a numpy built against
 another BLAS), or the first call's check against numpy's `dot` fails, `lasso_path` returns None and
 the caller takes the Python path. So does a path that drops a variable, meets a degenerate regressor or
 stops early (rare branches where scikit-learn warns, kept in one place: lars.py), and one with more than
