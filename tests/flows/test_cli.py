@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,24 @@ def test_features_that_leave_out_a_column_the_model_needs_name_it(
         "model needs; the model's features, in order: island, bill_length_mm, bill_depth_mm, flipper_length_mm, "
         "body_mass_g, sex, year (or leave data.features out)\n"
     )
+
+
+def test_a_runs_temporary_prefect_server_records_task_runs_in_batches_unless_told_otherwise() -> None:
+    """In a fresh process, once the CLI is imported, Prefect's settings (what the temporary server `shapline
+    run` starts reads) say batches of 100 flushed every second; a value the user set is kept."""
+    script = (
+        "import shapline.flows.cli\n"
+        "from prefect.settings import get_current_settings\n"
+        "recorder = get_current_settings().server.services.task_run_recorder\n"
+        "print(recorder.batch_size, recorder.flush_interval)\n"
+    )
+    environment = {
+        k: v for k, v in os.environ.items() if not k.startswith("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_")
+    }
+    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.split() == ["100", "1.0"]
+    environment["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"] = "7"
+    kept = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
+    assert kept.returncode == 0, kept.stderr
+    assert kept.stdout.split() == ["7", "1.0"]
