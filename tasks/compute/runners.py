@@ -177,10 +177,10 @@ class _ShardThreads:
 
 
 def _warm_compiled() -> None:
-    """Load the kernel engine's compiled code."""
-    from shapline.tasks.explainers import compiled
+    """Load the kernel engine's compiled code and take its first explain's first-time costs (warm_up)."""
+    from shapline.tasks.explainers import kernel_engine
 
-    compiled.warm_up()
+    kernel_engine.warm_up()
 
 
 def _warm(work: list[Callable[[], None]]) -> None:

@@ -22,7 +22,8 @@ def compute_only() -> None:
 compute_only()
 
 import shapline.tasks.compute.shards  # noqa: E402, F401 - what a worker runs
-import shapline.tasks.explainers.kernel_engine  # noqa: E402, F401 - what most shards compute with
-from shapline.tasks.explainers import compiled  # noqa: E402
+from shapline.tasks.explainers import kernel_engine  # noqa: E402 - what most shards compute with
 
-compiled.warm_up()  # once in a fork server: its workers are forks of a process whose compiled code is loaded
+# Once in a fork server: its workers are forks of a process whose compiled code is loaded and whose first
+# explain's first-time costs are paid.
+kernel_engine.warm_up()

@@ -1212,3 +1212,40 @@ def _sklearn_noise_variance(x: np.ndarray, y: np.ndarray) -> float:
     n, p = x.shape
     fitted = LinearRegression(fit_intercept=False).fit(x, y).predict(x)
     return float(np.sum((y - fitted) ** 2) / (n - p - 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# warm-up
+
+
+def warm_up() -> None:
+    """Do now what a process's first explain would do on top of its work, beside a run's loading and
+    validation (the thread runner's warm-up thread, a worker pool's fork server): load the compiled code
+    (`compiled.warm_up`), then explain two rows of a small frame with a column of each kind the engine
+    builds (floats with NaN, integers, booleans, text, categories, nullable integers) through a model of
+    arithmetic, deduplicated and not: pandas' and pyarrow's own first calls for them (~10 ms of the penguins
+    flow's first shard, measured)."""
+    compiled.warm_up()
+    frame = pd.DataFrame(
+        {
+            "number": [0.5, np.nan, 2.0, 1.5, -1.0, 3.0],
+            "count": np.arange(6, dtype=np.int64),
+            "flag": [True, False, True, False, False, True],
+            "text": pd.array(["a", None, "b", "a", "c", "b"], dtype="str"),
+            "kind": pd.Categorical(["p", "q", "p", "r", "q", "p"]),
+            "nullable": pd.array([1, 2, 3, 2, 1, 4], dtype="Int64"),
+        }
+    )
+
+    def model(rows: pd.DataFrame) -> np.ndarray:
+        score = (
+            np.nan_to_num(rows["number"].to_numpy(float)) * (1.0 + rows["count"].to_numpy(float))
+            + rows["flag"].to_numpy(float) * (rows["text"] == "a").to_numpy(float)
+            + (rows["kind"] == "p").to_numpy(float) * rows["nullable"].to_numpy(float) ** 2
+        )
+        high = 1.0 / (1.0 + np.exp(-0.3 * score))
+        return np.column_stack([1.0 - high, high])
+
+    engine = KernelEngine(model, frame.iloc[:4], link="logit")
+    for dedupe in (True, False):
+        engine.explain(frame.iloc[4:], seeds=[0, 1], l1_reg="aic", batch_rows="auto", dedupe=dedupe)

@@ -136,7 +136,8 @@ def test_shard_threads_cap_the_native_threads_before_the_first_shard() -> None:
 
 def test_shard_threads_load_the_engines_compiled_code_only_for_kernel_shap() -> None:
     """A fresh process (this one may have loaded it already): a tree run never starts LLVM (~50 MB); a
-    kernel run has every common signature loaded once the runner is ready, before any shard."""
+    kernel run has every common signature loaded once the runner is ready, before any shard, and has
+    explained a small frame of every column kind (pandas' and pyarrow's first calls, not the first shard's)."""
     script = textwrap.dedent(
         """
         import sys
@@ -147,14 +148,26 @@ def test_shard_threads_load_the_engines_compiled_code_only_for_kernel_shap() -> 
             runner.prepare(algorithm)
         runner.wait_ready()
         print("after tree:", "llvmlite" in sys.modules, flush=True)
+        from shapline.tasks.explainers import kernel_engine
+
+        explained = []
+        explain = kernel_engine.KernelEngine.explain
+
+        def spied(self, rows, *args, **kwargs):
+            explained.append(sorted({str(dtype) for dtype in rows.dtypes}))
+            return explain(self, rows, *args, **kwargs)
+
+        kernel_engine.KernelEngine.explain = spied
         runner.prepare("kernel")
         runner.prepare("kernel")  # once
         runner.wait_ready()
         from shapline.tasks.explainers import compiled
         print("after kernel:", len(compiled.fill_synthetic.signatures) >= 4, flush=True)
+        print(*explained, sep="\\n", flush=True)
         runner.close()
         """
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["after tree: False", "after kernel: True"]
+    kinds = "['Int64', 'bool', 'category', 'float64', 'int64', 'str']"
+    assert done.stdout.splitlines() == ["after tree: False", "after kernel: True", kinds, kinds]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import subprocess
+import sys
+import textwrap
 import threading
 import warnings
 from collections.abc import Callable
@@ -725,3 +728,23 @@ def test_the_compiled_draw_is_shaps_sampling(m: int) -> None:
             assert filled == len(expected_masks)
             np.testing.assert_array_equal(masks[:filled], expected_masks)
             np.testing.assert_array_equal(weights[:filled], expected_weights)
+
+
+def test_warm_up_explains_quietly_and_imports_nothing_a_shard_may_not_need() -> None:
+    """The warm-up runs beside a run's loading and validation (and once in a pool's fork server): in a fresh
+    process with warnings as errors it explains its small frame without one, and without importing what
+    only some shards need (scikit-learn's linear models, shap, plotting)."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from shapline.tasks.explainers import kernel_engine
+
+        kernel_engine.warm_up()
+        print(sorted(m for m in ("sklearn.linear_model", "shap", "matplotlib") if m in sys.modules))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
