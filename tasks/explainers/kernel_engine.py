@@ -350,10 +350,10 @@ class KernelEngine:
             batch = self._batch(plans, data, np.arange(start, stop))
             deduplicate = self._deduplicates(batch, dedupe)
             try:
-                started = _clock()
-                outputs = self._evaluate(batch, deduplicate, buffers)
-                if batch_rows == "auto" and self._auto_rows is None:
-                    self._time_call(batch.n_rows, _clock() - started)
+                timing: list[tuple[int, float]] | None = [] if self._times_calls(batch_rows) else None
+                outputs = self._evaluate(batch, deduplicate, buffers, timing)
+                if timing:
+                    self._time_call(*timing[0])
             except ModelError as exc:
                 if exc.transient:  # an endpoint's fault: retried as it is
                     raise
@@ -410,12 +410,12 @@ class KernelEngine:
                 varying[i], state, first[i] = self._plan_adaptive(data, i, seeds, budget, sampling)
                 if state is not None:
                     states[i] = state
-            timed = batch_rows == "auto" and self._auto_rows is None
-            n_rows = sum(len(first[i]) * n + 1 for i in batch_at)
-            started = _clock()
-            fx = self._adaptive_call(data, first, varying, batch_at, seeds, dedupe, buffers, row_ids, result)
-            if timed:
-                self._time_call(n_rows, _clock() - started)
+            timing: list[tuple[int, float]] | None = [] if self._times_calls(batch_rows) else None
+            fx = self._adaptive_call(
+                data, first, varying, batch_at, seeds, dedupe, buffers, row_ids, result, timing
+            )
+            if timing:
+                self._time_call(*timing[0])
             for i in batch_at:
                 result.fx[i] = fx[i]
                 delta = self._link(fx[i]) - link_fnull
@@ -489,9 +489,10 @@ class KernelEngine:
         buffers: _Buffers,
         row_ids: Sequence[object] | None,
         result: AdaptiveValues,
+        timing: list[tuple[int, float]] | None = None,
     ) -> dict[int, np.ndarray]:
         """One model call for these rows' coalitions: f(x) of each, and in place of each row's masks the
-        targets v(S) - v(empty) of its coalitions, in the link's space."""
+        targets v(S) - v(empty) of its coalitions, in the link's space (the call timed into `timing`)."""
         n = len(self.background)
         plans = [
             RowPlan(
@@ -507,7 +508,7 @@ class KernelEngine:
         ]
         batch = self._batch(plans, data, at)
         try:
-            outputs = self._evaluate(batch, self._deduplicates(batch, dedupe), buffers)
+            outputs = self._evaluate(batch, self._deduplicates(batch, dedupe), buffers, timing)
         except ModelError as exc:
             if exc.transient:  # an endpoint's fault: retried as it is
                 raise
@@ -667,21 +668,39 @@ class KernelEngine:
         frame.columns = self.background.columns  # the background's own labels (and index dtype)
         return frame
 
-    def _evaluate(self, batch: _Batch, dedupe: bool, buffers: _Buffers) -> np.ndarray:
-        """The model's outputs for every row of the call, (rows, outputs)."""
+    def _evaluate(
+        self, batch: _Batch, dedupe: bool, buffers: _Buffers, timing: list[tuple[int, float]] | None = None
+    ) -> np.ndarray:
+        """The model's outputs for every row of the call, (rows, outputs); with `timing`, the call's rows and
+        the seconds of the model's call alone are appended to it (what batch_rows "auto" weighs: writing the
+        rows costs the same whether calls are merged or not, and a first write can pay first-time costs)."""
         if dedupe:
             groups = self._distinct_rows(batch)
             if groups is not None:
                 first, codes = groups
                 # Only the distinct rows are written (their first copies), and sent.
                 blocks, extension = self._fill(batch, buffers, first)
-                outputs = self._predict(self._assemble(blocks, extension))
+                outputs = self._timed_predict(self._assemble(blocks, extension), batch, timing)
                 self._count(len(first), batch.n_rows - len(first))
                 return outputs[codes]
         blocks, extension = self._fill(batch, buffers)
-        outputs = self._predict(self._assemble(blocks, extension))
+        outputs = self._timed_predict(self._assemble(blocks, extension), batch, timing)
         self._count(batch.n_rows, 0)
         return outputs
+
+    def _timed_predict(
+        self, frame: pd.DataFrame, batch: _Batch, timing: list[tuple[int, float]] | None
+    ) -> np.ndarray:
+        if timing is None:
+            return self._predict(frame)
+        started = _clock()
+        outputs = self._predict(frame)
+        timing.append((batch.n_rows, _clock() - started))
+        return outputs
+
+    def _times_calls(self, batch_rows: int | str) -> bool:
+        """Whether the next call is timed: batch_rows "auto" not yet decided."""
+        return batch_rows == "auto" and self._auto_rows is None
 
     def _rows_per_call(self, batch_rows: int | str, rows_of_one: int) -> int:
         """Explained rows in the next call, whose first row's call has `rows_of_one` model rows: `batch_rows`,

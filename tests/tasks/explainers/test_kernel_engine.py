@@ -629,6 +629,33 @@ def test_auto_merges_the_calls_of_a_model_that_costs_per_call(
     np.testing.assert_allclose(again, one, rtol=0, atol=1e-12)
 
 
+def test_auto_times_the_model_alone_not_a_first_write_of_the_rows(
+    penguin_pipeline: tuple[pd.DataFrame, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first call's rows are written before it (a process's first write can pay first-time costs: loading
+    machine code, fresh memory): only the model's call is timed, so a slow write does not read as a cost
+    per row and leave a Pipeline at one row a call."""
+    from shapline.tasks.explainers import kernel_engine
+
+    features, model = penguin_pipeline
+    clock = ModelClock(per_call=4e-3, per_row=6e-7)
+    monkeypatch.setattr(kernel_engine, "_clock", clock)
+    fill = compiled.fill_synthetic
+
+    def slow_first_fill(*args: object) -> None:
+        clock.now += 0.5  # once: what loading the fill's machine code cost a first shard
+        monkeypatch.setattr(compiled, "fill_synthetic", fill)
+        fill(*args)
+
+    monkeypatch.setattr(compiled, "fill_synthetic", slow_first_fill)
+    background, rows, seeds = shap.sample(features, 10, random_state=1), features.iloc[:6], list(range(6))
+    predict = clock.timed(penguin_functions(features, model)[1])
+    engine = KernelEngine(predict, background, link="logit")
+    engine.explain(rows, seeds, l1_reg="aic", batch_rows="auto")
+    assert clock.calls == [10, 1261, 5 * 1261]
+    assert engine.call_cost is not None and engine.call_cost.per_call == pytest.approx(4e-3)
+
+
 def test_auto_keeps_one_row_a_call_for_a_model_that_costs_per_row(
     numeric: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
 ) -> None:
