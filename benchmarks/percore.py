@@ -33,6 +33,7 @@ from benchmarks.workloads import (
     registry_model,
     xgboost_file,
 )
+from shapline.tasks.common.config import ShardsConfig
 
 FULL = {"rows": 32, "nsamples": "auto", "background": 50, "l1_reg": "aic", "seed": 0, "shards": 4}
 QUICK = {"rows": 4, "nsamples": 300, "background": 10, "l1_reg": "aic", "seed": 0, "shards": 2}
@@ -57,6 +58,9 @@ STORAGE_SAID = {
 PER_CORE = {"cancer": 1.8, "penguins": 5.0}
 SHARE = {"cancer": 0.9, "penguins": None}
 TWO_CORES = {"cancer": 0.85, "penguins": None}
+# shards.size as a config that does not set it has it: the one-shard sides (a shard task costs the flow
+# ~5-7 ms of Prefect's bookkeeping, a Pipeline call ~4 ms whatever its rows).
+DEFAULT_SHARD_SIZE = ShardsConfig().size
 # No side here reports its memory: the harness polls it rarely, not every 20 ms (~1 ms of CPU a poll, 5%
 # of a core taken from the two-core sides).
 POLL_S = 0.5
@@ -127,15 +131,17 @@ def _sides(context: Context, params: dict[str, Any], name: str, core: int) -> li
             seconds = max(pool.map(model_seconds, [core, other_core(core)]))
         return Measurement(seconds, None, {"explain_s": seconds})
 
-    def shapline(storage: str, runner: str, workers: int, pin: int | None) -> Callable[[], Measurement]:
+    def shapline(
+        storage: str, runner: str, workers: int, pin: int | None, size: int = shard_size
+    ) -> Callable[[], Measurement]:
         config = kernel_config(
             folder,
-            f"{name}-{storage}",
+            f"{name}-{storage}-{size}",
             _model(context, name, storage, dataset),
             dataset.data_path,
             len(rows),
             params,
-            shard_size,
+            size,
         )
         overrides = [f"shards.runner={runner}", f"shards.workers={workers}"]
         return child_flow_side(config, row_ids, dataset.features, overrides, ONE_THREAD, pin, POLL_S)
@@ -157,6 +163,15 @@ def _sides(context: Context, params: dict[str, Any], name: str, core: int) -> li
             )
         )
     if not context.quick:
+        sides.append(
+            Side(
+                f"{name}: shapline x1, joblib, one shard",
+                shapline("joblib", "thread", 1, core, DEFAULT_SHARD_SIZE),
+                f"{said}: the flow, 1 thread worker, its whole process on 1 core, shards.size left at its "
+                f"default ({DEFAULT_SHARD_SIZE}): the {len(rows)} rows in one shard task, where the sides "
+                f"above have {params['shards']}",
+            )
+        )
         if name == "cancer" and other_core(core) is not None:
             sides.append(
                 Side(
