@@ -41,8 +41,17 @@ def markdown_code(value: object) -> str:
 def script_json(value: Any) -> str:
     """JSON that stays one value inside an HTML <script> element: `<`, `>` and `&` (so no `</script>` or
     `<!--` in a name can end the script and start markup) and the two line separators JavaScript once
-    refused in strings are written as \\u escapes, which JSON reads back as the same characters."""
-    text = json.dumps(value)
+    refused in strings are written as \\u escapes, which JSON reads back as the same characters. pandas'
+    missing scalars (NA, NaT: a nullable column's missing value) are null."""
+    text = json.dumps(value, default=_missing_as_null)
     for char in ("<", ">", "&", "\u2028", "\u2029"):
         text = text.replace(char, f"\\u{ord(char):04x}")
     return text
+
+
+def _missing_as_null(value: Any) -> None:
+    import pandas as pd
+
+    if value is pd.NA or value is pd.NaT:
+        return None
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")

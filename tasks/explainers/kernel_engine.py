@@ -263,6 +263,7 @@ class KernelEngine:
         # by exact == otherwise (one text column makes the whole array object; NaN then never matches).
         self._bg_values = self.background.to_numpy()
         kind = self._bg_values.dtype
+        self._bg_has_na = kind.kind == "O" and any(value is pd.NA for value in self._bg_values.flat)
         self._numeric = bool(np.issubdtype(kind, np.number) or np.issubdtype(kind, np.bool_))
         # Numpy-typed columns are written into one block per dtype; extension types (str, category,
         # nullable ints) are gathered with their own take(), which keeps their dtype.
@@ -540,6 +541,10 @@ class KernelEngine:
         if self._numeric:
             # np.allclose(x_j, background_j, equal_nan=True) per column, argument order kept (rtol * |bg|).
             same = np.isclose(values, self._bg_values, equal_nan=True).all(axis=0)
+        elif self._bg_has_na or any(value is pd.NA for value in values):
+            # pandas' NA (a nullable column's missing value) == anything is NA, which has no truth value
+            # (shap itself stops on it): a missing value is unequal to every value, as NaN is below.
+            same = _equal_or_na(self._bg_values, values).all(axis=0)
         else:
             # Element-wise == on object arrays, as shap's all(i == j): NaN != NaN, 1 == 1.0.
             same = (self._bg_values == values).all(axis=0)
@@ -887,6 +892,13 @@ def _rows_to_merge(cost: CallCost, rows: int, row_bytes: int) -> int:
     if cost.per_row == 0.0:
         return largest
     return min(largest, math.ceil(cost.per_call / (_FIXED_SHARE * cost.per_row * rows)))
+
+
+def _equal_or_na(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Element-wise ==, broadcast, with pandas' NA unequal to every value (NA included)."""
+    return np.frompyfunc(lambda a, b: a is not pd.NA and b is not pd.NA and bool(a == b), 2, 1)(
+        left, right
+    ).astype(bool)
 
 
 def _two_d(values: object) -> np.ndarray:

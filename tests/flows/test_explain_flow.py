@@ -225,6 +225,44 @@ def test_mixed_type_pipeline_explains_every_class(
     assert {"bar.png", "beeswarm_Adelie.png", "beeswarm_Gentoo.png"} <= plots
 
 
+def test_a_nullable_integer_column_with_missing_values_explains_as_its_float_copy(
+    write_config: Callable[..., Path], mlflow_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Parquet file pandas wrote from a nullable Int64 column with missing values reads back with pandas'
+    NA in it, whose == has no truth value: the kernel engine's test of which features vary stopped every
+    shard on a TypeError, and the force plot's JSON on it. The run now ends as the same data with the
+    column as floats (NaN) does, with the same values, for a model that reads NA as NaN."""
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    bunch = load_breast_cancer(as_frame=True)
+    features = bunch.data.iloc[:, :4].copy()
+    rng = np.random.default_rng(0)
+    features["visits"] = pd.array(rng.integers(0, 5, len(features)), dtype="Int64")
+    features.loc[rng.random(len(features)) < 0.25, "visits"] = pd.NA
+    model = make_pipeline(SimpleImputer(), LogisticRegression(max_iter=1000)).fit(features, bunch.target)
+    joblib.dump(model, tmp_path / "model.joblib")
+    summaries = []
+    for name, frame in (("nullable", features), ("floats", features.astype({"visits": "float64"}))):
+        frame.assign(malignant=bunch.target).to_parquet(tmp_path / f"{name}.parquet")
+        config = write_config(
+            model={"name": name, "kind": "sklearn", "path": str(tmp_path / "model.joblib")},
+            data={"source": str(tmp_path / f"{name}.parquet"), "target": "malignant", "explain_rows": 12},
+            background={"method": "random", "size": 15, "seed": 0},
+            explainer={"algorithm": "kernel", "nsamples": 60, "l1_reg": "aic"},
+            shards={"size": 6},
+            output={"plots": ["force", "waterfall"]},
+        )
+        code, summary, _ = run_cli(["run", str(config), "--json"], capsys)
+        assert code == 0, summary
+        summaries.append(summary)
+    assert pd.read_parquet(tmp_path / "nullable.parquet")["visits"].isna().sum() > 0
+    assert pd.read_parquet(tmp_path / "nullable.parquet")["visits"].dtype == "Int64"
+    assert_same_values(mlflow_store, summaries[0], summaries[1], tmp_path, atol=1e-12)
+
+
 def test_the_runner_prepares_for_the_algorithm_the_plan_resolved(
     write_config: Callable[..., Path],
     penguins: tuple[Path, Path],

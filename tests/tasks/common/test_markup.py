@@ -38,6 +38,16 @@ def test_html_and_script_json() -> None:
     assert json.loads(script_json(HOSTILE)) == HOSTILE and "<" not in script_json(HOSTILE)
 
 
+def test_script_json_writes_pandas_missing_values_as_null() -> None:
+    """A force plot's feature values come from the frame: a nullable column's NA (and NaT) are JSON's null,
+    anything else JSON has no value for is still refused."""
+    assert json.loads(script_json({"values": [1, pd.NA, pd.NaT, "<b>"]})) == {
+        "values": [1, None, None, "<b>"]
+    }
+    with pytest.raises(TypeError, match="Timestamp"):
+        script_json([pd.Timestamp("2026-01-01")])
+
+
 def test_the_prefect_artifact_says_names_as_text() -> None:
     importance = pd.DataFrame(
         {"feature": HOSTILE, "mean_abs": [0.5, 0.4, 0.3, 0.2, 0.1], "rank": [1, 2, 3, 4, 5]}

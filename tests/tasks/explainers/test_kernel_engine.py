@@ -757,6 +757,29 @@ def test_the_compiled_draw_is_shaps_sampling(m: int) -> None:
             np.testing.assert_array_equal(weights[:filled], expected_weights)
 
 
+def test_pandas_na_is_a_missing_value_unequal_to_every_value(numeric: pd.DataFrame) -> None:
+    """A nullable integer column's missing value is pandas' NA, whose == has no truth value (shap stops on
+    it): a feature whose value is NA varies against any background, as a NaN does among mixed types. The
+    values equal those of the same column as floats with NaN, for a model that reads both the same."""
+    frame = numeric.iloc[:, :4].copy()
+    counts = np.arange(len(frame)) % 5
+    frame["count"] = pd.array(counts, dtype="Int64")
+    frame.loc[frame.index[::3], "count"] = pd.NA
+    frame["kind"] = pd.array(np.where(counts > 2, "high", "low"), dtype="str")
+    floats = frame.astype({"count": "float64"})
+
+    def model(rows: pd.DataFrame) -> np.ndarray:
+        count = rows["count"].to_numpy(dtype=float, na_value=np.nan)
+        score = rows.iloc[:, :4].to_numpy(float).sum(axis=1) + np.nan_to_num(count, nan=-1.0)
+        return (score + (rows["kind"] == "high").to_numpy(float)).reshape(-1, 1)
+
+    background, rows, seeds = slice(0, 12), slice(12, 20), list(range(8))
+    assert frame.iloc[rows]["count"].isna().any() and frame.iloc[background]["count"].isna().any()
+    nullable, _ = KernelEngine(model, frame.iloc[background]).explain(frame.iloc[rows], seeds, nsamples=40)
+    expected, _ = KernelEngine(model, floats.iloc[background]).explain(floats.iloc[rows], seeds, nsamples=40)
+    np.testing.assert_allclose(nullable, expected, rtol=0, atol=1e-12)
+
+
 def test_warm_up_explains_quietly_and_imports_nothing_a_shard_may_not_need() -> None:
     """The warm-up runs beside a run's loading and validation (and once in a pool's fork server): in a fresh
     process with warnings as errors it explains its small frame without one, and without importing what
