@@ -247,3 +247,18 @@ def wait_for(url: str, process: subprocess.Popen[Any], seconds: float = 120) -> 
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"{url} did not come up")
+
+
+def days_since_epoch(frame: pd.DataFrame) -> np.ndarray:
+    """A model's first step for time columns (a FunctionTransformer): every column as floats, a time (naive or
+    with a zone) as days since 1970, a missing one NaN. Module level, so a pickled model can name it."""
+    columns = []
+    for name in frame.columns:
+        column = frame[name]
+        if pd.api.types.is_datetime64_any_dtype(column):
+            naive = column.dt.tz_convert(None) if column.dt.tz is not None else column
+            days = (naive - pd.Timestamp("1970-01-01")).dt.total_seconds() / 86400.0
+            columns.append(days.to_numpy(dtype=float, na_value=np.nan))
+        else:
+            columns.append(column.to_numpy(dtype=float, na_value=np.nan))
+    return np.column_stack(columns)

@@ -41,17 +41,31 @@ def markdown_code(value: object) -> str:
 def script_json(value: Any) -> str:
     """JSON that stays one value inside an HTML <script> element: `<`, `>` and `&` (so no `</script>` or
     `<!--` in a name can end the script and start markup) and the two line separators JavaScript once
-    refused in strings are written as \\u escapes, which JSON reads back as the same characters. pandas'
-    missing scalars (NA, NaT: a nullable column's missing value) are null."""
-    text = json.dumps(value, default=_missing_as_null)
+    refused in strings are written as \\u escapes, which JSON reads back as the same characters. A data
+    value JSON has no type for (a force plot's feature values come from the frame) is written as a person
+    reads it: pandas' missing values (NA, NaT) as null, times and durations as ISO text, numpy scalars as
+    numbers; anything else is refused."""
+    text = json.dumps(value, default=_data_value)
     for char in ("<", ">", "&", "\u2028", "\u2029"):
         text = text.replace(char, f"\\u{ord(char):04x}")
     return text
 
 
-def _missing_as_null(value: Any) -> None:
+def _data_value(value: Any) -> Any:
+    import datetime
+
+    import numpy as np
     import pandas as pd
 
     if value is pd.NA or value is pd.NaT:
         return None
+    if isinstance(value, (np.datetime64, np.timedelta64)):
+        value = pd.Timestamp(value) if isinstance(value, np.datetime64) else pd.Timedelta(value)
+        return None if value is pd.NaT else value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return pd.Timedelta(value).isoformat()
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, np.generic):
+        return value.item()
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")

@@ -21,6 +21,7 @@ from tests.helpers import (
     all_runs,
     artifact,
     assert_same_values,
+    days_since_epoch,
     exact_shapley,
     run_cli,
 )
@@ -261,6 +262,52 @@ def test_a_nullable_integer_column_with_missing_values_explains_as_its_float_cop
     assert pd.read_parquet(tmp_path / "nullable.parquet")["visits"].isna().sum() > 0
     assert pd.read_parquet(tmp_path / "nullable.parquet")["visits"].dtype == "Int64"
     assert_same_values(mlflow_store, summaries[0], summaries[1], tmp_path, atol=1e-12)
+
+
+def test_time_columns_explain_and_show_in_the_force_plot(
+    write_config: Callable[..., Path], mlflow_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A time column (with a zone and missing times, and without) is a feature like another: the kernel engine
+    builds its synthetic rows, and the force plot's page, which writes each feature's value as JSON, shows
+    it as ISO text; its JSON stopped the run on a Timestamp."""
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+    bunch = load_breast_cancer(as_frame=True)
+    features = bunch.data.iloc[:, :3].copy()
+    rng = np.random.default_rng(0)
+    days = pd.to_timedelta(rng.integers(0, 300, len(features)), unit="D")
+    features["seen"] = pd.Timestamp("2026-01-01", tz="UTC") + days
+    features.loc[rng.random(len(features)) < 0.1, "seen"] = pd.NaT
+    features["opened"] = pd.Timestamp("2025-01-01") + days[::-1]
+    model = make_pipeline(
+        FunctionTransformer(days_since_epoch),
+        SimpleImputer(),
+        StandardScaler(),
+        LogisticRegression(max_iter=2000),
+    ).fit(features, bunch.target)
+    joblib.dump(model, tmp_path / "model.joblib")
+    features.assign(malignant=bunch.target).to_parquet(tmp_path / "times.parquet")
+    config = write_config(
+        model={"name": "times", "kind": "sklearn", "path": str(tmp_path / "model.joblib")},
+        data={"source": str(tmp_path / "times.parquet"), "target": "malignant", "explain_rows": 8},
+        background={"method": "random", "size": 10, "seed": 0},
+        explainer={"algorithm": "kernel", "nsamples": 40},
+        shards={"size": 4},
+        output={"plots": ["force"]},
+    )
+    code, summary, _ = run_cli(["run", str(config), "--json"], capsys)
+    assert code == 0, summary
+    assert summary["additivity_max_error"] < 1e-9
+    page = artifact(mlflow_store, summary["mlflow_run_id"], "plots/force.html", tmp_path).read_text()
+    values = pd.read_parquet(
+        artifact(mlflow_store, summary["mlflow_run_id"], "shap_values.parquet", tmp_path)
+    )
+    first = features.loc[int(values["row_id"].iloc[0])]
+    assert f'"{first["opened"].isoformat()}"' in page
 
 
 def test_the_runner_prepares_for_the_algorithm_the_plan_resolved(

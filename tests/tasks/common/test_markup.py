@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -38,14 +40,40 @@ def test_html_and_script_json() -> None:
     assert json.loads(script_json(HOSTILE)) == HOSTILE and "<" not in script_json(HOSTILE)
 
 
-def test_script_json_writes_pandas_missing_values_as_null() -> None:
-    """A force plot's feature values come from the frame: a nullable column's NA (and NaT) are JSON's null,
-    anything else JSON has no value for is still refused."""
-    assert json.loads(script_json({"values": [1, pd.NA, pd.NaT, "<b>"]})) == {
-        "values": [1, None, None, "<b>"]
-    }
-    with pytest.raises(TypeError, match="Timestamp"):
-        script_json([pd.Timestamp("2026-01-01")])
+def test_script_json_writes_data_values_as_a_person_reads_them() -> None:
+    """A force plot's feature values come from the frame: a nullable column's NA and a missing time are null,
+    times and durations ISO text, numpy scalars numbers; anything else JSON has no value for is refused."""
+    values = [
+        pd.NA,
+        pd.NaT,
+        np.datetime64("NaT"),
+        pd.Timestamp("2026-01-02 03:04", tz="UTC"),
+        np.datetime64("2026-01-02"),
+        datetime.date(2026, 1, 2),
+        pd.Timedelta("1D2h"),
+        datetime.timedelta(hours=3),
+        np.int64(3),
+        np.float32(0.5),
+        np.bool_(True),
+        "</script>",
+    ]
+    assert json.loads(script_json(values)) == [
+        None,
+        None,
+        None,
+        "2026-01-02T03:04:00+00:00",
+        "2026-01-02T00:00:00",
+        "2026-01-02",
+        "P1DT2H0M0S",
+        "P0DT3H0M0S",
+        3,
+        0.5,
+        True,
+        "</script>",
+    ]
+    assert "<" not in script_json(values)
+    with pytest.raises(TypeError, match="object"):
+        script_json([object()])
 
 
 def test_the_prefect_artifact_says_names_as_text() -> None:
