@@ -313,7 +313,8 @@ class ExplainerConfig(_Strict):
     )
     feature_perturbation: Literal["tree_path_dependent", "interventional"] = Field(
         "tree_path_dependent",
-        description="Tree explainer only: tree_path_dependent, or interventional over the background.",
+        description="Tree explainer only: tree_path_dependent (the model's own library: XGBoost's categories "
+        "too), or interventional over the background (numeric features only).",
     )
 
     @model_validator(mode="after")

@@ -27,6 +27,7 @@ from shapline.tasks.data.validation import ValidationReport, validate_frame
 from shapline.tasks.explainers.choice import (
     ExplainedOutput,
     check_kernel_samples,
+    check_tree_data,
     explained_outputs_in_words,
     resolve_explainer,
 )
@@ -128,6 +129,8 @@ def plan_run(config: ExplainConfig, check: DataCheck) -> RunPlan:
     )
     if algorithm == "kernel":
         check_kernel_samples(config.explainer, len(check.features))
+    if algorithm == "tree":
+        check_tree_data(config.explainer, frame)
     shards = plan_shards(rows.index.to_numpy(), config.shards.size)
     estimate, problem = None, None
     if isinstance(config.model, SageMakerModel):

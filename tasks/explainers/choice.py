@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
+
 from shapline.tasks.common.config import ExplainerConfig, effective_nsamples
 from shapline.tasks.common.errors import ExplainError
 from shapline.tasks.models.predictors import Predictor, explained_outputs, is_pipeline, output_labels
@@ -126,4 +128,20 @@ def check_kernel_samples(config: ExplainerConfig, n_features: int) -> None:
             f"explainer.nsamples {config.nsamples} is too few for l1_reg {str(l1_reg).lower()} with "
             f"{n_features} features: it needs at least {needed} (aic and bic: more than (features + 1) / 2; "
             "false: features - 1; num_features(k): k - 1); raise nsamples, or use 'auto'"
+        )
+
+
+def check_tree_data(config: ExplainerConfig, frame: pd.DataFrame) -> None:
+    """Refuse, before any compute, data shap's own tree algorithm cannot read: with feature_perturbation
+    interventional it walks the trees with the background itself, as numbers, where a category, text or
+    time column stops every shard on a cast. tree_path_dependent (the default) asks the model's own library,
+    which reads categories (XGBoost's enable_categorical)."""
+    if config.feature_perturbation != "interventional":
+        return
+    unread = [str(c) for c, t in frame.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
+    if unread:
+        raise ExplainError(
+            "explainer.feature_perturbation interventional: shap's tree algorithm reads numbers only; "
+            f"non-numeric: {', '.join(unread)}; use tree_path_dependent (the default) or explainer.algorithm "
+            "kernel"
         )

@@ -334,6 +334,18 @@ def _select_binary_or_classes(
     return values[:, :, outputs], base[:, outputs], output[:, outputs], outputs
 
 
+def _tree_input(native: Any, rows: pd.DataFrame) -> Any:
+    """The rows as TreeExplainer reads them for this model: a raw XGBoost Booster (a .json/.ubj file, the
+    MLflow xgboost flavour) with category columns as a DMatrix that keeps them categories; shap builds one
+    without (an XGBClassifier tells shap its own setting), which XGBoost refuses."""
+    booster = type(native).__name__ == "Booster" and type(native).__module__.startswith("xgboost")
+    if booster and any(isinstance(dtype, pd.CategoricalDtype) for dtype in rows.dtypes):
+        import xgboost
+
+        return xgboost.DMatrix(rows, enable_categorical=True)
+    return rows
+
+
 def _model_values(
     rows: pd.DataFrame,
     background: Background,
@@ -349,7 +361,7 @@ def _model_values(
         interventional = config.feature_perturbation == "interventional"
         data = background.frame if interventional else None
         explainer = shap.TreeExplainer(native, data=data, feature_perturbation=config.feature_perturbation)
-        raw = explainer.shap_values(rows, check_additivity=False)
+        raw = explainer.shap_values(_tree_input(native, rows), check_additivity=False)
         if isinstance(raw, list):
             raw = np.stack(raw, axis=-1)
         values, base = _as_outputs(raw, explainer.expected_value, len(rows), rows.shape[1])

@@ -310,6 +310,55 @@ def test_time_columns_explain_and_show_in_the_force_plot(
     assert f'"{first["opened"].isoformat()}"' in page
 
 
+def test_an_xgboost_file_with_category_columns_explains_with_the_tree_explainer(
+    write_config: Callable[..., Path], mlflow_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """XGBoost trained with enable_categorical, saved as its .json (a raw Booster): shap's TreeExplainer built
+    a DMatrix without categories and every shard stopped on XGBoost's refusal. Its values now equal those of
+    the same model pickled as an XGBClassifier (which tells shap its own setting). With
+    feature_perturbation interventional, which walks the trees with the background as numbers, the run is
+    refused before any shard, in one line that names the column."""
+    import xgboost
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer(as_frame=True)
+    features = bunch.data.iloc[:, :4].copy()
+    rng = np.random.default_rng(0)
+    features["grade"] = pd.Categorical(rng.choice(["a", "b", "c"], len(features)))
+    features.loc[rng.random(len(features)) < 0.1, "grade"] = np.nan
+    model = xgboost.XGBClassifier(n_estimators=20, max_depth=3, enable_categorical=True, tree_method="hist")
+    model.fit(features, bunch.target)
+    model.save_model(tmp_path / "model.json")
+    joblib.dump(model, tmp_path / "model.joblib")
+    features.assign(malignant=bunch.target).to_parquet(tmp_path / "graded.parquet")
+
+    def run(path: str, **explainer: str) -> tuple[int, dict[str, Any], str]:
+        config = write_config(
+            model={"name": Path(path).suffix[1:], "kind": "xgboost", "path": str(tmp_path / path)},
+            data={"source": str(tmp_path / "graded.parquet"), "target": "malignant", "explain_rows": 8},
+            background={"method": "random", "size": 10, "seed": 0},
+            explainer=explainer,
+            shards={"size": 4},
+            output={"plots": ["bar"]},
+        )
+        return run_cli(["run", str(config), "--json"], capsys)
+
+    summaries = []
+    for path in ("model.json", "model.joblib"):
+        code, summary, _ = run(path)
+        assert code == 0 and summary["algorithm"] == "tree", summary
+        summaries.append(summary)
+    assert_same_values(mlflow_store, summaries[0], summaries[1], tmp_path, atol=1e-6)
+    code, summary, err = run("model.json", feature_perturbation="interventional")
+    assert code != 0 and summary["status"] == "FAILED"
+    errors = [line for line in err.splitlines() if line.startswith("shapline: error:")]
+    assert errors == [
+        "shapline: error: explainer.feature_perturbation interventional: shap's tree algorithm reads numbers "
+        "only; non-numeric: grade; use tree_path_dependent (the default) or explainer.algorithm kernel"
+    ]
+    assert "explain-shard" not in err
+
+
 def test_the_runner_prepares_for_the_algorithm_the_plan_resolved(
     write_config: Callable[..., Path],
     penguins: tuple[Path, Path],
