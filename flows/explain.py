@@ -293,7 +293,10 @@ def _pinned(config: ExplainConfig) -> tuple[ExplainConfig, dict[str, str]]:
 
 
 def _say_plan(config: ExplainConfig, plan: RunPlan) -> None:
-    """What an endpoint will be sent, in the run's log, before it is sent."""
+    """Why auto chose its explainer, when the data decided it, and what an endpoint will be sent, in the run's
+    log, before it is sent."""
+    if plan.algorithm_said is not None:
+        get_run_logger().info(plan.algorithm_said)
     if plan.estimate is not None and isinstance(config.model, SageMakerModel):
         get_run_logger().info(
             "endpoint %s: ~%d inference rows in ~%d requests",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import pandas as pd
 
 from shapline.tasks.common.config import ExplainConfig, SageMakerModel
-from shapline.tasks.common.errors import BudgetExceeded, ConfigError, ValidationFailed
+from shapline.tasks.common.errors import BudgetExceeded, ConfigError, ExplainError, ValidationFailed
 from shapline.tasks.compute.shards import Shard, plan_shards
 from shapline.tasks.data.background import Background, draw_background
 from shapline.tasks.data.loading import (
@@ -27,9 +27,9 @@ from shapline.tasks.data.validation import ValidationReport, validate_frame
 from shapline.tasks.explainers.choice import (
     ExplainedOutput,
     check_kernel_samples,
-    check_tree_data,
     explained_outputs_in_words,
     resolve_explainer,
+    tree_cannot_read,
 )
 from shapline.tasks.explainers.explain import load_shap
 from shapline.tasks.models.loading import link_for, load_predictor
@@ -84,6 +84,8 @@ class RunPlan:
     shards: list[Shard]
     estimate: InferenceEstimate | None
     budget_problem: str | None
+    # Why explainer.algorithm auto chose otherwise than the model alone would have it (said in the log).
+    algorithm_said: str | None = None
 
     @property
     def explain_rows(self) -> int:
@@ -124,13 +126,18 @@ def plan_run(config: ExplainConfig, check: DataCheck) -> RunPlan:
     outputs = probe_predictor(check.predictor, probe, config.model.class_index, kernel_link == "logit")
     _check_class_labels(config, outputs)
     algorithm, link = resolve_explainer(config.explainer.algorithm, check.predictor, kernel_link)
+    said = None
+    if algorithm == "tree" and (unread := tree_cannot_read(config.explainer, check.predictor.native, frame)):
+        why, the_models = unread
+        if not (the_models and config.explainer.algorithm == "auto"):
+            raise ExplainError(why)
+        algorithm, link = "kernel", kernel_link  # auto: what explains any model with any columns
+        said = f"explainer.algorithm auto: kernel, not tree ({why.split(': ', 1)[1].split('; use ')[0]})"
     explained = explained_outputs_in_words(
         check.predictor, outputs, config.model.class_index, check.predictor.method, config.model.task, link
     )
     if algorithm == "kernel":
         check_kernel_samples(config.explainer, len(check.features))
-    if algorithm == "tree":
-        check_tree_data(config.explainer, frame)
     shards = plan_shards(rows.index.to_numpy(), config.shards.size)
     estimate, problem = None, None
     if isinstance(config.model, SageMakerModel):
@@ -155,4 +162,5 @@ def plan_run(config: ExplainConfig, check: DataCheck) -> RunPlan:
         shards=shards,
         estimate=estimate,
         budget_problem=problem,
+        algorithm_said=said,
     )

@@ -131,17 +131,30 @@ def check_kernel_samples(config: ExplainerConfig, n_features: int) -> None:
         )
 
 
-def check_tree_data(config: ExplainerConfig, frame: pd.DataFrame) -> None:
-    """Refuse, before any compute, data shap's own tree algorithm cannot read: with feature_perturbation
-    interventional it walks the trees with the background itself, as numbers, where a category, text or
-    time column stops every shard on a cast. tree_path_dependent (the default) asks the model's own library,
-    which reads categories (XGBoost's enable_categorical)."""
-    if config.feature_perturbation != "interventional":
-        return
+def tree_cannot_read(config: ExplainerConfig, native: Any, frame: pd.DataFrame) -> tuple[str, bool] | None:
+    """Why shap's tree explainer cannot read these feature columns for this model, and whether the reason
+    is the model's (so explainer.algorithm auto explains it with kernel instead, which passes every column
+    to the model untouched) rather than the config's; None when it can.
+
+    With feature_perturbation interventional shap walks the trees with the background itself, as numbers;
+    tree_path_dependent asks the model's own library, and only XGBoost's (enable_categorical) is known
+    here to read categories that way: scikit-learn's trees get shap's array of numbers, where a category
+    stops every shard on a cast.
+    """
     unread = [str(c) for c, t in frame.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
-    if unread:
-        raise ExplainError(
+    if not unread:
+        return None
+    if config.feature_perturbation == "interventional":
+        return (
             "explainer.feature_perturbation interventional: shap's tree algorithm reads numbers only; "
             f"non-numeric: {', '.join(unread)}; use tree_path_dependent (the default) or explainer.algorithm "
-            "kernel"
+            "kernel",
+            False,
         )
+    if type(native).__module__.startswith("xgboost"):
+        return None
+    return (
+        f"explainer.algorithm tree: shap's TreeExplainer reads only numbers for {type(native).__name__}; "
+        f"non-numeric: {', '.join(unread)}; use explainer.algorithm kernel (or auto)",
+        True,
+    )
