@@ -6,6 +6,7 @@ MLflow and Prefect render (a run's description, the summary artifact), it shows 
 
 from __future__ import annotations
 
+import datetime
 import html
 import json
 import re
@@ -52,8 +53,6 @@ def script_json(value: Any) -> str:
 
 
 def _data_value(value: Any) -> Any:
-    import datetime
-
     import numpy as np
     import pandas as pd
 

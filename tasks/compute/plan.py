@@ -128,11 +128,10 @@ def plan_run(config: ExplainConfig, check: DataCheck) -> RunPlan:
     algorithm, link = resolve_explainer(config.explainer.algorithm, check.predictor, kernel_link)
     said = None
     if algorithm == "tree" and (unread := tree_cannot_read(config.explainer, check.predictor.native, frame)):
-        why, the_models = unread
-        if not (the_models and config.explainer.algorithm == "auto"):
-            raise ExplainError(why)
+        if not (unread.models and config.explainer.algorithm == "auto"):
+            raise ExplainError(str(unread))
         algorithm, link = "kernel", kernel_link  # auto: what explains any model with any columns
-        said = f"explainer.algorithm auto: kernel, not tree ({why.split(': ', 1)[1].split('; use ')[0]})"
+        said = f"explainer.algorithm auto: kernel, not tree ({unread.reason})"
     explained = explained_outputs_in_words(
         check.predictor, outputs, config.model.class_index, check.predictor.method, config.model.task, link
     )

@@ -12,7 +12,13 @@ import pandas as pd
 
 from shapline.tasks.common.config import ExplainerConfig, effective_nsamples
 from shapline.tasks.common.errors import ExplainError
-from shapline.tasks.models.predictors import Predictor, explained_outputs, is_pipeline, output_labels
+from shapline.tasks.models.predictors import (
+    Predictor,
+    explained_outputs,
+    is_pipeline,
+    is_xgboost,
+    output_labels,
+)
 
 
 def _is_linear(model: Any) -> bool:
@@ -131,30 +137,44 @@ def check_kernel_samples(config: ExplainerConfig, n_features: int) -> None:
         )
 
 
-def tree_cannot_read(config: ExplainerConfig, native: Any, frame: pd.DataFrame) -> tuple[str, bool] | None:
-    """Why shap's tree explainer cannot read these feature columns for this model, and whether the reason
-    is the model's (so explainer.algorithm auto explains it with kernel instead, which passes every column
-    to the model untouched) rather than the config's; None when it can.
+@dataclass(frozen=True)
+class TreeUnread:
+    """Columns shap's tree explainer cannot read for a model: the setting that decides it, why, what to do,
+    and whether the reason is the model's (explainer.algorithm auto then explains it with kernel, which
+    passes every column to the model untouched) rather than the config's."""
+
+    setting: str
+    reason: str
+    advice: str
+    models: bool
+
+    def __str__(self) -> str:
+        return f"{self.setting}: {self.reason}; {self.advice}"
+
+
+def tree_cannot_read(config: ExplainerConfig, native: Any, frame: pd.DataFrame) -> TreeUnread | None:
+    """Why shap's tree explainer cannot read these feature columns for this model; None when it can.
 
     With feature_perturbation interventional shap walks the trees with the background itself, as numbers;
     tree_path_dependent asks the model's own library, and only XGBoost's (enable_categorical) is known
     here to read categories that way: scikit-learn's trees get shap's array of numbers, where a category
     stops every shard on a cast.
     """
-    unread = [str(c) for c, t in frame.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
+    unread = ", ".join(str(c) for c, t in frame.dtypes.items() if not pd.api.types.is_numeric_dtype(t))
     if not unread:
         return None
     if config.feature_perturbation == "interventional":
-        return (
-            "explainer.feature_perturbation interventional: shap's tree algorithm reads numbers only; "
-            f"non-numeric: {', '.join(unread)}; use tree_path_dependent (the default) or explainer.algorithm "
-            "kernel",
-            False,
+        return TreeUnread(
+            "explainer.feature_perturbation interventional",
+            f"shap's tree algorithm reads numbers only; non-numeric: {unread}",
+            "use tree_path_dependent (the default) or explainer.algorithm kernel",
+            models=False,
         )
-    if type(native).__module__.startswith("xgboost"):
+    if is_xgboost(native):
         return None
-    return (
-        f"explainer.algorithm tree: shap's TreeExplainer reads only numbers for {type(native).__name__}; "
-        f"non-numeric: {', '.join(unread)}; use explainer.algorithm kernel (or auto)",
-        True,
+    return TreeUnread(
+        "explainer.algorithm tree",
+        f"shap's TreeExplainer reads only numbers for {type(native).__name__}; non-numeric: {unread}",
+        "use explainer.algorithm kernel (or auto)",
+        models=True,
     )

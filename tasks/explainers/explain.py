@@ -31,6 +31,7 @@ from shapline.tasks.models.predictors import (
     Predictor,
     checked_output,
     explained_outputs,
+    is_xgboost,
     output_labels,
 )
 
@@ -338,7 +339,7 @@ def _tree_input(native: Any, rows: pd.DataFrame) -> Any:
     """The rows as TreeExplainer reads them for this model: a raw XGBoost Booster (a .json/.ubj file, the
     MLflow xgboost flavour) with category columns as a DMatrix that keeps them categories; shap builds one
     without (an XGBClassifier tells shap its own setting), which XGBoost refuses."""
-    booster = type(native).__name__ == "Booster" and type(native).__module__.startswith("xgboost")
+    booster = is_xgboost(native) and type(native).__name__ == "Booster"
     if booster and any(isinstance(dtype, pd.CategoricalDtype) for dtype in rows.dtypes):
         import xgboost
 
