@@ -302,8 +302,9 @@ class ExplainerConfig(_Strict):
         description="Kernel only: rows of a shard explained together, their model calls merged into one "
         "predict (fewer, fuller endpoint requests); values equal up to the model's rounding. auto: for "
         "endpoints as many rows (up to 16) as fit one request together; for in-process models as many as "
-        "make the model's fixed cost per call small, timed on the first call (a Pipeline's are merged, "
-        "XGBoost's are not).",
+        "make the model's fixed cost per call small, timed on the first call, and at least as many as fit 4 MB "
+        "of synthetic rows (a Pipeline's are merged; XGBoost's are one row each when one row's call is that "
+        "large).",
     )
     additivity_tolerance: float = Field(
         0.01,

@@ -58,6 +58,11 @@ _REPEAT_SAMPLE = 128
 # engine's first call; a model whose cost is in its rows (XGBoost: ~0.2 ms a call, 40 ms a row's call)
 # keeps one row per call. The measurements behind it are in docs/performance.md.
 _FIXED_SHARE = 0.05
+# Calls merge at least as many explained rows as fit this many bytes of synthetic rows (at least one), the
+# first call too, before the cost is known: merging calls that small costs nothing even where a model's time
+# is all per row (an XGBoost of 8 features: 7.9 ms a row at 9 rows a call, 8.5 at one), and a Pipeline's
+# first shard saves the fixed cost of a call. The measurements are in docs/performance.md.
+_FIRST_CALL_BYTES = 4_000_000
 # What model calls are timed with (a test's fake clock stands in for it).
 _clock = time.perf_counter
 
@@ -323,9 +328,10 @@ class KernelEngine:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Values (rows, columns, outputs) and f(x) (rows, outputs), one model call per `batch_rows` rows.
 
-        With batch_rows "auto", the first call explains one row and is timed with the background's call;
-        from the two the engine tells the model's cost per call from its cost per row (`call_cost`), and
-        merges as many rows' calls as make the cost per call a small share of a call (`_rows_to_merge`).
+        With batch_rows "auto", the first call (the rows whose calls fit _FIRST_CALL_BYTES, at least one) is
+        timed with the background's call; from the two the engine tells the model's cost per call from its
+        cost per row (`call_cost`), and merges as many rows' calls as make the cost per call a small share of
+        a call (`_rows_to_merge`).
         Given a call_cost measured before, it merges from the first call.
 
         With `dedupe`, each distinct row of a call is sent once and its output fanned back out (NaN equals
@@ -354,7 +360,7 @@ class KernelEngine:
                 timing: list[tuple[int, float]] | None = [] if self._times_calls(batch_rows) else None
                 outputs = self._evaluate(batch, deduplicate, buffers, timing)
                 if timing:
-                    self._time_call(*timing[0])
+                    self._time_call(*timing[0], explained=len(plans))
             except ModelError as exc:
                 if exc.transient:  # an endpoint's fault: retried as it is
                     raise
@@ -416,7 +422,7 @@ class KernelEngine:
                 data, first, varying, batch_at, seeds, dedupe, buffers, row_ids, result, timing
             )
             if timing:
-                self._time_call(*timing[0])
+                self._time_call(*timing[0], explained=len(batch_at))
             for i in batch_at:
                 result.fx[i] = fx[i]
                 delta = self._link(fx[i]) - link_fnull
@@ -715,21 +721,32 @@ class KernelEngine:
             return max(1, batch_rows)
         if self._auto_rows is None and self.call_cost is not None:
             self._decide_rows(self.call_cost, rows_of_one)
-        return self._auto_rows or 1
+        if self._auto_rows is None:  # the first call, timed
+            return self._rows_in_budget(rows_of_one)
+        return self._auto_rows
 
-    def _time_call(self, n_rows: int, seconds: float) -> None:
-        """Measure the model's call cost from this call (one explained row's, `n_rows` model rows) and the
-        background's, and decide batch_rows "auto" from it."""
+    def _rows_in_budget(self, rows_of_one: int) -> int:
+        """Explained rows whose calls of `rows_of_one` model rows each fit _FIRST_CALL_BYTES (at least one)."""
+        return max(1, _FIRST_CALL_BYTES // max(1, rows_of_one * self._row_bytes))
+
+    def _time_call(self, n_rows: int, seconds: float, explained: int) -> None:
+        """Measure the model's call cost from this call (`explained` rows' calls merged, `n_rows` model rows)
+        and the background's, and decide batch_rows "auto" from it."""
         n = len(self.background)
         if n_rows <= 2 * n:  # too few rows to tell a cost per row from a cost per call: wait
             return
         per_row = max(seconds - self._background_call, 0.0) / (n_rows - n)
         self.call_cost = CallCost(max(self._background_call - n * per_row, 0.0), per_row)
-        self._decide_rows(self.call_cost, n_rows)
+        self._decide_rows(self.call_cost, math.ceil(n_rows / explained))
+
+    @property
+    def _row_bytes(self) -> int:
+        """The bytes of one synthetic row as the engine writes it."""
+        row_bytes = sum(block.dtype.itemsize * block.shape[1] for block in self._bg_blocks.values())
+        return row_bytes + 8 * len(self._extension)
 
     def _decide_rows(self, cost: CallCost, rows: int) -> None:
-        row_bytes = sum(block.dtype.itemsize * block.shape[1] for block in self._bg_blocks.values())
-        merged = _rows_to_merge(cost, rows, row_bytes + 8 * len(self._extension))
+        merged = max(_rows_to_merge(cost, rows, self._row_bytes), self._rows_in_budget(rows))
         with self._lock:
             if self._auto_rows is None:
                 self._auto_rows = merged

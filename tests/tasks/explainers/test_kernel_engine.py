@@ -608,6 +608,7 @@ def test_auto_merges_the_calls_of_a_model_that_costs_per_call(
     features, model = penguin_pipeline
     clock = ModelClock(per_call=4e-3, per_row=6e-7)
     monkeypatch.setattr(kernel_engine, "_clock", clock)
+    monkeypatch.setattr(kernel_engine, "_FIRST_CALL_BYTES", 1)  # the first call one row (see below)
     background, rows, seeds = shap.sample(features, 10, random_state=1), features.iloc[:6], list(range(6))
     predict = clock.timed(penguin_functions(features, model)[1])
     one, fx_one = KernelEngine(predict, background, link="logit").explain(rows, seeds, l1_reg="aic")
@@ -648,6 +649,7 @@ def test_auto_times_the_model_alone_not_a_first_write_of_the_rows(
         fill(*args)
 
     monkeypatch.setattr(compiled, "fill_synthetic", slow_first_fill)
+    monkeypatch.setattr(kernel_engine, "_FIRST_CALL_BYTES", 1)
     background, rows, seeds = shap.sample(features, 10, random_state=1), features.iloc[:6], list(range(6))
     predict = clock.timed(penguin_functions(features, model)[1])
     engine = KernelEngine(predict, background, link="logit")
@@ -664,10 +666,47 @@ def test_auto_keeps_one_row_a_call_for_a_model_that_costs_per_row(
 
     clock = ModelClock(per_call=1e-4, per_row=4e-7)
     monkeypatch.setattr(kernel_engine, "_clock", clock)
+    monkeypatch.setattr(kernel_engine, "_FIRST_CALL_BYTES", 1)  # a first call of one row, as breast cancer's
     predict = clock.timed(on_frame(smooth_model(np.linspace(-1, 1, 8).reshape(8, 1), logit=True)))
     engine = KernelEngine(predict, numeric.iloc[:25], link="logit")
     engine.explain(numeric.iloc[25:30], list(range(5)), l1_reg="aic", batch_rows="auto")
     assert clock.calls == [25] + [254 * 25 + 1] * 5  # every coalition of 8 features, one row a call
+
+
+def test_auto_merges_a_first_call_of_small_rows_and_decides_from_it(
+    penguin_pipeline: tuple[pd.DataFrame, object], numeric: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls hold at least as many explained rows as fit _FIRST_CALL_BYTES of synthetic rows, the first
+    one too, before the cost is known: a Pipeline's first shard makes one call fewer. The cost is told from
+    that call per row, not per merged call, so a model that costs per row is merged no further than the
+    budget; the values are one row a call's."""
+    from shapline.tasks.explainers import kernel_engine
+
+    features, model = penguin_pipeline
+    clock = ModelClock(per_call=4e-3, per_row=6e-7)
+    monkeypatch.setattr(kernel_engine, "_clock", clock)
+    background, rows, seeds = shap.sample(features, 10, random_state=1), features.iloc[:6], list(range(6))
+    predict = clock.timed(penguin_functions(features, model)[1])
+    one, _ = KernelEngine(predict, background, link="logit").explain(rows, seeds, l1_reg="aic")
+    clock.calls.clear()
+    engine = KernelEngine(predict, background, link="logit")
+    merged, _ = engine.explain(rows, seeds, l1_reg="aic", batch_rows="auto")
+    assert clock.calls == [10, 6 * 1261]  # the background; every row in the first call, timed
+    assert engine.call_cost is not None
+    assert engine.call_cost.per_call == pytest.approx(4e-3)
+    assert engine.call_cost.per_row == pytest.approx(6e-7)
+    np.testing.assert_allclose(merged, one, rtol=0, atol=1e-12)
+
+    # A model that costs per row, its calls merged by the budget alone (three rows of 8 float64 features,
+    # 6,097 synthetic rows each, fit it): three rows a call from the first, no more.
+    monkeypatch.setattr(kernel_engine, "_FIRST_CALL_BYTES", 3 * 6097 * 8 * 8)
+    clock = ModelClock(per_call=1e-4, per_row=4e-7)
+    monkeypatch.setattr(kernel_engine, "_clock", clock)
+    predict = clock.timed(on_frame(smooth_model(np.linspace(-1, 1, 8).reshape(8, 1), logit=True)))
+    engine = KernelEngine(predict, numeric.iloc[:24], link="logit")
+    engine.explain(numeric.iloc[24:30], list(range(6)), l1_reg="aic", batch_rows="auto")
+    assert clock.calls == [24, 3 * (254 * 24 + 1), 3 * (254 * 24 + 1)]
+    assert engine.call_cost is not None and engine.call_cost.per_call == pytest.approx(1e-4)
 
 
 def test_rows_to_merge_stops_at_the_memory_a_thread_keeps() -> None:
