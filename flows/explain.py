@@ -297,6 +297,11 @@ def _say_plan(config: ExplainConfig, plan: RunPlan) -> None:
     log, before it is sent."""
     if plan.algorithm_said is not None:
         get_run_logger().info(plan.algorithm_said)
+    if plan.python_text:
+        get_run_logger().info(
+            "text columns %s reach the model as Python strings, not pyarrow's (the same outputs on the probe rows)",
+            ", ".join(plan.python_text),
+        )
     if plan.estimate is not None and isinstance(config.model, SageMakerModel):
         get_run_logger().info(
             "endpoint %s: ~%d inference rows in ~%d requests",

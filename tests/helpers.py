@@ -108,6 +108,23 @@ class Watched:
         return self.model.predict_proba(rows)
 
 
+class StorageMinded:
+    """A classifier whose outputs move (by 1e-9) when a text column reaches it as Python strings rather than
+    pyarrow's: a model that tells the storages apart, which must keep the data's own."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.classes_ = model.classes_
+
+    def fit(self, rows: Any, target: Any) -> StorageMinded:
+        self.model.fit(rows, target)
+        return self
+
+    def predict_proba(self, rows: Any) -> Any:
+        python = any(isinstance(t, pd.StringDtype) and t.storage == "python" for t in rows.dtypes.to_numpy())
+        return self.model.predict_proba(rows) * (1.0 - 1e-9 if python else 1.0)
+
+
 class Hangs:
     """A classifier whose predict_proba never returns (sleeps HANG_S) when a shard calls it (on a thread other
     than the main one, where the flow's probe calls it, or in a pool worker), once `after_shards` finished

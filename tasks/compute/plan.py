@@ -8,7 +8,7 @@ inference estimate), resolved once for every shard.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 
@@ -34,7 +34,13 @@ from shapline.tasks.explainers.choice import (
 from shapline.tasks.explainers.explain import load_shap
 from shapline.tasks.models.loading import link_for, load_predictor
 from shapline.tasks.models.predictors import Predictor
-from shapline.tasks.models.probe import probe_predictor, probe_rows
+from shapline.tasks.models.probe import (
+    arrow_text_columns,
+    probe_output,
+    probe_rows,
+    same_with_python_text,
+    with_python_text,
+)
 from shapline.tasks.models.sagemaker.inference import InferenceEstimate, over_budget, plan_inference
 
 
@@ -86,6 +92,9 @@ class RunPlan:
     budget_problem: str | None
     # Why explainer.algorithm auto chose otherwise than the model alone would have it (said in the log).
     algorithm_said: str | None = None
+    # Text columns the kernel gives the model as Python strings rather than pyarrow's (same outputs on the
+    # probe rows; said in the log).
+    python_text: list[str] = field(default_factory=list)
 
     @property
     def explain_rows(self) -> int:
@@ -123,7 +132,8 @@ def plan_run(config: ExplainConfig, check: DataCheck) -> RunPlan:
     background = draw_background(frame, target, config.background)
     probe = probe_rows(rows, background.frame)
     kernel_link = link_for(check.predictor, config.explainer.link, config.link, config.model.effective_output)
-    outputs = probe_predictor(check.predictor, probe, config.model.class_index, kernel_link == "logit")
+    output = probe_output(check.predictor, probe, config.model.class_index, kernel_link == "logit")
+    outputs = int(output.shape[1])
     _check_class_labels(config, outputs)
     algorithm, link = resolve_explainer(config.explainer.algorithm, check.predictor, kernel_link)
     said = None
@@ -135,8 +145,15 @@ def plan_run(config: ExplainConfig, check: DataCheck) -> RunPlan:
     explained = explained_outputs_in_words(
         check.predictor, outputs, config.model.class_index, check.predictor.method, config.model.task, link
     )
+    python_text: list[str] = []
     if algorithm == "kernel":
         check_kernel_samples(config.explainer, len(check.features))
+        # An in-process model that gives the same outputs for text held as Python strings is given it so:
+        # the kernel's synthetic rows then cost it no conversion per call (an endpoint gets text as CSV).
+        if not check.predictor.pays_per_row and same_with_python_text(check.predictor, probe, output):
+            python_text = arrow_text_columns(rows)
+            rows = with_python_text(rows)
+            background = replace(background, frame=with_python_text(background.frame))
     shards = plan_shards(rows.index.to_numpy(), config.shards.size)
     estimate, problem = None, None
     if isinstance(config.model, SageMakerModel):
@@ -162,4 +179,5 @@ def plan_run(config: ExplainConfig, check: DataCheck) -> RunPlan:
         estimate=estimate,
         budget_problem=problem,
         algorithm_said=said,
+        python_text=python_text,
     )

@@ -1270,9 +1270,9 @@ def warm_up() -> None:
     """Do now what a process's first explain would do on top of its work, beside a run's loading and
     validation (the thread runner's warm-up thread, a worker pool's fork server): load the compiled code
     (`compiled.warm_up`), then explain two rows of a small frame with a column of each kind the engine
-    builds (floats with NaN, integers, booleans, text, categories, nullable integers) through a model of
-    arithmetic, deduplicated and not: pandas' and pyarrow's own first calls for them (~10 ms of the penguins
-    flow's first shard, measured)."""
+    builds (floats with NaN, integers, booleans, text in pyarrow and as Python strings, categories, nullable
+    integers) through a model of arithmetic, deduplicated and not: pandas' and pyarrow's own first calls for
+    them (~10 ms of the penguins flow's first shard, measured)."""
     compiled.warm_up()
     frame = pd.DataFrame(
         {
@@ -1280,6 +1280,9 @@ def warm_up() -> None:
             "count": np.arange(6, dtype=np.int64),
             "flag": [True, False, True, False, False, True],
             "text": pd.array(["a", None, "b", "a", "c", "b"], dtype="str"),
+            "words": pd.array(
+                ["x", "y", None, "x", "y", "z"], dtype=pd.StringDtype("python", na_value=np.nan)
+            ),
             "kind": pd.Categorical(["p", "q", "p", "r", "q", "p"]),
             "nullable": pd.array([1, 2, 3, 2, 1, 4], dtype="Int64"),
         }
@@ -1289,6 +1292,7 @@ def warm_up() -> None:
         score = (
             np.nan_to_num(rows["number"].to_numpy(float)) * (1.0 + rows["count"].to_numpy(float))
             + rows["flag"].to_numpy(float) * (rows["text"] == "a").to_numpy(float)
+            - (rows["words"] == "x").to_numpy(float)
             + (rows["kind"] == "p").to_numpy(float) * rows["nullable"].to_numpy(float) ** 2
         )
         high = 1.0 / (1.0 + np.exp(-0.3 * score))

@@ -1,4 +1,5 @@
-"""The plan's choice of explainer where the data decides it: columns shap's tree explainer cannot read."""
+"""The plan's choices where the data decides them: columns shap's tree explainer cannot read, and the storage
+of text columns a kernel run gives the model."""
 
 from __future__ import annotations
 
@@ -82,3 +83,65 @@ def test_xgboost_reads_its_categories_under_tree_path_dependent_only(
     assert plan.algorithm == "tree" and plan.algorithm_said is None
     with pytest.raises(ExplainError, match=r"^explainer\.feature_perturbation interventional: .* grade"):
         _plan(write_config, graded, section, feature_perturbation="interventional")
+
+
+def _penguins_plan(
+    penguins: tuple[Path, Path], write_config: Callable[..., Path], model_path: Path
+) -> RunPlan:
+    config = load_config(
+        write_config(
+            model={"name": "penguins", "kind": "sklearn", "path": str(model_path), "class_index": 1},
+            data={"source": str(penguins[0]), "target": "species", "explain_rows": 3},
+            background={"size": 10},
+            explainer={"algorithm": "kernel", "nsamples": 60, "seed": 1},
+        )
+    )
+    return plan_run(config, check_data(config))
+
+
+def _storages(frame: pd.DataFrame) -> dict[str, str]:
+    return {str(c): t.storage for c, t in frame.dtypes.items() if isinstance(t, pd.StringDtype)}
+
+
+def test_a_pipeline_is_given_its_text_as_python_strings_with_the_same_values(
+    penguins: tuple[Path, Path], write_config: Callable[..., Path]
+) -> None:
+    """pandas keeps text in pyarrow; a scikit-learn Pipeline turns it into Python objects on every call (a
+    quarter of a penguins kernel call). The probe saw the same outputs both ways, so the plan's rows and
+    background hold Python strings, and every value is the one the data's own storage gives, bit for bit."""
+    from shapline.tasks.data.background import Background
+    from shapline.tasks.explainers.explain import explain_rows
+    from shapline.tasks.models.predictors import LocalPredictor
+
+    plan = _penguins_plan(penguins, write_config, penguins[1])
+    assert plan.python_text == ["island", "sex"]
+    assert _storages(plan.rows) == _storages(plan.background.frame) == {"island": "python", "sex": "python"}
+    data = pd.read_csv(penguins[0])
+    assert _storages(data) == {"species": "pyarrow", "island": "pyarrow", "sex": "pyarrow"}
+    arrow_rows = data.loc[plan.rows.index, plan.rows.columns]
+    arrow_background = Background(frame=data.loc[plan.background.frame.index, plan.rows.columns])
+    config = load_config(
+        write_config(
+            model={"name": "p", "kind": "sklearn", "path": str(penguins[1])},
+            data={"source": str(penguins[0])},
+            explainer={"algorithm": "kernel", "nsamples": 60, "seed": 1},
+        )
+    ).explainer
+    predictor = LocalPredictor("p", joblib.load(penguins[1]), "predict_proba")
+    python = explain_rows(plan.rows, plan.background, predictor, config, "logit", 1, algorithm="kernel")
+    predictor = LocalPredictor("p", joblib.load(penguins[1]), "predict_proba")
+    arrow = explain_rows(arrow_rows, arrow_background, predictor, config, "logit", 1, algorithm="kernel")
+    np.testing.assert_array_equal(python.values, arrow.values)
+    np.testing.assert_array_equal(python.model_output, arrow.model_output)
+
+
+def test_a_model_that_tells_the_storages_apart_keeps_the_datas_own(
+    penguins: tuple[Path, Path], write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    from tests.helpers import StorageMinded
+
+    path = tmp_path / "minded.joblib"
+    joblib.dump(StorageMinded(joblib.load(penguins[1])), path)
+    plan = _penguins_plan(penguins, write_config, path)
+    assert plan.python_text == []
+    assert _storages(plan.rows) == _storages(plan.background.frame) == {"island": "pyarrow", "sex": "pyarrow"}
