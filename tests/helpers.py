@@ -110,7 +110,8 @@ class Watched:
 
 class StorageMinded:
     """A classifier whose outputs move (by 1e-9) when a text column reaches it as Python strings rather than
-    pyarrow's: a model that tells the storages apart, which must keep the data's own."""
+    pyarrow's: a model that tells the storages apart (and not a scikit-learn one), which keeps the data's
+    own."""
 
     def __init__(self, model: Any) -> None:
         self.model = model

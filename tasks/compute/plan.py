@@ -148,9 +148,9 @@ def plan_run(config: ExplainConfig, check: DataCheck) -> RunPlan:
     python_text: list[str] = []
     if algorithm == "kernel":
         check_kernel_samples(config.explainer, len(check.features))
-        # An in-process model that gives the same outputs for text held as Python strings is given it so:
-        # the kernel's synthetic rows then cost it no conversion per call (an endpoint gets text as CSV).
-        if not check.predictor.pays_per_row and same_with_python_text(check.predictor, probe, output):
+        # A scikit-learn model that gives the same outputs for text held as Python strings is given it so:
+        # the kernel's synthetic rows then cost it no conversion per call.
+        if check.predictor.converts_text and same_with_python_text(check.predictor, probe, output):
             python_text = arrow_text_columns(rows)
             rows = with_python_text(rows)
             background = replace(background, frame=with_python_text(background.frame))

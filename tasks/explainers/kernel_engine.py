@@ -364,8 +364,8 @@ class KernelEngine:
             except ModelError as exc:
                 if exc.transient:  # an endpoint's fault: retried as it is
                     raise
-                named = list(row_ids[start:stop]) if row_ids is not None else list(range(start, stop))
-                raise ModelError(f"explaining {rows_named(named)}: {exc}") from exc
+                refusal = self._refusal(exc, plans, data, list(range(start, stop)), dedupe, buffers, row_ids)
+                raise refusal from exc
             for i, plan in enumerate(plans):
                 fx[start + i] = outputs[i]
                 mine = outputs[batch.offsets[i] : batch.offsets[i] + plan.filled * n]
@@ -519,8 +519,7 @@ class KernelEngine:
         except ModelError as exc:
             if exc.transient:  # an endpoint's fault: retried as it is
                 raise
-            named = [row_ids[i] for i in at] if row_ids is not None else list(at)
-            raise ModelError(f"explaining {rows_named(named)}: {exc}") from exc
+            raise self._refusal(exc, plans, data, at, dedupe, buffers, row_ids) from exc
         link_fnull = self._link(self._fnull)
         fx: dict[int, np.ndarray] = {}
         for k, (i, plan) in enumerate(zip(at, plans, strict=True)):
@@ -698,6 +697,34 @@ class KernelEngine:
         outputs = self._timed_predict(self._assemble(blocks, extension), batch, timing)
         self._count(batch.n_rows, 0)
         return outputs
+
+    def _refusal(
+        self,
+        exc: ModelError,
+        plans: list[RowPlan],
+        data: _Rows,
+        at: list[int],
+        dedupe: bool | str,
+        buffers: _Buffers,
+        row_ids: Sequence[object] | None,
+    ) -> ModelError:
+        """A call the model refused (`exc`), named by the rows it explained. Where several rows' calls were
+        merged, each row's call is made alone until the model refuses one, which is named, as a call of one
+        row would have been; if it refuses none, the merged call's rows are."""
+
+        def name(i: int) -> object:
+            return row_ids[i] if row_ids is not None else i
+
+        if len(plans) > 1:
+            for plan, i in zip(plans, at, strict=True):
+                alone = self._batch([plan], data, [i])
+                try:
+                    self._evaluate(alone, self._deduplicates(alone, dedupe), buffers)
+                except ModelError as refused:
+                    if refused.transient:
+                        raise
+                    return ModelError(f"explaining {rows_named([name(i)])}: {refused}")
+        return ModelError(f"explaining {rows_named([name(i) for i in at])}: {exc}")
 
     def _timed_predict(
         self, frame: pd.DataFrame, batch: _Batch, timing: list[tuple[int, float]] | None

@@ -43,6 +43,9 @@ class Predictor(ABC):
     # The model reads every number as a 32-bit float (XGBoost casts its input, rounding to nearest): float64
     # columns handed to it as float32 give the same outputs bit for bit, with half the memory to write and read.
     reads_float32: bool = False
+    # The model turns text columns into Python objects on every call (scikit-learn's input checks): text held
+    # as Python strings spares it that; a model of its own (pyarrow's string kernels) may not gain from it.
+    converts_text: bool = False
     # What a call costs here, once the kernel engine has timed one (explainer.batch_rows auto).
     call_cost: CallCost | None = None
     # The kernel engine's call on a run's background, by what was called (the background's digest, its
@@ -122,6 +125,7 @@ class LocalPredictor(Predictor):
         self.class_labels = [str(c) for c in classes] if classes is not None else None
         # XGBoost itself (not a Pipeline ending in it): it reads numbers as float32, from one array as well.
         self.reads_float32 = is_xgboost(model)
+        self.converts_text = type(model).__module__.startswith("sklearn.")
         # An array has no names: a linear booster, which builds a DMatrix, refuses one for a model with them.
         self._array_input = self.reads_float32 and getattr(model, "booster", None) != "gblinear"
         self._in_place = xgboost_in_place(model, method) if self.reads_float32 else None

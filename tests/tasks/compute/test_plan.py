@@ -138,10 +138,32 @@ def test_a_pipeline_is_given_its_text_as_python_strings_with_the_same_values(
 def test_a_model_that_tells_the_storages_apart_keeps_the_datas_own(
     penguins: tuple[Path, Path], write_config: Callable[..., Path], tmp_path: Path
 ) -> None:
+    """Only a scikit-learn model whose outputs on the probe rows are the same bit for bit both ways gets
+    Python strings: a model of its own keeps the data's storage, and so would one that tells the storages
+    apart or fails on either."""
+    from shapline.tasks.models.predictors import LocalPredictor
+    from shapline.tasks.models.probe import same_with_python_text
     from tests.helpers import StorageMinded
 
     path = tmp_path / "minded.joblib"
-    joblib.dump(StorageMinded(joblib.load(penguins[1])), path)
+    pipeline = joblib.load(penguins[1])
+    joblib.dump(StorageMinded(pipeline), path)
     plan = _penguins_plan(penguins, write_config, path)
     assert plan.python_text == []
     assert _storages(plan.rows) == _storages(plan.background.frame) == {"island": "pyarrow", "sex": "pyarrow"}
+
+    probe = plan.probe
+    assert same_with_python_text(
+        LocalPredictor("p", pipeline, "predict_proba"), probe, pipeline.predict_proba(probe)
+    )
+    minded = LocalPredictor("m", StorageMinded(pipeline), "predict_proba")
+    assert not same_with_python_text(minded, probe, minded.predict(probe))
+
+    class ArrowOnly(StorageMinded):
+        def predict_proba(self, rows: Any) -> Any:
+            if any(isinstance(t, pd.StringDtype) and t.storage == "python" for t in rows.dtypes.to_numpy()):
+                raise TypeError("expected pyarrow strings")
+            return self.model.predict_proba(rows)
+
+    arrow_only = LocalPredictor("a", ArrowOnly(pipeline), "predict_proba")
+    assert not same_with_python_text(arrow_only, probe, arrow_only.predict(probe))

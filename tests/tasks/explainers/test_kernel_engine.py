@@ -837,3 +837,39 @@ def test_warm_up_explains_quietly_and_imports_nothing_a_shard_may_not_need() -> 
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_merged_call_the_model_refuses_names_the_row_it_refuses(
+    numeric: pd.DataFrame, adaptive: bool
+) -> None:
+    """Several rows' calls in one: the model refuses the call because of one row's synthetic rows. The error
+    names that row, as a call of its own would have (each row's call is made alone until one is refused)."""
+    from shapline.tasks.common.errors import ModelError
+
+    model = on_frame(smooth_model(np.linspace(-1, 1, 8).reshape(8, 1), logit=True))
+    bad = float(numeric.iloc[27, 0])
+
+    def predict(frame: pd.DataFrame) -> np.ndarray:
+        if (frame["f0"] == bad).any():
+            raise ModelError("refused a value")
+        return model(frame)
+
+    engine = KernelEngine(predict, numeric.iloc[:20], link="logit")
+    rows = numeric.iloc[24:30]
+    ids = [f"r{i}" for i in range(24, 30)]
+    with pytest.raises(ModelError, match=r"^explaining row_id r27: refused a value$"):
+        if adaptive:
+            engine.explain_adaptive(rows, list(range(6)), 400, 0.01, batch_rows=6, row_ids=ids)
+        else:
+            engine.explain(rows, list(range(6)), nsamples=60, batch_rows=6, row_ids=ids)
+
+    # A model that refuses only merged calls: the merged call's rows are named.
+    def big_calls_refused(frame: pd.DataFrame) -> np.ndarray:
+        if len(frame) > 2000:
+            raise ModelError("too many rows")
+        return model(frame)
+
+    engine = KernelEngine(big_calls_refused, numeric.iloc[:20], link="logit")
+    with pytest.raises(ModelError, match=r"^explaining row_ids r24-r29: too many rows$"):
+        engine.explain(rows, list(range(6)), nsamples=60, batch_rows=6, row_ids=ids)
