@@ -233,6 +233,7 @@ def _kernel_values(
         call_cost=predictor.call_cost,
         background_output=known.get(key),
         deduplicates=(predictor.kernel_deduplicates or {}).get(key),
+        calls_are_cheap=not predictor.pays_per_row,
     )
     # Kept with the model, one run's background at a time: the process's next shards make no call on it.
     predictor.background_outputs = {key: engine.background_output}

@@ -234,6 +234,7 @@ class KernelEngine:
         call_cost: CallCost | None = None,
         background_output: tuple[np.ndarray, float] | None = None,
         deduplicates: bool | None = None,
+        calls_are_cheap: bool = True,
     ) -> None:
         """`predict` maps a frame with the background's columns and dtypes to (rows, outputs) floats.
 
@@ -247,13 +248,16 @@ class KernelEngine:
         an earlier engine of the run called it (`self.background_output` once this one has): a shard's
         engine then makes no call on the background of its own. `deduplicates` is what an earlier engine
         of the run decided for dedupe "auto" (`self.deduplicates` once this one has): a shard's engine
-        then samples no repeats of its own.
+        then samples no repeats of its own. Without `calls_are_cheap` (an endpoint, whose requests are
+        billed and whose refusals are not retried), a refused call is named by all its rows rather than
+        found again row by row.
         """
         if link not in LINKS:
             raise ValueError(f"link must be one of {sorted(LINKS)}, got {link!r}")
         if len(background) == 0:
             raise ValueError("the background needs at least one row")
         self.predict = predict
+        self.calls_are_cheap = calls_are_cheap
         self.link = link
         self._link = LINKS[link]
         self.background = background.reset_index(drop=True)
@@ -710,12 +714,12 @@ class KernelEngine:
     ) -> ModelError:
         """A call the model refused (`exc`), named by the rows it explained. Where several rows' calls were
         merged, each row's call is made alone until the model refuses one, which is named, as a call of one
-        row would have been; if it refuses none, the merged call's rows are."""
+        row would have been; if it refuses none, or calls are not cheap, the merged call's rows are."""
 
         def name(i: int) -> object:
             return row_ids[i] if row_ids is not None else i
 
-        if len(plans) > 1:
+        if len(plans) > 1 and self.calls_are_cheap:
             for plan, i in zip(plans, at, strict=True):
                 alone = self._batch([plan], data, [i])
                 try:

@@ -873,3 +873,7 @@ def test_a_merged_call_the_model_refuses_names_the_row_it_refuses(
     engine = KernelEngine(big_calls_refused, numeric.iloc[:20], link="logit")
     with pytest.raises(ModelError, match=r"^explaining row_ids r24-r29: too many rows$"):
         engine.explain(rows, list(range(6)), nsamples=60, batch_rows=6, row_ids=ids)
+    # An endpoint's refused request is not sent again, row by row: the call's rows are named.
+    engine = KernelEngine(predict, numeric.iloc[:20], link="logit", calls_are_cheap=False)
+    with pytest.raises(ModelError, match=r"^explaining row_ids r24-r29: refused a value$"):
+        engine.explain(rows, list(range(6)), nsamples=60, batch_rows=6, row_ids=ids)
