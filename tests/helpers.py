@@ -9,7 +9,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import pandas as pd
@@ -63,7 +63,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class Watched:
+class Wrapped:
+    """A classifier around a fitted one (its classes, its fit), which subclasses watch or bend."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.classes_ = model.classes_
+
+    def fit(self, rows: Any, target: Any) -> Self:
+        self.model.fit(rows, target)
+        return self
+
+
+class Watched(Wrapped):
     """A classifier that says where it is through marker files `<event>-<pid>` in `folder`, and pauses at the
     events in `pause_on` so a test can kill the process there: `loading` (a pool worker unpickling it, i.e.
     warming up), `probing` (the flow process's first call), `predicting` (a pool worker's first call)."""
@@ -71,10 +83,9 @@ class Watched:
     PAUSE_S = 4.0
 
     def __init__(self, model: Any, folder: str, pause_on: set[str]) -> None:
-        self.model = model
+        super().__init__(model)
         self.folder = folder
         self.pause_on = set(pause_on)
-        self.classes_ = model.classes_
 
     def _mark(self, event: str) -> None:
         import os
@@ -97,10 +108,6 @@ class Watched:
             self._mark("loading")
             self._mark("loaded")
 
-    def fit(self, rows: Any, target: Any) -> Watched:
-        self.model.fit(rows, target)
-        return self
-
     def predict_proba(self, rows: Any) -> Any:
         if not getattr(self, "_called", False):
             self._called = True
@@ -108,25 +115,17 @@ class Watched:
         return self.model.predict_proba(rows)
 
 
-class StorageMinded:
+class StorageMinded(Wrapped):
     """A classifier whose outputs move (by 1e-9) when a text column reaches it as Python strings rather than
     pyarrow's: a model that tells the storages apart (and not a scikit-learn one), which keeps the data's
     own."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.classes_ = model.classes_
-
-    def fit(self, rows: Any, target: Any) -> StorageMinded:
-        self.model.fit(rows, target)
-        return self
 
     def predict_proba(self, rows: Any) -> Any:
         python = any(isinstance(t, pd.StringDtype) and t.storage == "python" for t in rows.dtypes.to_numpy())
         return self.model.predict_proba(rows) * (1.0 - 1e-9 if python else 1.0)
 
 
-class Hangs:
+class Hangs(Wrapped):
     """A classifier whose predict_proba never returns (sleeps HANG_S) when a shard calls it (on a thread other
     than the main one, where the flow's probe calls it, or in a pool worker), once `after_shards` finished
     shard files are in `store` (a shard store's root); first it touches `hanging-<pid>-<thread>-<random>`
@@ -135,15 +134,10 @@ class Hangs:
     HANG_S = 600.0
 
     def __init__(self, model: Any, folder: str, store: str, after_shards: int = 0) -> None:
-        self.model = model
+        super().__init__(model)
         self.folder = folder
         self.store = store
         self.after_shards = after_shards
-        self.classes_ = model.classes_
-
-    def fit(self, rows: Any, target: Any) -> Hangs:
-        self.model.fit(rows, target)
-        return self
 
     def predict_proba(self, rows: Any) -> Any:
         import multiprocessing
@@ -160,18 +154,10 @@ class Hangs:
         return self.model.predict_proba(rows)
 
 
-class FreezeWitness:
+class FreezeWitness(Wrapped):
     """A classifier that records, at every call in this process, how many objects gc.freeze() set aside."""
 
     seen: list[int] = []  # class-level: the flow's copy of the model (loaded from its file) records here
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.classes_ = model.classes_
-
-    def fit(self, rows: Any, target: Any) -> FreezeWitness:
-        self.model.fit(rows, target)
-        return self
 
     def predict_proba(self, rows: Any) -> Any:
         import gc

@@ -65,13 +65,6 @@ def _what_is_odd(row: pd.Series) -> str:
     return "; ".join(parts)
 
 
-def probe_predictor(
-    predictor: Predictor, rows: pd.DataFrame, class_index: int | None, probabilities: bool = False
-) -> int:
-    """Call the model on the probe rows before any SHAP compute; return its number of outputs."""
-    return int(probe_output(predictor, rows, class_index, probabilities).shape[1])
-
-
 def probe_output(
     predictor: Predictor, rows: pd.DataFrame, class_index: int | None, probabilities: bool = False
 ) -> np.ndarray:
@@ -95,21 +88,20 @@ def probe_output(
     return output
 
 
+def _arrow_text(frame: pd.DataFrame) -> dict[Any, pd.StringDtype]:
+    """The text columns pandas keeps in pyarrow (its default `str` when pyarrow is installed), by dtype."""
+    return {c: t for c, t in frame.dtypes.items() if isinstance(t, pd.StringDtype) and t.storage == "pyarrow"}
+
+
 def arrow_text_columns(frame: pd.DataFrame) -> list[str]:
-    """The text columns pandas keeps in pyarrow (its default `str` when pyarrow is installed)."""
-    return [
-        str(c) for c, t in frame.dtypes.items() if isinstance(t, pd.StringDtype) and t.storage == "pyarrow"
-    ]
+    """The names of the text columns pandas keeps in pyarrow."""
+    return [str(c) for c in _arrow_text(frame)]
 
 
 def with_python_text(frame: pd.DataFrame) -> pd.DataFrame:
     """The frame with its pyarrow text columns held as Python strings: the same dtype name, values and
     missing value, another storage."""
-    converted = {
-        c: pd.StringDtype("python", na_value=t.na_value)
-        for c, t in frame.dtypes.items()
-        if isinstance(t, pd.StringDtype) and t.storage == "pyarrow"
-    }
+    converted = {c: pd.StringDtype("python", na_value=t.na_value) for c, t in _arrow_text(frame).items()}
     return frame.astype(converted) if converted else frame
 
 
@@ -121,7 +113,7 @@ def same_with_python_text(predictor: Predictor, rows: pd.DataFrame, output: np.n
     Only a model that gives the same outputs either way is given them (one that looks at the storage, or
     fails, is not); the values are then the same as well.
     """
-    if not arrow_text_columns(rows):
+    if not _arrow_text(rows):
         return False
     try:
         again = predictor.predict(with_python_text(rows))

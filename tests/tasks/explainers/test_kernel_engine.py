@@ -598,6 +598,20 @@ class ModelClock:
         return call
 
 
+def pipeline_on_clock(
+    penguin_pipeline: tuple[pd.DataFrame, object], monkeypatch: pytest.MonkeyPatch
+) -> tuple[ModelClock, pd.DataFrame, pd.DataFrame, list[int], Callable[[pd.DataFrame], np.ndarray]]:
+    """The demo's Pipeline on the engine's clock at ~4 ms a call and 0.6 us a row, as it costs: its clock, a
+    10-row background, six rows to explain, their seeds and the timed predict."""
+    from shapline.tasks.explainers import kernel_engine
+
+    features, model = penguin_pipeline
+    clock = ModelClock(per_call=4e-3, per_row=6e-7)
+    monkeypatch.setattr(kernel_engine, "_clock", clock)
+    background, rows, seeds = shap.sample(features, 10, random_state=1), features.iloc[:6], list(range(6))
+    return clock, background, rows, seeds, clock.timed(penguin_functions(features, model)[1])
+
+
 def test_auto_merges_the_calls_of_a_model_that_costs_per_call(
     penguin_pipeline: tuple[pd.DataFrame, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -605,12 +619,8 @@ def test_auto_merges_the_calls_of_a_model_that_costs_per_call(
     and the first row's, then merges the other rows' calls; the values stay those of one row per call."""
     from shapline.tasks.explainers import kernel_engine
 
-    features, model = penguin_pipeline
-    clock = ModelClock(per_call=4e-3, per_row=6e-7)
-    monkeypatch.setattr(kernel_engine, "_clock", clock)
+    clock, background, rows, seeds, predict = pipeline_on_clock(penguin_pipeline, monkeypatch)
     monkeypatch.setattr(kernel_engine, "_FIRST_CALL_BYTES", 1)  # the first call one row (see below)
-    background, rows, seeds = shap.sample(features, 10, random_state=1), features.iloc[:6], list(range(6))
-    predict = clock.timed(penguin_functions(features, model)[1])
     one, fx_one = KernelEngine(predict, background, link="logit").explain(rows, seeds, l1_reg="aic")
     clock.calls.clear()
     engine = KernelEngine(predict, background, link="logit")
@@ -638,9 +648,7 @@ def test_auto_times_the_model_alone_not_a_first_write_of_the_rows(
     per row and leave a Pipeline at one row a call."""
     from shapline.tasks.explainers import kernel_engine
 
-    features, model = penguin_pipeline
-    clock = ModelClock(per_call=4e-3, per_row=6e-7)
-    monkeypatch.setattr(kernel_engine, "_clock", clock)
+    clock, background, rows, seeds, predict = pipeline_on_clock(penguin_pipeline, monkeypatch)
     fill = compiled.fill_synthetic
 
     def slow_first_fill(*args: object) -> None:
@@ -650,8 +658,6 @@ def test_auto_times_the_model_alone_not_a_first_write_of_the_rows(
 
     monkeypatch.setattr(compiled, "fill_synthetic", slow_first_fill)
     monkeypatch.setattr(kernel_engine, "_FIRST_CALL_BYTES", 1)
-    background, rows, seeds = shap.sample(features, 10, random_state=1), features.iloc[:6], list(range(6))
-    predict = clock.timed(penguin_functions(features, model)[1])
     engine = KernelEngine(predict, background, link="logit")
     engine.explain(rows, seeds, l1_reg="aic", batch_rows="auto")
     assert clock.calls == [10, 1261, 5 * 1261]
@@ -682,11 +688,7 @@ def test_auto_merges_a_first_call_of_small_rows_and_decides_from_it(
     budget; the values are one row a call's."""
     from shapline.tasks.explainers import kernel_engine
 
-    features, model = penguin_pipeline
-    clock = ModelClock(per_call=4e-3, per_row=6e-7)
-    monkeypatch.setattr(kernel_engine, "_clock", clock)
-    background, rows, seeds = shap.sample(features, 10, random_state=1), features.iloc[:6], list(range(6))
-    predict = clock.timed(penguin_functions(features, model)[1])
+    clock, background, rows, seeds, predict = pipeline_on_clock(penguin_pipeline, monkeypatch)
     one, _ = KernelEngine(predict, background, link="logit").explain(rows, seeds, l1_reg="aic")
     clock.calls.clear()
     engine = KernelEngine(predict, background, link="logit")

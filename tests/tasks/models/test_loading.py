@@ -13,7 +13,7 @@ from shapline.tasks.common.config import SklearnModel, XGBoostModel
 from shapline.tasks.common.errors import ModelError
 from shapline.tasks.models.loading import link_for, load_predictor
 from shapline.tasks.models.predictors import LocalPredictor, numeric_array
-from shapline.tasks.models.probe import probe_predictor
+from shapline.tasks.models.probe import probe_output
 
 
 def test_limiting_threads_while_other_shards_predict_is_safe(xgb_model: Path, cancer_data: Path) -> None:
@@ -110,7 +110,7 @@ def test_missing_and_wrong_model_files_name_the_key(tmp_path: Path, xgb_model: P
 def test_probe_reports_a_model_that_cannot_read_the_data(xgb_model: Path) -> None:
     predictor = LocalPredictor("xgb", joblib.load(xgb_model), "predict_proba")
     with pytest.raises(ModelError, match=r"model xgb: predict_proba\(\) failed on the data"):
-        probe_predictor(predictor, pd.DataFrame({"x": [1.0, 2.0]}), 1)
+        probe_output(predictor, pd.DataFrame({"x": [1.0, 2.0]}), 1)
 
 
 @pytest.mark.parametrize(
