@@ -21,7 +21,9 @@ __all__ = [
     "augmented_design",
     "background_mean",
     "fill_rows",
+    "fill_rows_by_row",
     "fill_synthetic",
+    "fill_synthetic_by_row",
     "leading_sets",
     "random_coalitions",
     "scaled_centred",
@@ -86,6 +88,55 @@ def fill_rows(
                     row[t] = palette[n + owners[u]]
                 else:
                     row[t] = palette[r - b - u * n]
+
+
+@_compiled
+def fill_synthetic_by_row(
+    out: np.ndarray, palettes: np.ndarray, coalitions: np.ndarray, owners: np.ndarray, n: int
+) -> None:
+    """fill_synthetic's values written row by row into `out` (rows, columns), for a model that reads its
+    input a row at a time (XGBoost reads a row-major array faster, measured). `palettes` here is
+    (n + B, columns): the n background rows, then the call's B explained rows."""
+    columns = palettes.shape[1]
+    b = palettes.shape[0] - n
+    for i in range(b):
+        line, source = out[i], palettes[n + i]
+        for k in range(columns):
+            line[k] = source[k]
+    for u in range(coalitions.shape[0]):
+        start = b + u * n
+        x, mask = palettes[n + owners[u]], coalitions[u]
+        for r in range(n):
+            line, background = out[start + r], palettes[r]
+            for k in range(columns):
+                line[k] = x[k] if mask[k] else background[k]
+
+
+@_compiled
+def fill_rows_by_row(
+    out: np.ndarray,
+    palettes: np.ndarray,
+    coalitions: np.ndarray,
+    owners: np.ndarray,
+    n: int,
+    rows: np.ndarray,
+) -> None:
+    """fill_rows' values written row by row into `out` (len(rows), columns), `palettes` (n + B, columns)
+    as fill_synthetic_by_row takes them."""
+    columns = palettes.shape[1]
+    b = palettes.shape[0] - n
+    for t in range(rows.shape[0]):
+        r = rows[t]
+        line = out[t]
+        if r < b:
+            source = palettes[n + r]
+            for k in range(columns):
+                line[k] = source[k]
+        else:
+            u = (r - b) // n
+            x, mask, background = palettes[n + owners[u]], coalitions[u], palettes[r - b - u * n]
+            for k in range(columns):
+                line[k] = x[k] if mask[k] else background[k]
 
 
 @_compiled
@@ -360,6 +411,9 @@ def warm_up() -> None:
             palettes = np.zeros((2, n + 1), dtype=dtype)
             fill_synthetic(np.empty((2, 1 + 2 * n), dtype=dtype), palettes, coalitions, owners, n)
             fill_rows(np.empty((2, 2), dtype=dtype), palettes, coalitions, owners, n, owners)
+            by_row = np.ascontiguousarray(palettes.T)
+            fill_synthetic_by_row(np.empty((1 + 2 * n, 2), dtype=dtype), by_row, coalitions, owners, n)
+            fill_rows_by_row(np.empty((2, 2), dtype=dtype), by_row, coalitions, owners, n, owners)
     for dtype in (np.float32, np.float64):
         background_mean(np.zeros((n, 1), dtype=dtype), np.full(n, 0.5), np.zeros((1, 1)))
     swaps = np.zeros((1, 1), dtype=np.int32)

@@ -234,6 +234,7 @@ def _kernel_values(
         background_output=known.get(key),
         deduplicates=(predictor.kernel_deduplicates or {}).get(key),
         calls_are_cheap=not predictor.pays_per_row,
+        row_major=predictor.reads_rows,
     )
     # Kept with the model, one run's background at a time: the process's next shards make no call on it.
     predictor.background_outputs = {key: engine.background_output}

@@ -58,6 +58,30 @@ def test_fill_rows_writes_the_rows_fill_synthetic_writes(dtype: type) -> None:
     np.testing.assert_array_equal(out, whole[:, rows])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.bool_])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_the_fills_by_row_write_the_rows_the_fills_by_column_write(dtype: type, order: str) -> None:
+    """A row-major call (a model that reads rows: XGBoost) holds the very numbers of a column-major one,
+    the whole call and a deduplicated call's rows, whichever layout the call's coalitions come in."""
+    rng = np.random.default_rng(2)
+    n, b, units, columns = 5, 3, 30, 6
+    palettes = (rng.normal(size=(columns, n + b)) * 50).astype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        palettes[0, [1, n + 1]] = np.nan
+    coalitions = np.asarray(rng.random((units, columns)) < 0.5, order=order)
+    owners = np.sort(rng.integers(0, b, size=units))
+    by_column = np.empty((columns, b + units * n), dtype=dtype)
+    compiled.fill_synthetic(by_column, palettes, coalitions, owners, n)
+    by_row = np.empty((b + units * n, columns), dtype=dtype)
+    compiled.fill_synthetic_by_row(by_row, np.ascontiguousarray(palettes.T), coalitions, owners, n)
+    np.testing.assert_array_equal(by_row, by_column.T)
+    rows = np.sort(rng.choice(by_column.shape[1], size=50, replace=False)).astype(np.intp)
+    rows[:2] = [0, 2]
+    some = np.empty((len(rows), columns), dtype=dtype)
+    compiled.fill_rows_by_row(some, np.ascontiguousarray(palettes.T), coalitions, owners, n, rows)
+    np.testing.assert_array_equal(some, by_column.T[rows])
+
+
 def test_the_engine_fills_a_frame_of_every_kind_of_column_as_before() -> None:
     """numpy dtypes the loop writes, one it does not (datetime), an extension type (text) and a category."""
     rng = np.random.default_rng(1)
@@ -150,6 +174,7 @@ def test_warm_up_loads_what_a_shard_calls() -> None:
     load (~5 ms a signature, measured in a flow's first shard)."""
     script = textwrap.dedent(
         """
+        import itertools
         import numpy as np, pandas as pd
         from shapline.tasks.explainers import compiled
         from shapline.tasks.explainers.kernel_engine import KernelEngine
@@ -178,17 +203,18 @@ def test_warm_up_loads_what_a_shard_calls() -> None:
         )
 
         def model(rows):
-            score = rows["a"].to_numpy(float) + rows["b"].to_numpy(float) + rows["f"].fillna(0).to_numpy(float)
+            score = rows["a"].to_numpy(float) + rows["f"].fillna(0).to_numpy(float)
+            if "b" in rows:
+                score = score + rows["b"].to_numpy(float)
             if "c" in rows:
                 score = score + (rows["c"] == "x").to_numpy(float)
             return score.reshape(-1, 1)
 
-        for columns in (list(frame.columns), ["a", "b", "f"]):
-            for float32 in (True, False):
-                for dedupe in (True, False):
-                    engine = KernelEngine(model, frame[columns].iloc[:10], float32=float32)
-                    rows = frame[columns].iloc[10:14]
-                    engine.explain(rows, seeds=[0, 1, 2, 3], nsamples=60, batch_rows=2, dedupe=dedupe)
+        for columns in (list(frame.columns), ["a", "b", "f"], ["a", "f"]):
+            for float32, dedupe, row_major in itertools.product((True, False), repeat=3):
+                engine = KernelEngine(model, frame[columns].iloc[:10], float32=float32, row_major=row_major)
+                rows = frame[columns].iloc[10:14]
+                engine.explain(rows, seeds=[0, 1, 2, 3], nsamples=60, batch_rows=2, dedupe=dedupe)
         added = {name: found - loaded[name] for name, found in signatures().items() if found - loaded[name]}
         print(added or "none")
         """

@@ -545,6 +545,46 @@ def test_float32_rows_for_a_model_that_reads_float32_change_no_bit() -> None:
     assert seen[-1]["mean radius"] == np.float32 and seen[-1]["count"] == data["count"].dtype
 
 
+@pytest.mark.parametrize("batch_rows", [1, 3])
+@pytest.mark.parametrize("dedupe", [False, True])
+def test_row_major_rows_for_a_model_that_reads_rows_change_no_bit(
+    numeric: pd.DataFrame, batch_rows: int, dedupe: bool
+) -> None:
+    """A model that reads rows (XGBoost) is handed each call as one row-major array, in the engine's own
+    memory (no copy on the way to the model): the values and f(x) are the column-major engine's, bit for
+    bit, merged or not, deduplicated or not. A frame of two dtypes keeps its columns (several arrays)."""
+    data = numeric.copy()
+    data.iloc[::4, 1] = np.nan
+    data.iloc[:, 2] = data.iloc[:, 2].round(0)  # repeats for dedupe to find
+    layouts: list[tuple[bool, bool]] = []
+
+    def f(frame: pd.DataFrame) -> np.ndarray:
+        array = frame.to_numpy()
+        layouts.append((array.flags.c_contiguous, np.shares_memory(array, frame.to_numpy())))
+        # Column by column, in one order whatever the layout (a BLAS product's sums depend on it).
+        out = np.zeros(len(array))
+        for j, weight in enumerate(np.linspace(-1, 1, array.shape[1])):
+            out += np.nan_to_num(array[:, j].astype(float), nan=0.3) * weight
+        return out[:, None]
+
+    background, rows, seeds = data.iloc[:12], data.iloc[12:19], list(range(7))
+    settings = {"nsamples": 100, "l1_reg": "aic", "batch_rows": batch_rows, "dedupe": dedupe}
+    by_column = KernelEngine(f, background).explain(rows, seeds, **settings)
+    assert not layouts[-1][0]
+    layouts.clear()
+    engine = KernelEngine(f, background, row_major=True)
+    by_row = engine.explain(rows, seeds, **settings)
+    assert layouts and all(c_order and shared for c_order, shared in layouts[1:])  # [0]: the background's
+    np.testing.assert_array_equal(by_row[0], by_column[0])
+    np.testing.assert_array_equal(by_row[1], by_column[1])
+    if dedupe:
+        assert engine.rows_saved > 0
+    mixed = data.assign(count=np.arange(len(data)) % 3)
+    layouts.clear()
+    KernelEngine(f, mixed.iloc[:12], row_major=True).explain(mixed.iloc[12:14], seeds[:2], **settings)
+    assert not layouts[-1][0]
+
+
 @pytest.mark.parametrize("m", [2, 3, 17, 30, 64, 200])
 def test_shuffles_are_the_ones_shap_draws_in_successive_calls(m: int) -> None:
     for seed in (0, 1, 2**31 + 5):

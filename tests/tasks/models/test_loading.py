@@ -82,9 +82,12 @@ def test_only_models_that_cast_to_float32_say_they_read_float32(
     booster = load_predictor(XGBoostModel(name="b", kind="xgboost", path=str(xgb_model.with_suffix(".json"))))
     wrapper = load_predictor(XGBoostModel(name="w", kind="xgboost", path=str(xgb_model)))
     assert booster.reads_float32 and wrapper.reads_float32
+    # And rows, from one array: the engine writes their calls row-major, as they read them fastest.
+    assert booster.reads_rows and wrapper.reads_rows
     pipeline = make_pipeline(StandardScaler(), joblib.load(xgb_model)).fit(x, y)
-    assert not LocalPredictor("p", pipeline, "predict_proba").reads_float32
-    assert not LocalPredictor("l", LogisticRegression(max_iter=1000).fit(x, y), "predict_proba").reads_float32
+    for other in (pipeline, LogisticRegression(max_iter=1000).fit(x, y)):
+        predictor = LocalPredictor("o", other, "predict_proba")
+        assert not predictor.reads_float32 and not predictor.reads_rows
 
 
 def test_numeric_array_keeps_the_frame_when_an_array_could_mean_other_numbers() -> None:
@@ -250,13 +253,14 @@ def test_every_xgboost_file_predicts_in_place_with_todays_outputs(
     outputs = predictor.predict(rows)
     assert np.array_equal(outputs[:, 1], probability) and np.array_equal(outputs[:, 0], negative)
     assert np.array_equal(predictor.raw_output(rows, "log_odds")[:, 0], margin)
-    # The engine's rows: one float32 block (column-major), read in place as well.
-    block = np.asfortranarray(rows.to_numpy(dtype=np.float32))
-    assert np.array_equal(
-        predictor.predict(pd.DataFrame(block, columns=rows.columns))[:, 1],
-        booster.predict(xgboost.DMatrix(block, feature_names=list(rows.columns))),
-    )
-    assert dmatrices == [len(rows)]  # only the reference's, after the predictor's calls
+    # The engine's rows: one float32 block, row-major (reads_rows) or column-major, read in place as well.
+    assert predictor.reads_rows
+    for block in (np.ascontiguousarray(rows, np.float32), np.asfortranarray(rows, np.float32)):
+        assert np.array_equal(
+            predictor.predict(pd.DataFrame(block, columns=rows.columns, copy=False))[:, 1],
+            booster.predict(xgboost.DMatrix(block, feature_names=list(rows.columns))),
+        )
+    assert dmatrices == [len(rows)] * 2  # only the references', after the predictor's calls
     dmatrices.clear()
     predictor.predict(rows.astype({"mean_radius": "Float64"}))  # a nullable column: the frame, in place
     assert dmatrices == []

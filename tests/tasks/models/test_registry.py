@@ -270,6 +270,7 @@ def test_xgboost_in_the_registry_predicts_in_place(
     """Every flavour an XGBoost model is logged with reaches the booster in place: no DMatrix per call."""
     predictor = load_registry_predictor(_config(store, classifier_uris[logged]))
     assert isinstance(predictor, BoosterPredictor if logged == "booster" else LocalPredictor)
+    assert predictor.reads_rows  # the kernel engine writes its calls row-major, as XGBoost reads them fastest
     dmatrices.clear()
     outputs = predictor.predict(store.rows)
     assert dmatrices == [] and outputs.shape == (len(store.rows), 2)
