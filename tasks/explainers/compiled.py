@@ -18,6 +18,7 @@ from shapline.tasks.explainers.jit import cached_njit as _compiled
 
 __all__ = [
     "FILLED_DTYPES",
+    "as_bits",
     "augmented_design",
     "background_mean",
     "fill_rows",
@@ -90,26 +91,44 @@ def fill_rows(
                     row[t] = palette[r - b - u * n]
 
 
+def as_bits(array: np.ndarray) -> np.ndarray:
+    """The array's values as their bit patterns: a view as the unsigned integers of the dtype's width, what
+    the fills by row copy (a select of bits writes every value, NaN's payload too, exactly)."""
+    return array.view(np.dtype(f"u{array.dtype.itemsize}"))
+
+
 @_compiled
 def fill_synthetic_by_row(
     out: np.ndarray, palettes: np.ndarray, coalitions: np.ndarray, owners: np.ndarray, n: int
 ) -> None:
     """fill_synthetic's values written row by row into `out` (rows, columns), for a model that reads its
     input a row at a time (XGBoost reads a row-major array faster, measured). `palettes` here is
-    (n + B, columns): the n background rows, then the call's B explained rows."""
+    (n + B, columns): the n background rows, then the call's B explained rows. Both are bit patterns
+    (`as_bits`): a coalition's rows are x's bits where its mask is set, each background row's elsewhere, by
+    and/or (1.0 ms for breast cancer's 105,401 x 30 float32 against 1.9 for a select of floats)."""
     columns = palettes.shape[1]
     b = palettes.shape[0] - n
     for i in range(b):
         line, source = out[i], palettes[n + i]
         for k in range(columns):
             line[k] = source[k]
+    taken = np.empty(columns, dtype=out.dtype)
+    kept = np.empty(columns, dtype=out.dtype)
     for u in range(coalitions.shape[0]):
         start = b + u * n
         x, mask = palettes[n + owners[u]], coalitions[u]
+        for k in range(columns):
+            # Statements, not conditional expressions: numba would unify uint64 and an int literal as float64.
+            if mask[k]:
+                taken[k] = x[k]
+                kept[k] = 0
+            else:
+                taken[k] = 0
+                kept[k] = ~taken[k]
         for r in range(n):
             line, background = out[start + r], palettes[r]
             for k in range(columns):
-                line[k] = x[k] if mask[k] else background[k]
+                line[k] = taken[k] | (background[k] & kept[k])
 
 
 @_compiled
@@ -122,7 +141,7 @@ def fill_rows_by_row(
     rows: np.ndarray,
 ) -> None:
     """fill_rows' values written row by row into `out` (len(rows), columns), `palettes` (n + B, columns)
-    as fill_synthetic_by_row takes them."""
+    as fill_synthetic_by_row takes them (bit patterns)."""
     columns = palettes.shape[1]
     b = palettes.shape[0] - n
     for t in range(rows.shape[0]):
@@ -407,13 +426,16 @@ def warm_up() -> None:
     # columns picked from the call's mask): each layout is its own machine code.
     for order in ("C", "F"):
         coalitions = np.ones((2, 2), dtype=np.bool_, order=order)
-        for dtype in (np.float32, np.float64, np.int64, np.bool_, np.intp):
+        # int16: the one width (2 bytes) the fills by row copy that the others leave out.
+        for dtype in (np.float32, np.float64, np.int64, np.bool_, np.intp, np.int16):
             palettes = np.zeros((2, n + 1), dtype=dtype)
             fill_synthetic(np.empty((2, 1 + 2 * n), dtype=dtype), palettes, coalitions, owners, n)
             fill_rows(np.empty((2, 2), dtype=dtype), palettes, coalitions, owners, n, owners)
-            by_row = np.ascontiguousarray(palettes.T)
-            fill_synthetic_by_row(np.empty((1 + 2 * n, 2), dtype=dtype), by_row, coalitions, owners, n)
-            fill_rows_by_row(np.empty((2, 2), dtype=dtype), by_row, coalitions, owners, n, owners)
+            by_row = as_bits(np.ascontiguousarray(palettes.T))
+            fill_synthetic_by_row(
+                as_bits(np.empty((1 + 2 * n, 2), dtype=dtype)), by_row, coalitions, owners, n
+            )
+            fill_rows_by_row(as_bits(np.empty((2, 2), dtype=dtype)), by_row, coalitions, owners, n, owners)
     for dtype in (np.float32, np.float64):
         background_mean(np.zeros((n, 1), dtype=dtype), np.full(n, 0.5), np.zeros((1, 1)))
     swaps = np.zeros((1, 1), dtype=np.int32)

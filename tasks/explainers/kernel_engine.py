@@ -649,11 +649,13 @@ class KernelEngine:
         if self._row_major:
             ((dtype, positions),) = self._blocks.items()
             by_row = buffers.get(dtype, dtype, (length, len(positions)))
-            palettes = np.ascontiguousarray(batch.palette_blocks[dtype].T)  # (n + B, columns)
+            # (n + B, columns), and both as bit patterns: the fills copy values bit for bit.
+            palettes = compiled.as_bits(np.ascontiguousarray(batch.palette_blocks[dtype].T))
+            bits, mask = compiled.as_bits(by_row), coalitions[:, positions]
             if rows is None:
-                compiled.fill_synthetic_by_row(by_row, palettes, coalitions[:, positions], owners, n)
+                compiled.fill_synthetic_by_row(bits, palettes, mask, owners, n)
             else:
-                compiled.fill_rows_by_row(by_row, palettes, coalitions[:, positions], owners, n, rows)
+                compiled.fill_rows_by_row(bits, palettes, mask, owners, n, rows)
             return {dtype: by_row.T}, {}
         for dtype, positions in self._blocks.items():
             # One block per dtype: many separate multi-megabyte columns cost several times more.

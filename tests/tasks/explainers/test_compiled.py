@@ -58,7 +58,7 @@ def test_fill_rows_writes_the_rows_fill_synthetic_writes(dtype: type) -> None:
     np.testing.assert_array_equal(out, whole[:, rows])
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.bool_])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.int16, np.int8, np.bool_])
 @pytest.mark.parametrize("order", ["C", "F"])
 def test_the_fills_by_row_write_the_rows_the_fills_by_column_write(dtype: type, order: str) -> None:
     """A row-major call (a model that reads rows: XGBoost) holds the very numbers of a column-major one,
@@ -68,17 +68,22 @@ def test_the_fills_by_row_write_the_rows_the_fills_by_column_write(dtype: type, 
     palettes = (rng.normal(size=(columns, n + b)) * 50).astype(dtype)
     if np.issubdtype(dtype, np.floating):
         palettes[0, [1, n + 1]] = np.nan
+        # A NaN with a payload of its own, in the background and in x: copied bit for bit.
+        compiled.as_bits(palettes)[1, [2, n]] = compiled.as_bits(np.array([np.nan], dtype=dtype))[0] | 1
     coalitions = np.asarray(rng.random((units, columns)) < 0.5, order=order)
     owners = np.sort(rng.integers(0, b, size=units))
     by_column = np.empty((columns, b + units * n), dtype=dtype)
     compiled.fill_synthetic(by_column, palettes, coalitions, owners, n)
     by_row = np.empty((b + units * n, columns), dtype=dtype)
-    compiled.fill_synthetic_by_row(by_row, np.ascontiguousarray(palettes.T), coalitions, owners, n)
-    np.testing.assert_array_equal(by_row, by_column.T)
+    bits = compiled.as_bits(np.ascontiguousarray(palettes.T))
+    compiled.fill_synthetic_by_row(compiled.as_bits(by_row), bits, coalitions, owners, n)
+    np.testing.assert_array_equal(
+        compiled.as_bits(by_row), compiled.as_bits(np.ascontiguousarray(by_column.T))
+    )
     rows = np.sort(rng.choice(by_column.shape[1], size=50, replace=False)).astype(np.intp)
     rows[:2] = [0, 2]
     some = np.empty((len(rows), columns), dtype=dtype)
-    compiled.fill_rows_by_row(some, np.ascontiguousarray(palettes.T), coalitions, owners, n, rows)
+    compiled.fill_rows_by_row(compiled.as_bits(some), bits, coalitions, owners, n, rows)
     np.testing.assert_array_equal(some, by_column.T[rows])
 
 
