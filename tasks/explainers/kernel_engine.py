@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import mmap
 import sys
 import threading
 import time
@@ -166,6 +167,10 @@ class _Buffers:
     """
 
     KEPT_BYTES = 64_000_000
+    # A new buffer this large is mapped with its pages in place (MAP_POPULATE, Linux): the kernel maps them
+    # in one call where the first write would fault them in one 4 KB page at a time (a flow's first 12.6 MB
+    # call of breast cancer: 24 ms of faults against 4 ms, measured in a process with the flow's imports).
+    POPULATED_BYTES = 1 << 20
 
     def __init__(self) -> None:
         self._buffers: dict[object, np.ndarray] = {}
@@ -189,8 +194,22 @@ class _Buffers:
         buffer = self._buffers.get(key)
         # References: the dict, `buffer` and getrefcount's argument; any more is a live view elsewhere.
         if buffer is None or buffer.dtype != dtype or buffer.size < size or sys.getrefcount(buffer) > 3:
-            buffer = self._buffers[key] = np.empty(size, dtype=dtype)
+            buffer = self._buffers[key] = self._new(size, dtype)
         return buffer[:size].reshape(shape)
+
+    @classmethod
+    def _new(cls, size: int, dtype: np.dtype) -> np.ndarray:
+        """`size` values of `dtype`, in memory whose pages are in place when the buffer is large."""
+        nbytes = size * dtype.itemsize
+        populate = getattr(mmap, "MAP_POPULATE", None)
+        if nbytes < cls.POPULATED_BYTES or populate is None or dtype.hasobject:
+            return np.empty(size, dtype=dtype)
+        try:
+            mapped = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+        except OSError:  # no memory to map now: numpy's own allocation says so, or does not need to
+            return np.empty(size, dtype=dtype)
+        # Freed with the array (its views keep it alive): the mapping is unmapped when the last goes.
+        return np.frombuffer(mapped, dtype=dtype, count=size)
 
 
 # Per thread: a thread explains one shard at a time, so its buffers are never shared.

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import mmap
 import subprocess
 import sys
 import textwrap
 import threading
 import warnings
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -448,8 +450,15 @@ def test_concurrent_threads_give_the_sequential_values(numeric: pd.DataFrame) ->
         assert np.array_equal(results[i], sequential[i])
 
 
-def test_frames_kept_by_predict_are_never_overwritten(numeric: pd.DataFrame) -> None:
-    """The engine reuses a call's memory for the next call only when nothing else still refers to it."""
+@pytest.mark.parametrize("populated", [False, True])
+def test_frames_kept_by_predict_are_never_overwritten(
+    numeric: pd.DataFrame, populated: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine reuses a call's memory for the next call only when nothing else still refers to it, in
+    numpy's memory or in a mapping with its pages in place (what a large call gets: every buffer here)."""
+    if populated:
+        monkeypatch.setattr(_Buffers, "POPULATED_BYTES", 0)
+    _Buffers.of_this_thread()._buffers.clear()  # what earlier tests left in this thread
     f = smooth_model(np.linspace(-1, 1, 8).reshape(8, 1), logit=False)
     kept: list[tuple[pd.DataFrame, pd.DataFrame]] = []
 
@@ -460,6 +469,31 @@ def test_frames_kept_by_predict_are_never_overwritten(numeric: pd.DataFrame) -> 
     engine = KernelEngine(predict, numeric.iloc[:5])
     engine.explain(numeric.iloc[10:16], list(range(6)), nsamples=60, batch_rows=2)
     assert len(kept) == 4 and all(frame.equals(copy) for frame, copy in kept)
+    buffers = _Buffers.of_this_thread()._buffers.values()
+    assert all(isinstance(mapping_of(b), mmap.mmap) == populated for b in buffers)
+
+
+def mapping_of(array: np.ndarray) -> object:
+    """What holds an array's memory: numpy's own allocation (None) or an object it borrows from."""
+    base: object = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return base.obj if isinstance(base, memoryview) else base
+
+
+def test_a_large_buffer_is_mapped_with_its_pages_and_freed_with_its_last_view() -> None:
+    buffers = _Buffers()
+    large = buffers.get("rows", np.dtype(np.float32), (1000, 300))  # 1.2 MB
+    assert isinstance(mapping_of(large), mmap.mmap) and large.flags.writeable
+    large[:] = 1.5
+    again = buffers.get("rows", np.dtype(np.float32), (1000, 300))
+    assert not np.shares_memory(again, large)  # `large` still refers to the first
+    assert mapping_of(buffers.get("index", np.dtype(np.intp), (1, 100))) is None  # small: numpy's memory
+    mapping = weakref.ref(mapping_of(large))
+    buffers._buffers.clear()
+    assert mapping() is not None  # `large` keeps it
+    del large
+    assert mapping() is None  # unmapped with its last view
 
 
 def test_a_threads_buffers_carry_nothing_from_one_engine_to_the_next(
