@@ -417,10 +417,7 @@ def explain_shards(
     if jobs:
         # Prefect types map() for async tasks only; the shard task is a plain (sync) one.
         threads_runner: Any
-        # Kernel SHAP: a shard task more than the workers where the runner queues one ahead
-        # (ShardRunner.queued_ahead); a tree or linear shard is fast and its rows many, so none waits.
-        tasks = config.shards.workers + (run.runner.queued_ahead if plan.algorithm == "kernel" else 0)
-        with ThreadPoolTaskRunner(max_workers=tasks) as threads_runner:
+        with ThreadPoolTaskRunner(max_workers=config.shards.workers) as threads_runner:
             try:
                 # Quoted: each shard task gets its job, the runner and the store as they are. Prefect would walk
                 # every field of each (the configs, the background's frame) for futures to resolve, twice per

@@ -22,7 +22,7 @@ import queue
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 # thread dump (py-spy, faulthandler) and by the tests.
 SHARD_THREAD = "shapline-shard"
 _DEFAULT_TIMEOUT_S: float = ShardsConfig.model_fields["timeout_s"].default
-# How often a shard waiting for a slot looks whether the run stopped (a release wakes it at once).
-_SLOT_POLL_S = 0.1
 
 
 class ShardWorkerLost(Exception):
@@ -73,24 +71,14 @@ class ShardRunner(ABC):
     """Computes shards for one run; a context manager that frees its workers when the run ends.
 
     A shard waits at most `timeout_s` for its values (ShardTimeout, which the shard task retries), and
-    not at all once the runner is stopped (ShardAbandoned). With `slots` (its workers), at most that many
-    shards compute at once and the flow runs `queued_ahead` shard tasks more: a task does its Prefect
-    bookkeeping while the workers compute and waits for a slot, so a worker that finishes a shard starts
-    the next at once rather than after the finished task's store write and Prefect's end of one task run
-    and start of the next (14-50 ms a shard between a process worker's shards, measured). A shard's
-    timeout counts from its slot.
+    not at all once the runner is stopped (ShardAbandoned).
     """
 
-    queued_ahead = 0
-
-    def __init__(self, timeout_s: float = _DEFAULT_TIMEOUT_S, slots: int | None = None) -> None:
+    def __init__(self, timeout_s: float = _DEFAULT_TIMEOUT_S) -> None:
         self.timeout_s = timeout_s
         self._stopping = False
         self._waiting: set[threading.Event] = set()
         self._waiting_lock = threading.Lock()
-        self._slots = threading.Semaphore(slots) if slots else None
-        if slots:
-            self.queued_ahead = 1
 
     @abstractmethod
     def compute(self, job: ShardJob) -> ShardValues:
@@ -100,20 +88,6 @@ class ShardRunner(ABC):
         """A shard that starts (or is retried) after stop() is abandoned at once, never sent to a worker."""
         if self._stopping:
             raise ShardAbandoned(f"{shard_label(job.index, job.row_ids)}: the run stopped before it started")
-
-    @contextlib.contextmanager
-    def _slot(self, job: ShardJob) -> Iterator[None]:
-        """Hold one of the runner's slots while the shard computes: wait for one (ShardAbandoned on stop())."""
-        if self._slots is None:
-            yield
-            return
-        while not self._slots.acquire(timeout=_SLOT_POLL_S):
-            self._refuse_if_stopped(job)
-        try:
-            self._refuse_if_stopped(job)
-            yield
-        finally:
-            self._slots.release()
 
     def _wait(self, pending: _Pending, job: ShardJob) -> None:
         """Return once the shard's result is in; ShardTimeout after timeout_s, ShardAbandoned on stop()."""
@@ -223,13 +197,9 @@ class ThreadRunner(ShardRunner):
     """Shards computed on threads of the flow's process (shards.runner thread), one shard per thread at a time."""
 
     def __init__(
-        self,
-        limit: RequestLimit | None,
-        timeout_s: float = _DEFAULT_TIMEOUT_S,
-        threads: int | None = None,
-        workers: int | None = None,
+        self, limit: RequestLimit | None, timeout_s: float = _DEFAULT_TIMEOUT_S, threads: int | None = None
     ) -> None:
-        super().__init__(timeout_s, workers)
+        super().__init__(timeout_s)
         self.limit = limit
         # The native threads each shard may use (threads_per_worker); None leaves them as they are.
         self.threads = threads
@@ -271,9 +241,8 @@ class ThreadRunner(ShardRunner):
             except BaseException as exc:
                 outcome.set_exception(exc)
 
-        with self._slot(job):
-            self._threads.run(explain)
-            self._wait(outcome, job)
+        self._threads.run(explain)
+        self._wait(outcome, job)
         return outcome.result()
 
     def close(self) -> None:
@@ -368,7 +337,7 @@ class ProcessRunner(ShardRunner):
         concurrency: int | None,
         timeout_s: float = _DEFAULT_TIMEOUT_S,
     ) -> None:
-        super().__init__(timeout_s, workers)
+        super().__init__(timeout_s)
         self.workers = workers
         self.model = model
         self.threads = threads
@@ -438,11 +407,7 @@ class ProcessRunner(ShardRunner):
 
     def compute(self, job: ShardJob) -> ShardValues:
         self._refuse_if_stopped(job)
-        with self._slot(job):
-            # The pool once the slot is free: a shard that timed out meanwhile may have replaced it.
-            return self._compute(self._running(), job)
-
-    def _compute(self, executor: ProcessPoolExecutor, job: ShardJob) -> ShardValues:
+        executor = self._running()
         future: Future[ShardValues] | None = None
         for _ in range(2):
             try:
@@ -578,6 +543,4 @@ def open_runner(shards: ShardsConfig, model: ModelConfig, threads: int | None, n
         return ProcessRunner(shards.workers, model, threads, concurrency, shards.timeout_s)
     if shards.runner == "dask":
         return DaskRunner(shards, concurrency, name)
-    return ThreadRunner(
-        ThreadLimit(concurrency) if concurrency else None, shards.timeout_s, threads, shards.workers
-    )
+    return ThreadRunner(ThreadLimit(concurrency) if concurrency else None, shards.timeout_s, threads)

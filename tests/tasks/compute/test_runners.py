@@ -101,7 +101,6 @@ def test_the_pool_is_ready_once_every_worker_ran_its_initializer(
     try:
         runner.wait_ready()
         assert len(list(tmp_path.glob("ready-*"))) == 2
-        assert runner.queued_ahead == 1  # the flow runs a shard task more than the workers
     finally:
         runner.close()
 
