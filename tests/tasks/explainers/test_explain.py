@@ -186,6 +186,43 @@ def test_sampled_kernel_is_deterministic_under_concurrent_threads(
     np.testing.assert_array_equal(whole, np.concatenate(alone))
 
 
+@pytest.mark.parametrize("stored", ["joblib", "json"])
+def test_kernel_shap_hands_xgboost_its_calls_row_major_with_the_same_values(
+    xgb_model: Path, features: pd.DataFrame, tmp_path: Path, stored: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel run on an XGBoost model, as a shard makes it (explain_rows), reaches the booster with each
+    synthetic call as one row-major array; the values are the column-major run's, bit for bit. (The
+    predictor is the process's cached one: what is changed on it is put back.)"""
+    from shapline.tasks.common.config import XGBoostModel
+    from shapline.tasks.models.loading import load_predictor
+
+    path = xgb_model
+    if stored == "json":
+        path = tmp_path / "model.json"
+        joblib.load(xgb_model).get_booster().save_model(str(path))
+    predictor = load_predictor(XGBoostModel(name=f"x-{stored}", kind="xgboost", path=str(path)))
+    booster = predictor.native if stored == "json" else predictor.native.get_booster()
+    background = Background(frame=features.iloc[:10])
+    config = ExplainerConfig(algorithm="kernel", nsamples=80, seed=3)
+    predict, layouts = booster.inplace_predict, []
+
+    def recorded(data: Any, *args: Any, **kwargs: Any) -> Any:
+        if len(data) > len(background.frame):  # a synthetic call, not the background's or a probe's
+            layouts.append(data.flags.c_contiguous)
+        return predict(data, *args, **kwargs)
+
+    monkeypatch.setattr(booster, "inplace_predict", recorded)
+    rows = features.iloc[20:24]
+    by_row = explain_rows(rows, background, predictor, config, "logit", 1, algorithm="kernel")
+    assert layouts and all(layouts)
+    layouts.clear()
+    monkeypatch.setattr(predictor, "reads_rows", False)
+    by_column = explain_rows(rows, background, predictor, config, "logit", 1, algorithm="kernel")
+    assert layouts and not any(layouts)
+    np.testing.assert_array_equal(by_row.values, by_column.values)
+    np.testing.assert_array_equal(by_row.model_output, by_column.model_output)
+
+
 def test_permutation_is_additive_and_seeded(mlp_model: Path, features: pd.DataFrame) -> None:
     predictor = LocalPredictor("mlp", joblib.load(mlp_model), "predict_proba")
     background, rows = Background(frame=features.iloc[:10]), features.iloc[:4]
