@@ -21,6 +21,7 @@ __all__ = [
     "as_bits",
     "augmented_design",
     "background_mean",
+    "eliminated_design",
     "fill_rows",
     "fill_rows_by_row",
     "fill_synthetic",
@@ -28,6 +29,7 @@ __all__ = [
     "leading_sets",
     "random_coalitions",
     "scaled_centred",
+    "same_as_background",
     "searchsorted_right",
     "shuffle_swaps",
     "warm_up",
@@ -170,6 +172,49 @@ def background_mean(outputs: np.ndarray, weights: np.ndarray, ey: np.ndarray) ->
             for r in range(n):
                 total += np.float64(outputs[u * n + r, d]) * weights[r]
             ey[u, d] = total
+
+
+@_compiled
+def same_as_background(x: np.ndarray, background: np.ndarray, rtol: float, atol: float) -> np.ndarray:
+    """Per column j, whether every background row's value is close to x[j]: `np.isclose(x, background,
+    rtol, atol, equal_nan=True).all(axis=0)` for float x and background of one dtype, with `rtol` and `atol`
+    of that dtype (numpy's weak Python floats take the array's dtype): |x - y| <= atol + rtol * |y| where
+    y is finite, or x == y (infinities), or both NaN; the same operations in the same precision."""
+    n, m = background.shape
+    same = np.ones(m, dtype=np.bool_)
+    for j in range(m):
+        value = x[j]
+        for r in range(n):
+            other = background[r, j]
+            if value == other:
+                continue
+            if np.isnan(value) and np.isnan(other):
+                continue
+            if np.isfinite(other) and abs(value - other) <= atol + rtol * abs(other):
+                continue
+            same[j] = False
+            break
+    return same
+
+
+@_compiled
+def eliminated_design(
+    masks: np.ndarray, selected: np.ndarray, last: int, kernel_weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """shap's constrained design and its weighted copy, (rows, k) Fortran-ordered as shap's expressions
+    leave them: `etmp = np.transpose(np.transpose(masks[:, selected]) - masks[:, last])` and
+    `kernel_weights[:, None] * etmp` (one subtraction, one product per element). The layout decides how
+    BLAS multiplies them next, so it is shap's too."""
+    rows, k = masks.shape[0], selected.shape[0]
+    design = np.empty((k, rows))
+    weighted = np.empty((k, rows))
+    for c in range(k):
+        column = selected[c]
+        for u in range(rows):
+            value = masks[u, column] - masks[u, last]
+            design[c, u] = value
+            weighted[c, u] = kernel_weights[u] * value
+    return design.T, weighted.T
 
 
 @_compiled
@@ -445,6 +490,10 @@ def warm_up() -> None:
     random_coalitions(np.zeros(4, dtype=np.uint32), sizes, 1, 2, np.zeros((2, 2)), np.zeros(2), 0)
     masks = np.array([[1.0, 0.0], [0.0, 1.0]])
     design, _ = augmented_design(masks, np.ones(2))
+    eliminated_design(masks, np.zeros(1, dtype=np.intp), 1, np.ones(2))
+    for dtype in (np.float32, np.float64):
+        row = np.zeros(2, dtype=dtype)
+        same_as_background(row, masks.astype(dtype), dtype(1e-05), dtype(1e-08))
     scaled_centred(design)
     from shapline.tasks.explainers import lars
 

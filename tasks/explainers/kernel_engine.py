@@ -96,8 +96,6 @@ class RowPlan:
     """One row's coalitions and kernel weights."""
 
     seed: int
-    x: pd.DataFrame = dataclasses.field(repr=False)
-    """The explained row: one row with the background's columns and dtypes."""
     varying: np.ndarray
     """Column positions of the M features whose value differs from the background's (shap's varyingInds)."""
     masks: np.ndarray = dataclasses.field(repr=False)
@@ -297,6 +295,9 @@ class KernelEngine:
         kind = self._bg_values.dtype
         self._bg_has_na = kind.kind == "O" and any(value is pd.NA for value in self._bg_values.flat)
         self._numeric = bool(np.issubdtype(kind, np.number) or np.issubdtype(kind, np.bool_))
+        # A float background, C-ordered, for the compiled comparison of each row with it (`_varying`).
+        floats = kind in (np.float32, np.float64)
+        self._bg_floats = np.ascontiguousarray(self._bg_values) if floats else None
         # Numpy-typed columns are written into one block per dtype; extension types (str, category,
         # nullable ints) are gathered with their own take(), which keeps their dtype.
         self._blocks: dict[np.dtype, list[int]] = {}
@@ -539,7 +540,6 @@ class KernelEngine:
         plans = [
             RowPlan(
                 int(seeds[i]),
-                data.frame.iloc[i : i + 1],
                 varying[i],
                 masks[i],
                 np.zeros(len(masks[i])),
@@ -568,19 +568,24 @@ class KernelEngine:
     # coalitions
 
     def _plan(self, rows: _Rows, i: int, seed: int, nsamples: int | str) -> RowPlan:
-        x = rows.frame.iloc[i : i + 1]
         varying = self._varying(rows.values[i])
         m = len(varying)
         if m <= 1:  # shap draws nothing: no feature matters, or the only one takes all the effect
-            return RowPlan(int(seed), x, varying, np.zeros((0, m)), np.zeros(0), 0, 0.0)
-        masks, weights, filled, fraction = _draw_coalitions(m, nsamples, np.random.RandomState(seed))
-        return RowPlan(int(seed), x, varying, masks, weights, filled, fraction)
+            return RowPlan(int(seed), varying, np.zeros((0, m)), np.zeros(0), 0, 0.0)
+        masks, weights, filled, fraction = _draw_coalitions(m, nsamples, _seeded(seed))
+        return RowPlan(int(seed), varying, masks, weights, filled, fraction)
 
     def _varying(self, values: np.ndarray) -> np.ndarray:
         """shap's varying_groups (one feature per group) for x's row of frame.to_numpy(), as shap gets it."""
         if self._numeric:
-            # np.allclose(x_j, background_j, equal_nan=True) per column, argument order kept (rtol * |bg|).
-            same = np.isclose(values, self._bg_values, equal_nan=True).all(axis=0)
+            # np.allclose(x_j, background_j, equal_nan=True) per column, argument order kept (rtol * |bg|):
+            # compiled for floats of the background's dtype (numpy's isclose costs ~0.1 ms a row).
+            if self._bg_floats is not None and values.dtype == self._bg_floats.dtype:
+                kind = self._bg_floats.dtype.type
+                x = np.ascontiguousarray(values)
+                same = compiled.same_as_background(x, self._bg_floats, kind(1e-05), kind(1e-08))
+            else:
+                same = np.isclose(values, self._bg_values, equal_nan=True).all(axis=0)
         elif self._bg_has_na or any(value is pd.NA for value in values):
             # pandas' NA (a nullable column's missing value) == anything is NA, which has no truth value
             # (shap itself stops on it): a missing value is unequal to every value, as NaN is below.
@@ -1145,6 +1150,20 @@ def _random_coalitions(
     return start + n_rows
 
 
+_RNG = threading.local()
+
+
+def _seeded(seed: int) -> np.random.RandomState:
+    """This thread's RandomState, seeded as `np.random.RandomState(seed)` is (legacy seeding, no Gaussian
+    kept): the same stream, without a new generator's ~0.09 ms of OS entropy that the seed then replaces."""
+    rng = getattr(_RNG, "rng", None)
+    if rng is None:
+        rng = _RNG.rng = np.random.RandomState(seed)
+    else:
+        rng.seed(seed)
+    return rng
+
+
 class _Shuffles:
     """The swaps of successive rng.shuffle calls on range(m), drawn from one RandomState in bulk.
 
@@ -1246,8 +1265,11 @@ def _solve_output(
     # the weighted normal equations (shap's expressions, so the result matches to the last bits).
     last = selected[-1]
     target2 = target - masks[:, last] * delta
-    etmp = np.transpose(np.transpose(masks[:, selected[:-1]]) - masks[:, last])
-    weighted = kernel_weights[:, None] * etmp
+    # etmp = np.transpose(np.transpose(masks[:, selected[:-1]]) - masks[:, last]) and kernel_weights[:, None]
+    # * etmp, in one pass: the same values in the same (C) order, so the products below are shap's.
+    etmp, weighted = compiled.eliminated_design(
+        masks, np.ascontiguousarray(selected[:-1], dtype=np.intp), int(last), kernel_weights
+    )
     try:
         w = np.linalg.solve(etmp.T @ weighted, weighted.T @ target2)
     except np.linalg.LinAlgError:

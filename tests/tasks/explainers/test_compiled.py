@@ -243,3 +243,46 @@ def test_compiles_in_process_where_no_cache_can_be_written(monkeypatch: pytest.M
 
         numba.njit(cache=True)(twice)
     assert compiled._compiled(twice)(1.5) == 3.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_same_as_background_is_numpys_isclose_all(dtype: type) -> None:
+    """Close by numpy's rule in the arrays' own precision (rtol * |background|), NaN equal to NaN,
+    infinities equal only to themselves, and values right at the tolerance on either side of it."""
+    rng = np.random.default_rng(7)
+    background = rng.normal(size=(40, 12)).astype(dtype)
+    special = np.array([np.nan, np.inf, -np.inf, 0.0, 1e-9, -0.0], dtype=dtype)
+    background[rng.random(background.shape) < 0.1] = rng.choice(special, size=1)[0]
+    rtol, atol = dtype(1e-05), dtype(1e-08)
+    for trial in range(300):
+        x = background[trial % 40].copy()
+        if trial % 3:
+            # Step each value by about the tolerance, so some land just inside and some just outside.
+            step = (atol + rtol * np.abs(x)) * rng.choice([0.5, 0.999, 1.0, 1.001, 2.0], size=12)
+            x = (x + step.astype(dtype) * rng.choice([-1, 1], size=12)).astype(dtype)
+        if trial % 7 == 0:
+            x[rng.integers(12)] = rng.choice(special)
+        same = background.copy()
+        same[:] = x  # every background row equal to x: all columns the same
+        for rows in (background, same, np.vstack([same[:5], background[:1]])):
+            expected = np.isclose(x, rows, equal_nan=True).all(axis=0)
+            np.testing.assert_array_equal(compiled.same_as_background(x, rows, rtol, atol), expected)
+
+
+def test_eliminated_design_is_shaps_expressions() -> None:
+    for seed in range(3):
+        masks, kernel_weights, _, _ = _draw_coalitions(9, "auto", np.random.RandomState(seed))
+        selected = np.array([0, 2, 3, 5, 8], dtype=np.intp)
+        last = selected[-1]
+        etmp = np.transpose(np.transpose(masks[:, selected[:-1]]) - masks[:, last])  # shap's solve
+        weighted = kernel_weights[:, None] * etmp
+        got, got_weighted = compiled.eliminated_design(masks, selected[:-1], int(last), kernel_weights)
+        np.testing.assert_array_equal(got, etmp)
+        np.testing.assert_array_equal(got_weighted, weighted)
+        # The same layouts into the same BLAS calls (shap's are Fortran-ordered).
+        for mine, shaps in ((got, etmp), (got_weighted, weighted)):
+            assert (mine.flags.c_contiguous, mine.flags.f_contiguous) == (
+                shaps.flags.c_contiguous,
+                shaps.flags.f_contiguous,
+            )
+        np.testing.assert_array_equal(got.T @ got_weighted, etmp.T @ weighted)
