@@ -32,6 +32,7 @@ from shapline.tasks.models.predictors import (
     checked_output,
     explained_outputs,
     is_xgboost,
+    output_is_fine,
     output_labels,
 )
 
@@ -182,8 +183,14 @@ class ModelFunction:
 
     def __call__(self, rows: Any) -> np.ndarray:
         frame = self.frame(rows)
-        output = checked_output(self.predictor, self.predictor.predict(frame), frame, self.width, self.clip)
-        output = output[:, self.outputs]  # a copy (a list of columns): clipped in place
+        # The explained columns alone where the model gives them for less (a binary classifier's class);
+        # a call whose columns are not fine is made again in full, for checked_output's own message.
+        output = self.predictor.predict_outputs(frame, self.outputs, self.width)
+        if output is None or not output_is_fine(output, len(frame), len(self.outputs), self.clip):
+            output = checked_output(
+                self.predictor, self.predictor.predict(frame), frame, self.width, self.clip
+            )
+            output = output[:, self.outputs]  # a copy (a list of columns): clipped in place
         if self.clip:
             np.clip(output, PROBABILITY_EPS, 1.0 - PROBABILITY_EPS, out=output)
         return output

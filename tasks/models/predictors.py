@@ -62,6 +62,16 @@ class Predictor(ABC):
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         """The configured output for each row, always 2-D: (rows, outputs)."""
 
+    def predict_outputs(
+        self, frame: pd.DataFrame, outputs: list[int], width: int | None
+    ) -> np.ndarray | None:
+        """`predict(frame)[:, outputs]` as float64, where the model gives those columns for less than all
+        of them (a binary classifier's probabilities, both from one number: a kernel call then writes and
+        checks one column of 10^5 rows, not two); None where it does not, or where `width` (the columns
+        the run's probe saw) is not what predict() returns. A column returned is finite and a probability
+        exactly when the columns left out are, so checking it checks them."""
+        return None
+
     @property
     def native(self) -> Any | None:
         """The in-process model object for tree and linear explainers, or None for a remote model."""
@@ -140,6 +150,21 @@ class LocalPredictor(Predictor):
             return self._in_place(model_input)
         return two_d(getattr(self.model, self.method)(frame if model_input is None else model_input))
 
+    def predict_outputs(
+        self, frame: pd.DataFrame, outputs: list[int], width: int | None
+    ) -> np.ndarray | None:
+        binary = self._array_input and self._in_place is not None and self._in_place.binary
+        if not binary or width not in (None, 2):
+            return None
+        model_input = numeric_array(frame, self.feature_names)
+        if model_input is None:
+            return None
+        raw = self._in_place.raw(model_input)
+        if raw.ndim != 1:  # not a binary classifier's probabilities after all: predict() says what it is
+            return None
+        # The wrapper's classes: 1 - p in float32, then float64, as predict() writes them.
+        return binary_columns(raw, outputs, lambda p: np.float32(1.0) - p)
+
     def _set_threads(self, threads: int) -> None:
         estimator = final_estimator(self.model)
         # XGBoost and scikit-learn ensembles default to every core; W workers doing that oversubscribe.
@@ -165,7 +190,40 @@ def is_xgboost(model: Any) -> bool:
     return type(model).__module__.startswith("xgboost")
 
 
-def xgboost_in_place(model: Any, method: str) -> Callable[[np.ndarray], np.ndarray] | None:
+def binary_columns(
+    probability: np.ndarray, outputs: list[int], complement: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """Columns `outputs` of a binary classifier's (1 - p, p), float64, each computed as the predictor's
+    predict() computes it (`complement` gives 1 - p in its arithmetic)."""
+    out = np.empty((len(probability), len(outputs)))
+    for k, column in enumerate(outputs):
+        out[:, k] = probability if column == 1 else complement(probability)
+    return out
+
+
+@dataclass(frozen=True)
+class InPlace:
+    """XGBoost's scikit-learn method as one `inplace_predict` of its booster (`xgboost_in_place`)."""
+
+    raw: Callable[[np.ndarray], np.ndarray]
+    """The booster's own output for an array: a binary classifier's p (1-D float32), else 2-D."""
+    classifier: bool
+    binary: bool
+    """A binary classifier's predict_proba: p of class 1 from the booster, both classes from it."""
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        """What the wrapper's method returns for `array`, 2-D float64."""
+        output = self.raw(array)
+        if self.classifier and output.ndim == 1:
+            # The wrapper's two classes, 1 - p in float32 as it computes them, written once as float64.
+            both = np.empty((len(output), 2))
+            both[:, 0] = np.float32(1.0) - output
+            both[:, 1] = output
+            return both
+        return two_d(output)
+
+
+def xgboost_in_place(model: Any, method: str) -> InPlace | None:
     """XGBoost's scikit-learn `predict_proba`/`predict` on an array, as one call of its booster: the
     `inplace_predict` the wrapper makes, with its arguments (the best iteration, the model's `missing`), and
     its outputs bit for bit, without the wrapper's work per call (a global config context, keyword checks,
@@ -208,19 +266,12 @@ def xgboost_in_place(model: Any, method: str) -> Callable[[np.ndarray], np.ndarr
         iteration_range = (0, 0)
     missing, classifier = model.missing, method == "predict_proba"
 
-    def predict(array: np.ndarray) -> np.ndarray:
-        output = booster.inplace_predict(
+    def raw(array: np.ndarray) -> np.ndarray:
+        return booster.inplace_predict(
             array, iteration_range=iteration_range, predict_type="value", missing=missing
         )
-        if classifier and output.ndim == 1:
-            # The wrapper's two classes, 1 - p in float32 as it computes them, written once as float64.
-            both = np.empty((len(output), 2))
-            both[:, 0] = np.float32(1.0) - output
-            both[:, 1] = output
-            return both
-        return two_d(output)
 
-    return predict
+    return InPlace(raw, classifier, classifier and model.objective == "binary:logistic")
 
 
 def numeric_array(frame: pd.DataFrame, feature_names: list[str] | None) -> np.ndarray | None:
@@ -285,6 +336,18 @@ class BoosterPredictor(Predictor):
             return (output >= 0.5).astype(float)
         return output
 
+    def predict_outputs(
+        self, frame: pd.DataFrame, outputs: list[int], width: int | None
+    ) -> np.ndarray | None:
+        if not (self.binary and self.method == "predict_proba" and self.in_place) or width not in (None, 2):
+            return None
+        array = numeric_array(frame, self.feature_names)
+        raw = self.booster.inplace_predict(frame if array is None else array, predict_type="value")
+        if raw.ndim != 1:
+            return None
+        # predict()'s columns: p as float64, and 1 - p taken in float64.
+        return binary_columns(raw, outputs, lambda p: 1.0 - p.astype(float))
+
     @property
     def native(self) -> Any:
         return self.booster
@@ -309,6 +372,16 @@ def _cells(frame: pd.DataFrame, position: int, row_ids: bool, shown: int = 6) ->
     return named + ", ".join(cells) + (", ..." if len(row) > shown else "")
 
 
+def output_is_fine(output: np.ndarray, rows: int, width: int | None, probabilities: bool) -> bool:
+    """Whether `checked_output` takes `output` as it is, settled with two reductions (NaN and infinities
+    carry into min and max); only a call that is not fine is looked at cell by cell, for the message."""
+    if output.ndim != 2 or output.shape[0] != rows or (width is not None and output.shape[1] != width):
+        return False
+    low, high = (float(output.min()), float(output.max())) if output.size else (0.0, 0.0)
+    in_range = not probabilities or (low >= -PROBABILITY_SLACK and high <= 1.0 + PROBABILITY_SLACK)
+    return math.isfinite(low) and math.isfinite(high) and in_range
+
+
 def checked_output(
     predictor: Predictor,
     output: np.ndarray,
@@ -323,13 +396,8 @@ def checked_output(
     the logit link reads them as probabilities. A model that breaks one of these would be explained wrongly
     without a word (NaN silently left out of sums, a third column misread, an output clipped)."""
     name, method = predictor.name, predictor.method
-    if output.ndim == 2 and output.shape[0] == len(frame) and (width is None or output.shape[1] == width):
-        # Two reductions settle a call that is fine (NaN and infinities carry into min and max); only a
-        # call that is not is looked at cell by cell, for the message. A kernel call is ~10^5 rows.
-        low, high = (float(output.min()), float(output.max())) if output.size else (0.0, 0.0)
-        in_range = not probabilities or (low >= -PROBABILITY_SLACK and high <= 1.0 + PROBABILITY_SLACK)
-        if math.isfinite(low) and math.isfinite(high) and in_range:
-            return output
+    if output_is_fine(output, len(frame), width, probabilities):
+        return output
     if output.ndim != 2 or output.shape[0] != len(frame):
         raise ModelError(
             f"model {name}: {method}() returned an array of shape {output.shape} for {len(frame):,} rows in "

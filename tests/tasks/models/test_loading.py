@@ -217,6 +217,32 @@ def test_every_model_call_is_checked(output: np.ndarray, width: int, logit: bool
         function(frame)
 
 
+def test_a_call_of_the_explained_class_alone_is_checked_as_the_full_one() -> None:
+    """A model that gives the explained class alone (predict_outputs) and returns NaN: the call is made
+    again in full and refused with checked_output's message; a fine one is used as it came."""
+    from shapline.tasks.explainers.explain import ModelFunction
+
+    class Alone(LocalPredictor):
+        def predict_outputs(self, frame: pd.DataFrame, outputs: list[int], width: int | None) -> np.ndarray:
+            self.alone += 1
+            return self.predict(frame)[:, outputs]
+
+    frame = pd.DataFrame({"x": [1.0, 2.0]})
+    for output, fails in (
+        (np.array([[0.2, 0.8], [np.nan, np.nan]]), True),
+        (np.array([[0.3, 0.7]] * 2), False),
+    ):
+        predictor = Alone("m", _Outputs(output), "predict_proba")
+        predictor.alone = 0
+        function = ModelFunction(predictor, frame, [1], "logit", 2)
+        if fails:
+            with pytest.raises(ModelError, match=r"returned 2 NaN or infinite outputs for 1 of 2 rows"):
+                function(frame)
+        else:
+            np.testing.assert_array_equal(function(frame), [[0.7], [0.7]])
+        assert predictor.alone == 1
+
+
 def test_probabilities_a_rounding_step_past_one_are_still_probabilities() -> None:
     from shapline.tasks.explainers.explain import ModelFunction
 
@@ -261,6 +287,9 @@ def test_every_xgboost_file_predicts_in_place_with_todays_outputs(
             booster.predict(xgboost.DMatrix(block, feature_names=list(rows.columns))),
         )
     assert dmatrices == [len(rows)] * 2  # only the references', after the predictor's calls
+    for columns in ([1], [0], [0, 1]):  # the explained class alone, as predict() computes it
+        assert np.array_equal(predictor.predict_outputs(rows, columns, 2), outputs[:, columns])
+    assert predictor.predict_outputs(rows, [1], 3) is None
     dmatrices.clear()
     predictor.predict(rows.astype({"mean_radius": "Float64"}))  # a nullable column: the frame, in place
     assert dmatrices == []
@@ -342,8 +371,20 @@ def test_xgboosts_scikit_learn_api_is_called_on_its_booster_with_the_wrappers_ou
     }
     wrapper_calls = _count_wrapper_calls(monkeypatch)
     for kind, (model, method) in models.items():
-        outputs = LocalPredictor(kind, model, method).predict(engine_rows)
+        predictor = LocalPredictor(kind, model, method)
+        outputs = predictor.predict(engine_rows)
         assert outputs.dtype == np.float64 and np.array_equal(outputs, expected[kind].astype(float)), kind
+        # A binary classifier gives the explained class alone (what a kernel call takes), bit for bit.
+        width = outputs.shape[1]
+        for columns in ([1], [0], [1, 0]) if width == 2 else ([0],):
+            alone = predictor.predict_outputs(engine_rows, columns, width)
+            if kind in ("binary", "early stopped, missing -1", "random forest"):
+                assert alone is not None and alone.dtype == np.float64, kind
+                assert np.array_equal(alone, outputs[:, columns]), (kind, columns)
+            else:
+                assert alone is None, kind
+        if width == 2:  # a probe that saw other columns: predict() is called, and says so
+            assert predictor.predict_outputs(engine_rows, [1], 3) is None
     assert wrapper_calls == []
 
 
