@@ -358,7 +358,10 @@ def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
 def explain_shard_task(job: StagedJob, runner: ShardRunner, store: ShardStore) -> ShardResult:
     """Explain one shard of rows with SHAP on the run's runner and keep its values in the store."""
     try:
-        result = store.write(job.index, runner.compute(job.job()))
+        result = store.write(job.index, runner.run(job))
+        # The next shard starts now on the worker this one freed, not after Prefect's end of this task run
+        # and start of the next (that task finds it running).
+        runner.start_next()
         return_freed_memory(cycles=False)  # the shard's rows and values (freed as their references went)
         return result
     except ShaplineError:
@@ -417,6 +420,8 @@ def explain_shards(
     if jobs:
         # Prefect types map() for async tasks only; the shard task is a plain (sync) one.
         threads_runner: Any
+        # In the order the map starts their tasks; one per worker starts now, before Prefect starts its task.
+        run.runner.expect(jobs, start=config.shards.workers)
         with ThreadPoolTaskRunner(max_workers=config.shards.workers) as threads_runner:
             try:
                 # Quoted: each shard task gets its job, the runner and the store as they are. Prefect would walk

@@ -7,6 +7,10 @@ a Prefect server of its own) and never need the flow's files: a job carries its 
 
 One runner per run, created and closed by the flow: it owns the run's workers and the limit on
 endpoint requests in flight that all of them share.
+
+A shard task that has written its values starts the run's next shard itself (`start_next`), on the worker
+it freed, before Prefect ends that task and starts the next one: a worker waits for the store write, not
+for Prefect's bookkeeping between two tasks (measured in docs/performance.md).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import queue
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -67,22 +72,105 @@ class _Pending(Protocol):
     def add_done_callback(self, fn: Callable[[Any], object], /) -> None: ...
 
 
+class Upcoming(Protocol):
+    """A shard the run will explain, before its rows are read (a StagedJob)."""
+
+    @property
+    def index(self) -> int: ...
+
+    def job(self) -> ShardJob: ...
+
+
+class _Ahead:
+    """A shard `start_next` took: its job and what its start returned, once it has (None: not started)."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.job: ShardJob | None = None
+        self.handle: Any = None
+
+
 class ShardRunner(ABC):
     """Computes shards for one run; a context manager that frees its workers when the run ends.
 
     A shard waits at most `timeout_s` for its values (ShardTimeout, which the shard task retries), and
-    not at all once the runner is stopped (ShardAbandoned).
+    not at all once the runner is stopped (ShardAbandoned). Given the run's shards in the order their tasks
+    start (`expect`), a task that finished starts the next one (`start_next`) and that one's task waits
+    for it (`run`); the timeout of a shard started so counts from its task's wait.
     """
+
+    # Whether a shard can be started ahead of its task (`_start_ahead`): threads and a pool's processes.
+    starts_ahead = False
 
     def __init__(self, timeout_s: float = _DEFAULT_TIMEOUT_S) -> None:
         self.timeout_s = timeout_s
         self._stopping = False
         self._waiting: set[threading.Event] = set()
         self._waiting_lock = threading.Lock()
+        self._upcoming: deque[Upcoming] = deque()
+        self._claimed: set[int] = set()  # shards whose task asked first: never started ahead
+        self._ahead: dict[int, _Ahead] = {}
+        self._ahead_lock = threading.Lock()
+        self._flow_context = contextvars.copy_context()
 
     @abstractmethod
     def compute(self, job: ShardJob) -> ShardValues:
         """Explain one shard somewhere and return its values to this process."""
+
+    def _start_ahead(self, job: ShardJob) -> Any:
+        """Start `job` on a worker without waiting for it; what `_finish` waits on, or None where this
+        runner starts no shard ahead (its task then computes it)."""
+        return None
+
+    def _finish(self, handle: Any, job: ShardJob) -> ShardValues:
+        """The values of a shard `_start_ahead` started, waited for as `compute` waits."""
+        raise NotImplementedError
+
+    def expect(self, upcoming: Sequence[Upcoming], start: int = 0) -> None:
+        """The run's shards still to explain, in the order their tasks start (the flow's map order), the first
+        `start` of them started now (one per worker: their tasks find them running). Called on the flow's
+        thread: a shard started ahead runs in the flow's context, not a task's."""
+        with self._ahead_lock:
+            self._upcoming = deque(upcoming)
+            self._claimed.clear()
+            self._ahead.clear()
+            self._flow_context = contextvars.copy_context()
+        for _ in range(min(start, len(upcoming))):
+            self.start_next()
+
+    def start_next(self) -> None:
+        """A shard task's values are in the store: start the next expected shard now, on the worker this one
+        freed. Its task, which Prefect starts once this one has ended, finds it running (`run`). Never raises:
+        a shard that cannot start ahead is started by its own task."""
+        if not self.starts_ahead:
+            return
+        with self._ahead_lock:
+            while self._upcoming and self._upcoming[0].index in self._claimed:
+                self._upcoming.popleft()
+            if self._stopping or not self._upcoming:
+                return
+            upcoming = self._upcoming.popleft()
+            ahead = self._ahead[upcoming.index] = _Ahead()
+        try:
+            ahead.job = upcoming.job()
+            ahead.handle = self._start_ahead(ahead.job)
+        except Exception:
+            log.debug("could not start shard %d ahead of its task", upcoming.index, exc_info=True)
+            ahead.handle = None
+        finally:
+            ahead.started.set()
+
+    def run(self, upcoming: Upcoming) -> ShardValues:
+        """Explain an expected shard: the one `start_next` started, or (not started, or retried) start it now."""
+        with self._ahead_lock:
+            ahead = self._ahead.pop(upcoming.index, None)
+            if ahead is None:
+                self._claimed.add(upcoming.index)
+        if ahead is not None:
+            ahead.started.wait()
+            if ahead.handle is not None and ahead.job is not None:
+                return self._finish(ahead.handle, ahead.job)
+        return self.compute(ahead.job if ahead is not None and ahead.job is not None else upcoming.job())
 
     def _refuse_if_stopped(self, job: ShardJob) -> None:
         """A shard that starts (or is retried) after stop() is abandoned at once, never sent to a worker."""
@@ -149,11 +237,11 @@ class _ShardThreads:
     """
 
     def __init__(self) -> None:
-        self._idle: list[queue.SimpleQueue[Callable[[], None] | None]] = []
+        self._idle: list[queue.SimpleQueue[Callable[[], Callable[[], None] | None] | None]] = []
         self._lock = threading.Lock()
 
-    def run(self, work: Callable[[], None]) -> None:
-        """Run `work` on an idle thread, or a new one."""
+    def run(self, work: Callable[[], Callable[[], None] | None]) -> None:
+        """Run `work` on an idle thread, or a new one; what it returns is called once the thread is idle."""
         with self._lock:
             inbox = self._idle.pop() if self._idle else None
             if inbox is None:
@@ -162,11 +250,13 @@ class _ShardThreads:
                 threading.Thread(target=self._serve, args=(inbox,), name=name, daemon=True).start()
         inbox.put(work)
 
-    def _serve(self, inbox: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+    def _serve(self, inbox: queue.SimpleQueue[Callable[[], Callable[[], None] | None] | None]) -> None:
         while (work := inbox.get()) is not None:
-            work()
+            publish = work()
             with self._lock:
                 self._idle.append(inbox)
+            if publish is not None:  # once this thread is idle: a shard started next finds it free
+                publish()
 
     def close(self) -> None:
         """Let the idle threads end (a stuck one ends with the process)."""
@@ -195,6 +285,8 @@ def _warm(work: list[Callable[[], None]]) -> None:
 
 class ThreadRunner(ShardRunner):
     """Shards computed on threads of the flow's process (shards.runner thread), one shard per thread at a time."""
+
+    starts_ahead = True
 
     def __init__(
         self, limit: RequestLimit | None, timeout_s: float = _DEFAULT_TIMEOUT_S, threads: int | None = None
@@ -229,19 +321,29 @@ class ThreadRunner(ShardRunner):
             thread.join()
 
     def compute(self, job: ShardJob) -> ShardValues:
+        # The task's context (its Prefect run, its logger).
+        return self._finish(self._start(job, contextvars.copy_context()), job)
+
+    def _start_ahead(self, job: ShardJob) -> Future[ShardValues]:
+        return self._start(job, self._flow_context.copy())
+
+    def _start(self, job: ShardJob, context: contextvars.Context) -> Future[ShardValues]:
         self._refuse_if_stopped(job)
         # Made here and set by the shard's thread, as an executor does: the task waits on it with a timeout.
         outcome: Future[ShardValues] = Future()
-        context = contextvars.copy_context()  # the task's context (its Prefect run, its logger), as before
 
-        def explain() -> None:
+        def explain() -> Callable[[], None]:
             outcome.set_running_or_notify_cancel()
             try:
-                outcome.set_result(context.run(explain_shard, job, self.limit))
+                values = context.run(explain_shard, job, self.limit)
             except BaseException as exc:
-                outcome.set_exception(exc)
+                return functools.partial(outcome.set_exception, exc)
+            return functools.partial(outcome.set_result, values)
 
         self._threads.run(explain)
+        return outcome
+
+    def _finish(self, outcome: Future[ShardValues], job: ShardJob) -> ShardValues:
         self._wait(outcome, job)
         return outcome.result()
 
@@ -329,6 +431,8 @@ class ProcessRunner(ShardRunner):
     to it at once, a shard that was running fails as ShardWorkerLost and its task retries.
     """
 
+    starts_ahead = True
+
     def __init__(
         self,
         workers: int,
@@ -406,6 +510,12 @@ class ProcessRunner(ShardRunner):
             return current
 
     def compute(self, job: ShardJob) -> ShardValues:
+        return self._finish(self._submit(job), job)
+
+    def _start_ahead(self, job: ShardJob) -> tuple[ProcessPoolExecutor, Future[ShardValues]]:
+        return self._submit(job)
+
+    def _submit(self, job: ShardJob) -> tuple[ProcessPoolExecutor, Future[ShardValues]]:
         self._refuse_if_stopped(job)
         executor = self._running()
         future: Future[ShardValues] | None = None
@@ -421,6 +531,12 @@ class ProcessRunner(ShardRunner):
                 raise
         if future is None:
             raise ShardWorkerLost(f"shard {job.index}: the worker pool broke twice before the shard started")
+        return executor, future
+
+    def _finish(self, handle: tuple[ProcessPoolExecutor, Future[ShardValues]], job: ShardJob) -> ShardValues:
+        executor, future = handle
+        if future.cancelled():  # started ahead in a pool replaced before a worker took it: never ran
+            executor, future = self._submit(job)
         try:
             self._wait(future, job)
         except ShardTimeout:
