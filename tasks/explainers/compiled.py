@@ -175,7 +175,9 @@ def background_mean(outputs: np.ndarray, weights: np.ndarray, ey: np.ndarray) ->
 
 
 @_compiled
-def same_as_background(x: np.ndarray, background: np.ndarray, rtol: float, atol: float) -> np.ndarray:
+def same_as_background(
+    x: np.ndarray, background: np.ndarray, rtol: float | np.floating, atol: float | np.floating
+) -> np.ndarray:
     """Per column j, whether every background row's value is close to x[j]: `np.isclose(x, background,
     rtol, atol, equal_nan=True).all(axis=0)` for float x and background of one dtype, with `rtol` and `atol`
     of that dtype (numpy's weak Python floats take the array's dtype): |x - y| <= atol + rtol * |y| where

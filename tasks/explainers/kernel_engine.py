@@ -577,6 +577,7 @@ class KernelEngine:
 
     def _varying(self, values: np.ndarray) -> np.ndarray:
         """shap's varying_groups (one feature per group) for x's row of frame.to_numpy(), as shap gets it."""
+        same: np.ndarray
         if self._numeric:
             # np.allclose(x_j, background_j, equal_nan=True) per column, argument order kept (rtol * |bg|):
             # compiled for floats of the background's dtype (numpy's isclose costs ~0.1 ms a row).
@@ -585,14 +586,14 @@ class KernelEngine:
                 x = np.ascontiguousarray(values)
                 same = compiled.same_as_background(x, self._bg_floats, kind(1e-05), kind(1e-08))
             else:
-                same = np.isclose(values, self._bg_values, equal_nan=True).all(axis=0)
+                same = np.asarray(np.isclose(values, self._bg_values, equal_nan=True).all(axis=0))
         elif self._bg_has_na or any(value is pd.NA for value in values):
             # pandas' NA (a nullable column's missing value) == anything is NA, which has no truth value
             # (shap itself stops on it): a missing value is unequal to every value, as NaN is below.
-            same = _equal_or_na(self._bg_values, values).all(axis=0)
+            same = np.asarray(_equal_or_na(self._bg_values, values).all(axis=0))
         else:
             # Element-wise == on object arrays, as shap's all(i == j): NaN != NaN, 1 == 1.0.
-            same = (self._bg_values == values).all(axis=0)
+            same = np.asarray((self._bg_values == values).all(axis=0))
         return np.flatnonzero(~same)
 
     # ----------------------------------------------------------------------------------------------

@@ -153,13 +153,13 @@ class LocalPredictor(Predictor):
     def predict_outputs(
         self, frame: pd.DataFrame, outputs: list[int], width: int | None
     ) -> np.ndarray | None:
-        binary = self._array_input and self._in_place is not None and self._in_place.binary
-        if not binary or width not in (None, 2):
+        in_place = self._in_place
+        if in_place is None or not (self._array_input and in_place.binary) or width not in (None, 2):
             return None
         model_input = numeric_array(frame, self.feature_names)
         if model_input is None:
             return None
-        raw = self._in_place.raw(model_input)
+        raw = in_place.raw(model_input)
         if raw.ndim != 1:  # not a binary classifier's probabilities after all: predict() says what it is
             return None
         # The wrapper's classes: 1 - p in float32, then float64, as predict() writes them.
