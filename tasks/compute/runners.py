@@ -166,11 +166,14 @@ class ShardRunner(ABC):
             ahead = self._ahead.pop(upcoming.index, None)
             if ahead is None:
                 self._claimed.add(upcoming.index)
-        if ahead is not None:
-            ahead.started.wait()
-            if ahead.handle is not None and ahead.job is not None:
-                return self._finish(ahead.handle, ahead.job)
-        return self.compute(ahead.job if ahead is not None and ahead.job is not None else upcoming.job())
+        if ahead is None:
+            return self.compute(upcoming.job())
+        ahead.started.wait()
+        if ahead.job is None:  # its rows could not be read ahead: read (and fail) here
+            return self.compute(upcoming.job())
+        if ahead.handle is None:  # read, but not started
+            return self.compute(ahead.job)
+        return self._finish(ahead.handle, ahead.job)
 
     def _refuse_if_stopped(self, job: ShardJob) -> None:
         """A shard that starts (or is retried) after stop() is abandoned at once, never sent to a worker."""

@@ -1267,7 +1267,7 @@ def _solve_output(
     last = selected[-1]
     target2 = target - masks[:, last] * delta
     # etmp = np.transpose(np.transpose(masks[:, selected[:-1]]) - masks[:, last]) and kernel_weights[:, None]
-    # * etmp, in one pass: the same values in the same (C) order, so the products below are shap's.
+    # * etmp, in one pass: the same values in the same (Fortran) order, so the products below are shap's.
     etmp, weighted = compiled.eliminated_design(
         masks, np.ascontiguousarray(selected[:-1], dtype=np.intp), int(last), kernel_weights
     )

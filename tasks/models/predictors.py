@@ -162,8 +162,7 @@ class LocalPredictor(Predictor):
         raw = in_place.raw(model_input)
         if raw.ndim != 1:  # not a binary classifier's probabilities after all: predict() says what it is
             return None
-        # The wrapper's classes: 1 - p in float32, then float64, as predict() writes them.
-        return binary_columns(raw, outputs, lambda p: np.float32(1.0) - p)
+        return binary_columns(raw, outputs, float32_complement)
 
     def _set_threads(self, threads: int) -> None:
         estimator = final_estimator(self.model)
@@ -201,6 +200,11 @@ def binary_columns(
     return out
 
 
+def float32_complement(probability: np.ndarray) -> np.ndarray:
+    """XGBClassifier's class 0: 1 - p in float32, as its predict_proba computes it (written as float64)."""
+    return np.float32(1.0) - probability
+
+
 @dataclass(frozen=True)
 class InPlace:
     """XGBoost's scikit-learn method as one `inplace_predict` of its booster (`xgboost_in_place`)."""
@@ -215,11 +219,7 @@ class InPlace:
         """What the wrapper's method returns for `array`, 2-D float64."""
         output = self.raw(array)
         if self.classifier and output.ndim == 1:
-            # The wrapper's two classes, 1 - p in float32 as it computes them, written once as float64.
-            both = np.empty((len(output), 2))
-            both[:, 0] = np.float32(1.0) - output
-            both[:, 1] = output
-            return both
+            return binary_columns(output, [0, 1], float32_complement)
         return two_d(output)
 
 
