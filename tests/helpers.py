@@ -115,6 +115,23 @@ class Watched(Wrapped):
         return self.model.predict_proba(rows)
 
 
+class TaskRunWitness(Wrapped):
+    """A classifier that records, at every call on a shard thread of this process, whether the call runs
+    inside a Prefect task run's context (a shard its task started) or not (a shard the runner started
+    ahead of its task, in the flow's context)."""
+
+    seen: list[bool] = []  # class-level: the flow's copy of the model (loaded from its file) records here
+
+    def predict_proba(self, rows: Any) -> Any:
+        import threading
+
+        from prefect.context import TaskRunContext
+
+        if threading.current_thread().name.startswith("shapline-shard"):
+            TaskRunWitness.seen.append(TaskRunContext.get() is not None)
+        return self.model.predict_proba(rows)
+
+
 class StorageMinded(Wrapped):
     """A classifier whose outputs move (by 1e-9) when a text column reaches it as Python strings rather than
     pyarrow's: a model that tells the storages apart (and not a scikit-learn one), which keeps the data's

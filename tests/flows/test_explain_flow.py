@@ -18,6 +18,7 @@ from shapline.tasks.explainers.explain import ModelFunction
 from shapline.tasks.models.predictors import LocalPredictor
 from tests.helpers import (
     FreezeWitness,
+    TaskRunWitness,
     all_runs,
     artifact,
     assert_same_values,
@@ -656,3 +657,31 @@ def test_a_runs_collections_skip_what_existed_before_it(
     assert code == 0 and summary["status"] == "FINISHED"
     assert FreezeWitness.seen and min(FreezeWitness.seen) > before == 0
     assert gc.get_freeze_count() == 0
+
+
+def test_a_workers_shards_are_started_ahead_of_their_tasks(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One thread worker, three shards: the first starts with the explain phase and each next one when the
+    task before it has written its values, so no shard waits for Prefect to start its task; every model
+    call of every shard runs in the flow's context, none in a task run's (where a shard its task started
+    would run)."""
+    witness = tmp_path / "witness.joblib"
+    joblib.dump(TaskRunWitness(joblib.load(mlp_model)), witness)
+    TaskRunWitness.seen.clear()
+    config = cancer_config(
+        write_config,
+        cancer_data,
+        witness,
+        data={"explain_rows": 6},
+        explainer={"algorithm": "kernel", "nsamples": 40},
+        shards={"size": 2, "workers": 1},
+        output={"plots": []},
+    )
+    code, summary, _ = run_cli(["run", str(config), "--json"], capsys)
+    assert code == 0 and summary["status"] == "FINISHED"
+    assert len(TaskRunWitness.seen) >= 3 and not any(TaskRunWitness.seen), TaskRunWitness.seen

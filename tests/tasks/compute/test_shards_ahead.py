@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -121,15 +122,23 @@ def test_a_shard_whose_task_asked_first_is_not_started_again(monkeypatch: pytest
     runner.close()
 
 
-def test_a_shard_started_ahead_fails_as_it_would_have_and_its_retry_computes_it_again(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    recorder = Recorder(fails={1})
+def after_first_shard(
+    monkeypatch: pytest.MonkeyPatch, recorder: Recorder
+) -> tuple[ThreadRunner, list[Upcoming]]:
+    """A thread runner expecting two shards, the first computed by its task."""
     monkeypatch.setattr(runners, "explain_shard", recorder)
     upcoming = [Upcoming(i, []) for i in range(2)]
     runner = ThreadRunner(None, timeout_s=30)
     runner.expect(upcoming)
     runner.run(upcoming[0])
+    return runner, upcoming
+
+
+def test_a_shard_started_ahead_fails_as_it_would_have_and_its_retry_computes_it_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recorder = Recorder(fails={1})
+    runner, upcoming = after_first_shard(monkeypatch, recorder)
     runner.start_next()
     with pytest.raises(ValueError, match="shard 1 cannot be explained"):
         runner.run(upcoming[1])
@@ -141,11 +150,7 @@ def test_a_shard_started_ahead_fails_as_it_would_have_and_its_retry_computes_it_
 
 def test_a_stopped_runner_starts_nothing_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
     recorder = Recorder()
-    monkeypatch.setattr(runners, "explain_shard", recorder)
-    upcoming = [Upcoming(i, []) for i in range(2)]
-    runner = ThreadRunner(None, timeout_s=30)
-    runner.expect(upcoming)
-    runner.run(upcoming[0])
+    runner, upcoming = after_first_shard(monkeypatch, recorder)
     runner.stop()
     runner.start_next()
     time.sleep(0.1)
@@ -215,3 +220,27 @@ def test_a_pools_worker_takes_the_next_shard_ahead_with_the_values_computed_alon
         pool.start_next()
     assert started_ahead == [1, 2]
     assert all(np.array_equal(a, b) for a, b in zip(alone, ahead, strict=True))
+
+
+def test_a_shard_cancelled_in_a_replaced_pool_before_a_worker_took_it_is_sent_again(
+    pool: ShardRunner, model: tuple[SklearnModel, pd.DataFrame]
+) -> None:
+    """A pool replaced (a timed-out shard's worker killed) cancels the shards it had not handed a worker:
+    one started ahead is sent to the new pool when its task asks, not failed as a lost worker."""
+    config, rows = model
+    job = ShardJob(
+        0,
+        rows.iloc[:3],
+        Background(frame=rows.iloc[100:110]),
+        config,
+        ExplainerConfig(nsamples=40, l1_reg=False),
+        "kernel",
+        "logit",
+        1,
+        2,
+    )
+    cancelled: Future[Any] = Future()
+    assert cancelled.cancel()
+    runner = cast(runners.ProcessRunner, pool)
+    values = runner._finish((runner._running(), cancelled), job)
+    assert np.array_equal(values.values, pool.compute(job).values)
