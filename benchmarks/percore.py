@@ -54,7 +54,7 @@ STORAGE_SAID = {
     "mlflow-sklearn": "the MLflow registry, mlflow.sklearn.log_model",
 }
 # Issue 24's targets: plain / shapline x1 per core, its share of the limit, and with two process workers
-# the share of the two-core limit (twice the one-core one).
+# the share of the two-core limit (the model alone on both cores at once, measured).
 PER_CORE = {"cancer": 1.8, "penguins": 5.0}
 SHARE = {"cancer": 0.9, "penguins": None}
 TWO_CORES = {"cancer": 0.85, "penguins": None}
@@ -178,7 +178,7 @@ def _sides(context: Context, params: dict[str, Any], name: str, core: int) -> li
                     f"{name}: model only, two at once",
                     model_time_two_cores,
                     f"{said}: the model's time on plain shap's calls, in two processes at once, each on its own "
-                    "core (each does all the rows): whether two cores slow the model down",
+                    "core (each does all the rows): the two-core limit, and whether two cores slow the model down",
                 )
             )
         if name == "cancer":
@@ -259,29 +259,8 @@ def run(context: Context, params: dict[str, Any]) -> ComparisonResult:
                     note="(plain / shapline x1) / (plain / model only): 1 is as fast as the model allows",
                 )
             )
-        process = f"{name}: shapline process x2"
-        if process in shapline:
-            result.ratio(
-                Ratio(
-                    f"{name}: plain / shapline process x2, two cores",
-                    plain,
-                    process,
-                    "explain_s",
-                    note="plain shap on one core; shapline on two",
-                )
-            )
-            share = None
-            if result.values_equal:
-                share = result.median(limit, "explain_s") / (2 * result.median(process, "explain_s"))
-            result.record_ratio(
-                f"{name}: share of the two-core limit, process x2",
-                share,
-                TWO_CORES[name],
-                note="(plain / shapline process x2) / (2 x plain / model only)",
-                numerator=limit,
-                denominator=process,
-                metric="explain_s / (2 x explain_s)",
-            )
+        if f"{name}: shapline process x2" in shapline:
+            _two_core_ratios(result, name)
         pair = f"{name}: model only, two at once"
         if pair in result.sides:
             result.ratio(
@@ -291,14 +270,16 @@ def run(context: Context, params: dict[str, Any]) -> ComparisonResult:
                     pair,
                     "explain_s",
                     note="model only / model only two at once (each all the rows): 1 is two cores as fast as "
-                    "one each, so the two-core limit is twice the one-core one",
+                    "one each, below 1 the two-core limit is less than twice the one-core one",
                 )
             )
     result.notes.append(
         "Limit: the model's own seconds on the calls plain shap makes (f(x) and the nsamples x background "
         "synthetic rows per explained row, as numpy arrays, one native thread). shapline at x1 is within "
-        "(plain / shapline x1) / (plain / model only) of that limit; with two workers, within "
-        "(plain / shapline x2) / (2 x plain / model only) of the two-core limit."
+        "(plain / shapline x1) / (plain / model only) of that limit. The two-core limit is the model alone on "
+        "both cores at once (two processes, each pinned to its core, each making all of plain shap's calls: "
+        "the job twice in the slower one's time); with two workers shapline is within "
+        "(model only, two at once / 2) / shapline x2 of it."
     )
     result.notes.append(
         f"Per core: plain shap, the model alone and every shapline x1 side run with their whole process "
@@ -306,3 +287,51 @@ def run(context: Context, params: dict[str, Any]) -> ComparisonResult:
         "unpinned. 'not pinned' is the same flow with its process free to use every core."
     )
     return result
+
+
+def _two_core_ratios(result: ComparisonResult, name: str) -> None:
+    """Two process workers against plain shap and against the two-core limit.
+
+    The limit is what two cores give the model, measured where the comparison ran the model alone on both
+    cores at once: each process made all of plain shap's calls, so the cores did the job twice in the
+    slower one's time. Twice the one-core limit assumes each core runs the model as fast as one core alone,
+    which a shared VM does not always give; it is reported beside it.
+    """
+    plain, limit = f"{name}: plain shap", f"{name}: model only"
+    process, pair = f"{name}: shapline process x2", f"{name}: model only, two at once"
+    result.ratio(
+        Ratio(
+            f"{name}: plain / shapline process x2, two cores",
+            plain,
+            process,
+            "explain_s",
+            note="plain shap on one core; shapline on two",
+        )
+    )
+    measured = pair in result.sides
+    share = twice = None
+    if result.values_equal:
+        shapline = result.median(process, "explain_s")
+        share = result.median(pair if measured else limit, "explain_s") / (2 * shapline)
+        twice = result.median(limit, "explain_s") / (2 * shapline)
+    result.record_ratio(
+        f"{name}: share of the two-core limit, process x2",
+        share,
+        TWO_CORES[name],
+        note="(model only, two at once / 2) / shapline process x2: the model's own time on two cores, measured"
+        if measured
+        else "(plain / shapline process x2) / (2 x plain / model only)",
+        numerator=pair if measured else limit,
+        denominator=process,
+        metric="explain_s / (2 x explain_s)",
+    )
+    if measured:
+        result.record_ratio(
+            f"{name}: share of twice the one-core limit, process x2",
+            twice,
+            note="(plain / shapline process x2) / (2 x plain / model only): as if each core ran the model as "
+            "fast as one core alone",
+            numerator=limit,
+            denominator=process,
+            metric="explain_s / (2 x explain_s)",
+        )

@@ -136,3 +136,42 @@ def test_leverage_shap_samples_near_its_budget_and_keeps_efficiency() -> None:
         additive, _ = leverage_shap(lambda z: z @ weights, n, 400, np.random.default_rng(seed))
         np.testing.assert_allclose(additive, weights, atol=1e-9)
     assert 300 <= np.mean(counts) <= 500
+
+
+def test_two_workers_are_judged_against_the_model_measured_on_both_cores() -> None:
+    from benchmarks.percore import _two_core_ratios
+
+    values = np.array([1.0])
+
+    def side(*explain_s: float) -> list[Measurement]:
+        return [Measurement(s, values, {"explain_s": s}) for s in explain_s]
+
+    result = ComparisonResult(name="percore", title="x", workload={})
+    result.sides = {
+        "cancer: plain shap": side(3.0, 3.2, 3.1),
+        "cancer: model only": side(1.5, 1.6, 1.55),
+        # Both cores at once, each process all the rows: 1.9 s for the job twice, 0.95 for it once.
+        "cancer: model only, two at once": side(1.9, 1.8, 2.0),
+        "cancer: shapline process x2": side(1.0, 1.1, 1.2),
+    }
+    result.check(
+        "cancer: plain shap", "cancer: shapline process x2", Tolerance(rtol=0.0, atol=0.0, why="test")
+    )
+    _two_core_ratios(result, "cancer")
+    ratios = {r["name"]: r for r in result.ratios}
+    judged = ratios["cancer: share of the two-core limit, process x2"]
+    assert (
+        judged["value"] == pytest.approx(1.9 / 2 / 1.1) and judged["target"] == 0.85 and judged["met"] is True
+    )
+    assert judged["numerator"] == "cancer: model only, two at once"
+    twice = ratios["cancer: share of twice the one-core limit, process x2"]
+    assert twice["value"] == pytest.approx(1.55 / 2 / 1.1) and twice["met"] is None
+    assert ratios["cancer: plain / shapline process x2, two cores"]["value"] == pytest.approx(3.1 / 1.1)
+
+    # Without the pair (a one-core machine), the limit is twice the one-core one, and nothing else is added.
+    del result.sides["cancer: model only, two at once"]
+    result.ratios.clear()
+    _two_core_ratios(result, "cancer")
+    ratios = {r["name"]: r for r in result.ratios}
+    assert ratios["cancer: share of the two-core limit, process x2"]["value"] == pytest.approx(1.55 / 2 / 1.1)
+    assert "cancer: share of twice the one-core limit, process x2" not in ratios
