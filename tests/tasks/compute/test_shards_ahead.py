@@ -188,14 +188,13 @@ class StagedShard:
 _SETTINGS = ("background", "model", "explainer", "algorithm", "link", "threads", "outputs")
 
 
-def test_a_pools_worker_takes_the_next_shard_ahead_with_the_values_computed_alone(
-    pool: ShardRunner, model: tuple[SklearnModel, pd.DataFrame]
-) -> None:
-    config, rows = model
-    settings = ShardJob(
-        -1,
-        rows.iloc[:9],
-        Background(frame=rows.iloc[100:110]),
+def kernel_job(model: tuple[SklearnModel, pd.DataFrame], index: int, rows: int) -> ShardJob:
+    """Shard `index` of the model's first `rows` rows: Kernel SHAP, 10 background rows, 40 coalitions."""
+    config, frame = model
+    return ShardJob(
+        index,
+        frame.iloc[:rows],
+        Background(frame=frame.iloc[100:110]),
         config,
         ExplainerConfig(nsamples=40, l1_reg=False),
         "kernel",
@@ -203,6 +202,12 @@ def test_a_pools_worker_takes_the_next_shard_ahead_with_the_values_computed_alon
         1,
         2,
     )
+
+
+def test_a_pools_worker_takes_the_next_shard_ahead_with_the_values_computed_alone(
+    pool: ShardRunner, model: tuple[SklearnModel, pd.DataFrame]
+) -> None:
+    settings = kernel_job(model, -1, 9)
     upcoming = [StagedShard(i, settings) for i in range(3)]
     alone = [pool.compute(shard.job()).values for shard in upcoming]
     pool.expect(upcoming)
@@ -227,18 +232,7 @@ def test_a_shard_cancelled_in_a_replaced_pool_before_a_worker_took_it_is_sent_ag
 ) -> None:
     """A pool replaced (a timed-out shard's worker killed) cancels the shards it had not handed a worker:
     one started ahead is sent to the new pool when its task asks, not failed as a lost worker."""
-    config, rows = model
-    job = ShardJob(
-        0,
-        rows.iloc[:3],
-        Background(frame=rows.iloc[100:110]),
-        config,
-        ExplainerConfig(nsamples=40, l1_reg=False),
-        "kernel",
-        "logit",
-        1,
-        2,
-    )
+    job = kernel_job(model, 0, 3)
     cancelled: Future[Any] = Future()
     assert cancelled.cancel()
     runner = cast(runners.ProcessRunner, pool)
