@@ -22,6 +22,28 @@ import prefect.main  # noqa: E402, F401
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
+# What tools keep in a checkout; anything else new there after the tests is a test writing outside its tmp_path.
+_TOOL_FOLDERS = {".pytest_cache", ".mypy_cache", ".ruff_cache", "__pycache__", "build", "site"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_left_alone() -> Iterator[None]:
+    """Tests write under their tmp_path, never into the working folder (the checkout, under CI): a run
+    there with MLflow's defaults leaves ./mlruns or ./mlflow.db behind, as two tests did."""
+    folder = Path.cwd()
+
+    def entries() -> set[str]:
+        return {
+            p.name
+            for p in folder.iterdir()
+            if p.name not in _TOOL_FOLDERS and not p.name.endswith(".egg-info")
+        }
+
+    before = entries()
+    yield
+    left = sorted(entries() - before)
+    assert not left, f"tests left {left} in {folder}: write under tmp_path (or chdir there)"
+
 
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[None]:

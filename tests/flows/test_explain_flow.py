@@ -619,6 +619,9 @@ def test_a_read_only_tracking_store_is_one_line_and_no_library_traceback(
     MlflowClient(f"sqlite:///{database}").search_experiments()
     # Root ignores file modes, so the store is opened read-only the way SQLite itself offers.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///file:{database}?mode=ro&uri=true")
+    # MLflow makes the database's folder from that URI's path read literally: file:/tmp/... under the
+    # working folder. Here, not in the checkout.
+    monkeypatch.chdir(tmp_path)
     config = cancer_config(write_config, cancer_data, xgb_model, model={"kind": "xgboost"})
     code, summary, err = run_cli(["run", str(config), "--json"], capsys)
     assert code == 1 and summary["status"] == "FAILED"

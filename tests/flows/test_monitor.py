@@ -410,7 +410,11 @@ def test_an_unknown_run_is_one_line(scenario: Scenario, given: str, said: str) -
 def test_an_unlike_reference_is_one_line_before_any_compute(scenario: Scenario) -> None:
     """A pinned reference that explained another output (here: another class) cannot be a baseline."""
     client = MlflowClient(scenario.store)
-    experiment = client.create_experiment("shapline/penguins-unlike")
+    # Artifacts beside the store, as shapline's own experiments keep them: MLflow's default is ./mlruns in
+    # the working folder (the checkout, under pytest).
+    experiment = client.create_experiment(
+        "shapline/penguins-unlike", (scenario.folder / "mlartifacts").as_uri()
+    )
     unlike = client.create_run(
         experiment, tags={"shapline.model": "penguins-unlike", "shapline.reference": "true"}
     )
