@@ -169,6 +169,9 @@ class ModelFunction:
         self.outputs = outputs
         self.width = width
         self.clip = link == "logit"
+        # The kernel engine hands over its row-major calls as the one array it wrote (`call_array`), where
+        # the model reads these columns from an array: no frame is built around each call.
+        self.takes_array = self.numeric and predictor.takes_array(self.columns)
 
     def frame(self, rows: Any) -> pd.DataFrame:
         if isinstance(rows, pd.DataFrame):
@@ -183,10 +186,22 @@ class ModelFunction:
 
     def __call__(self, rows: Any) -> np.ndarray:
         frame = self.frame(rows)
-        # The explained columns alone where the model gives them for less (a binary classifier's class);
-        # a call whose columns are not fine is made again in full, for checked_output's own message.
-        output = self.predictor.predict_outputs(frame, self.outputs, self.width)
-        if output is None or not output_is_fine(output, len(frame), len(self.outputs), self.clip):
+        return self._checked(frame, self.predictor.predict_outputs(frame, self.outputs, self.width))
+
+    def call_array(self, array: np.ndarray) -> np.ndarray:
+        """The function on rows of the template's columns given as one int or float array, in their order:
+        only where `takes_array`."""
+        return self._checked(array, self.predictor.predict_outputs(array, self.outputs, self.width))
+
+    def _checked(self, rows: pd.DataFrame | np.ndarray, output: np.ndarray | None) -> np.ndarray:
+        """The explained columns alone where the model gave them for less (`output`: a binary classifier's
+        class); a call whose columns are not fine is made again in full, for checked_output's own message."""
+        if output is None or not output_is_fine(output, len(rows), len(self.outputs), self.clip):
+            frame = (
+                rows
+                if isinstance(rows, pd.DataFrame)
+                else pd.DataFrame(rows, columns=self.columns, copy=False)
+            )
             output = checked_output(
                 self.predictor, self.predictor.predict(frame), frame, self.width, self.clip
             )
@@ -242,6 +257,7 @@ def _kernel_values(
         deduplicates=(predictor.kernel_deduplicates or {}).get(key),
         calls_are_cheap=not predictor.pays_per_row,
         row_major=predictor.reads_rows,
+        predict_array=function.call_array if function.takes_array else None,
     )
     # Kept with the model, one run's background at a time: the process's next shards make no call on it.
     predictor.background_outputs = {key: engine.background_output}

@@ -12,7 +12,7 @@ import pytest
 import shap
 
 from shapline.tasks.common.config import ExplainerConfig
-from shapline.tasks.common.errors import ExplainError
+from shapline.tasks.common.errors import ExplainError, ModelError
 from shapline.tasks.common.schemas import values_columns
 from shapline.tasks.compute.shards import plan_shards
 from shapline.tasks.data.background import Background
@@ -212,15 +212,65 @@ def test_kernel_shap_hands_xgboost_its_calls_row_major_with_the_same_values(
         return predict(data, *args, **kwargs)
 
     monkeypatch.setattr(booster, "inplace_predict", recorded)
+    # What the predictor is handed per synthetic call: the array the engine wrote, or a frame.
+    predict_outputs, handed = predictor.predict_outputs, []
+
+    def recorded_outputs(rows: Any, *args: Any) -> Any:
+        if len(rows) > len(background.frame):
+            handed.append(type(rows))
+        return predict_outputs(rows, *args)
+
+    monkeypatch.setattr(predictor, "predict_outputs", recorded_outputs)
     rows = features.iloc[20:24]
     by_row = explain_rows(rows, background, predictor, config, "logit", 1, algorithm="kernel")
     assert layouts and all(layouts)
+    assert handed and set(handed) == {np.ndarray}  # no DataFrame built around a call
     layouts.clear()
+    handed.clear()
     monkeypatch.setattr(predictor, "reads_rows", False)
     by_column = explain_rows(rows, background, predictor, config, "logit", 1, algorithm="kernel")
     assert layouts and not any(layouts)
+    assert handed and set(handed) == {pd.DataFrame}
     np.testing.assert_array_equal(by_row.values, by_column.values)
     np.testing.assert_array_equal(by_row.model_output, by_column.model_output)
+
+
+@pytest.mark.parametrize("stored", ["joblib", "json"])
+def test_an_xgboost_call_handed_over_as_an_array_is_refused_as_a_frame_is(
+    xgb_model: Path, features: pd.DataFrame, tmp_path: Path, stored: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN from the model in a call the engine handed over as its array is refused in the words the same
+    call through a frame gets: the row and its cells (the frame is built for the message only)."""
+    from shapline.tasks.common.config import XGBoostModel
+    from shapline.tasks.models.loading import load_predictor
+
+    path = xgb_model
+    if stored == "json":
+        path = tmp_path / "model.json"
+        joblib.load(xgb_model).get_booster().save_model(str(path))
+    predictor = load_predictor(XGBoostModel(name=f"nan-{stored}", kind="xgboost", path=str(path)))
+    booster = predictor.native if stored == "json" else predictor.native.get_booster()
+    background = Background(frame=features.iloc[:10])
+    config = ExplainerConfig(algorithm="kernel", nsamples=80, seed=3)
+    predict = booster.inplace_predict
+
+    def broken(data: Any, *args: Any, **kwargs: Any) -> Any:
+        out = predict(data, *args, **kwargs)
+        if len(data) > len(background.frame):
+            out[7] = np.nan  # one synthetic row's probability
+        return out
+
+    monkeypatch.setattr(booster, "inplace_predict", broken)
+    rows = features.iloc[20:21]
+    messages = []
+    for reads_rows in (True, False):
+        monkeypatch.setattr(predictor, "reads_rows", reads_rows)
+        with pytest.raises(ModelError) as refused:
+            explain_rows(rows, background, predictor, config, "logit", 1, algorithm="kernel")
+        messages.append(str(refused.value))
+    assert messages[0] == messages[1]
+    assert "NaN or infinite outputs for 1 of" in messages[0]
+    assert f"the first such row: {features.columns[0]}=" in messages[0]
 
 
 def test_permutation_is_additive_and_seeded(mlp_model: Path, features: pd.DataFrame) -> None:

@@ -290,6 +290,10 @@ def test_every_xgboost_file_predicts_in_place_with_todays_outputs(
     for columns in ([1], [0], [0, 1]):  # the explained class alone, as predict() computes it
         assert np.array_equal(predictor.predict_outputs(rows, columns, 2), outputs[:, columns])
     assert predictor.predict_outputs(rows, [1], 3) is None
+    # The engine hands a row-major call over as its array where the columns are the model's, in its order.
+    assert predictor.takes_array(list(rows.columns)) and not predictor.takes_array(list(rows.columns[::-1]))
+    by_row = np.ascontiguousarray(rows, np.float32)
+    assert np.array_equal(predictor.predict_outputs(by_row, [0, 1], 2), outputs)
     dmatrices.clear()
     predictor.predict(rows.astype({"mean_radius": "Float64"}))  # a nullable column: the frame, in place
     assert dmatrices == []

@@ -274,3 +274,8 @@ def test_xgboost_in_the_registry_predicts_in_place(
     dmatrices.clear()
     outputs = predictor.predict(store.rows)
     assert dmatrices == [] and outputs.shape == (len(store.rows), 2)
+    # The engine's row-major calls are handed over as the array it wrote, no frame around them.
+    assert predictor.takes_array(list(store.rows.columns))
+    array = np.ascontiguousarray(store.rows, dtype=np.float32)
+    assert np.array_equal(predictor.predict_outputs(array, [1], 2), outputs[:, [1]])
+    assert dmatrices == []
