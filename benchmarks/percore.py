@@ -163,15 +163,19 @@ def _sides(context: Context, params: dict[str, Any], name: str, core: int) -> li
             )
         )
     if not context.quick:
-        sides.append(
-            Side(
-                f"{name}: shapline x1, joblib, one shard",
-                shapline("joblib", "thread", 1, core, DEFAULT_SHARD_SIZE),
-                f"{said}: the flow, 1 thread worker, its whole process on 1 core, shards.size left at its "
-                f"default ({DEFAULT_SHARD_SIZE}): the {len(rows)} rows in one shard task, where the sides "
-                f"above have {params['shards']}",
+        # Every storage at the shard size a config gets when it sets none, too: what each way of storing the
+        # model costs, apart from a Prefect task per 8 rows (the sides above: ~15-20 ms of the pinned core
+        # a shard task, 3-4% of the phase).
+        for storage in storages:
+            sides.append(
+                Side(
+                    f"{name}: shapline x1, {storage}, one shard",
+                    shapline(storage, "thread", 1, core, DEFAULT_SHARD_SIZE),
+                    f"{said}, stored as {STORAGE_SAID[storage]}: the flow, 1 thread worker, its whole process "
+                    f"on 1 core, shards.size left at its default ({DEFAULT_SHARD_SIZE}): the {len(rows)} rows "
+                    f"in one shard task, where the sides above have {params['shards']}",
+                )
             )
-        )
         if name == "cancer" and other_core(core) is not None:
             sides.append(
                 Side(
