@@ -23,7 +23,7 @@ from shapline.tasks.explainers.explain import (
     explain_rows,
     row_seed,
 )
-from shapline.tasks.models.predictors import LocalPredictor
+from shapline.tasks.models.predictors import LocalPredictor, Predictor
 from tests.helpers import exact_shapley
 
 
@@ -186,13 +186,9 @@ def test_sampled_kernel_is_deterministic_under_concurrent_threads(
     np.testing.assert_array_equal(whole, np.concatenate(alone))
 
 
-@pytest.mark.parametrize("stored", ["joblib", "json"])
-def test_kernel_shap_hands_xgboost_its_calls_row_major_with_the_same_values(
-    xgb_model: Path, features: pd.DataFrame, tmp_path: Path, stored: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A kernel run on an XGBoost model, as a shard makes it (explain_rows), reaches the booster with each
-    synthetic call as one row-major array; the values are the column-major run's, bit for bit. (The
-    predictor is the process's cached one: what is changed on it is put back.)"""
+def _stored_xgboost(xgb_model: Path, tmp_path: Path, stored: str, name: str) -> tuple[Predictor, Any]:
+    """The test's XGBoost model loaded as a config that stores it so would load it (pickled, or XGBoost's
+    own .json), and the booster its calls reach. The predictor is the process's cached one."""
     from shapline.tasks.common.config import XGBoostModel
     from shapline.tasks.models.loading import load_predictor
 
@@ -200,8 +196,18 @@ def test_kernel_shap_hands_xgboost_its_calls_row_major_with_the_same_values(
     if stored == "json":
         path = tmp_path / "model.json"
         joblib.load(xgb_model).get_booster().save_model(str(path))
-    predictor = load_predictor(XGBoostModel(name=f"x-{stored}", kind="xgboost", path=str(path)))
-    booster = predictor.native if stored == "json" else predictor.native.get_booster()
+    predictor = load_predictor(XGBoostModel(name=f"{name}-{stored}", kind="xgboost", path=str(path)))
+    return predictor, predictor.native if stored == "json" else predictor.native.get_booster()
+
+
+@pytest.mark.parametrize("stored", ["joblib", "json"])
+def test_kernel_shap_hands_xgboost_its_calls_row_major_with_the_same_values(
+    xgb_model: Path, features: pd.DataFrame, tmp_path: Path, stored: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel run on an XGBoost model, as a shard makes it (explain_rows), reaches the booster with each
+    synthetic call as one row-major array; the values are the column-major run's, bit for bit. (The
+    predictor is the process's cached one: what is changed on it is put back.)"""
+    predictor, booster = _stored_xgboost(xgb_model, tmp_path, stored, "x")
     background = Background(frame=features.iloc[:10])
     config = ExplainerConfig(algorithm="kernel", nsamples=80, seed=3)
     predict, layouts = booster.inplace_predict, []
@@ -241,15 +247,7 @@ def test_an_xgboost_call_handed_over_as_an_array_is_refused_as_a_frame_is(
 ) -> None:
     """A NaN from the model in a call the engine handed over as its array is refused in the words the same
     call through a frame gets: the row and its cells (the frame is built for the message only)."""
-    from shapline.tasks.common.config import XGBoostModel
-    from shapline.tasks.models.loading import load_predictor
-
-    path = xgb_model
-    if stored == "json":
-        path = tmp_path / "model.json"
-        joblib.load(xgb_model).get_booster().save_model(str(path))
-    predictor = load_predictor(XGBoostModel(name=f"nan-{stored}", kind="xgboost", path=str(path)))
-    booster = predictor.native if stored == "json" else predictor.native.get_booster()
+    predictor, booster = _stored_xgboost(xgb_model, tmp_path, stored, "nan")
     background = Background(frame=features.iloc[:10])
     config = ExplainerConfig(algorithm="kernel", nsamples=80, seed=3)
     predict = booster.inplace_predict
