@@ -200,6 +200,14 @@ def _sides(context: Context, params: dict[str, Any], name: str, core: int) -> li
                 f"{said}: the flow, 2 process workers, 1 thread each, 2 cores",
             )
         )
+        sides.append(
+            Side(
+                f"{name}: shapline process x2, one shard",
+                shapline("joblib", "process", 2, None, DEFAULT_SHARD_SIZE),
+                f"{said}: the flow, 2 process workers, 1 thread each, 2 cores, shards.size left at its default "
+                f"({DEFAULT_SHARD_SIZE}): the {len(rows)} rows in one shard, whose rows both workers explain",
+            )
+        )
     return sides
 
 
@@ -263,8 +271,9 @@ def run(context: Context, params: dict[str, Any]) -> ComparisonResult:
                     note="(plain / shapline x1) / (plain / model only): 1 is as fast as the model allows",
                 )
             )
-        if f"{name}: shapline process x2" in shapline:
-            _two_core_ratios(result, name)
+        for side in shapline:
+            if "process" in side:
+                _two_core_ratios(result, name, side)
         pair = f"{name}: model only, two at once"
         if pair in result.sides:
             result.ratio(
@@ -293,8 +302,8 @@ def run(context: Context, params: dict[str, Any]) -> ComparisonResult:
     return result
 
 
-def _two_core_ratios(result: ComparisonResult, name: str) -> None:
-    """Two process workers against plain shap and against the two-core limit.
+def _two_core_ratios(result: ComparisonResult, name: str, process: str) -> None:
+    """Two process workers (side `process`) against plain shap and against the two-core limit.
 
     The limit is what two cores give the model, measured where the comparison ran the model alone on both
     cores at once: each process made all of plain shap's calls, so the cores did the job twice in the
@@ -302,10 +311,10 @@ def _two_core_ratios(result: ComparisonResult, name: str) -> None:
     which a shared VM does not always give; it is reported beside it.
     """
     plain, limit = f"{name}: plain shap", f"{name}: model only"
-    process, pair = f"{name}: shapline process x2", f"{name}: model only, two at once"
+    pair, how = f"{name}: model only, two at once", process.removeprefix(f"{name}: shapline ")
     result.ratio(
         Ratio(
-            f"{name}: plain / shapline process x2, two cores",
+            f"{name}: plain / shapline {how}, two cores",
             plain,
             process,
             "explain_s",
@@ -319,7 +328,7 @@ def _two_core_ratios(result: ComparisonResult, name: str) -> None:
         share = result.median(pair if measured else limit, "explain_s") / (2 * shapline)
         twice = result.median(limit, "explain_s") / (2 * shapline)
     result.record_ratio(
-        f"{name}: share of the two-core limit, process x2",
+        f"{name}: share of the two-core limit, {how}",
         share,
         TWO_CORES[name],
         note="(model only, two at once / 2) / shapline process x2: the model's own time on two cores, measured"
@@ -331,7 +340,7 @@ def _two_core_ratios(result: ComparisonResult, name: str) -> None:
     )
     if measured:
         result.record_ratio(
-            f"{name}: share of twice the one-core limit, process x2",
+            f"{name}: share of twice the one-core limit, {how}",
             twice,
             note="(plain / shapline process x2) / (2 x plain / model only): as if each core ran the model as "
             "fast as one core alone",

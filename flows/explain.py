@@ -458,12 +458,15 @@ def _collect(futures: Any, total: int) -> list[ShardResult]:
             continue
         finished.append(result)
         logger.info(
-            "shards done %d/%d (shard %d: %d rows in %.1f s)",
+            "shards done %d/%d (shard %d: %d rows in %.1f s%s)",
             len(finished),
             total,
             result.index,
             result.rows,
             result.seconds,
+            f", {result.helped_rows} of them by workers that had finished their own"
+            if result.helped_rows
+            else "",
         )
     if failures:
         raise failures[0]

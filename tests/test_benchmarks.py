@@ -157,7 +157,7 @@ def test_two_workers_are_judged_against_the_model_measured_on_both_cores() -> No
     result.check(
         "cancer: plain shap", "cancer: shapline process x2", Tolerance(rtol=0.0, atol=0.0, why="test")
     )
-    _two_core_ratios(result, "cancer")
+    _two_core_ratios(result, "cancer", "cancer: shapline process x2")
     ratios = {r["name"]: r for r in result.ratios}
     judged = ratios["cancer: share of the two-core limit, process x2"]
     assert (
@@ -171,7 +171,22 @@ def test_two_workers_are_judged_against_the_model_measured_on_both_cores() -> No
     # Without the pair (a one-core machine), the limit is twice the one-core one, and nothing else is added.
     del result.sides["cancer: model only, two at once"]
     result.ratios.clear()
-    _two_core_ratios(result, "cancer")
+    _two_core_ratios(result, "cancer", "cancer: shapline process x2")
     ratios = {r["name"]: r for r in result.ratios}
     assert ratios["cancer: share of the two-core limit, process x2"]["value"] == pytest.approx(1.55 / 2 / 1.1)
     assert "cancer: share of twice the one-core limit, process x2" not in ratios
+
+    # The one-shard side (shards.size at its default) is named by its side: the same ratios, its own names.
+    result.sides["cancer: shapline process x2, one shard"] = side(0.9, 1.0, 1.1)
+    result.check(
+        "cancer: plain shap",
+        "cancer: shapline process x2, one shard",
+        Tolerance(rtol=0.0, atol=0.0, why="test"),
+    )
+    _two_core_ratios(result, "cancer", "cancer: shapline process x2, one shard")
+    ratios = {r["name"]: r for r in result.ratios}
+    one = ratios["cancer: share of the two-core limit, process x2, one shard"]
+    assert (
+        one["value"] == pytest.approx(1.55 / 2 / 1.0)
+        and one["denominator"] == "cancer: shapline process x2, one shard"
+    )

@@ -11,12 +11,18 @@ endpoint requests in flight that all of them share.
 A shard task that has written its values starts the run's next shard itself (`start_next`), on the worker
 it freed, before Prefect ends that task and starts the next one: a worker waits for the store write, not
 for Prefect's bookkeeping between two tasks (measured in docs/performance.md).
+
+A worker with no shard left to start helps a Kernel SHAP shard still running (threads and a pool): the
+shard's rows are claimed a model call's worth at a time by its owner and its helpers (explainers/claims.py),
+and the shard's task puts their parts together before it writes the shard. So the last shards of a run end
+on every worker at about the same time, and a run of fewer shards than workers keeps every worker busy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import itertools
 import logging
@@ -37,6 +43,7 @@ from shapline.tasks.common.config import ModelConfig, SageMakerModel, ShardsConf
 from shapline.tasks.common.cores import limit_native_threads
 from shapline.tasks.common.errors import ShaplineError
 from shapline.tasks.compute.shards import ShardJob, explain_shard, shard_label
+from shapline.tasks.explainers.claims import AllRows, RowClaims, SharedRows, share_of
 from shapline.tasks.explainers.explain import ShardValues
 from shapline.tasks.models.limits import DaskLimit, ProcessLimit, RequestLimit, ThreadLimit
 
@@ -90,6 +97,23 @@ class _Ahead:
         self.handle: Any = None
 
 
+class _Shared:
+    """A running Kernel SHAP shard whose rows workers share: its job (with the claims) and its helpers."""
+
+    def __init__(self, job: ShardJob) -> None:
+        self.job = job
+        self.helpers: list[Any] = []  # what _start_ahead returned for each
+        self.closed = False  # its task is putting the parts together: no helper may join now
+        self.lock = threading.Lock()
+
+    def left(self) -> int:
+        return self.job.claims.left() if self.job.claims is not None else 0
+
+
+# A shard's rows are shared only if it has this many: a row is never split between workers.
+_SHARE_MIN_ROWS = 2
+
+
 class ShardRunner(ABC):
     """Computes shards for one run; a context manager that frees its workers when the run ends.
 
@@ -112,6 +136,7 @@ class ShardRunner(ABC):
         self._ahead: dict[int, _Ahead] = {}
         self._ahead_lock = threading.Lock()
         self._flow_context = contextvars.copy_context()
+        self._shared: dict[int, _Shared] = {}  # by shard index: the shards whose rows workers share
 
     @abstractmethod
     def compute(self, job: ShardJob) -> ShardValues:
@@ -126,6 +151,13 @@ class ShardRunner(ABC):
         """The values of a shard `_start_ahead` started, waited for as `compute` waits."""
         raise NotImplementedError
 
+    def _claims(self, rows: int) -> RowClaims | None:
+        """A counter of `rows` rows that this runner's workers can share, or None where they cannot."""
+        return None
+
+    def _release(self, claims: RowClaims) -> None:  # noqa: B027 - most claims need no freeing
+        """The shard of `claims` is put together: its counter may serve another shard."""
+
     def expect(self, upcoming: Sequence[Upcoming], start: int = 0) -> None:
         """The run's shards still to explain, in the order their tasks start (the flow's map order), the first
         `start` of them started now (one per worker: their tasks find them running). Called on the flow's
@@ -134,8 +166,9 @@ class ShardRunner(ABC):
             self._upcoming = deque(upcoming)
             self._claimed.clear()
             self._ahead.clear()
+            self._shared.clear()
             self._flow_context = contextvars.copy_context()
-        for _ in range(min(start, len(upcoming))):
+        for _ in range(start):  # fewer shards than workers: the others help them from the start
             self.start_next()
 
     def start_next(self) -> None:
@@ -147,12 +180,19 @@ class ShardRunner(ABC):
         with self._ahead_lock:
             while self._upcoming and self._upcoming[0].index in self._claimed:
                 self._upcoming.popleft()
-            if self._stopping or not self._upcoming:
+            if self._stopping:
                 return
-            upcoming = self._upcoming.popleft()
-            ahead = self._ahead[upcoming.index] = _Ahead()
+            if not self._upcoming:
+                running = list(self._shared.values())
+            else:
+                upcoming = self._upcoming.popleft()
+                ahead = self._ahead[upcoming.index] = _Ahead()
+                running = None
+        if running is not None:
+            self._help(running)
+            return
         try:
-            ahead.job = upcoming.job()
+            ahead.job = self._share(upcoming.job())
             ahead.handle = self._start_ahead(ahead.job)
         except Exception:
             log.debug("could not start shard %d ahead of its task", upcoming.index, exc_info=True)
@@ -166,14 +206,96 @@ class ShardRunner(ABC):
             ahead = self._ahead.pop(upcoming.index, None)
             if ahead is None:
                 self._claimed.add(upcoming.index)
-        if ahead is None:
-            return self.compute(upcoming.job())
-        ahead.started.wait()
-        if ahead.job is None:  # its rows could not be read ahead: read (and fail) here
-            return self.compute(upcoming.job())
-        if ahead.handle is None:  # read, but not started
-            return self.compute(ahead.job)
-        return self._finish(ahead.handle, ahead.job)
+        job: ShardJob | None = None
+        try:
+            if ahead is not None:
+                ahead.started.wait()
+                job = ahead.job
+            if ahead is None or job is None:  # not started ahead, or its rows could not be read ahead: here
+                job = self._share(upcoming.job())
+                return self._together(job, self.compute(job))
+            if ahead.handle is None:  # read, but not started
+                return self._together(job, self.compute(job))
+            return self._together(job, self._finish(ahead.handle, job))
+        except BaseException:
+            if job is not None:
+                self._unshare(job)
+            raise
+
+    def _share(self, job: ShardJob) -> ShardJob:
+        """`job` with claims other workers can share its rows by, where this runner's workers can (Kernel
+        SHAP, two rows or more); registered as running, so a worker with nothing to start helps it."""
+        if not self.starts_ahead or not isinstance(job, ShardJob) or job.algorithm != "kernel":
+            return job
+        if len(job.rows) < _SHARE_MIN_ROWS:
+            return job
+        claims = self._claims(len(job.rows))
+        if claims is None:
+            return job
+        job = dataclasses.replace(job, claims=claims)
+        with self._ahead_lock:
+            previous = self._shared.get(job.index)
+            self._shared[job.index] = _Shared(job)
+        if previous is not None:  # an earlier try of this shard
+            self._close(previous)
+        return job
+
+    def _help(self, running: list[_Shared]) -> None:
+        """Start a helper on the running shard with the most rows unclaimed, if any has one. Never raises."""
+        shared = max(running, key=_Shared.left, default=None)
+        if shared is None or shared.left() < 1:
+            return
+        with shared.lock:
+            if shared.closed:
+                return
+            try:
+                shared.job.claims.join()  # type: ignore[union-attr]  # a shared job has claims
+                handle = self._start_ahead(shared.job)
+            except Exception:
+                log.debug("could not start a helper on shard %d", shared.job.index, exc_info=True)
+                return
+            if handle is not None:
+                shared.helpers.append(handle)
+
+    def _together(self, job: ShardJob, values: ShardValues) -> ShardValues:
+        """The shard's values with its helpers' rows put in: every helper is waited for as the shard was."""
+        with self._ahead_lock:
+            shared = self._shared.get(job.index)
+            if shared is not None and shared.job is job:
+                del self._shared[job.index]
+            else:
+                shared = None
+        if shared is None or values.computed is None:
+            return values
+        helpers = self._close(shared)
+        own = int(values.computed.sum())
+        for handle in helpers:
+            values.take_rows(self._finish(handle, job))
+        values.helped_rows = int(values.computed.sum()) - own
+        if not values.computed.all():
+            raise ShardWorkerLost(
+                f"{shard_label(job.index, job.row_ids)}: {int((~values.computed).sum())} rows were claimed "
+                "by a worker that did not return them"
+            )
+        values.computed = None
+        assert job.claims is not None
+        self._release(job.claims)
+        return values
+
+    def _unshare(self, job: ShardJob) -> None:
+        """The shard's try failed: no worker joins it any more (its retry shares its rows anew)."""
+        with self._ahead_lock:
+            shared = self._shared.get(job.index)
+            if shared is None or shared.job is not job:
+                return
+            del self._shared[job.index]
+        self._close(shared)
+
+    @staticmethod
+    def _close(shared: _Shared) -> list[Any]:
+        with shared.lock:
+            shared.closed = True
+            return list(shared.helpers)
 
     def _refuse_if_stopped(self, job: ShardJob) -> None:
         """A shard that starts (or is retried) after stop() is abandoned at once, never sent to a worker."""
@@ -292,10 +414,15 @@ class ThreadRunner(ShardRunner):
     starts_ahead = True
 
     def __init__(
-        self, limit: RequestLimit | None, timeout_s: float = _DEFAULT_TIMEOUT_S, threads: int | None = None
+        self,
+        limit: RequestLimit | None,
+        timeout_s: float = _DEFAULT_TIMEOUT_S,
+        threads: int | None = None,
+        workers: int = 1,
     ) -> None:
         super().__init__(timeout_s)
         self.limit = limit
+        self.workers = workers  # shard tasks at once (the flow's); with two or more, they help each other
         # The native threads each shard may use (threads_per_worker); None leaves them as they are.
         self.threads = threads
         self._threads = _ShardThreads()
@@ -327,6 +454,9 @@ class ThreadRunner(ShardRunner):
         # The task's context (its Prefect run, its logger).
         return self._finish(self._start(job, contextvars.copy_context()), job)
 
+    def _claims(self, rows: int) -> RowClaims | None:
+        return SharedRows(rows) if self.workers > 1 else None
+
     def _start_ahead(self, job: ShardJob) -> Future[ShardValues]:
         return self._start(job, self._flow_context.copy())
 
@@ -357,10 +487,13 @@ class ThreadRunner(ShardRunner):
 # What every pool worker imports; a fork server imports it once and forks the workers from there. shap
 # is not among it: kernel shards (shapline's own engine) never need it, others import it when they start.
 _PRELOAD = ["shapline.tasks.compute.worker"]
-# Set in each pool worker by _start_worker: the run's limit on endpoint requests, shared by the pool, and
-# the barrier its warm-up calls meet at.
+# Set in each pool worker by _start_worker: the run's limit on endpoint requests, shared by the pool, the
+# barrier its warm-up calls meet at, and the pool's row counters (PoolRows) with the pool's number.
 _worker_limit: RequestLimit | None = None
 _worker_warm: Any = None
+_worker_counters: Any = None
+_worker_pool = -1
+_POOL_NUMBERS = itertools.count(1)
 # How long a worker's warm-up call waits for the others' (their imports and model loads) before it gives
 # up waiting: a pool is ready sooner than that, and a worker that dies breaks the pool anyway.
 _WARM_UP_WAIT_S = 120.0
@@ -380,12 +513,84 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
+class PoolRows:
+    """A shard's rows shared by the processes of one pool: its counter is a slot of the pool's shared array
+    (a lock and shared memory, which a process gets when it starts: a job cannot carry them): the next row to
+    claim, and whether a helper joined.
+
+    In a worker of another pool (the one it was made for was replaced), every row is the job's own.
+    """
+
+    def __init__(self, counters: Any, pool: int, slot: int, rows: int) -> None:
+        self.pool, self.slot, self.rows = pool, slot, rows
+        self._counters = counters
+        self._alone: AllRows | None = None
+
+    def __getstate__(self) -> dict[str, int]:
+        return {"pool": self.pool, "slot": self.slot, "rows": self.rows}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.pool, self.slot, self.rows = state["pool"], state["slot"], state["rows"]
+        mine = state["pool"] == _worker_pool and _worker_counters is not None
+        self._counters = _worker_counters if mine else None
+        self._alone = None if mine else AllRows(self.rows)
+
+    def take(self, count: int) -> range:
+        if self._alone is not None:
+            return self._alone.take(count)
+        at = 2 * self.slot
+        with self._counters.get_lock():
+            start = self._counters[at]
+            stop = self._counters[at] = start + share_of(
+                self.rows - start, count, bool(self._counters[at + 1])
+            )
+        return range(start, stop)
+
+    def left(self) -> int:
+        if self._alone is not None:
+            return self._alone.left()
+        with self._counters.get_lock():
+            return int(self.rows - self._counters[2 * self.slot])
+
+    def join(self) -> None:
+        if self._alone is not None:
+            return
+        with self._counters.get_lock():
+            self._counters[2 * self.slot + 1] = 1
+
+
+class _PoolCounters:
+    """A pool's row counters, one slot per shard whose rows its workers share, and which slots are free."""
+
+    def __init__(self, context: multiprocessing.context.BaseContext, slots: int) -> None:
+        self.number = next(_POOL_NUMBERS)
+        self.array = context.Array("q", 2 * slots)  # per slot: the next row to claim, whether helped
+        self._free = list(range(slots))
+        self._lock = threading.Lock()
+
+    def claims(self, rows: int) -> PoolRows | None:
+        with self._lock:
+            if not self._free:
+                return None
+            slot = self._free.pop()
+        with self.array.get_lock():
+            self.array[2 * slot] = self.array[2 * slot + 1] = 0
+        return PoolRows(self.array, self.number, slot, rows)
+
+    def release(self, claims: PoolRows) -> None:
+        if claims.pool == self.number:
+            with self._lock:
+                self._free.append(claims.slot)
+
+
 def _start_worker(
     limit: RequestLimit | None,
     model: ModelConfig,
     threads: int | None,
     environment: dict[str, str],
     warm: Any = None,
+    counters: Any = None,
+    pool: int = -1,
 ) -> None:
     """A pool worker's first act: take the flow's environment, the run's request limit and the pool's warm-up
     barrier, import what a shard needs, load the model.
@@ -394,10 +599,11 @@ def _start_worker(
     would see the environment of that moment (AWS_*, MLFLOW_*), not the run's. It must never raise: a
     failing initializer breaks the pool; the shard that needs the model reports a load error itself.
     """
-    global _worker_limit, _worker_warm
+    global _worker_limit, _worker_warm, _worker_counters, _worker_pool
     os.environ.clear()
     os.environ.update(environment)
     _worker_limit, _worker_warm = limit, warm
+    _worker_counters, _worker_pool = counters, pool
     try:
         from shapline.tasks.compute.worker import compute_only
         from shapline.tasks.models.loading import load_predictor
@@ -452,6 +658,7 @@ class ProcessRunner(ShardRunner):
         self._lock = threading.Lock()
         self._closed = False
         self._executor: ProcessPoolExecutor | None = None
+        self._counters: _PoolCounters | None = None
         self._warming: list[Future[None]] = []
         self._start_error: Exception | None = None
         # Creating the pool blocks until the fork server has imported the shard code (on a process's first
@@ -485,13 +692,23 @@ class ProcessRunner(ShardRunner):
 
     def _start(self) -> ProcessPoolExecutor:
         context = _pool_context()
-        # A new pool gets a new limit: slots a dead worker held die with the old one.
+        # A new pool gets a new limit and new row counters: slots a dead worker held die with the old one.
         limit = ProcessLimit(self.concurrency, context) if self.concurrency else None
+        # Shards in flight at once: one per worker, one started ahead of each, and retries.
+        counters = self._counters = _PoolCounters(context, 4 * self.workers + 4)
         executor = ProcessPoolExecutor(
             max_workers=self.workers,
             mp_context=context,
             initializer=_start_worker,
-            initargs=(limit, self.model, self.threads, dict(os.environ), context.Barrier(self.workers)),
+            initargs=(
+                limit,
+                self.model,
+                self.threads,
+                dict(os.environ),
+                context.Barrier(self.workers),
+                counters.array,
+                counters.number,
+            ),
         )
         # The pool starts a worker per submission while none is idle: these start all of them now, and
         # are done once every worker has run its initializer (imports, model, threads).
@@ -514,6 +731,20 @@ class ProcessRunner(ShardRunner):
 
     def compute(self, job: ShardJob) -> ShardValues:
         return self._finish(self._submit(job), job)
+
+    def _claims(self, rows: int) -> PoolRows | None:
+        if self.workers < 2:
+            return None
+        self._started.wait()
+        with self._lock:
+            counters = self._counters
+        return counters.claims(rows) if counters is not None else None
+
+    def _release(self, claims: RowClaims) -> None:
+        with self._lock:
+            counters = self._counters
+        if counters is not None and isinstance(claims, PoolRows):
+            counters.release(claims)
 
     def _start_ahead(self, job: ShardJob) -> tuple[ProcessPoolExecutor, Future[ShardValues]]:
         return self._submit(job)
@@ -662,4 +893,6 @@ def open_runner(shards: ShardsConfig, model: ModelConfig, threads: int | None, n
         return ProcessRunner(shards.workers, model, threads, concurrency, shards.timeout_s)
     if shards.runner == "dask":
         return DaskRunner(shards, concurrency, name)
-    return ThreadRunner(ThreadLimit(concurrency) if concurrency else None, shards.timeout_s, threads)
+    return ThreadRunner(
+        ThreadLimit(concurrency) if concurrency else None, shards.timeout_s, threads, shards.workers
+    )

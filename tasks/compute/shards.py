@@ -28,6 +28,7 @@ from shapline.tasks.common.errors import one_line
 from shapline.tasks.common.liveness import pid_alive, this_host
 from shapline.tasks.common.schemas import CLASS
 from shapline.tasks.data.background import Background
+from shapline.tasks.explainers.claims import RowClaims
 from shapline.tasks.explainers.explain import ShardValues, explain_rows, load_shap
 from shapline.tasks.models.limits import RequestLimit
 from shapline.tasks.models.loading import load_predictor
@@ -77,6 +78,9 @@ class ShardJob:
     threads: int | None = None
     # Outputs per row the run's probe saw: every model call of the shard must give as many.
     outputs: int | None = None
+    # Set by a shard runner where workers share the shard's rows (Kernel SHAP on threads or a pool): the job
+    # then explains the rows it claims, and the runner puts the workers' parts together (claims.py).
+    claims: RowClaims | None = None
 
     @property
     def row_ids(self) -> np.ndarray:
@@ -102,6 +106,7 @@ def explain_shard(job: ShardJob, limit: RequestLimit | None = None) -> ShardValu
         job.model.class_index,
         algorithm=job.algorithm,
         width=job.outputs,
+        claims=job.claims,
     )
     traffic = predictor.traffic()
     if traffic is not None or values.rows_saved:  # a local model has no traffic, but may be spared rows
@@ -126,6 +131,8 @@ class ShardResult:
     # Kernel only: the shard's coalitions per row and, for estimator adaptive, its standard errors.
     errors_path: str | None = None
     model_rows: int = 0
+    # Rows other workers explained for this shard once their own were done (compute/runners.py).
+    helped_rows: int = 0
 
 
 def _errors_path(path: Path) -> Path:
@@ -221,6 +228,7 @@ class ShardStore:
             traffic=values.traffic,
             errors_path=str(_errors_path(path)) if errors else None,
             model_rows=values.model_rows,
+            helped_rows=values.helped_rows,
         )
 
     def delete_finished(self) -> None:

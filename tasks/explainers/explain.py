@@ -26,6 +26,7 @@ from shapline.tasks.common.schemas import (
 )
 from shapline.tasks.data.background import Background
 from shapline.tasks.explainers.choice import resolve_explainer
+from shapline.tasks.explainers.claims import RowClaims
 from shapline.tasks.explainers.links import LINKS, PROBABILITY_EPS
 from shapline.tasks.models.predictors import (
     Predictor,
@@ -88,6 +89,31 @@ class ShardValues:
     converged: np.ndarray | None = None
     # Kernel only: synthetic rows (coalitions x background rows) the estimator asked the model for.
     model_rows: int = 0
+    # The rows explained here when the shard's rows were shared with other workers (claims.py); None: all.
+    computed: np.ndarray | None = None
+    # Of the shard's rows, how many workers that helped it explained (put together by its runner).
+    helped_rows: int = 0
+
+    def take_rows(self, part: ShardValues) -> None:
+        """Fill in the rows another worker explained of this shard (`part`, from the same job) and add what it
+        cost; `computed` then covers both."""
+        if part.computed is None or self.computed is None:
+            raise ValueError("only the parts of a shard whose rows were shared can be put together")
+        mine = part.computed & ~self.computed
+        self.values[mine] = part.values[mine]
+        self.model_output[mine] = part.model_output[mine]
+        for name in ("coalitions", "standard_errors", "converged"):
+            ours, theirs = getattr(self, name), getattr(part, name)
+            if ours is not None and theirs is not None:
+                ours[mine] = theirs[mine]
+        self.model_rows += part.model_rows
+        self.rows_saved += part.rows_saved
+        if part.traffic:
+            self.traffic = {
+                key: (self.traffic or {}).get(key, 0.0) + part.traffic.get(key, 0.0)
+                for key in {*(self.traffic or {}), *part.traffic}
+            }
+        self.computed = self.computed | part.computed
 
     def to_table(self) -> Any:
         """The shard's rows of shap_values.parquet in row order (then class), as Arrow columns built one at a
@@ -228,9 +254,11 @@ def _kernel_values(
     link: str,
     batch_rows: int | str = 1,
     dedupe: bool | str = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, KernelAccuracy]:
-    """Values, base values, each row's model output f(x), the model rows deduplication saved, and what the
-    estimator (explainer.estimator) spent and how sure it is.
+    claims: RowClaims | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, KernelAccuracy, np.ndarray]:
+    """Values, base values, each row's model output f(x), the model rows deduplication saved, what the
+    estimator (explainer.estimator) spent and how sure it is, and which rows were explained (with `claims`,
+    those claimed from it; else all).
 
     shap's KernelExplainer reproduced by `KernelEngine` (the same coalitions from the same per-row seeds,
     the same solve; equal to shap's values to rounding), with the synthetic rows built column by column,
@@ -272,6 +300,7 @@ def _kernel_values(
             batch_rows=batch_rows,
             dedupe=dedupe,
             row_ids=list(rows.index),
+            claims=claims,
         )
         values, fx = found.values, found.fx
         accuracy = KernelAccuracy(
@@ -286,6 +315,7 @@ def _kernel_values(
             batch_rows=batch_rows,
             dedupe=dedupe,
             row_ids=list(rows.index),
+            claims=claims,
         )
         model_rows = int(engine.coalitions.sum()) * len(background.frame)
         accuracy = KernelAccuracy(engine.coalitions.copy(), None, None, model_rows)
@@ -293,7 +323,7 @@ def _kernel_values(
     predictor.call_cost = engine.call_cost
     if engine.deduplicates is not None:  # dedupe auto, decided on this shard's rows: so for the run's next
         predictor.kernel_deduplicates = {key: engine.deduplicates}
-    return values, base, fx, engine.rows_saved, accuracy
+    return values, base, fx, engine.rows_saved, accuracy, engine.done
 
 
 def _masker_values(
@@ -416,15 +446,19 @@ def explain_rows(
     class_index: int | None,
     algorithm: str | None = None,
     width: int | None = None,
+    claims: RowClaims | None = None,
 ) -> ShardValues:
     """SHAP values of `rows` (indexed by row_id) against `background` with the configured explainer.
 
     `algorithm` is the one the run resolved (resolved here from config.algorithm when not given); `width` the
-    outputs per row the run's probe saw, which every model call must give too.
+    outputs per row the run's probe saw, which every model call must give too. With `claims` (Kernel SHAP
+    only), the rows claimed from it, the others left at zero (`computed` says which).
     """
     algorithm = algorithm or resolve_explainer(config.algorithm, predictor, link)[0]
+    if claims is not None and algorithm != "kernel":
+        raise ValueError(f"only Kernel SHAP shares a shard's rows between workers, not {algorithm}")
     try:
-        return _explain_rows(rows, background, predictor, config, link, class_index, algorithm, width)
+        return _explain_rows(rows, background, predictor, config, link, class_index, algorithm, width, claims)
     except ModelError as exc:
         # An endpoint's fault is retried as it is; the kernel engine names the rows of the call itself.
         if exc.transient or algorithm == "kernel":
@@ -441,9 +475,11 @@ def _explain_rows(
     class_index: int | None,
     algorithm: str,
     width: int | None,
+    claims: RowClaims | None = None,
 ) -> ShardValues:
     saved = 0
     accuracy: KernelAccuracy | None = None
+    computed: np.ndarray | None = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if algorithm in ("tree", "linear"):
@@ -464,9 +500,10 @@ def _explain_rows(
                     )
                 # An endpoint is paid per row: never send a row twice. A local model's time per row decides.
                 dedupe = True if predictor.pays_per_row else "auto"
-                values, base, fx, saved, accuracy = _kernel_values(
-                    rows, background, function, config, link, batch, dedupe=dedupe
+                values, base, fx, saved, accuracy, done = _kernel_values(
+                    rows, background, function, config, link, batch, dedupe=dedupe, claims=claims
                 )
+                computed = done if claims is not None else None
                 output = LINKS[link](fx)
             else:
                 values, base = _masker_values(rows, background, function, config, link, algorithm)
@@ -485,4 +522,5 @@ def _explain_rows(
         standard_errors=accuracy.errors if accuracy else None,
         converged=accuracy.converged if accuracy else None,
         model_rows=accuracy.model_rows if accuracy else 0,
+        computed=computed,
     )

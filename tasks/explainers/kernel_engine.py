@@ -34,6 +34,7 @@ from scipy.special import binom
 from shapline.tasks.common.errors import ModelError
 from shapline.tasks.common.schemas import rows_named
 from shapline.tasks.explainers import compiled
+from shapline.tasks.explainers.claims import AllRows, RowClaims
 from shapline.tasks.explainers.lars import lasso_path_gram
 from shapline.tasks.explainers.links import LINKS
 from shapline.tasks.models.predictors import CallCost
@@ -328,6 +329,8 @@ class KernelEngine:
         self._lock = threading.Lock()
         self.rows_sent = 0
         self.rows_saved = 0
+        # The rows the last explain explained here (all of them unless it was given claims).
+        self.done = np.zeros(0, dtype=bool)
         self._auto_dedupe: bool | None = deduplicates  # else decided by the first call with dedupe="auto"
         self._auto_rows: int | None = None  # decided by the first call with batch_rows="auto"
         self.call_cost = call_cost
@@ -366,6 +369,7 @@ class KernelEngine:
         batch_rows: int | str = 1,
         dedupe: bool | str = False,
         row_ids: Sequence[object] | None = None,
+        claims: RowClaims | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Values (rows, columns, outputs) and f(x) (rows, outputs), one model call per `batch_rows` rows.
 
@@ -381,6 +385,9 @@ class KernelEngine:
         costs more than a fast model's time on a few repeated rows. Values are the same either way.
         Defaults are shap's. A model call the predict function refuses (a ModelError) is named by the
         rows it explained: their `row_ids` (positions when not given).
+
+        With `claims`, only the rows this engine claims from it are explained (the others are another
+        worker's: see claims.py), a call's worth at a time; `done` says which. A row's values are the same.
         """
         frame = self._checked_rows(rows, seeds, batch_rows, dedupe)
         values = np.zeros((len(frame), len(self.columns), self.n_outputs))
@@ -389,13 +396,16 @@ class KernelEngine:
         buffers = _Buffers.of_this_thread()
         n = len(self.background)
         self.coalitions = np.zeros(len(frame), dtype=np.int64)
-        start = 0
-        while start < len(frame):
+        claims = claims or AllRows(len(frame))
+        self.done = np.zeros(len(frame), dtype=bool)
+        while claimed := claims.take(1):
+            start = claimed.start
             plans = [self._plan(data, start, int(seeds[start]), nsamples)]
-            stop = min(start + self._rows_per_call(batch_rows, plans[0].filled * n + 1), len(frame))
-            plans += [self._plan(data, i, int(seeds[i]), nsamples) for i in range(start + 1, stop)]
-            self.coalitions[start:stop] = [plan.filled for plan in plans]
-            batch = self._batch(plans, data, np.arange(start, stop))
+            more = claims.take(self._rows_per_call(batch_rows, plans[0].filled * n + 1) - 1)
+            at = np.array([start, *more])
+            plans += [self._plan(data, i, int(seeds[i]), nsamples) for i in more]
+            self.coalitions[at] = [plan.filled for plan in plans]
+            batch = self._batch(plans, data, at)
             deduplicate = self._deduplicates(batch, dedupe)
             try:
                 timing: list[tuple[int, float]] | None = [] if self._times_calls(batch_rows) else None
@@ -405,13 +415,13 @@ class KernelEngine:
             except ModelError as exc:
                 if exc.transient:  # an endpoint's fault: retried as it is
                     raise
-                refusal = self._refusal(exc, plans, data, list(range(start, stop)), dedupe, buffers, row_ids)
+                refusal = self._refusal(exc, plans, data, at.tolist(), dedupe, buffers, row_ids)
                 raise refusal from exc
             for i, plan in enumerate(plans):
-                fx[start + i] = outputs[i]
+                fx[at[i]] = outputs[i]
                 mine = outputs[batch.offsets[i] : batch.offsets[i] + plan.filled * n]
-                values[start + i] = self._solve(plan, self._background_mean(plan, mine), outputs[i], l1_reg)
-            start = stop
+                values[at[i]] = self._solve(plan, self._background_mean(plan, mine), outputs[i], l1_reg)
+            self.done[at] = True
         buffers.keep_or_release()
         return values, fx
 
@@ -425,6 +435,7 @@ class KernelEngine:
         dedupe: bool | str = False,
         row_ids: Sequence[object] | None = None,
         sampling: str = "leverage",
+        claims: RowClaims | None = None,
     ) -> AdaptiveValues:
         """Kernel SHAP to a stated accuracy (see explainers/adaptive.py): per row, every coalition when they
         fit `budget`, else the hybrid's enumerated sizes and rounds of drawn pairs until the row's largest
@@ -433,7 +444,7 @@ class KernelEngine:
         The rows of `batch_rows` explained rows go out together: their first call holds f(x), the
         enumerated coalitions and the first rounds; each later call, the next round of every row still
         drawing; "auto" decides as `explain` does, from the model's cost per call timed on the first.
-        Deterministic from each row's seed, whatever the batching.
+        Deterministic from each row's seed, whatever the batching; with `claims`, as `explain`.
         """
         from shapline.tasks.explainers import adaptive
 
@@ -443,8 +454,10 @@ class KernelEngine:
         buffers = _Buffers.of_this_thread()
         link_fnull = self._link(self._fnull)
         n = len(self.background)
-        start = 0
-        while start < len(frame):
+        claims = claims or AllRows(len(frame))
+        self.done = np.zeros(len(frame), dtype=bool)
+        while claimed := claims.take(1):
+            start = claimed.start
             states: dict[int, adaptive.RowState] = {}
             first: dict[int, np.ndarray] = {}
             varying: dict[int, np.ndarray] = {}
@@ -453,7 +466,7 @@ class KernelEngine:
             if state is not None:
                 states[start] = state
             step = self._rows_per_call(batch_rows, len(first[start]) * n + 1)
-            batch_at = list(range(start, min(start + step, len(frame))))
+            batch_at = [start, *claims.take(step - 1)]
             for i in batch_at[1:]:
                 varying[i], state, first[i] = self._plan_adaptive(data, i, seeds, budget, sampling)
                 if state is not None:
@@ -492,7 +505,7 @@ class KernelEngine:
                 result.errors[i, varying[i]] = state.errors
                 result.coalitions[i] = state.coalitions
                 result.converged[i] = state.exact or state.converged
-            start = batch_at[-1] + 1
+            self.done[batch_at] = True
         buffers.keep_or_release()
         return result
 
