@@ -267,5 +267,5 @@ def test_a_claim_gets_what_it_asks_until_a_helper_joins_then_at_most_half_of_wha
     claims = counters.claims(3)
     assert claims is not None and counters.claims(3) is None  # two slots, both in use
     counters.release(claims)
-    again = counters.claims(3)
-    assert again is not None and again.slot == claims.slot and again.take(3) == range(0, 3)  # reset, not joined
+    again = counters.claims(3)  # the slot reset: from row 0, no helper joined
+    assert again is not None and again.slot == claims.slot and again.take(3) == range(0, 3)
