@@ -373,3 +373,37 @@ def test_a_pool_worker_killed_at_any_moment_costs_no_shard(
     code, reference, err = run_cli(["run", str(plain), "--json"], capsys)
     assert code == 0, err
     assert_same_values(mlflow_store, summary, reference, tmp_path)
+
+
+@pytest.mark.parametrize("runner", ["process", "thread"])
+def test_two_workers_share_the_rows_of_a_runs_one_shard_with_the_values_of_one_worker(
+    runner: str,
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    mlflow_store: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """40 rows at the default shards.size are one shard: the second worker helps it rather than idling, the
+    log says so, and the values are the one-worker run's bit for bit (a row a call either way)."""
+    sections = kernel_sections(cancer_data, runner=runner)
+    sections["data"]["explain_rows"] = 40
+    sections["explainer"]["batch_rows"] = 1
+    del sections["shards"]["size"]
+    config = write_config(
+        model={"name": f"cancer-helped-{runner}", "kind": "sklearn", "path": str(mlp_model)}, **sections
+    )
+    code, shared, err = run_cli(["run", str(config), "--json"], capsys)
+    assert code == 0, err
+    assert shared["shards"] == 1
+    done = [m for m in caplog.messages if m.startswith("shards done 1/1")]
+    assert len(done) == 1 and "of them by workers that had finished their own" in done[0], done
+    caplog.clear()
+    monkeypatch.setenv("SHAPLINE_CACHE_DIR", str(tmp_path / "alone-cache"))  # not the shard just written
+    code, alone, err = run_cli(["run", str(config), "--json", "--set", "shards.workers=1"], capsys)
+    assert code == 0, err
+    assert not any("by workers that had finished their own" in m for m in caplog.messages)
+    assert_same_values(mlflow_store, shared, alone, tmp_path, atol=0)
