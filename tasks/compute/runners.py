@@ -100,14 +100,15 @@ class _Ahead:
 class _Shared:
     """A running Kernel SHAP shard whose rows workers share: its job (with the claims) and its helpers."""
 
-    def __init__(self, job: ShardJob) -> None:
-        self.job = job
-        self.helpers: list[Any] = []  # what _start_ahead returned for each
+    def __init__(self, job: ShardJob, claims: RowClaims) -> None:
+        self.job = job  # carries `claims`
+        self.claims = claims
+        self.helpers: list[Any] = []  # what _start_ahead returned for each; fixed once closed
         self.closed = False  # its task is putting the parts together: no helper may join now
         self.lock = threading.Lock()
 
     def left(self) -> int:
-        return self.job.claims.left() if self.job.claims is not None else 0
+        return self.claims.left()
 
 
 # A shard's rows are shared only if it has this many: a row is never split between workers.
@@ -235,7 +236,7 @@ class ShardRunner(ABC):
         job = dataclasses.replace(job, claims=claims)
         with self._ahead_lock:
             previous = self._shared.get(job.index)
-            self._shared[job.index] = _Shared(job)
+            self._shared[job.index] = _Shared(job, claims)
         if previous is not None:  # an earlier try of this shard
             self._close(previous)
         return job
@@ -249,7 +250,7 @@ class ShardRunner(ABC):
             if shared.closed:
                 return
             try:
-                shared.job.claims.join()  # type: ignore[union-attr]  # a shared job has claims
+                shared.claims.join()
                 handle = self._start_ahead(shared.job)
             except Exception:
                 log.debug("could not start a helper on shard %d", shared.job.index, exc_info=True)
@@ -259,17 +260,11 @@ class ShardRunner(ABC):
 
     def _together(self, job: ShardJob, values: ShardValues) -> ShardValues:
         """The shard's values with its helpers' rows put in: every helper is waited for as the shard was."""
-        with self._ahead_lock:
-            shared = self._shared.get(job.index)
-            if shared is not None and shared.job is job:
-                del self._shared[job.index]
-            else:
-                shared = None
+        shared = self._unshare(job)
         if shared is None or values.computed is None:
             return values
-        helpers = self._close(shared)
         own = int(values.computed.sum())
-        for handle in helpers:
+        for handle in shared.helpers:
             values.take_rows(self._finish(handle, job))
         values.helped_rows = int(values.computed.sum()) - own
         if not values.computed.all():
@@ -278,24 +273,24 @@ class ShardRunner(ABC):
                 "by a worker that did not return them"
             )
         values.computed = None
-        assert job.claims is not None
-        self._release(job.claims)
+        self._release(shared.claims)
         return values
 
-    def _unshare(self, job: ShardJob) -> None:
-        """The shard's try failed: no worker joins it any more (its retry shares its rows anew)."""
+    def _unshare(self, job: ShardJob) -> _Shared | None:
+        """No worker joins this try of the shard any more (it is being put together, or it failed and its
+        retry shares its rows anew): its record, closed, or None if its rows were not shared."""
         with self._ahead_lock:
             shared = self._shared.get(job.index)
             if shared is None or shared.job is not job:
-                return
+                return None
             del self._shared[job.index]
         self._close(shared)
+        return shared
 
     @staticmethod
-    def _close(shared: _Shared) -> list[Any]:
+    def _close(shared: _Shared) -> None:
         with shared.lock:
             shared.closed = True
-            return list(shared.helpers)
 
     def _refuse_if_stopped(self, job: ShardJob) -> None:
         """A shard that starts (or is retried) after stop() is abandoned at once, never sent to a worker."""
