@@ -269,3 +269,35 @@ def test_a_claim_gets_what_it_asks_until_a_helper_joins_then_at_most_half_of_wha
     counters.release(claims)
     again = counters.claims(3)  # the slot reset: from row 0, no helper joined
     assert again is not None and again.slot == claims.slot and again.take(3) == range(0, 3)
+
+
+def test_a_helpers_model_error_fails_the_shards_task_and_no_worker_joins_it_after(
+    model: tuple[SklearnModel, pd.DataFrame], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model refuses a row a helper claimed: the shard's task raises that error (naming the row), as if
+    the owner had met it, and the failed try is closed to helpers (its retry shares its rows anew)."""
+    from shapline.tasks.common.errors import ModelError
+
+    job = kernel_job(model, 30, ESTIMATORS[0])
+    calls: list[str] = []
+    lock = threading.Lock()
+
+    def explain(job: ShardJob, limit: Any) -> ShardValues:
+        with lock:
+            calls.append("owner" if not calls else "helper")
+            mine = calls[-1]
+        assert job.claims is not None
+        if mine == "helper":
+            taken = job.claims.take(1)
+            raise ModelError(f"explaining row {taken.start}: the model returned NaN")
+        time.sleep(0.2)  # the helper claims its row first
+        return explain_shard(job, limit)
+
+    monkeypatch.setattr(runners, "explain_shard", explain)
+    runner = ThreadRunner(None, timeout_s=60, workers=2)
+    runner.expect([Staged(0, job)], start=2)
+    with pytest.raises(ModelError, match=r"explaining row \d+: the model returned NaN"):
+        runner.run(Staged(0, job))
+    assert calls == ["owner", "helper"]
+    assert not runner._shared
+    runner.close()
