@@ -157,7 +157,8 @@ class ShardRunner(ABC):
         return None
 
     def _release(self, claims: RowClaims) -> None:  # noqa: B027 - most claims need no freeing
-        """The shard of `claims` is put together: its counter may serve another shard."""
+        """The try of `claims` is over (put together, or failed): its counter may serve another shard, and a
+        worker still claiming from it gets no more rows."""
 
     def expect(self, upcoming: Sequence[Upcoming], start: int = 0) -> None:
         """The run's shards still to explain, in the order their tasks start (the flow's map order), the first
@@ -219,8 +220,9 @@ class ShardRunner(ABC):
                 return self._together(job, self.compute(job))
             return self._together(job, self._finish(ahead.handle, job))
         except BaseException:
-            if job is not None:
-                self._unshare(job)
+            shared = self._unshare(job) if job is not None else None
+            if shared is not None:  # its retry shares its rows anew, with claims of its own
+                self._release(shared.claims)
             raise
 
     def _share(self, job: ShardJob) -> ShardJob:
@@ -239,6 +241,7 @@ class ShardRunner(ABC):
             self._shared[job.index] = _Shared(job, claims)
         if previous is not None:  # an earlier try of this shard
             self._close(previous)
+            self._release(previous.claims)
         return job
 
     def _help(self, running: list[_Shared]) -> None:
@@ -261,20 +264,24 @@ class ShardRunner(ABC):
     def _together(self, job: ShardJob, values: ShardValues) -> ShardValues:
         """The shard's values with its helpers' rows put in: every helper is waited for as the shard was."""
         shared = self._unshare(job)
-        if shared is None or values.computed is None:
+        if shared is None:
             return values
-        own = int(values.computed.sum())
-        for handle in shared.helpers:
-            values.take_rows(self._finish(handle, job))
-        values.helped_rows = int(values.computed.sum()) - own
-        if not values.computed.all():
-            raise ShardWorkerLost(
-                f"{shard_label(job.index, job.row_ids)}: {int((~values.computed).sum())} rows were claimed "
-                "by a worker that did not return them"
-            )
-        values.computed = None
-        self._release(shared.claims)
-        return values
+        try:
+            if values.computed is None:
+                return values
+            own = int(values.computed.sum())
+            for handle in shared.helpers:
+                values.take_rows(self._finish(handle, job))
+            values.helped_rows = int(values.computed.sum()) - own
+            if not values.computed.all():
+                raise ShardWorkerLost(
+                    f"{shard_label(job.index, job.row_ids)}: {int((~values.computed).sum())} rows were claimed "
+                    "by a worker that did not return them"
+                )
+            values.computed = None
+            return values
+        finally:
+            self._release(shared.claims)  # put together, or failed: a worker of this try claims nothing more
 
     def _unshare(self, job: ShardJob) -> _Shared | None:
         """No worker joins this try of the shard any more (it is being put together, or it failed and its
@@ -511,21 +518,24 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 class PoolRows:
     """A shard's rows shared by the processes of one pool: its counter is a slot of the pool's shared array
     (a lock and shared memory, which a process gets when it starts: a job cannot carry them): the next row to
-    claim, and whether a helper joined.
+    claim, whether a helper joined, and which try of which shard holds the slot.
 
-    In a worker of another pool (the one it was made for was replaced), every row is the job's own.
+    A slot is freed as soon as its try is put together or fails, even while a worker of a failed try is still
+    claiming: once the slot serves another try, such a worker finds every row taken. In a worker of another
+    pool (the one it was made for was replaced), every row is the job's own.
     """
 
-    def __init__(self, counters: Any, pool: int, slot: int, rows: int) -> None:
-        self.pool, self.slot, self.rows = pool, slot, rows
+    def __init__(self, counters: Any, pool: int, slot: int, rows: int, holder: int = 0) -> None:
+        self.pool, self.slot, self.rows, self.holder = pool, slot, rows, holder
         self._counters = counters
         self._alone: AllRows | None = None
 
     def __getstate__(self) -> dict[str, int]:
-        return {"pool": self.pool, "slot": self.slot, "rows": self.rows}
+        return {"pool": self.pool, "slot": self.slot, "rows": self.rows, "holder": self.holder}
 
     def __setstate__(self, state: dict[str, int]) -> None:
         self.pool, self.slot, self.rows = state["pool"], state["slot"], state["rows"]
+        self.holder = state["holder"]
         mine = state["pool"] == _worker_pool and _worker_counters is not None
         self._counters = _worker_counters if mine else None
         self._alone = None if mine else AllRows(self.rows)
@@ -533,8 +543,10 @@ class PoolRows:
     def take(self, count: int) -> range:
         if self._alone is not None:
             return self._alone.take(count)
-        at = 2 * self.slot
+        at = _SLOT_WIDTH * self.slot
         with self._counters.get_lock():
+            if self._counters[at + 2] != self.holder:  # the slot serves another try now
+                return range(self.rows, self.rows)
             start = self._counters[at]
             stop = self._counters[at] = start + share_of(
                 self.rows - start, count, bool(self._counters[at + 1])
@@ -544,14 +556,23 @@ class PoolRows:
     def left(self) -> int:
         if self._alone is not None:
             return self._alone.left()
+        at = _SLOT_WIDTH * self.slot
         with self._counters.get_lock():
-            return int(self.rows - self._counters[2 * self.slot])
+            if self._counters[at + 2] != self.holder:
+                return 0
+            return int(self.rows - self._counters[at])
 
     def join(self) -> None:
         if self._alone is not None:
             return
+        at = _SLOT_WIDTH * self.slot
         with self._counters.get_lock():
-            self._counters[2 * self.slot + 1] = 1
+            if self._counters[at + 2] == self.holder:
+                self._counters[at + 1] = 1
+
+
+# A slot of a pool's counters: the next row to claim, whether a helper joined, which claims hold it.
+_SLOT_WIDTH = 3
 
 
 class _PoolCounters:
@@ -559,18 +580,20 @@ class _PoolCounters:
 
     def __init__(self, context: multiprocessing.context.BaseContext, slots: int) -> None:
         self.number = next(_POOL_NUMBERS)
-        self.array = context.Array("q", 2 * slots)  # per slot: the next row to claim, whether helped
+        self.array = context.Array("q", _SLOT_WIDTH * slots)
         self._free = list(range(slots))
+        self._holders = itertools.count(1)
         self._lock = threading.Lock()
 
     def claims(self, rows: int) -> PoolRows | None:
         with self._lock:
             if not self._free:
                 return None
-            slot = self._free.pop()
+            slot, holder = self._free.pop(), next(self._holders)
+        at = _SLOT_WIDTH * slot
         with self.array.get_lock():
-            self.array[2 * slot] = self.array[2 * slot + 1] = 0
-        return PoolRows(self.array, self.number, slot, rows)
+            self.array[at], self.array[at + 1], self.array[at + 2] = 0, 0, holder
+        return PoolRows(self.array, self.number, slot, rows, holder)
 
     def release(self, claims: PoolRows) -> None:
         if claims.pool == self.number:
@@ -689,7 +712,8 @@ class ProcessRunner(ShardRunner):
         context = _pool_context()
         # A new pool gets a new limit and new row counters: slots a dead worker held die with the old one.
         limit = ProcessLimit(self.concurrency, context) if self.concurrency else None
-        # Shards in flight at once: one per worker, one started ahead of each, and retries.
+        # Shards in flight at once: one per worker and one started ahead of each (a try frees its slot as it
+        # ends, put together or failed).
         counters = self._counters = _PoolCounters(context, 4 * self.workers + 4)
         executor = ProcessPoolExecutor(
             max_workers=self.workers,

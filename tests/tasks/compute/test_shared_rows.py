@@ -268,7 +268,11 @@ def test_a_claim_gets_what_it_asks_until_a_helper_joins_then_at_most_half_of_wha
     assert claims is not None and counters.claims(3) is None  # two slots, both in use
     counters.release(claims)
     again = counters.claims(3)  # the slot reset: from row 0, no helper joined
-    assert again is not None and again.slot == claims.slot and again.take(3) == range(0, 3)
+    assert again is not None and again.slot == claims.slot and again.take(1) == range(0, 1)
+    # A worker of the try that held the slot before (it failed, and was freed at once) claims nothing more.
+    assert claims.take(3) == range(3, 3) and claims.left() == 0
+    claims.join()
+    assert again.take(3) == range(1, 3)
 
 
 def test_a_helpers_model_error_fails_the_shards_task_and_no_worker_joins_it_after(
@@ -301,3 +305,22 @@ def test_a_helpers_model_error_fails_the_shards_task_and_no_worker_joins_it_afte
     assert calls == ["owner", "helper"]
     assert not runner._shared
     runner.close()
+
+
+def test_a_pools_failed_tries_free_their_counters_so_later_shards_are_still_shared(
+    pool: ShardRunner, model: tuple[SklearnModel, pd.DataFrame]
+) -> None:
+    """A try that fails in a pool that carries on (the model refused a row: an endpoint's transient error is
+    retried so) frees its counter as it fails. More failures than the pool has counters, then a shard whose
+    rows the idle worker still helps with."""
+    assert isinstance(pool, runners.ProcessRunner)
+    job = kernel_job(model, 120, ESTIMATORS[0].model_copy(update={"batch_rows": 1}))
+    broken = job.rows.copy()
+    broken.iloc[0, 0] = np.nan  # the model refuses it
+    failing = ShardJob(**{**job.__dict__, "rows": broken})
+    for _ in range(4 * pool.workers + 5):
+        with pytest.raises(ValueError, match="contains NaN"):
+            pool.run(Staged(0, failing))
+    pool.expect([Staged(0, job)], start=2)
+    together = pool.run(Staged(0, job))
+    assert 0 < together.helped_rows < 120
