@@ -324,3 +324,31 @@ def test_a_pools_failed_tries_free_their_counters_so_later_shards_are_still_shar
     pool.expect([Staged(0, job)], start=2)
     together = pool.run(Staged(0, job))
     assert 0 < together.helped_rows < 120
+
+
+SENT: list[float] = []
+
+
+class SlowToSend(AllRows):
+    """Every row, as AllRows, but pickling it (in the pool's feeder thread, in this process) takes 50 ms and
+    records when it ended."""
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        time.sleep(0.05)
+        SENT.append(time.perf_counter())
+        return (AllRows, (self.rows,))
+
+
+def test_a_shard_a_pool_starts_ahead_is_on_its_way_to_a_worker_when_the_start_returns(
+    pool: ShardRunner, model: tuple[SklearnModel, pd.DataFrame]
+) -> None:
+    """start_next returns once the pool has sent the job, not while it still waits for the pool's threads (which
+    need the flow's GIL, which Prefect's threads take right after): the worker does not idle meanwhile."""
+    assert isinstance(pool, runners.ProcessRunner)
+    job = kernel_job(model, 3, ESTIMATORS[0])
+    SENT.clear()
+    handle = pool._start_ahead(ShardJob(**{**job.__dict__, "claims": SlowToSend(3)}))
+    returned = time.perf_counter()
+    assert len(SENT) == 1 and SENT[0] <= returned
+    values = pool._finish(handle, job)
+    assert values.computed is not None and values.computed.all()
