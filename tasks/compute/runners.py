@@ -515,6 +515,10 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
+# A slot of a pool's counters: the next row to claim, whether a helper joined, which claims hold it.
+_SLOT_WIDTH = 3
+
+
 class PoolRows:
     """A shard's rows shared by the processes of one pool: its counter is a slot of the pool's shared array
     (a lock and shared memory, which a process gets when it starts: a job cannot carry them): the next row to
@@ -569,10 +573,6 @@ class PoolRows:
         with self._counters.get_lock():
             if self._counters[at + 2] == self.holder:
                 self._counters[at + 1] = 1
-
-
-# A slot of a pool's counters: the next row to claim, whether a helper joined, which claims hold it.
-_SLOT_WIDTH = 3
 
 
 class _PoolCounters:
@@ -732,8 +732,8 @@ class ProcessRunner(ShardRunner):
         context = _pool_context()
         # A new pool gets a new limit and new row counters: slots a dead worker held die with the old one.
         limit = ProcessLimit(self.concurrency, context) if self.concurrency else None
-        # Shards in flight at once: one per worker and one started ahead of each (a try frees its slot as it
-        # ends, put together or failed).
+        # Shards sharing their rows at once: one per worker and one started ahead of each, with room to spare
+        # (a try frees its slot as it ends, put together or failed; helpers take none).
         counters = self._counters = _PoolCounters(context, 4 * self.workers + 4)
         executor = ProcessPoolExecutor(
             max_workers=self.workers,
