@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO, cast
@@ -22,6 +22,7 @@ from shapline.flows.demo import DEFAULT_CONFIG
 from shapline.flows.deploy import DEFAULT_POOL
 from shapline.tasks.common.errors import (
     AttributionDrift,
+    ConfigError,
     PrefectUnavailable,
     ShaplineError,
     UnexpectedError,
@@ -336,26 +337,39 @@ def _print_run_summary(summary: dict[str, Any]) -> None:
 # busy machine (a load of 3.5 on two cores) that is not enough. Unless the user set their own, shapline
 # gives it this long.
 GENEROUS_SERVER_START_S = 300
+# That server's work while shards run is bookkeeping the flow does not wait for (the task runs' events and
+# logs), yet at normal priority it takes CPU from the workers. SHAPLINE_SERVER_NICENESS runs it at a lower
+# priority once started: with 19, two process workers explained four shards 4-7% faster; but on a machine
+# busier than its cores the whole run waits on the starved server (the demo under four spinning processes:
+# 68 s at 0, 75 s at 5, 92 s at 10, 268 s at 19). So it is off unless asked for (docs/performance.md).
+SERVER_NICENESS_ENV = "SHAPLINE_SERVER_NICENESS"
 
 
 @contextmanager
 def _generous_server_start() -> Iterator[None]:
-    """Allow a temporary Prefect server minutes to start (unless the user set a timeout); one line if it never does."""
+    """Allow a temporary Prefect server minutes to start (unless the user set a timeout); one line if it never does.
+
+    The server is started here, before the flow, so that it runs at SHAPLINE_SERVER_NICENESS from the first shard.
+    """
     from prefect.settings import (
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
         get_current_settings,
         temporary_settings,
     )
 
+    niceness = _server_niceness()
     ephemeral = get_current_settings().server.ephemeral
     chosen = "startup_timeout_seconds" in ephemeral.model_fields_set
     timeout = ephemeral.startup_timeout_seconds if chosen else GENEROUS_SERVER_START_S
+    allowed = (
+        nullcontext()
+        if chosen
+        else temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: timeout})
+    )
     try:
-        if chosen:
+        with allowed:
+            _start_temporary_server(niceness)
             yield
-        else:
-            with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: timeout}):
-                yield
     except RuntimeError as exc:
         if "ephemeral Prefect API server" not in str(exc):
             raise
@@ -364,6 +378,40 @@ def _generous_server_start() -> Iterator[None]:
             "start one with `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api, "
             "or allow it longer with PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
         ) from exc
+
+
+def _server_niceness() -> int:
+    """The niceness a temporary Prefect server runs at: SHAPLINE_SERVER_NICENESS, or 0 (as Prefect started it)."""
+    raw = os.environ.get(SERVER_NICENESS_ENV, "").strip()
+    if not raw:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 19:
+        raise ConfigError(f"{SERVER_NICENESS_ENV}: expected a whole number from 0 to 19, got {raw!r}")
+    return value
+
+
+def _start_temporary_server(niceness: int) -> None:
+    """Start the temporary Prefect server the run would start at its first call, and lower its CPU priority.
+
+    Nothing happens at niceness 0 (the flow starts the server as Prefect does), nor with PREFECT_API_URL
+    set: a server someone else started keeps its priority.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if not niceness or PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from shapline.tasks.compute.priority import lower_priority
+
+    server = SubprocessASGIServer()  # the instance Prefect's client uses when no API URL is set
+    server.start()
+    if server.server_process is not None:
+        lower_priority(server.server_process.pid, niceness)
 
 
 def _run(config_path: str, overrides: list[str], as_json: bool, debug: bool = False) -> int:

@@ -141,3 +141,57 @@ def test_a_runs_temporary_prefect_server_records_task_runs_in_batches_unless_tol
     kept = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
     assert kept.returncode == 0, kept.stderr
     assert kept.stdout.split() == ["7", "1.0"]
+
+
+# In a fresh process without PREFECT_API_URL: the niceness of the temporary server's threads (once the
+# flow's client is on that server), or "not started" when the CLI leaves the server to the flow's first call.
+SERVER_NICENESS = """
+from prefect.client.orchestration import get_client
+from prefect.server.api.server import SubprocessASGIServer
+from shapline.flows.cli import _generous_server_start
+from shapline.tasks.compute.priority import niceness
+with _generous_server_start():
+    server = SubprocessASGIServer()
+    if server.server_process is None:
+        print("not started")
+    else:
+        with get_client(sync_client=True) as client:
+            assert str(client.api_url).rstrip("/") == server.api_url, (client.api_url, server.api_url)
+            assert client.api_healthcheck() is None
+        print(*sorted(set(niceness(server.server_process.pid).values())))
+"""
+
+
+def _temporary_server_niceness(tmp_path: Path, niceness: str | None) -> str:
+    environment = {
+        k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "SHAPLINE_SERVER_NICENESS")
+    }
+    environment["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    if niceness is not None:
+        environment["SHAPLINE_SERVER_NICENESS"] = niceness
+    found = subprocess.run(
+        [sys.executable, "-c", SERVER_NICENESS], capture_output=True, text=True, env=environment, timeout=600
+    )
+    assert found.returncode == 0, found.stderr[-3000:]
+    return found.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads' niceness: Linux")
+def test_the_temporary_server_runs_at_the_niceness_asked_for_and_is_left_to_prefect_otherwise(
+    tmp_path: Path,
+) -> None:
+    assert _temporary_server_niceness(tmp_path, "11") == "11"
+    assert _temporary_server_niceness(tmp_path, None) == "not started"
+    assert _temporary_server_niceness(tmp_path, "0") == "not started"
+
+
+@pytest.mark.parametrize("value", ["fast", "20", "-1", "1.5"])
+def test_a_server_niceness_that_is_not_0_to_19_is_one_line(
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SHAPLINE_SERVER_NICENESS", value)
+    assert main(["run", str(CONFIGS / "valid.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"shapline: error: SHAPLINE_SERVER_NICENESS: expected a whole number from 0 to 19, got {value!r}\n"
+    )
