@@ -37,6 +37,8 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 # This machine (and many production ones) cannot reach Prefect's telemetry endpoint; don't try.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Nor MLflow's: its telemetry thread also sets and unsets a variable in os.environ while the flow runs.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # A progress bar per downloaded baseline artifact is noise in a run's output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # MLflow's own "View run ... at: <url>" line would print a password typed into output.tracking_uri.

@@ -9,9 +9,10 @@ the user:password part of a URL, credential-like query parameters (X-Amz-Signatu
 from __future__ import annotations
 
 import logging
-import os
 import re
 from typing import Any
+
+from shapline.tasks.common.environment import environment
 
 MASK = "***"
 
@@ -38,7 +39,7 @@ def _secret_values() -> list[str]:
     """Values of secret-looking environment variables, longest first (one may contain another)."""
     values = {
         value
-        for name, value in os.environ.items()
+        for name, value in environment().items()
         if _SECRET_VARIABLE.search(name) and len(value) >= _MIN_SECRET_CHARS
     }
     return sorted(values, key=len, reverse=True)

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 from shapline.tasks.common.config import ModelConfig, SageMakerModel, ShardsConfig
 from shapline.tasks.common.cores import limit_native_threads
+from shapline.tasks.common.environment import environment
 from shapline.tasks.common.errors import ShaplineError
 from shapline.tasks.compute.shards import ShardJob, explain_shard, shard_label
 from shapline.tasks.explainers.claims import AllRows, RowClaims, SharedRows, share_of
@@ -743,7 +744,7 @@ class ProcessRunner(ShardRunner):
                 limit,
                 self.model,
                 self.threads,
-                dict(os.environ),
+                environment(),
                 context.Barrier(self.workers),
                 counters.array,
                 counters.number,
