@@ -46,7 +46,9 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def test_every_thread_of_the_process_and_of_its_child_gets_the_niceness(family: subprocess.Popen[str]) -> None:
+def test_every_thread_of_the_process_and_of_its_child_gets_the_niceness(
+    family: subprocess.Popen[str],
+) -> None:
     before = niceness(family.pid)
     assert len(before) >= 5 and set(before.values()) == {os.getpriority(os.PRIO_PROCESS, 0)}
     assert len(_children(family.pid)) == 1
