@@ -341,10 +341,10 @@ def _print_run_summary(summary: dict[str, Any]) -> None:
 GENEROUS_SERVER_START_S = 300
 # That server's work while shards run is bookkeeping the flow does not wait for (the task runs' events and
 # logs), yet at normal priority it takes CPU from the workers. SHAPLINE_SERVER_NICENESS runs it at a lower
-# priority once started: with 19, two process workers explained four shards 7-27% faster (the medians of
-# five interleaved runs); but on a machine busier than its cores the whole run waits on the starved server
-# (the demo under four spinning processes: 68 s at 0, 75 s at 5, 92 s at 10, 268 s at 19). So it is off
-# unless asked for (docs/performance.md).
+# priority once started: with 19, two process workers explained four shards faster in five of six
+# interleaved runs (medians 7-27%; 4% slower in one); but on a machine busier than its cores the whole run
+# waits on the starved server (the demo under four spinning processes: 68 s at 0, 75 s at 5, 92 s at 10,
+# 268 s at 19). So it is off unless asked for (docs/performance.md).
 SERVER_NICENESS_ENV = "SHAPLINE_SERVER_NICENESS"
 
 
