@@ -27,17 +27,6 @@ def lower_priority(pid: int, niceness: int) -> int:
     return changed
 
 
-def niceness(pid: int) -> dict[int, int]:
-    """The niceness of every thread of process `pid` and of the processes it started, by thread id."""
-    found = {}
-    for thread in _threads(pid):
-        try:
-            found[thread] = os.getpriority(os.PRIO_PROCESS, thread)
-        except ProcessLookupError:
-            continue
-    return found
-
-
 def _threads(pid: int) -> list[int]:
     """Thread ids of `pid` and its descendants (Linux's /proc); just `pid` where there is no /proc."""
     if not Path("/proc/self/task").is_dir():

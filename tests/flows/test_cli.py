@@ -146,10 +146,15 @@ def test_a_runs_temporary_prefect_server_records_task_runs_in_batches_unless_tol
 # In a fresh process without PREFECT_API_URL: the niceness of the temporary server's threads (once the
 # flow's client is on that server), or "not started" when the CLI leaves the server to the flow's first call.
 SERVER_NICENESS = """
+import os
 from prefect.client.orchestration import get_client
 from prefect.server.api.server import SubprocessASGIServer
 from shapline.flows.cli import _generous_server_start
-from shapline.tasks.compute.priority import niceness
+
+def niceness(pid):  # the kernel's own account of each thread's (field 19 of its stat), by thread id
+    task = f"/proc/{pid}/task"
+    return {t: int(open(f"{task}/{t}/stat").read().rsplit(")", 1)[1].split()[16]) for t in os.listdir(task)}
+
 with _generous_server_start():
     server = SubprocessASGIServer()
     if server.server_process is None:

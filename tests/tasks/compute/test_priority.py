@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from shapline.tasks.compute.priority import lower_priority, niceness
+from shapline.tasks.compute.priority import lower_priority
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads' niceness: Linux")
 
@@ -43,6 +43,20 @@ def _children(pid: int) -> list[int]:
     for thread in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{thread}/children") as children:
             found += [int(child) for child in children.read().split()]
+    return found
+
+
+def niceness(pid: int) -> dict[int, int]:
+    """The kernel's own account of each thread's niceness (field 19 of /proc/<pid>/task/<tid>/stat), for
+    `pid` and its child processes, by thread id: a reference the code under test does not share."""
+    if not os.path.isdir(f"/proc/{pid}/task"):
+        return {}
+    found = {}
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{thread}/stat") as stat:
+            found[int(thread)] = int(stat.read().rsplit(")", 1)[1].split()[16])
+    for child in _children(pid):
+        found |= niceness(child)
     return found
 
 
