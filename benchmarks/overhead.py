@@ -101,7 +101,7 @@ def direct_compute(config_path: Path, workers: int) -> tuple[np.ndarray, np.ndar
 def flow_phases(flow_run_id: str, shards: int) -> list[tuple[str, float]]:
     """Each task run of a flow run (and its subflow) with its run time, from the Prefect API, once its `shards`
     explain-shard runs and every other run are there in a final state (the server records them in batches
-    flushed every second)."""
+    flushed every 5 s)."""
     from uuid import UUID
 
     from prefect.client.orchestration import get_client

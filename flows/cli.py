@@ -45,12 +45,15 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # Prefect's server writes each task run's state events one transaction at a time (its task run recorder's
 # batch_size is 1): ~20 ms of the server's CPU per shard task, measured, taken from the cores the shards
-# compute on when the server is local. Written in batches, flushed every second: ~6 ms. A task run's state
-# reaches the Prefect UI up to a second later. For the temporary server a run starts without
+# compute on when the server is local. Written in batches: ~6 ms. Flushed every 5 s (Prefect's own longest
+# wait) rather than every second, the flushes of a short explain phase land after it: two process workers
+# computed in 0.890-0.902 of two cores' time in the phase, against 0.873-0.886 with 1 s (the server's CPU
+# in it 60-70 ms against 95-110; 16 interleaved runs). A task run's state reaches the Prefect UI up to 5 s
+# later; a server that stops flushes what it holds. For the temporary server a run starts without
 # PREFECT_API_URL (and the benchmarks'); docker/compose.yaml gives its server the same.
 PREFECT_SERVER_DEFAULTS = {
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "5",
 }
 for _name, _value in PREFECT_SERVER_DEFAULTS.items():
     os.environ.setdefault(_name, _value)

@@ -190,7 +190,7 @@ def flow_run_of(store: str, summary: dict[str, Any]) -> str:
 
 def shard_task_runs(flow_run: str, expected: int, timeout_s: float = 30.0) -> list[Any]:
     """The flow run's explain-shard task runs, as the Prefect API (and so the UI) has them: once `expected` of
-    them are there in a final state (the server records task runs in batches flushed every second)."""
+    them are there in a final state (the server records task runs in batches flushed every 5 s)."""
     from uuid import UUID
 
     from prefect.client.orchestration import get_client

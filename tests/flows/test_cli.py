@@ -124,7 +124,7 @@ def test_features_that_leave_out_a_column_the_model_needs_name_it(
 
 def test_a_runs_temporary_prefect_server_records_task_runs_in_batches_unless_told_otherwise() -> None:
     """In a fresh process, once the CLI is imported, Prefect's settings (what the temporary server `shapline
-    run` starts reads) say batches of 100 flushed every second; a value the user set is kept."""
+    run` starts reads) say batches of 100 flushed every 5 s; a value the user set is kept."""
     script = (
         "import shapline.flows.cli\n"
         "from prefect.settings import get_current_settings\n"
@@ -136,11 +136,11 @@ def test_a_runs_temporary_prefect_server_records_task_runs_in_batches_unless_tol
     }
     found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
     assert found.returncode == 0, found.stderr
-    assert found.stdout.split() == ["100", "1.0"]
+    assert found.stdout.split() == ["100", "5.0"]
     environment["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"] = "7"
     kept = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
     assert kept.returncode == 0, kept.stderr
-    assert kept.stdout.split() == ["7", "1.0"]
+    assert kept.stdout.split() == ["7", "5.0"]
 
 
 # In a fresh process without PREFECT_API_URL: the niceness of the temporary server's threads (once the
