@@ -17,6 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from shapline.flows.cli import main
+from shapline.tasks.common.environment import environment
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any], str]:
@@ -181,6 +182,19 @@ class FreezeWitness(Wrapped):
 
         FreezeWitness.seen.append(gc.get_freeze_count())
         return self.model.predict_proba(rows)
+
+
+def own_server_env(tmp_path: Path, *unset: str) -> dict[str, str]:
+    """This process's environment for a child `shapline` that starts a temporary Prefect server of its own: no
+    PREFECT_API_URL (nor the variables in `unset`), its Prefect home (and so the server's database) in
+    tmp_path/prefect-home."""
+    env = {
+        name: value
+        for name, value in environment().items()
+        if name != "PREFECT_API_URL" and name not in unset
+    }
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    return env
 
 
 def flow_run_of(store: str, summary: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ import yaml
 
 from shapline.flows.cli import main
 from shapline.tasks.common.errors import ConfigError
+from tests.helpers import own_server_env
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -168,10 +169,7 @@ with _generous_server_start():
 
 
 def _temporary_server_niceness(tmp_path: Path, niceness: str | None) -> str:
-    environment = {
-        k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "SHAPLINE_SERVER_NICENESS")
-    }
-    environment["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    environment = own_server_env(tmp_path, "SHAPLINE_SERVER_NICENESS")
     if niceness is not None:
         environment["SHAPLINE_SERVER_NICENESS"] = niceness
     found = subprocess.run(

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import own_server_env
+
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
@@ -35,14 +37,8 @@ def busy_machine() -> Iterator[None]:
 
 
 def demo_env(tmp_path: Path) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("PREFECT_API_URL", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
-    }
     return {
-        **env,
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        **own_server_env(tmp_path, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "SHAPLINE_CACHE_DIR": str(tmp_path / "cache"),
     }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import flow_run_of
+from tests.helpers import flow_run_of, own_server_env
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -25,7 +24,6 @@ def test_a_temporary_server_records_every_task_run_before_it_stops(
     the last task runs of a run are still unwritten when the run ends: the server, stopped as the CLI exits,
     writes them first. Its database (what `prefect server start` on the same PREFECT_HOME shows) has every
     shard task run of the flow run, each in its final state."""
-    home = tmp_path / "prefect-home"
     config = write_config(
         model={"name": "cancer", "kind": "xgboost", "path": str(xgb_model)},
         data={"source": str(cancer_data), "target": "malignant", "explain_rows": 12},
@@ -33,8 +31,7 @@ def test_a_temporary_server_records_every_task_run_before_it_stops(
         shards={"size": 4},
         output={"plots": []},
     )
-    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    env["PREFECT_HOME"] = str(home)
+    env = own_server_env(tmp_path)
     done = subprocess.run(
         [str(BIN / "shapline"), "run", str(config), "--json"],
         env=env,
@@ -45,7 +42,7 @@ def test_a_temporary_server_records_every_task_run_before_it_stops(
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     flow_run = flow_run_of(env["MLFLOW_TRACKING_URI"], summary)
-    with sqlite3.connect(home / "prefect.db") as database:
+    with sqlite3.connect(Path(env["PREFECT_HOME"]) / "prefect.db") as database:
         recorded = database.execute(
             "SELECT name, state_type FROM task_run WHERE flow_run_id = ? AND name LIKE 'explain-shard-%'",
             (flow_run,),
