@@ -525,6 +525,9 @@ def _summary(
         additivity_max_error=combined.additivity_max_error,
         duration_s=time.perf_counter() - started,
         explain_s=explain_s,
+        # Reused shards spent nothing this run (their model_s is 0).
+        model_s=sum(r.model_s for r in results) if plan.algorithm == "kernel" else None,
+        model_cpu_s=sum(r.model_cpu_s for r in results) if plan.algorithm == "kernel" else None,
         algorithm=plan.algorithm,
         link=plan.link,
         validation_success=check.report.success,

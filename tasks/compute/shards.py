@@ -131,6 +131,10 @@ class ShardResult:
     # Kernel only: the shard's coalitions per row and, for estimator adaptive, its standard errors.
     errors_path: str | None = None
     model_rows: int = 0
+    # Kernel: seconds inside the model's calls, every worker's (0 for a shard reused from the store): wall,
+    # and the calling threads' CPU.
+    model_s: float = 0.0
+    model_cpu_s: float = 0.0
     # Rows other workers explained for this shard once their own were done (compute/runners.py).
     helped_rows: int = 0
 
@@ -228,6 +232,8 @@ class ShardStore:
             traffic=values.traffic,
             errors_path=str(_errors_path(path)) if errors else None,
             model_rows=values.model_rows,
+            model_s=values.model_s,
+            model_cpu_s=values.model_cpu_s,
             helped_rows=values.helped_rows,
         )
 

@@ -87,8 +87,11 @@ class ShardValues:
     coalitions: np.ndarray | None = None
     standard_errors: np.ndarray | None = None
     converged: np.ndarray | None = None
-    # Kernel only: synthetic rows (coalitions x background rows) the estimator asked the model for.
+    # Kernel only: synthetic rows (coalitions x background rows) the estimator asked the model for, and the
+    # seconds its calls took (wall, and the calling threads' CPU).
     model_rows: int = 0
+    model_s: float = 0.0
+    model_cpu_s: float = 0.0
     # The rows explained here when the shard's rows were shared with other workers (claims.py); None: all.
     computed: np.ndarray | None = None
     # Of the shard's rows, how many workers that helped it explained (put together by its runner).
@@ -107,6 +110,8 @@ class ShardValues:
             if ours is not None and theirs is not None:
                 ours[mine] = theirs[mine]
         self.model_rows += part.model_rows
+        self.model_s += part.model_s
+        self.model_cpu_s += part.model_cpu_s
         self.rows_saved += part.rows_saved
         if part.traffic:
             self.traffic = {
@@ -171,6 +176,9 @@ class KernelAccuracy:
     errors: np.ndarray | None
     converged: np.ndarray | None
     model_rows: int
+    # Seconds inside the model's calls: wall time, and the calling threads' CPU time.
+    model_s: float = 0.0
+    model_cpu_s: float = 0.0
 
 
 class ModelFunction:
@@ -304,7 +312,12 @@ def _kernel_values(
         )
         values, fx = found.values, found.fx
         accuracy = KernelAccuracy(
-            found.coalitions, found.errors, found.converged, int(found.model_rows.sum())
+            found.coalitions,
+            found.errors,
+            found.converged,
+            int(found.model_rows.sum()),
+            engine.model_seconds,
+            engine.model_cpu_seconds,
         )
     else:
         values, fx = engine.explain(
@@ -318,7 +331,9 @@ def _kernel_values(
             claims=claims,
         )
         model_rows = int(engine.coalitions.sum()) * len(background.frame)
-        accuracy = KernelAccuracy(engine.coalitions.copy(), None, None, model_rows)
+        accuracy = KernelAccuracy(
+            engine.coalitions.copy(), None, None, model_rows, engine.model_seconds, engine.model_cpu_seconds
+        )
     # Timed on this shard's first call (batch_rows auto): the process's next shards merge from their first.
     predictor.call_cost = engine.call_cost
     if engine.deduplicates is not None:  # dedupe auto, decided on this shard's rows: so for the run's next
@@ -522,5 +537,7 @@ def _explain_rows(
         standard_errors=accuracy.errors if accuracy else None,
         converged=accuracy.converged if accuracy else None,
         model_rows=accuracy.model_rows if accuracy else 0,
+        model_s=accuracy.model_s if accuracy else 0.0,
+        model_cpu_s=accuracy.model_cpu_s if accuracy else 0.0,
         computed=computed,
     )

@@ -329,6 +329,11 @@ class KernelEngine:
         self._lock = threading.Lock()
         self.rows_sent = 0
         self.rows_saved = 0
+        # Seconds inside the model's calls (every call this engine made, the background's too): wall time,
+        # and the CPU time of the threads that called (all of a model's CPU where it runs on the caller's
+        # thread, as an in-process model at one thread does; next to none for an endpoint).
+        self.model_seconds = 0.0
+        self.model_cpu_seconds = 0.0
         # The rows the last explain explained here (all of them unless it was given claims).
         self.done = np.zeros(0, dtype=bool)
         self._auto_dedupe: bool | None = deduplicates  # else decided by the first call with dedupe="auto"
@@ -960,12 +965,19 @@ class KernelEngine:
         return first, codes
 
     def _predict(self, frame: pd.DataFrame | np.ndarray) -> np.ndarray:
-        if isinstance(frame, pd.DataFrame):
-            out = _two_d(self.predict(frame))
-        elif self._predict_array is not None:
-            out = _two_d(self._predict_array(frame))
-        else:  # _assemble gives an array only to predict_array
-            raise TypeError("an array of rows for an engine without predict_array")
+        started, cpu = _clock(), time.thread_time()
+        try:
+            if isinstance(frame, pd.DataFrame):
+                out = _two_d(self.predict(frame))
+            elif self._predict_array is not None:
+                out = _two_d(self._predict_array(frame))
+            else:  # _assemble gives an array only to predict_array
+                raise TypeError("an array of rows for an engine without predict_array")
+        finally:
+            spent, computed = _clock() - started, time.thread_time() - cpu
+            with self._lock:
+                self.model_seconds += spent
+                self.model_cpu_seconds += computed
         if out.shape[0] != len(frame):
             raise ValueError(f"predict returned {out.shape[0]} rows for {len(frame)}")
         return out

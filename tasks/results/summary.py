@@ -90,6 +90,11 @@ class RunSummary:
     # Kernel runs: synthetic rows evaluated, the median coalitions per row; estimator adaptive: rows whose
     # tolerance did not hold within nsamples, and the largest standard error of any value.
     model_rows: int | None = None
+    # Kernel runs: seconds inside the model's calls, summed over the workers (wall time; against
+    # explain_s x workers, how much of the explain phase was the model's own), and the CPU time of the
+    # threads that made them (an in-process model's own CPU where it runs on them: one thread).
+    model_s: float | None = None
+    model_cpu_s: float | None = None
     coalitions_per_row: float | None = None
     rows_unconverged: int | None = None
     max_standard_error: float | None = None
@@ -124,6 +129,8 @@ class RunSummary:
             "additivity_max_error": self.additivity_max_error,
             "duration_s": round(self.duration_s, 3),
             "explain_s": round(self.explain_s, 3),
+            "model_s": None if self.model_s is None else round(self.model_s, 3),
+            "model_cpu_s": None if self.model_cpu_s is None else round(self.model_cpu_s, 3),
             "rows_per_s": self.rows_per_s,
             "algorithm": self.algorithm,
             "link": self.link,
@@ -151,6 +158,8 @@ class RunSummary:
             # Seconds to a tenth and rates to a hundredth: what a person reads in the MLflow UI.
             "duration_s": round(self.duration_s, 1),
             "explain_s": round(self.explain_s, 1),
+            **({} if self.model_s is None else {"model_s": round(self.model_s, 1)}),
+            **({} if self.model_cpu_s is None else {"model_cpu_s": round(self.model_cpu_s, 1)}),
             "rows_per_s": round(self.rows_per_s, 2),
             "background_rows": float(self.background_rows),
             "shards_reused": float(self.shards_reused),

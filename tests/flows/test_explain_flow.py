@@ -80,6 +80,8 @@ def test_tree_model_run_logs_everything_and_matches_tree_explainer(
     metrics = run.data.metrics
     assert metrics["rows_explained"] == 569 and metrics["shards"] == 3 and metrics["validation_success"] == 1
     assert metrics["additivity_max_error"] < 1e-4 and metrics["duration_s"] > 0 and metrics["rows_per_s"] > 0
+    assert summary["model_s"] is None and "model_s" not in metrics  # timed by the kernel engine only
+    assert summary["model_cpu_s"] is None and "model_cpu_s" not in metrics
 
     names = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {
@@ -184,6 +186,12 @@ def test_many_shards_on_two_processes_equal_one_shard(
     code_many, second, _ = run_cli(["run", str(many), "--json"], capsys)
     assert code_one == 0 and code_many == 0 and first["shards"] == 1 and second["shards"] == 4
     assert_same_values(mlflow_store, first, second, tmp_path)
+    # The model's own seconds, summed over the workers (processes too): inside each worker's explain phase.
+    for summary, workers in ((first, 1), (second, 2)):
+        assert 0 < summary["model_s"] <= summary["explain_s"] * workers
+        assert 0 < summary["model_cpu_s"] <= summary["model_s"] * 1.01 + 0.01  # one thread: CPU <= wall
+    logged = MlflowClient(mlflow_store).get_run(second["mlflow_run_id"]).data.metrics
+    assert logged["model_s"] == round(second["model_s"], 1)
 
 
 def test_mixed_type_pipeline_explains_every_class(

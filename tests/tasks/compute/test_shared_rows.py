@@ -130,8 +130,11 @@ def test_two_workers_claiming_rows_in_turn_put_together_the_values_of_one(
     assert owner.computed.tolist() == [True, False] * 4 + [True]  # each row once, by whoever claimed it
     assert not (owner.computed & helper.computed).any()
     assert owner.model_rows < alone.model_rows
+    assert owner.model_s > 0 and helper.model_s > 0
+    spent = (owner.model_s + helper.model_s, owner.model_cpu_s + helper.model_cpu_s)
     owner.take_rows(helper)
     assert owner.computed.all()
+    assert (owner.model_s, owner.model_cpu_s) == spent  # the shard's model time is both workers'
     assert_same(owner, alone)
 
 
@@ -352,3 +355,41 @@ def test_a_shard_a_pool_starts_ahead_is_on_its_way_to_a_worker_when_the_start_re
     assert len(SENT) == 1 and SENT[0] <= returned
     values = pool._finish(handle, job)
     assert values.computed is not None and values.computed.all()
+
+
+def test_a_shards_model_seconds_are_its_calls_time(model: tuple[SklearnModel, pd.DataFrame]) -> None:
+    """model_s counts the time inside the model's calls, every call (the background's too), and no more."""
+    from shapline.tasks.models.predictors import LocalPredictor
+
+    config, frame = model
+    fitted = joblib.load(config.path)
+
+    class Slow:
+        """The model, 20 ms slower a call; its class names seen as the model's."""
+
+        classes_ = fitted.classes_
+        calls = 0
+
+        def predict_proba(self, rows: Any) -> Any:
+            Slow.calls += 1
+            time.sleep(0.02)
+            return fitted.predict_proba(rows)
+
+    explainer = ESTIMATORS[0].model_copy(update={"batch_rows": 1})
+    job = kernel_job(model, 3, explainer)
+    started = time.perf_counter()
+    values = explain_rows(
+        job.rows,
+        job.background,
+        LocalPredictor("slow", Slow(), "predict_proba"),
+        explainer,
+        "logit",
+        1,
+        "kernel",
+        2,
+    )
+    spent = time.perf_counter() - started
+    assert Slow.calls >= 4  # the background's call and at least one per row
+    assert Slow.calls * 0.02 <= values.model_s <= spent
+    # A sleep is no CPU: the calling thread's CPU in the calls is the model's own work, well under a sleep.
+    assert 0 < values.model_cpu_s < values.model_s - Slow.calls * 0.015
