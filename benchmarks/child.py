@@ -97,7 +97,67 @@ def _kernel_model_time(job: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": timed[0], "rows": len(rows)}
 
 
-JOBS_EXTRA = {"kernel-model-time": _kernel_model_time}
+def _kernel_model_calls(job: dict[str, Any]) -> dict[str, Any]:
+    """The model's CPU on plain shap's calls and on shapline's engine's calls for the same rows, in this one
+    process, row by row in turn (which goes first alternates): their ratio is what shapline's calls save the
+    model, with the machine's speed, which moves from one second to the next here, the same for both. Only
+    the model's calls are timed, by the CPU time of the thread making them."""
+    import joblib
+    import pandas as pd
+    import shap
+
+    from benchmarks.workloads import explain_sample, random_background
+    from shapline.tasks.common.config import ExplainerConfig, SklearnModel, XGBoostModel
+    from shapline.tasks.data.background import Background
+    from shapline.tasks.explainers.explain import explain_rows, row_seed
+    from shapline.tasks.models.loading import load_predictor
+
+    frame = pd.read_parquet(job["data_path"]).reset_index(drop=True)[job["features"]]
+    model = joblib.load(job["model_path"])
+    rows = explain_sample(frame, job["rows"], job["seed"])
+    background = random_background(frame, job["background"], job["seed"])
+    class_index = job.get("class_index", 1)
+    function = _notebook_function(model, frame, class_index)
+    timed = [0.0]
+
+    def clocked(x: Any) -> Any:
+        started = time.thread_time()
+        out = function(x)
+        timed[0] += time.thread_time() - started
+        return out
+
+    explainer = shap.KernelExplainer(clocked, background.to_numpy(), link="logit")
+    kind = XGBoostModel if job["model_kind"] == "xgboost" else SklearnModel
+    predictor = load_predictor(kind(name="calls", kind=job["model_kind"], path=job["model_path"]))
+    config = ExplainerConfig(nsamples=job["nsamples"], l1_reg=job["l1_reg"], seed=job["seed"])
+    # Each side's first calls, untimed: the background's (once per explainer in both) and the engine's probe.
+    explain_rows(
+        rows.iloc[:1], Background(frame=background), predictor, config, "logit", class_index, "kernel"
+    )
+    spent = {"plain": 0.0, "shapline": 0.0}
+
+    def plain(i: int) -> None:
+        timed[0] = 0.0
+        np.random.seed(row_seed(job["seed"], int(rows.index[i])))
+        explainer.shap_values(
+            rows.iloc[i : i + 1].to_numpy(), nsamples=job["nsamples"], l1_reg=False, silent=True
+        )
+        spent["plain"] += timed[0]
+
+    def shapline(i: int) -> None:
+        one = rows.iloc[i : i + 1]
+        values = explain_rows(
+            one, Background(frame=background), predictor, config, "logit", class_index, "kernel"
+        )
+        spent["shapline"] += values.model_cpu_s
+
+    for i in range(len(rows)):
+        for side in (plain, shapline) if (i + job["first"]) % 2 == 0 else (shapline, plain):
+            side(i)
+    return {"seconds": spent["plain"], "plain_cpu_s": spent["plain"], "shapline_cpu_s": spent["shapline"]}
+
+
+JOBS_EXTRA = {"kernel-model-time": _kernel_model_time, "kernel-model-calls": _kernel_model_calls}
 
 
 def _tree_direct(job: dict[str, Any]) -> dict[str, Any]:

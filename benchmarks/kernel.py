@@ -59,10 +59,13 @@ def child_flow_side(
         job = {"kind": "flow", "config": str(config), "overrides": overrides}
         child = run_child(job, env=env, pin=pin, poll_s=poll_s)
         values = values_matrix(read_values(child["summary"]), features, row_ids)
+        summary = child["summary"]
+        # Kernel runs: the model's own seconds in the phase, wall and its threads' CPU (summed over workers).
+        model = {key: summary[key] for key in ("model_s", "model_cpu_s") if summary.get(key) is not None}
         return Measurement(
             child["seconds"],
             values,
-            {"explain_s": child["explain_s"], "flow_duration_s": child["summary"]["duration_s"]},
+            {"explain_s": child["explain_s"], "flow_duration_s": summary["duration_s"], **model},
         )
 
     return run

@@ -190,3 +190,31 @@ def test_two_workers_are_judged_against_the_model_measured_on_both_cores() -> No
         one["value"] == pytest.approx(1.55 / 2 / 1.0)
         and one["denominator"] == "cancer: shapline process x2, one shard"
     )
+
+
+def test_the_two_core_share_in_the_same_seconds_takes_the_models_speed_from_each_run() -> None:
+    """Each run's own model CPU over its phase, times what shapline's calls save the model (measured in one
+    process): the machine's speed, which moves between sides, cancels out of both."""
+    from benchmarks.percore import CALLS, _two_core_ratios
+
+    values = np.array([1.0])
+    result = ComparisonResult(name="percore", title="x", workload={})
+    result.sides = {
+        "cancer: plain shap": [Measurement(3.0, values, {"explain_s": 3.0})],
+        "cancer: model only": [Measurement(1.5, None, {"explain_s": 1.5})],
+        # A slow run and a fast one: the model's share of two cores is 0.8 in both.
+        "cancer: shapline process x2": [
+            Measurement(s, values, {"explain_s": s, "model_cpu_s": 1.6 * s}) for s in (2.0, 1.0, 1.5)
+        ],
+        f"cancer: {CALLS}": [
+            Measurement(2.2, None, {"explain_s": 2.2, "saved": saved}) for saved in (1.1, 1.2, 1.0)
+        ],
+    }
+    result.check("cancer: plain shap", "cancer: shapline process x2", Tolerance(rtol=0.0, atol=0.0, why="t"))
+    _two_core_ratios(result, "cancer", "cancer: shapline process x2")
+    ratios = {r["name"]: r for r in result.ratios}
+    share = ratios["cancer: the model's share of two cores in the phase, process x2"]
+    assert share["value"] == pytest.approx(0.8) and share["target"] is None
+    now = ratios["cancer: share of the two-core limit in the same seconds, process x2"]
+    assert now["value"] == pytest.approx(0.8 * 1.1) and now["target"] == 0.85 and now["met"] is True
+    assert now["denominator"] == f"cancer: {CALLS}"
