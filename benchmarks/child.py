@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +65,12 @@ def _notebook_function(model: Any, frame: Any, class_index: int) -> Any:
     return lambda x: model.predict_proba(pd.DataFrame(x, columns=columns).astype(dtypes))[:, class_index]
 
 
-def _kernel_model_time(job: dict[str, Any]) -> dict[str, Any]:
-    """The model's own time on the calls plain shap makes for the same rows (the physical limit per core):
-    per explained row, f(x) on one row and one call of nsamples x background synthetic rows. The synthetic
-    rows are shap's own, drawn for each row, and not timed; only the model calls are."""
+def _plain_calls(job: dict[str, Any], clock: Callable[[], float]) -> tuple[Any, Any, Callable[[int], float]]:
+    """Plain shap's explainer on the job's rows, only the model's calls timed by `clock`: the rows, the
+    background, and a function that makes plain shap's calls for row `i` (f(x), then its nsamples x
+    background synthetic rows; l1_reg does not call the model) and returns the model's seconds in them.
+    The synthetic rows are shap's own, drawn for each row, and not timed; the background's call happens
+    once, when the explainer is made, and is not timed either, as in plain shap."""
     import joblib
     import pandas as pd
     import shap
@@ -78,23 +81,33 @@ def _kernel_model_time(job: dict[str, Any]) -> dict[str, Any]:
     frame = pd.read_parquet(job["data_path"]).reset_index(drop=True)[job["features"]]
     model = joblib.load(job["model_path"])
     rows = explain_sample(frame, job["rows"], job["seed"])
-    background = random_background(frame, job["background"], job["seed"]).to_numpy()
+    background = random_background(frame, job["background"], job["seed"])
     function = _notebook_function(model, frame, job.get("class_index", 1))
     timed = [0.0]
 
     def clocked(x: Any) -> Any:
-        started = time.perf_counter()
+        started = clock()
         out = function(x)
-        timed[0] += time.perf_counter() - started
+        timed[0] += clock() - started
         return out
 
-    explainer = shap.KernelExplainer(clocked, background, link="logit")
-    timed[0] = 0.0  # the background's call happens once per explainer, as in plain shap
-    for row_id, row in zip(rows.index, rows.to_numpy(), strict=True):
-        np.random.seed(row_seed(job["seed"], int(row_id)))
-        # shap's own calls for this row (f(x), then its synthetic rows); l1_reg does not call the model.
-        explainer.shap_values(row.reshape(1, -1), nsamples=job["nsamples"], l1_reg=False, silent=True)
-    return {"seconds": timed[0], "rows": len(rows)}
+    explainer = shap.KernelExplainer(clocked, background.to_numpy(), link="logit")
+
+    def row_calls(i: int) -> float:
+        timed[0] = 0.0
+        np.random.seed(row_seed(job["seed"], int(rows.index[i])))
+        explainer.shap_values(
+            rows.iloc[i : i + 1].to_numpy(), nsamples=job["nsamples"], l1_reg=False, silent=True
+        )
+        return timed[0]
+
+    return rows, background, row_calls
+
+
+def _kernel_model_time(job: dict[str, Any]) -> dict[str, Any]:
+    """The model's own time on the calls plain shap makes for the same rows (the physical limit per core)."""
+    rows, _, row_calls = _plain_calls(job, time.perf_counter)
+    return {"seconds": sum(row_calls(i) for i in range(len(rows))), "rows": len(rows)}
 
 
 def _kernel_model_calls(job: dict[str, Any]) -> dict[str, Any]:
@@ -102,59 +115,31 @@ def _kernel_model_calls(job: dict[str, Any]) -> dict[str, Any]:
     process, row by row in turn (which goes first alternates): their ratio is what shapline's calls save the
     model, with the machine's speed, which moves from one second to the next here, the same for both. Only
     the model's calls are timed, by the CPU time of the thread making them."""
-    import joblib
-    import pandas as pd
-    import shap
-
-    from benchmarks.workloads import explain_sample, random_background
     from shapline.tasks.common.config import ExplainerConfig, SklearnModel, XGBoostModel
     from shapline.tasks.data.background import Background
-    from shapline.tasks.explainers.explain import explain_rows, row_seed
+    from shapline.tasks.explainers.explain import explain_rows
     from shapline.tasks.models.loading import load_predictor
 
-    frame = pd.read_parquet(job["data_path"]).reset_index(drop=True)[job["features"]]
-    model = joblib.load(job["model_path"])
-    rows = explain_sample(frame, job["rows"], job["seed"])
-    background = random_background(frame, job["background"], job["seed"])
+    rows, background, row_calls = _plain_calls(job, time.thread_time)
     class_index = job.get("class_index", 1)
-    function = _notebook_function(model, frame, class_index)
-    timed = [0.0]
-
-    def clocked(x: Any) -> Any:
-        started = time.thread_time()
-        out = function(x)
-        timed[0] += time.thread_time() - started
-        return out
-
-    explainer = shap.KernelExplainer(clocked, background.to_numpy(), link="logit")
     kind = XGBoostModel if job["model_kind"] == "xgboost" else SklearnModel
     predictor = load_predictor(kind(name="calls", kind=job["model_kind"], path=job["model_path"]))
     config = ExplainerConfig(nsamples=job["nsamples"], l1_reg=job["l1_reg"], seed=job["seed"])
-    # Each side's first calls, untimed: the background's (once per explainer in both) and the engine's probe.
-    explain_rows(
-        rows.iloc[:1], Background(frame=background), predictor, config, "logit", class_index, "kernel"
-    )
-    spent = {"plain": 0.0, "shapline": 0.0}
 
-    def plain(i: int) -> None:
-        timed[0] = 0.0
-        np.random.seed(row_seed(job["seed"], int(rows.index[i])))
-        explainer.shap_values(
-            rows.iloc[i : i + 1].to_numpy(), nsamples=job["nsamples"], l1_reg=False, silent=True
-        )
-        spent["plain"] += timed[0]
-
-    def shapline(i: int) -> None:
+    def shapline(i: int) -> float:
         one = rows.iloc[i : i + 1]
         values = explain_rows(
             one, Background(frame=background), predictor, config, "logit", class_index, "kernel"
         )
-        spent["shapline"] += values.model_cpu_s
+        return values.model_cpu_s
 
+    shapline(0)  # the engine's first calls, untimed: the background's and the probe's
+    spent = {row_calls: 0.0, shapline: 0.0}
     for i in range(len(rows)):
-        for side in (plain, shapline) if (i + job["first"]) % 2 == 0 else (shapline, plain):
-            side(i)
-    return {"seconds": spent["plain"], "plain_cpu_s": spent["plain"], "shapline_cpu_s": spent["shapline"]}
+        for side in (row_calls, shapline) if (i + job["first"]) % 2 == 0 else (shapline, row_calls):
+            spent[side] += side(i)
+    plain_s, shapline_s = spent[row_calls], spent[shapline]
+    return {"seconds": plain_s, "plain_cpu_s": plain_s, "shapline_cpu_s": shapline_s}
 
 
 JOBS_EXTRA = {"kernel-model-time": _kernel_model_time, "kernel-model-calls": _kernel_model_calls}

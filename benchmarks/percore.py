@@ -14,6 +14,7 @@ missing values); and shapline with two process workers on two cores against twic
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Callable
@@ -142,7 +143,7 @@ def _sides(context: Context, params: dict[str, Any], name: str, core: int) -> li
             seconds = max(pool.map(model_seconds, [core, other_core(core)]))
         return Measurement(seconds, None, {"explain_s": seconds})
 
-    order = iter(range(1_000_000))
+    order = itertools.count()
 
     def model_calls() -> Callable[[], Measurement]:
         def run() -> Measurement:
