@@ -152,3 +152,31 @@ def test_a_corrupted_shard_in_the_store_is_computed_again_never_trusted(
     ]
     assert len(said) == 2
     assert_same_values(mlflow_store, first, second, tmp_path, atol=0)
+
+
+def test_shards_reused_from_the_store_add_no_model_time(
+    write_config: Callable[..., Path],
+    cancer_data: Path,
+    mlp_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """model_s and model_cpu_s are this run's seconds in the model: a shard another run computed adds none."""
+    config = write_config(
+        model={"name": "reused-time", "kind": "sklearn", "path": str(mlp_model)},
+        data={"source": str(cancer_data), "target": "malignant", "explain_rows": 8, "seed": 3},
+        background={"size": 10},
+        explainer={"algorithm": "kernel", "nsamples": 100, "seed": 5},
+        shards={"size": 4, "workers": 1, "cache_dir": str(tmp_path / "cache")},
+        output={"plots": []},
+    )
+
+    def run(*extra: str) -> dict:
+        assert main(["run", str(config), "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    computed = run("--set", "shards.keep=true")
+    assert computed["shards_reused"] == 0 and computed["model_s"] > 0 and computed["model_cpu_s"] > 0
+    reused = run()
+    assert reused["shards_reused"] == 2 and reused["shards_computed"] == 0
+    assert reused["model_s"] == 0 and reused["model_cpu_s"] == 0
